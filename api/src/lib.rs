@@ -1,0 +1,1 @@
+//! densevm api crate.
