@@ -1,1 +1,13 @@
-//! densevm VMM.
+//! densevm VMM: KVM microVMs whose memory densevm owns.
+
+pub mod arch;
+pub mod boot;
+pub mod cli;
+pub mod commands;
+pub mod control;
+pub mod guest_ram;
+pub mod host;
+pub mod scenarios;
+pub mod vcpu;
+pub mod vm;
+pub mod workload;

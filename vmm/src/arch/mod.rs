@@ -1,0 +1,4 @@
+//! x86-64 vCPU setup shared by the boot sources.
+
+pub mod cpl3;
+pub mod cpuid;

@@ -1,0 +1,168 @@
+//! The Linux kernel command line densevm passes to a guest.
+
+/// Largest command line (without its NUL) densevm writes when the kernel does not
+/// say (an ELF vmlinux has no setup header; Linux's x86 COMMAND_LINE_SIZE is 2048).
+pub const DEFAULT_CMDLINE_MAX: usize = 2047;
+
+/// One virtio-mmio device, announced to the guest on the command line as
+/// `virtio_mmio.device=<size>@<addr>:<irq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    /// Guest-physical base address of the device's register window.
+    pub addr: u64,
+    /// Size of the register window in bytes (usually 4 KiB).
+    pub size: u64,
+    /// The GSI (legacy IRQ line) the device interrupts on.
+    pub irq: u32,
+}
+
+/// Errors building the command line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The command line does not fit the kernel's limit.
+    #[error("kernel command line is {len} bytes, the kernel accepts at most {max}")]
+    TooLong {
+        /// Length of the built command line (without NUL).
+        len: usize,
+        /// Largest length accepted.
+        max: usize,
+    },
+    /// The command line holds a byte Linux cannot take (NUL, control or non-ASCII).
+    #[error("kernel command line has an invalid character {0:?} (printable ASCII only)")]
+    InvalidChar(char),
+    /// A virtio-mmio slot has size 0.
+    #[error("virtio-mmio device at {0:#x} has size 0")]
+    ZeroSizeDevice(u64),
+}
+
+/// Parameters added when the user's command line does not set them: a serial console,
+/// reboot through the keyboard controller (the VMM sees the i8042 reset and stops the
+/// VM), and reboot (so stop) one second after a panic instead of hanging.
+const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "reboot=k"), ("panic=", "panic=1")];
+
+/// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
+fn size_str(size: u64) -> String {
+    const K: u64 = 1 << 10;
+    for (unit, suffix) in [(K << 20, "G"), (K << 10, "M"), (K, "K")] {
+        if size % unit == 0 {
+            return format!("{}{suffix}", size / unit);
+        }
+    }
+    size.to_string()
+}
+
+/// The `virtio_mmio.device=` parameter of one slot.
+pub fn virtio_mmio_param(slot: &VirtioMmioSlot) -> Result<String, Error> {
+    if slot.size == 0 {
+        return Err(Error::ZeroSizeDevice(slot.addr));
+    }
+    Ok(format!("virtio_mmio.device={}@{:#x}:{}", size_str(slot.size), slot.addr, slot.irq))
+}
+
+/// Byte offset of a ` -- ` separator (outside double quotes) that starts the init
+/// arguments, if any.
+fn init_args_start(cmdline: &str) -> Option<usize> {
+    let bytes = cmdline.as_bytes();
+    let mut quoted = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'"' {
+            quoted = !quoted;
+        }
+        let starts_token = i == 0 || bytes[i - 1] == b' ';
+        let ends_token = bytes.get(i + 2).is_none_or(|&c| c == b' ');
+        if !quoted && starts_token && ends_token && bytes[i..].starts_with(b"--") {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Builds the command line: the user's parameters, the defaults it lacks
+/// (`console=ttyS0`, `reboot=k`, `panic=1`), then one `virtio_mmio.device=` per slot;
+/// init arguments after ` -- ` stay last. Fails if the result is longer than `max`
+/// bytes (without the NUL the VMM appends).
+pub fn build_cmdline(user: &str, slots: &[VirtioMmioSlot], max: usize) -> Result<String, Error> {
+    if let Some(c) = user.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        return Err(Error::InvalidChar(c));
+    }
+    let (boot, init) = match init_args_start(user) {
+        Some(i) => (&user[..i], Some(&user[i..])),
+        None => (user, None),
+    };
+    let parts: Vec<&str> = boot.split(' ').filter(|s| !s.is_empty()).collect();
+    let mut out = boot.trim().to_string();
+    for (key, param) in DEFAULTS {
+        if !parts.iter().any(|p| p.starts_with(key)) {
+            push_param(&mut out, param);
+        }
+    }
+    for slot in slots {
+        push_param(&mut out, &virtio_mmio_param(slot)?);
+    }
+    if let Some(init) = init {
+        push_param(&mut out, init.trim());
+    }
+    if out.len() > max {
+        return Err(Error::TooLong { len: out.len(), max });
+    }
+    Ok(out)
+}
+
+fn push_param(out: &mut String, param: &str) {
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    out.push_str(param);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(addr: u64, irq: u32) -> VirtioMmioSlot {
+        VirtioMmioSlot { addr, size: 0x1000, irq }
+    }
+
+    #[test]
+    fn adds_console_and_devices() {
+        let c = build_cmdline("quiet", &[slot(0xd000_0000, 5), slot(0xd000_1000, 6)], 2047).unwrap();
+        assert_eq!(
+            c,
+            "quiet console=ttyS0 reboot=k panic=1 \
+             virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+
+    #[test]
+    fn keeps_user_console_and_init_args_last() {
+        let c = build_cmdline("console=hvc0 panic=-1 -- init-arg", &[slot(0x1000, 9)], 2047).unwrap();
+        assert_eq!(c, "console=hvc0 panic=-1 reboot=k virtio_mmio.device=4K@0x1000:9 -- init-arg");
+        let c = build_cmdline("", &[], 2047).unwrap();
+        assert_eq!(c, "console=ttyS0 reboot=k panic=1");
+        // "--" inside quotes or inside a token is not the separator.
+        let c = build_cmdline("a=\"x -- y\" b--c", &[], 2047).unwrap();
+        assert_eq!(c, "a=\"x -- y\" b--c console=ttyS0 reboot=k panic=1");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size_str(0x200), "512");
+        assert_eq!(size_str(0x1000), "4K");
+        assert_eq!(size_str(0x20_0000), "2M");
+        assert_eq!(size_str(1 << 30), "1G");
+        let zero = VirtioMmioSlot { addr: 0x1000, size: 0, irq: 5 };
+        assert_eq!(virtio_mmio_param(&zero), Err(Error::ZeroSizeDevice(0x1000)));
+    }
+
+    #[test]
+    fn limits() {
+        let long = "x".repeat(2047);
+        let err = build_cmdline(&long, &[], 2047).unwrap_err();
+        assert!(matches!(err, Error::TooLong { max: 2047, .. }), "{err}");
+        let fits = "x".repeat(2047 - " console=ttyS0 reboot=k panic=1".len());
+        assert_eq!(build_cmdline(&fits, &[], 2047).unwrap().len(), 2047);
+        assert_eq!(build_cmdline("a\0b", &[], 2047), Err(Error::InvalidChar('\0')));
+        assert_eq!(build_cmdline("a\nb", &[], 2047), Err(Error::InvalidChar('\n')));
+        assert_eq!(build_cmdline("é", &[], 2047), Err(Error::InvalidChar('é')));
+    }
+}

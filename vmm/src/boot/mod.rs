@@ -1,0 +1,4 @@
+//! Boot sources.
+
+pub mod linux;
+pub mod ring0_probe;

@@ -1,0 +1,106 @@
+//! Command-line interface (clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// densevm: a KVM microVM monitor that packs guest memory densely.
+#[derive(Debug, Parser)]
+#[command(name = "densevm", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one microVM until its guest finishes (or Ctrl-C).
+    Run(RunArgs),
+    /// Launch several workload microVMs with overlapping memory and show progress.
+    Demo(DemoArgs),
+    /// Print what this host's KVM can do (JSON with --json).
+    HostInfo(HostInfoArgs),
+    /// Benchmarks (launch latency).
+    Bench(BenchArgs),
+}
+
+/// `densevm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub vcpus: u32,
+    /// Guest RAM in MiB (default: what the workload needs, or 256 for a kernel).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub mem_mib: Option<u64>,
+    /// Workload guest scenario: a JSON/TOML file or a built-in name (tiny, quick, clone, busy).
+    #[arg(long, conflicts_with = "kernel")]
+    pub workload: Option<String>,
+    /// Linux kernel image (bzImage or ELF vmlinux).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Serial console output: `stdout`, `none`, or a file path.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// VM id.
+    #[arg(long, default_value = "vm0")]
+    pub id: String,
+    /// Also write the final report (JSON) to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// `densevm demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of microVMs.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vms: u32,
+    /// MiB each guest fills.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub fill_mib: u32,
+    /// Seconds of the write loop.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration_s: u64,
+    /// Page rewrites per second per VM.
+    #[arg(long, default_value_t = 2000)]
+    pub writes_per_s: u64,
+}
+
+/// `densevm host-info`.
+#[derive(Debug, Args)]
+pub struct HostInfoArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `densevm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub which: BenchKind,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchKind {
+    /// Launch latency: process start to first guest report, median of N launches.
+    Launch {
+        /// Number of launches.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        launches: u32,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,121 @@
+//! `densevm run`: one microVM until its guest finishes.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::driver::{drive, lock};
+use super::CommandError;
+use crate::cli::RunArgs;
+use crate::host::Host;
+use crate::scenarios;
+use crate::vm::{BootSource, SerialOut, Vm, VmSpec, VmState, VmTimeline};
+use crate::workload::abi::WorkloadReport;
+
+/// The final report of one VM (printed as one JSON line).
+#[derive(Debug, Serialize)]
+pub struct VmSummary {
+    /// VM id.
+    pub vm_id: String,
+    /// Final state.
+    pub state: VmState,
+    /// Timeline.
+    pub timeline: VmTimeline,
+    /// Workload report, when the VM ran the workload guest.
+    pub report: Option<WorkloadReport>,
+    /// Host bytes behind the VM's RAM at the end.
+    pub host_bytes: u64,
+}
+
+impl VmSummary {
+    /// Summarizes `vm`.
+    pub fn of(vm: &Vm) -> Self {
+        VmSummary {
+            vm_id: vm.id().to_string(),
+            state: vm.state(),
+            timeline: vm.timeline().clone(),
+            report: vm.workload_report(),
+            host_bytes: vm.ram().host_bytes(),
+        }
+    }
+
+    /// True when the guest ended without error and verified every page.
+    pub fn ok(&self) -> bool {
+        let clean_exit = match &self.timeline.exit_reason {
+            Some(r) => r == "workload finished",
+            None => self.state == VmState::Stopped,
+        };
+        clean_exit && self.report.is_none_or(|r| r.mismatches == 0) && self.timeline.mismatch_events == 0
+    }
+}
+
+/// Parses `--serial`.
+pub fn serial_out(arg: &str) -> SerialOut {
+    match arg {
+        "stdout" => SerialOut::Stdout,
+        "none" => SerialOut::None,
+        path => SerialOut::File(path.into()),
+    }
+}
+
+/// Pages of overhead the workload layout needs besides the data (page tables, code,
+/// version table), rounded generously.
+pub fn workload_mem_mib(fill_mib: u32) -> u64 {
+    u64::from(fill_mib) + 4 + u64::from(fill_mib).div_ceil(1024) * 2
+}
+
+fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
+    let boot = match (&args.workload, &args.kernel) {
+        (Some(w), None) => BootSource::Workload(scenarios::load(w).map_err(|e| CommandError::Input(e.to_string()))?),
+        (None, Some(_)) => {
+            return Err(CommandError::Input("booting a Linux kernel is not wired into `run` yet".into()));
+        }
+        (None, None) => BootSource::Workload(scenarios::builtin("quick").unwrap_or_default()),
+        (Some(_), Some(_)) => return Err(CommandError::Input("--workload and --kernel exclude each other".into())),
+    };
+    let mem_mib = match (&boot, args.mem_mib) {
+        (_, Some(m)) => m,
+        (BootSource::Workload(s), None) => workload_mem_mib(s.fill_mib),
+    };
+    Ok(VmSpec { id: args.id.clone(), vcpus: args.vcpus, mem_mib, boot, serial: serial_out(&args.serial) })
+}
+
+/// Runs `densevm run`.
+pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandError> {
+    let spec = spec_from_args(&args)?;
+    let id = spec.id.clone();
+    let mut host = Host::new()?;
+    host.handle_termination_signals()?;
+    host.create_vm(spec)?;
+    host.start_all()?;
+    let host = Arc::new(Mutex::new(host));
+    let mut reported = false;
+    drive(host.clone(), Duration::from_millis(20), None, |h| {
+        if reported {
+            return;
+        }
+        if let Some(at) = h.vm(&id).ok().and_then(Vm::first_report_at) {
+            reported = true;
+            eprintln!(
+                "densevm: first guest report {:.2} ms after process start",
+                at.duration_since(process_start).as_secs_f64() * 1e3
+            );
+        }
+    })?;
+    let h = lock(&host);
+    let vm = h.vm(&id)?;
+    let summary = VmSummary::of(vm);
+    let mut value = serde_json::to_value(&summary).map_err(|e| CommandError::Runtime(e.to_string()))?;
+    if let (Some(at), Some(obj)) = (vm.first_report_at(), value.as_object_mut()) {
+        obj.insert("first_report_ms".into(), serde_json::json!(at.duration_since(process_start).as_secs_f64() * 1e3));
+    }
+    let line = value.to_string();
+    println!("{line}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, format!("{line}\n"))
+            .map_err(|e| CommandError::Runtime(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

@@ -1,0 +1,230 @@
+//! The host: the registry of microVMs in this process, and the event-manager
+//! subscriber that reacts to their vCPU events, reset requests and termination
+//! signals.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::VcpuEvent;
+use crate::vm::{self, Vm, VmSpec, VmState};
+
+/// Event data of the termination-signal eventfd.
+const SIGNAL_TOKEN: u32 = 0;
+
+/// Errors of the host.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you root?)")]
+    Kvm(kvm_ioctls::Error),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    /// A VM with that id exists.
+    #[error("a VM with id {0} already exists")]
+    Exists(String),
+    /// No VM with that id.
+    #[error("no VM with id {0}")]
+    NoSuchVm(String),
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// Host I/O failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A logged VM event, for the caller to print.
+#[derive(Clone, Debug)]
+pub struct HostEvent {
+    /// VM id.
+    pub vm_id: String,
+    /// The event.
+    pub event: VcpuEvent,
+}
+
+struct Entry {
+    token: u32,
+    vm: Vm,
+}
+
+/// All microVMs of this process.
+pub struct Host {
+    kvm: Kvm,
+    cpuid: CpuId,
+    vms: BTreeMap<String, Entry>,
+    next_token: u32,
+    signal_fd: EventFd,
+    terminate: bool,
+    log: Vec<HostEvent>,
+    unregistered: Vec<u32>,
+}
+
+static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = SIGNAL_EVENT_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; fd is an eventfd kept open for the
+        // process's life once stored; the buffer is 8 valid bytes.
+        unsafe {
+            libc::write(fd, (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+impl Host {
+    /// Opens KVM and reads the supported CPUID.
+    pub fn new() -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
+        let signal_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
+        Ok(Host {
+            kvm,
+            cpuid,
+            vms: BTreeMap::new(),
+            next_token: 1,
+            signal_fd,
+            terminate: false,
+            log: Vec::new(),
+            unregistered: Vec::new(),
+        })
+    }
+
+    /// Routes SIGINT and SIGTERM to this host's event loop (a clean stop of every VM).
+    pub fn handle_termination_signals(&self) -> Result<(), Error> {
+        // The eventfd lives as long as the host; a second host replaces it.
+        SIGNAL_EVENT_FD.store(self.signal_fd.as_raw_fd(), Ordering::Relaxed);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+                .map_err(|e| Error::Io(format!("installing a handler for signal {sig}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The KVM handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Creates a VM (not started). Register it with the event loop through
+    /// [`Host::register_new`] when the loop already runs.
+    pub fn create_vm(&mut self, spec: VmSpec) -> Result<(), Error> {
+        if self.vms.contains_key(&spec.id) {
+            return Err(Error::Exists(spec.id));
+        }
+        let id = spec.id.clone();
+        let vm = Vm::create(&self.kvm, &self.cpuid, spec)?;
+        let token = self.next_token;
+        self.next_token += 2;
+        self.unregistered.push(token);
+        self.vms.insert(id, Entry { token, vm });
+        Ok(())
+    }
+
+    /// The VM with `id`.
+    pub fn vm(&self, id: &str) -> Result<&Vm, Error> {
+        self.vms.get(id).map(|e| &e.vm).ok_or_else(|| Error::NoSuchVm(id.to_string()))
+    }
+
+    /// The VM with `id`, mutably.
+    pub fn vm_mut(&mut self, id: &str) -> Result<&mut Vm, Error> {
+        self.vms.get_mut(id).map(|e| &mut e.vm).ok_or_else(|| Error::NoSuchVm(id.to_string()))
+    }
+
+    /// Every VM, by id.
+    pub fn vms(&self) -> impl Iterator<Item = &Vm> {
+        self.vms.values().map(|e| &e.vm)
+    }
+
+    /// Stops and removes a VM, unregistering its fds.
+    pub fn remove_vm(&mut self, id: &str, ops: Option<&mut EventOps>) -> Result<(), Error> {
+        let mut entry = self.vms.remove(id).ok_or_else(|| Error::NoSuchVm(id.to_string()))?;
+        if let Some(ops) = ops {
+            let _ = ops.remove(Events::with_data(entry.vm.event_fd(), entry.token, EventSet::IN));
+            let _ = ops.remove(Events::with_data(entry.vm.reset_fd(), entry.token + 1, EventSet::IN));
+        }
+        self.unregistered.retain(|t| *t != entry.token);
+        entry.vm.stop();
+        Ok(())
+    }
+
+    /// Starts every created VM.
+    pub fn start_all(&mut self) -> Result<(), Error> {
+        for e in self.vms.values_mut() {
+            if e.vm.state() == VmState::Created {
+                e.vm.start()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every VM.
+    pub fn stop_all(&mut self) {
+        for e in self.vms.values_mut() {
+            e.vm.stop();
+        }
+    }
+
+    /// True when a termination signal arrived.
+    pub fn terminating(&self) -> bool {
+        self.terminate
+    }
+
+    /// True when no VM is created, running or paused.
+    pub fn all_finished(&self) -> bool {
+        self.vms.values().all(|e| matches!(e.vm.state(), VmState::Stopped | VmState::Exited))
+    }
+
+    /// Takes the events logged since the last call.
+    pub fn take_log(&mut self) -> Vec<HostEvent> {
+        std::mem::take(&mut self.log)
+    }
+
+    /// Registers the fds of VMs created since the last registration.
+    pub fn register_new(&mut self, ops: &mut EventOps) {
+        for token in std::mem::take(&mut self.unregistered) {
+            if let Some(e) = self.vms.values().find(|e| e.token == token) {
+                let _ = ops.add(Events::with_data(e.vm.event_fd(), token, EventSet::IN));
+                let _ = ops.add(Events::with_data(e.vm.reset_fd(), token + 1, EventSet::IN));
+            }
+        }
+    }
+
+    fn on_vm_event(&mut self, token: u32) {
+        // Event fds have odd tokens, reset fds the even token after them.
+        let vm_token = if token % 2 == 1 { token } else { token - 1 };
+        if let Some(e) = self.vms.values_mut().find(|e| e.token == vm_token) {
+            for event in e.vm.handle_events() {
+                self.log.push(HostEvent { vm_id: e.vm.id().to_string(), event });
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Host {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let token = events.data();
+        if token == SIGNAL_TOKEN {
+            let _ = self.signal_fd.read();
+            self.terminate = true;
+            self.stop_all();
+        } else {
+            self.on_vm_event(token);
+        }
+        self.register_new(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data(&self.signal_fd, SIGNAL_TOKEN, EventSet::IN));
+        self.register_new(ops);
+    }
+}

@@ -1,0 +1,403 @@
+//! One microVM: its KVM VM fd, guest RAM memslot, devices, vCPU threads and
+//! lifecycle (created -> running <-> paused -> stopped / exited).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::scenario::Scenario;
+use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
+use devices::serial::{SerialConsole, COM1_PORT};
+use devices::trigger::EventFdTrigger;
+use devices::PioBus;
+use kvm_bindings::{kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::arch::{cpl3, cpuid};
+use crate::control::{install_kick_handler, RunMode, VcpuEvent, VmControl};
+use crate::guest_ram::{self, GuestRam};
+use crate::vcpu::{VcpuContext, VcpuThread};
+use crate::workload::abi::WorkloadReport;
+use crate::workload::{self, WorkloadGuest};
+
+/// Most vCPUs per VM.
+pub const MAX_VCPUS: u32 = 32;
+/// Address of the TSS KVM needs on Intel hosts (3 pages below 4 GiB).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors creating or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("{0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// Guest RAM could not be created.
+    #[error(transparent)]
+    Ram(#[from] guest_ram::Error),
+    /// The workload guest could not be prepared.
+    #[error(transparent)]
+    Workload(#[from] workload::Error),
+    /// A vCPU could not be configured.
+    #[error(transparent)]
+    Cpl3(#[from] cpl3::Error),
+    /// Device setup failed.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// The request does not fit the VM's state.
+    #[error("VM {id} is {state:?}; cannot {what}")]
+    State {
+        /// VM id.
+        id: String,
+        /// Current state.
+        state: VmState,
+        /// Refused operation.
+        what: &'static str,
+    },
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// Host I/O failed.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// Lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    /// Created, not started.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked.
+    Paused,
+    /// Stopped by request.
+    Stopped,
+    /// The guest finished or shut down by itself.
+    Exited,
+}
+
+/// Where the serial console's output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOut {
+    /// The process's stdout.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Discarded; the workload guest then does not print at all.
+    None,
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// The embedded workload guest with a scenario.
+    Workload(Scenario),
+}
+
+/// Everything needed to create a VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// VM id.
+    pub id: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Boot source.
+    pub boot: BootSource,
+    /// Serial output.
+    pub serial: SerialOut,
+}
+
+/// What happened to a VM so far, for reports.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VmTimeline {
+    /// Seconds from creation to start.
+    pub start_s: Option<f64>,
+    /// Seconds from start until every vCPU reported its fill done.
+    pub fill_done_s: Option<f64>,
+    /// Seconds from start until the guest finished.
+    pub exited_s: Option<f64>,
+    /// Why the VM exited (finished, shut down, error).
+    pub exit_reason: Option<String>,
+    /// Mismatch doorbells seen.
+    pub mismatch_events: u64,
+}
+
+/// A microVM.
+pub struct Vm {
+    spec: VmSpec,
+    state: VmState,
+    // Field order matters for teardown: threads stop first, then fds, then RAM.
+    threads: Vec<VcpuThread>,
+    pending: Vec<VcpuFd>,
+    control: Arc<VmControl>,
+    pio: Arc<PioBus>,
+    reset: EventFdTrigger,
+    workload: Option<WorkloadGuest>,
+    _vm_fd: VmFd,
+    ram: GuestRam,
+    created: Instant,
+    started: Option<Instant>,
+    fill_done: Vec<bool>,
+    first_report: Option<Instant>,
+    done: Vec<bool>,
+    timeline: VmTimeline,
+}
+
+fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match out {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => {
+            Box::new(File::create(p).map_err(|e| Error::Io(format!("serial log {}", p.display()), e))?)
+        }
+        SerialOut::None => Box::new(std::io::sink()),
+    })
+}
+
+impl Vm {
+    /// Creates a VM (RAM, memslot, devices, configured vCPUs); it does not run yet.
+    pub fn create(kvm: &Kvm, supported_cpuid: &CpuId, spec: VmSpec) -> Result<Self, Error> {
+        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!("vcpu count must be 1..={MAX_VCPUS}, got {}", spec.vcpus)));
+        }
+        install_kick_handler().map_err(Error::Device)?;
+        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        let ram = GuestRam::new_memfd(&spec.id, spec.mem_mib)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_addr(),
+        };
+        // SAFETY: the region is a live mapping of ram.size() bytes owned by `ram`, which
+        // outlives the VM fd (field order in `Vm` drops the fd first).
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+
+        let mut pio = PioBus::new();
+        let serial_irq = EventFdTrigger::new().map_err(|e| Error::Io("serial eventfd".into(), e))?;
+        let serial = SerialConsole::new(serial_irq, serial_writer(&spec.serial)?);
+        pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, 8).map_err(|e| Error::Device(e.to_string()))?;
+        let reset = EventFdTrigger::new().map_err(|e| Error::Io("reset eventfd".into(), e))?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(reset.clone()))), I8042_PORT, I8042_PORTS)
+            .map_err(|e| Error::Device(e.to_string()))?;
+
+        let mut pending = Vec::new();
+        for i in 0..spec.vcpus {
+            let vcpu = vm_fd.create_vcpu(u64::from(i)).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(supported_cpuid, i as u8)).map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+            pending.push(vcpu);
+        }
+
+        let workload = match &spec.boot {
+            BootSource::Workload(scenario) => {
+                let tsc_khz = pending[0].get_tsc_khz().map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))?;
+                let seed = scenario.seed.unwrap_or_else(|| workload::seed_for(&spec.id));
+                let printing = spec.serial != SerialOut::None;
+                let guest = WorkloadGuest::prepare(
+                    ram.memory(),
+                    ram.size(),
+                    scenario,
+                    seed,
+                    spec.vcpus,
+                    u64::from(tsc_khz),
+                    printing,
+                )?;
+                for (i, vcpu) in pending.iter().enumerate() {
+                    cpl3::configure(vcpu, &guest.start(i as u32, false))?;
+                }
+                Some(guest)
+            }
+        };
+        let control = VmControl::new().map_err(|e| Error::Io("event fd".into(), e))?;
+        Ok(Vm {
+            fill_done: vec![false; spec.vcpus as usize],
+            first_report: None,
+            done: vec![false; spec.vcpus as usize],
+            spec,
+            state: VmState::Created,
+            threads: Vec::new(),
+            pending,
+            control,
+            pio: Arc::new(pio),
+            reset,
+            workload,
+            _vm_fd: vm_fd,
+            ram,
+            created: Instant::now(),
+            started: None,
+            timeline: VmTimeline::default(),
+        })
+    }
+
+    /// The VM's id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// The VM's spec.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    /// Current state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The eventfd that is readable when vCPU events are pending.
+    pub fn event_fd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.control.event_fd()
+    }
+
+    /// The eventfd the i8042 fires on a guest reset request.
+    pub fn reset_fd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.reset.event_fd()
+    }
+
+    fn refuse(&self, what: &'static str) -> Error {
+        Error::State { id: self.spec.id.clone(), state: self.state, what }
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), Error> {
+        if self.state != VmState::Created {
+            return Err(self.refuse("start"));
+        }
+        let doorbell = self.workload.as_ref().map(|w| w.layout.doorbell_gpa);
+        for (i, vcpu) in self.pending.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                index: i as u32,
+                control: self.control.clone(),
+                pio: self.pio.clone(),
+                doorbell,
+                memory: self.ram.memory().clone(),
+            };
+            let t = VcpuThread::spawn(vcpu, ctx).map_err(|e| Error::Io("spawning a vCPU thread".into(), e))?;
+            self.threads.push(t);
+        }
+        self.control.set_mode(RunMode::Run);
+        self.started = Some(Instant::now());
+        self.timeline.start_s = Some(self.created.elapsed().as_secs_f64());
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn live_threads(&self) -> u32 {
+        self.threads.iter().filter(|t| !t.is_finished()).count() as u32
+    }
+
+    /// Parks every vCPU outside KVM_RUN.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        if self.state != VmState::Running {
+            return Err(self.refuse("pause"));
+        }
+        self.control.set_mode(RunMode::Pause);
+        let n = self.live_threads();
+        let threads = &self.threads;
+        if !self.control.wait_paused(n, Duration::from_secs(10), || threads.iter().for_each(VcpuThread::kick)) {
+            return Err(Error::Device("vCPUs did not pause within 10 s".into()));
+        }
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&mut self) -> Result<(), Error> {
+        if self.state != VmState::Paused {
+            return Err(self.refuse("resume"));
+        }
+        self.control.set_mode(RunMode::Run);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Stops every vCPU thread and joins it. Idempotent for stopped/exited VMs.
+    pub fn stop(&mut self) {
+        self.control.set_mode(RunMode::Stop);
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            self.threads.iter().for_each(VcpuThread::kick);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for t in self.threads.drain(..) {
+            t.join();
+        }
+        self.pending.clear();
+        if matches!(self.state, VmState::Created | VmState::Running | VmState::Paused) {
+            self.state = VmState::Stopped;
+        }
+    }
+
+    /// Processes pending vCPU and reset events; returns them for the caller to log.
+    pub fn handle_events(&mut self) -> Vec<VcpuEvent> {
+        let events = self.control.take_events();
+        let mut finished: Option<String> = None;
+        for e in &events {
+            match e {
+                VcpuEvent::FillDone { vcpu, at } => {
+                    self.first_report.get_or_insert(*at);
+                    self.fill_done[*vcpu as usize] = true;
+                    if self.fill_done.iter().all(|d| *d) && self.timeline.fill_done_s.is_none() {
+                        self.timeline.fill_done_s = self.started.map(|s| s.elapsed().as_secs_f64());
+                    }
+                }
+                VcpuEvent::Done { vcpu } => {
+                    self.done[*vcpu as usize] = true;
+                    if self.done.iter().all(|d| *d) {
+                        finished = Some("workload finished".into());
+                    }
+                }
+                VcpuEvent::Mismatch { .. } => self.timeline.mismatch_events += 1,
+                VcpuEvent::Shutdown { reason, .. } => finished = Some(reason.clone()),
+                VcpuEvent::Error { message, .. } => finished = Some(format!("error: {message}")),
+            }
+        }
+        if self.reset.event_fd().read().is_ok() {
+            finished = Some("guest requested a reset (i8042)".into());
+        }
+        if let Some(reason) = finished {
+            self.exit(reason);
+        }
+        events
+    }
+
+    fn exit(&mut self, reason: String) {
+        if matches!(self.state, VmState::Stopped | VmState::Exited) {
+            return;
+        }
+        self.timeline.exited_s = self.started.map(|s| s.elapsed().as_secs_f64());
+        self.timeline.exit_reason = Some(reason);
+        self.stop();
+        self.state = VmState::Exited;
+    }
+
+    /// The workload guest's summed report, if this VM runs it.
+    pub fn workload_report(&self) -> Option<WorkloadReport> {
+        self.workload.as_ref().and_then(|w| w.read_report(self.ram.memory()).ok())
+    }
+
+    /// When the guest first reported (its first fill-done doorbell).
+    pub fn first_report_at(&self) -> Option<Instant> {
+        self.first_report
+    }
+
+    /// The VM's timeline.
+    pub fn timeline(&self) -> &VmTimeline {
+        &self.timeline
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
