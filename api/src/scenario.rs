@@ -3,6 +3,7 @@
 //! HTTP API and the benchmark harness.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Largest fill a scenario may ask for (MiB).
 pub const MAX_FILL_MIB: u32 = 64 * 1024;
@@ -36,7 +37,7 @@ pub enum Error {
 /// the same `shared_seed`, `fill_mib` and fractions has the same layout: zero pages,
 /// shared pages (content depends only on `shared_seed` and the page index) and unique
 /// pages (content depends on `seed`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     /// MiB of guest memory the workload fills.
@@ -119,10 +120,7 @@ impl Scenario {
             }
         }
         if self.zero_fraction + self.shared_fraction > 1.0 + 1e-9 {
-            return range(
-                "shared_fraction",
-                "plus zero_fraction must not exceed 1".to_string(),
-            );
+            return range("shared_fraction", "plus zero_fraction must not exceed 1".to_string());
         }
         if self.writes_per_s > MAX_WRITES_PER_S {
             return range("writes_per_s", format!("must be at most {MAX_WRITES_PER_S}"));

@@ -190,23 +190,35 @@ mod tests {
 
     #[test]
     fn pause_parks_threads_and_resume_releases_them() {
+        use std::sync::atomic::{AtomicU32, Ordering};
         let c = VmControl::new().unwrap();
         c.set_mode(RunMode::Run);
-        let c2 = c.clone();
+        let rounds = Arc::new(AtomicU32::new(0));
+        let (c2, r2) = (c.clone(), rounds.clone());
         let t = std::thread::spawn(move || {
-            let mut rounds = 0;
             while c2.wait_runnable() {
-                rounds += 1;
+                r2.fetch_add(1, Ordering::SeqCst);
                 c2.sleep(Duration::from_millis(1));
             }
-            rounds
         });
+        let wait_rounds = |n: u32| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while rounds.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "vCPU thread made no progress");
+                std::thread::yield_now();
+            }
+        };
+        wait_rounds(1);
         c.set_mode(RunMode::Pause);
         assert!(c.wait_paused(1, Duration::from_secs(5), || {}));
+        let parked = rounds.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(rounds.load(Ordering::SeqCst), parked, "a paused thread kept running");
         c.set_mode(RunMode::Run);
+        wait_rounds(parked + 1);
         c.push_event(VcpuEvent::Done { vcpu: 0 });
         c.set_mode(RunMode::Stop);
-        assert!(t.join().unwrap() >= 1);
+        t.join().unwrap();
         assert_eq!(c.take_events(), vec![VcpuEvent::Done { vcpu: 0 }]);
         // Stop is final.
         c.set_mode(RunMode::Run);

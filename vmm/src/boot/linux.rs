@@ -22,7 +22,7 @@ pub mod cmdline;
 pub mod e820;
 pub mod regs;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

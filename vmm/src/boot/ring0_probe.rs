@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn boot_ring0_probe_reports_reason() {
         if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED: no /dev/kvm");
+            crate::boot::linux::tests::skip("boot_ring0_probe_reports_reason: no /dev/kvm");
             return;
         }
         let p = probe().expect("probe runs");

@@ -44,7 +44,7 @@ const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "
 fn size_str(size: u64) -> String {
     const K: u64 = 1 << 10;
     for (unit, suffix) in [(K << 20, "G"), (K << 10, "M"), (K, "K")] {
-        if size % unit == 0 {
+        if size.is_multiple_of(unit) {
             return format!("{}{suffix}", size / unit);
         }
     }

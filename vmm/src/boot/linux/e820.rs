@@ -55,7 +55,7 @@ pub struct E820Entry {
 /// The guest-physical ranges (start, length) that hold `ram_size` bytes of RAM:
 /// one range below the MMIO gap and, when `ram_size` exceeds 3 GiB, one from 4 GiB.
 pub fn ram_regions(ram_size: u64) -> Result<Vec<(GuestAddress, u64)>, Error> {
-    if ram_size % 4096 != 0 {
+    if !ram_size.is_multiple_of(4096) {
         return Err(Error::RamUnaligned(ram_size));
     }
     if ram_size <= MMIO_GAP_START {
@@ -140,7 +140,7 @@ mod tests {
         assert_eq!(build_e820(MIB), Err(Error::RamTooSmall(MIB)));
         assert_eq!(build_e820(0), Err(Error::RamTooSmall(0)));
         assert_eq!(build_e820(2 * MIB + 1), Err(Error::RamUnaligned(2 * MIB + 1)));
-        let huge = u64::MAX & !0xfff;
+        let huge: u64 = !0xfff;
         assert_eq!(build_e820(huge), Err(Error::RamTooLarge(huge)));
     }
 }

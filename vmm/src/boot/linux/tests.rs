@@ -32,6 +32,14 @@ impl Drop for TempFile {
     }
 }
 
+/// Prints `SKIPPED: <why>` on the real stderr (the harness hides `eprintln!` output of
+/// passing tests).
+pub(crate) fn skip(why: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "SKIPPED: {why}");
+}
+
 fn guest_mem(size: u64) -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).expect("guest memory")
 }
@@ -306,7 +314,7 @@ fn boot_sregs_are_long_mode() {
 #[test]
 fn configure_boot_vcpu_on_kvm() {
     let Ok(kvm) = Kvm::new() else {
-        eprintln!("SKIPPED: /dev/kvm not usable");
+        skip("configure_boot_vcpu_on_kvm: /dev/kvm not usable");
         return;
     };
     let vm = kvm.create_vm().unwrap();
@@ -339,7 +347,10 @@ fn loads_real_bzimage_when_built() {
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/linux/out");
     let (kernel, initrd) = (out.join("bzImage"), out.join("initramfs.cpio.gz"));
     if !kernel.exists() || !initrd.exists() {
-        eprintln!("SKIPPED: {} not built (run resources/linux/build-guest.sh)", kernel.display());
+        skip(&format!(
+            "loads_real_bzimage_when_built: {} not built (run resources/linux/build-guest.sh)",
+            kernel.display()
+        ));
         return;
     }
     let ram = 256 * MIB;

@@ -1,0 +1,221 @@
+//! Prometheus text exposition (format 0.0.4) of the VMM's statistics, for `GET /metrics`.
+
+use std::fmt::Write;
+
+use crate::types::{HostMemoryStats, VmInfo, VmMemoryStats, VmState};
+
+/// `Content-Type` of the rendered text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Kind of a metric family.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// Writes metric families into a string.
+struct Writer {
+    out: String,
+}
+
+/// Escapes a label value (`\`, `"` and newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Writer {
+    fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// Formats an `f64` the way Prometheus expects (`NaN`, `+Inf`, `-Inf`).
+fn float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Renders host statistics and every VM (with its memory statistics when known).
+pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -> String {
+    use Kind::{Counter, Gauge};
+    let mut w = Writer { out: String::new() };
+
+    w.family("densevm_vms", Gauge, "Number of VMs by state.");
+    for state in VmState::ALL {
+        let n = vms.iter().filter(|(v, _)| v.state == state).count();
+        w.sample("densevm_vms", &[("state", state.as_str())], n);
+    }
+
+    let h = host;
+    let host_gauges: [(&str, &str, u64); 10] = [
+        ("pages_shared", "Shared frames in use.", h.pages_shared),
+        ("pages_sharing", "Guest pages mapping a shared frame beyond the first.", h.pages_sharing),
+        ("pages_unshared", "Scanned pages that are unique so far.", h.pages_unshared),
+        ("pages_volatile", "Pages changing too fast to merge.", h.pages_volatile),
+        ("zero_pages", "Guest pages mapping the zero page.", h.zero_pages),
+        ("frames_2m_total", "2 MiB host frames in the frame pool.", h.frames_2m_total),
+        ("frames_2m_in_use", "2 MiB host frames with a live 4 KiB frame.", h.frames_2m_in_use),
+        ("frames_2m_returned", "2 MiB host frames given back to the host.", h.frames_2m_returned),
+        ("host_used_bytes", "Host memory used for guest memory.", h.host_bytes_used),
+        ("vma_count", "Mappings (VMAs) held by densevm.", h.vma_count),
+    ];
+    for (name, help, v) in host_gauges {
+        w.single(&format!("densevm_memory_{name}"), Gauge, help, v);
+    }
+    w.single(
+        "densevm_memory_general_profit_bytes",
+        Gauge,
+        "Bytes saved by merging minus merger metadata.",
+        h.general_profit,
+    );
+    w.single(
+        "densevm_memory_fragmentation_ratio",
+        Gauge,
+        "Fragmentation of in-use 2 MiB frames (0 packed, 1 scattered).",
+        float(h.fragmentation),
+    );
+    let host_counters = [
+        ("pages_scanned_total", "Pages scanned by the merger.", h.pages_scanned),
+        ("full_scans_total", "Completed full scans.", h.full_scans),
+        ("cow_copies_total", "Copy-on-write copies.", h.cow_copies),
+        ("cow_reuses_total", "Copy-on-write reuses in place.", h.cow_reuses),
+    ];
+    for (name, help, v) in host_counters {
+        w.single(&format!("densevm_memory_{name}"), Counter, help, v);
+    }
+
+    w.family("densevm_vm_state", Gauge, "1 for the VM's current state.");
+    for (vm, _) in vms {
+        w.sample("densevm_vm_state", &[("vm_id", &vm.vm_id), ("state", vm.state.as_str())], 1);
+    }
+    w.family("densevm_vm_vcpus", Gauge, "vCPUs of the VM.");
+    for (vm, _) in vms {
+        w.sample("densevm_vm_vcpus", &[("vm_id", &vm.vm_id)], vm.config.vcpu_count);
+    }
+    w.family("densevm_vm_memory_size_bytes", Gauge, "Guest memory size.");
+    for (vm, _) in vms {
+        let bytes = u64::from(vm.config.mem_size_mib) << 20;
+        w.sample("densevm_vm_memory_size_bytes", &[("vm_id", &vm.vm_id)], bytes);
+    }
+    type Field = fn(&VmMemoryStats) -> u64;
+    let per_vm: [(&str, Kind, &str, Field); 6] = [
+        ("guest_pages", Gauge, "Guest memory size in pages.", |m| m.guest_pages),
+        ("resident_pages", Gauge, "Guest pages backed by a frame.", |m| m.resident_pages),
+        ("merged_pages", Gauge, "Guest pages mapping a merged frame.", |m| m.merged_pages),
+        ("zero_pages", Gauge, "Guest pages mapping the zero page.", |m| m.zero_pages),
+        ("cow_copies_total", Counter, "Copy-on-write copies.", |m| m.cow_copies),
+        ("cow_reuses_total", Counter, "Copy-on-write reuses in place.", |m| m.cow_reuses),
+    ];
+    for (name, kind, help, get) in per_vm {
+        let name = format!("densevm_vm_{name}");
+        w.family(&name, kind, help);
+        for (vm, mem) in vms {
+            if let Some(m) = mem {
+                w.sample(&name, &[("vm_id", &vm.vm_id)], get(m));
+            }
+        }
+    }
+    w.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Scenario;
+    use crate::types::{BootSource, VmConfig};
+
+    fn vm(id: &str, state: VmState) -> VmInfo {
+        VmInfo {
+            vm_id: id.into(),
+            state,
+            config: VmConfig {
+                vcpu_count: 2,
+                mem_size_mib: 128,
+                boot: BootSource::Workload(Scenario::default()),
+                memory_image_path: None,
+                merge: None,
+            },
+            workload: None,
+            exit_reason: None,
+        }
+    }
+
+    #[test]
+    fn renders_families_and_samples() {
+        let host = HostMemoryStats {
+            pages_shared: 5,
+            general_profit: -4096,
+            fragmentation: 0.25,
+            cow_copies: 9,
+            ..Default::default()
+        };
+        let mem = VmMemoryStats { guest_pages: 32768, merged_pages: 7, ..Default::default() };
+        let text = render(&host, &[(vm("a", VmState::Running), Some(mem)), (vm("b", VmState::Created), None)]);
+        for line in [
+            "densevm_vms{state=\"Running\"} 1",
+            "densevm_vms{state=\"Exited\"} 0",
+            "densevm_memory_pages_shared 5",
+            "densevm_memory_general_profit_bytes -4096",
+            "densevm_memory_fragmentation_ratio 0.25",
+            "# TYPE densevm_memory_cow_copies_total counter",
+            "densevm_memory_cow_copies_total 9",
+            "densevm_vm_state{vm_id=\"a\",state=\"Running\"} 1",
+            "densevm_vm_memory_size_bytes{vm_id=\"b\"} 134217728",
+            "densevm_vm_guest_pages{vm_id=\"a\"} 32768",
+            "densevm_vm_merged_pages{vm_id=\"a\"} 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("densevm_vm_guest_pages{vm_id=\"b\"}"));
+        // Every sample belongs to a family declared just before with HELP and TYPE.
+        let mut family = String::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap().to_string();
+            } else if !l.starts_with('#') {
+                let name = l.split(['{', ' ']).next().unwrap();
+                assert_eq!(name, family, "{l}");
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_labels_and_floats() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(float(f64::NAN), "NaN");
+        assert_eq!(float(f64::INFINITY), "+Inf");
+        assert_eq!(float(1.5), "1.5");
+    }
+}

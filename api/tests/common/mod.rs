@@ -1,0 +1,279 @@
+//! Test helpers: a fake VMM answering API requests from an in-memory table (it waits on
+//! the wake eventfd with epoll, as the real VMM does) and a raw HTTP/1.1 client.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use api::types::{
+    ChangeDetection, HostMemoryStats, InfoReply, MergeConfig, VmActionType, VmInfo, VmMemoryStats, VmState,
+};
+use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender, VmmEndpoint};
+use api::{ApiServer, ApiServerConfig};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A fake VMM on its own thread.
+pub struct FakeVmm {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    /// Replies held back forever (requests for VMs whose id starts with `stall`).
+    pub stalled: Arc<Mutex<Vec<ReplySender>>>,
+}
+
+struct Table {
+    vms: BTreeMap<String, VmInfo>,
+    merge: MergeConfig,
+}
+
+fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
+    let missing = |id: &str| ApiError::not_found(format!("no VM with id {id}"));
+    match action {
+        ApiAction::GetInfo => Ok(ApiReply::Info(InfoReply {
+            version: "0.1.0-test".into(),
+            kvm: true,
+            kvm_api_version: 12,
+            userfaultfd_features: vec!["WP_HUGETLBFS_SHMEM".into()],
+            ring0_native: false,
+            ring0_reason: "test".into(),
+        })),
+        ApiAction::PutVm { vm_id, config } => {
+            if t.vms.contains_key(&vm_id) {
+                return Err(ApiError::conflict(format!("VM {vm_id} exists")));
+            }
+            let info =
+                VmInfo { vm_id: vm_id.clone(), state: VmState::Created, config, workload: None, exit_reason: None };
+            t.vms.insert(vm_id, info);
+            Ok(ApiReply::Empty)
+        }
+        ApiAction::ListVms => Ok(ApiReply::Vms(t.vms.values().cloned().collect())),
+        ApiAction::GetVm(id) => t.vms.get(&id).map(|v| ApiReply::Vm(Box::new(v.clone()))).ok_or_else(|| missing(&id)),
+        ApiAction::DeleteVm(id) => t.vms.remove(&id).map(|_| ApiReply::Empty).ok_or_else(|| missing(&id)),
+        ApiAction::VmAction { vm_id, action } => {
+            let vm = t.vms.get_mut(&vm_id).ok_or_else(|| missing(&vm_id))?;
+            use VmActionType::*;
+            use VmState::*;
+            vm.state = match (action, vm.state) {
+                (InstanceStart, Created) => Running,
+                (Pause, Running) => Paused,
+                (Resume, Paused) => Running,
+                (Stop, Running | Paused) => Stopped,
+                (a, s) => return Err(ApiError::conflict(format!("cannot {a:?} a {s:?} VM"))),
+            };
+            Ok(ApiReply::Empty)
+        }
+        ApiAction::GetVmMemory(id) => {
+            let vm = t.vms.get(&id).ok_or_else(|| missing(&id))?;
+            Ok(ApiReply::VmMemory(VmMemoryStats {
+                guest_pages: u64::from(vm.config.mem_size_mib) * 256,
+                resident_pages: 100,
+                merged_pages: 40,
+                zero_pages: 10,
+                cow_copies: 3,
+                cow_reuses: 2,
+            }))
+        }
+        ApiAction::GetMemory => Ok(ApiReply::Memory(Box::new(HostMemoryStats {
+            pages_shared: 7,
+            pages_sharing: 33,
+            general_profit: 1 << 20,
+            fragmentation: 0.5,
+            ..Default::default()
+        }))),
+        ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(t.merge.clone())),
+        ApiAction::PatchMergeConfig(p) => {
+            p.apply(&mut t.merge);
+            Ok(ApiReply::MergeConfig(t.merge.clone()))
+        }
+        ApiAction::MergeAction(_) => Ok(ApiReply::Empty),
+    }
+}
+
+fn stalls(action: &ApiAction) -> bool {
+    matches!(action, ApiAction::GetVm(id) if id.starts_with("stall"))
+}
+
+impl FakeVmm {
+    /// Starts serving `end`.
+    pub fn start(end: VmmEndpoint) -> FakeVmm {
+        let stop = EventFd::new(0).unwrap();
+        let stop2 = stop.try_clone().unwrap();
+        let stalled = Arc::new(Mutex::new(Vec::new()));
+        let stalled2 = stalled.clone();
+        let thread = std::thread::spawn(move || {
+            let mut table = Table {
+                vms: BTreeMap::new(),
+                merge: MergeConfig {
+                    run: false,
+                    pages_to_scan: 100,
+                    sleep_ms: 20,
+                    max_page_sharing: 256,
+                    merge_zero_pages: false,
+                    change_detection: ChangeDetection::DirtyLog,
+                },
+            };
+            let epoll = Epoll::new().unwrap();
+            epoll.ctl(ControlOperation::Add, end.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1)).unwrap();
+            epoll.ctl(ControlOperation::Add, stop2.as_raw_fd(), EpollEvent::new(EventSet::IN, 2)).unwrap();
+            let mut events = vec![EpollEvent::default(); 4];
+            loop {
+                let n = epoll.wait(-1, &mut events).unwrap();
+                for ev in &events[..n] {
+                    if ev.data() == 2 {
+                        return;
+                    }
+                    for ApiRequest { action, reply } in end.drain() {
+                        if stalls(&action) {
+                            stalled2.lock().unwrap().push(reply);
+                        } else {
+                            reply.send(handle(&mut table, action));
+                        }
+                    }
+                }
+            }
+        });
+        FakeVmm { stop, thread: Some(thread), stalled }
+    }
+}
+
+impl Drop for FakeVmm {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    /// The `fault_message` of an error body; checks the JSON content type.
+    pub fn fault(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
+        let v = self.json();
+        assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+        v["fault_message"].as_str().unwrap().to_string()
+    }
+}
+
+fn dechunk(mut raw: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = raw.split_once("\r\n").expect("chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size hex");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        raw = &rest[size + 2..];
+    }
+}
+
+/// Parses a complete response (the connection was closed after it).
+pub fn parse(raw: &[u8]) -> Resp {
+    let text = String::from_utf8_lossy(raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Resp { status, headers, body }
+}
+
+/// Builds a request with `Connection: close`.
+pub fn raw_request(method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+    }
+    r.push_str("\r\n");
+    if let Some(b) = body {
+        r.push_str(b);
+    }
+    r.into_bytes()
+}
+
+/// Writes `raw` and reads the whole response.
+pub fn exchange<S: Read + Write>(mut s: S, raw: &[u8]) -> Resp {
+    s.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    parse(&out)
+}
+
+/// Connects to the Unix socket with a read timeout.
+pub fn connect(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// One request over the Unix socket.
+pub fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Resp {
+    exchange(connect(sock), &raw_request(method, path, body))
+}
+
+/// A server on a fresh socket with a fake VMM behind it.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    pub server: Option<ApiServer>,
+    pub vmm: Option<FakeVmm>,
+}
+
+impl Harness {
+    /// Starts with a tuned config.
+    pub fn with(tune: impl FnOnce(&mut ApiServerConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let mut config = ApiServerConfig::new(&sock);
+        tune(&mut config);
+        let (chan, end) = api::channel().unwrap();
+        let vmm = FakeVmm::start(end);
+        let server = ApiServer::start(config, chan).unwrap();
+        Harness { dir, sock, server: Some(server), vmm: Some(vmm) }
+    }
+
+    /// Starts with the default config.
+    pub fn new() -> Harness {
+        Self::with(|_| {})
+    }
+
+    /// One request over the socket.
+    pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        request(&self.sock, method, path, body)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().unwrap();
+        }
+        self.vmm.take();
+    }
+}

@@ -1,0 +1,282 @@
+//! The frame pool: one memfd for the whole host, its alias mapping, and the
+//! buddy allocator over its 4 KiB frames.
+//!
+//! The memfd is sized with `ftruncate` and stays sparse: a frame costs host
+//! memory only once written. Freed blocks are punched at once
+//! (`FALLOC_FL_PUNCH_HOLE`), so a freed frame gives its memory back and a newly
+//! allocated frame always reads as zero. When the last live frame of a 2 MiB
+//! host frame is freed the whole 2 MiB frame is punched and counted as returned.
+//!
+//! The **alias** is a `MAP_SHARED` mapping of the whole memfd that is never
+//! registered with userfaultfd: densevm reads, compares and copies frames only
+//! through it, so it never faults on write protection.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::Serialize;
+
+use crate::buddy::{self, BuddyAllocator, FreeOutcome};
+use crate::{sys, FrameNo, HUGE_FRAME_PAGES, HUGE_FRAME_SIZE, PAGE_SIZE};
+
+/// Errors of the frame pool.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The capacity is zero or not a multiple of 2 MiB.
+    #[error("pool capacity {0} is not a positive multiple of 2 MiB")]
+    BadCapacity(u64),
+    /// `memfd_create` failed.
+    #[error("memfd_create: {0}")]
+    Memfd(io::Error),
+    /// `ftruncate` of the memfd failed.
+    #[error("sizing the memfd: {0}")]
+    Truncate(io::Error),
+    /// Mapping the alias failed.
+    #[error("mapping the alias: {0}")]
+    Alias(io::Error),
+    /// Punching a hole failed.
+    #[error("punching frames {0}..+{1}: {2}")]
+    Punch(FrameNo, u64, io::Error),
+    /// The buddy allocator refused.
+    #[error(transparent)]
+    Buddy(#[from] buddy::Error),
+    /// A frame number is outside the pool.
+    #[error("frame {0} outside the pool")]
+    OutOfRange(FrameNo),
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Configuration of the frame pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Size of the memfd in bytes (a multiple of 2 MiB). It is sparse, so this is
+    /// address space and bookkeeping, not host memory.
+    pub capacity_bytes: u64,
+    /// Ask for shmem transparent huge pages (`MADV_HUGEPAGE` on the mappings).
+    pub transparent_huge_pages: bool,
+}
+
+/// Whether shmem transparent huge pages back the pool.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ThpStatus {
+    /// THP was asked for in the configuration.
+    pub requested: bool,
+    /// The host's policy (`shmem_enabled`) honours `MADV_HUGEPAGE` on shmem.
+    pub honoured: bool,
+    /// The selected value of /sys/kernel/mm/transparent_hugepage/shmem_enabled.
+    pub shmem_enabled: String,
+}
+
+impl ThpStatus {
+    fn probe(requested: bool) -> Self {
+        let raw = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").unwrap_or_default();
+        let selected = raw
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+            .unwrap_or("unknown")
+            .to_string();
+        let honoured = requested && matches!(selected.as_str(), "always" | "within_size" | "advise" | "force");
+        ThpStatus { requested, honoured, shmem_enabled: selected }
+    }
+}
+
+/// One memfd split into 2 MiB host frames of 512 4 KiB frames, with its alias.
+pub struct FramePool {
+    memfd: OwnedFd,
+    alias: usize,
+    capacity: u64,
+    buddy: BuddyAllocator,
+    thp: ThpStatus,
+    huge_frames_returned: u64,
+}
+
+// SAFETY: the alias is a process-wide shared mapping owned by this struct; the
+// raw address is only dereferenced through methods whose callers synchronize
+// (the manager's lock), and the mapping lives until drop.
+unsafe impl Send for FramePool {}
+// SAFETY: see `Send`; `&self` methods only read immutable fields or do syscalls.
+unsafe impl Sync for FramePool {}
+
+impl FramePool {
+    /// Creates the memfd (sparse, `capacity_bytes` long) and maps its alias.
+    pub fn new(config: &PoolConfig) -> Result<Self> {
+        let capacity = config.capacity_bytes;
+        if capacity == 0 || capacity & (HUGE_FRAME_SIZE as u64 - 1) != 0 {
+            return Err(Error::BadCapacity(capacity));
+        }
+        let name = CString::new("densevm-pool").map_err(|e| Error::Memfd(e.into()))?;
+        // SAFETY: `name` is a valid NUL-terminated string; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Memfd(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on the fd we own.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), capacity as libc::off_t) } != 0 {
+            return Err(Error::Truncate(io::Error::last_os_error()));
+        }
+        let alias = sys::map_shared(memfd.as_raw_fd(), 0, capacity as usize).map_err(Error::Alias)?;
+        let thp = ThpStatus::probe(config.transparent_huge_pages);
+        if thp.requested {
+            if let Err(e) = sys::advise(alias, capacity as usize, libc::MADV_HUGEPAGE) {
+                tracing::warn!("MADV_HUGEPAGE on the pool alias: {e}");
+            }
+        }
+        let huge_frames = (capacity / HUGE_FRAME_SIZE as u64) as u32;
+        Ok(FramePool { memfd, alias, capacity, buddy: BuddyAllocator::new(huge_frames), thp, huge_frames_returned: 0 })
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> RawFd {
+        self.memfd.as_raw_fd()
+    }
+
+    /// Size of the memfd in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Shmem transparent huge page status.
+    pub fn thp(&self) -> &ThpStatus {
+        &self.thp
+    }
+
+    /// The buddy allocator (read-only view for statistics and tests).
+    pub fn buddy(&self) -> &BuddyAllocator {
+        &self.buddy
+    }
+
+    /// Number of 2 MiB frames punched because they became empty, since creation.
+    pub fn huge_frames_returned(&self) -> u64 {
+        self.huge_frames_returned
+    }
+
+    /// Byte offset of `frame` in the memfd.
+    pub fn offset_of(frame: FrameNo) -> u64 {
+        u64::from(frame) * PAGE_SIZE as u64
+    }
+
+    /// Address of `frame` in the alias mapping.
+    pub fn alias_addr(&self, frame: FrameNo) -> Result<usize> {
+        if Self::offset_of(frame) >= self.capacity {
+            return Err(Error::OutOfRange(frame));
+        }
+        Ok(self.alias + Self::offset_of(frame) as usize)
+    }
+
+    /// Allocates `2^order` contiguous frames (they read as zero).
+    pub fn alloc(&mut self, order: u8) -> Result<FrameNo> {
+        Ok(self.buddy.alloc(order)?)
+    }
+
+    /// Allocates exactly `frame` (it reads as zero).
+    pub fn alloc_specific(&mut self, frame: FrameNo) -> Result<()> {
+        Ok(self.buddy.alloc_specific(frame)?)
+    }
+
+    /// Frees a block and punches its memory (the whole 2 MiB frame if it emptied).
+    ///
+    /// No mapping other than the alias may still map the block.
+    pub fn free(&mut self, frame: FrameNo, order: u8) -> Result<()> {
+        let outcome = self.buddy.free(frame, order)?;
+        let (start, count) = match outcome {
+            FreeOutcome::HugeFrameEmptied(hf) => {
+                self.huge_frames_returned += 1;
+                (hf * HUGE_FRAME_PAGES, u64::from(HUGE_FRAME_PAGES))
+            }
+            FreeOutcome::PartlyUsed => (frame, 1u64 << order),
+        };
+        self.punch(start, count)
+    }
+
+    /// Frees many single frames, punching each contiguous freed run once.
+    pub fn free_frames(&mut self, frames: &mut [FrameNo]) -> Result<()> {
+        frames.sort_unstable();
+        let mut runs: Vec<(FrameNo, u64)> = Vec::new();
+        for &frame in frames.iter() {
+            if let FreeOutcome::HugeFrameEmptied(_) = self.buddy.free(frame, 0)? {
+                self.huge_frames_returned += 1;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if u64::from(*start) + *len == u64::from(frame) => *len += 1,
+                _ => runs.push((frame, 1)),
+            }
+        }
+        for (start, len) in runs {
+            self.punch(start, len)?;
+        }
+        Ok(())
+    }
+
+    /// Frees the host memory of `count` frames from `frame`; they read as zero after.
+    pub fn punch(&self, frame: FrameNo, count: u64) -> Result<()> {
+        sys::punch_hole(self.fd(), Self::offset_of(frame), count * PAGE_SIZE as u64)
+            .map_err(|e| Error::Punch(frame, count, e))
+    }
+
+    /// Whether `count` frames from `frame` hold no host memory.
+    pub fn is_hole(&self, frame: FrameNo, count: u64) -> io::Result<bool> {
+        sys::is_hole(self.fd(), Self::offset_of(frame), count * PAGE_SIZE as u64)
+    }
+
+    /// Copies frame `src` to frame `dst` through the alias.
+    pub fn copy_frame(&self, src: FrameNo, dst: FrameNo) -> Result<()> {
+        let (s, d) = (self.alias_addr(src)?, self.alias_addr(dst)?);
+        if s != d {
+            // SAFETY: both are distinct whole frames inside the alias mapping,
+            // which lives as long as `self`.
+            unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, PAGE_SIZE) };
+        }
+        Ok(())
+    }
+
+    /// Whether frames `a` and `b` hold the same 4 KiB (compared through the alias).
+    pub fn frames_equal(&self, a: FrameNo, b: FrameNo) -> Result<bool> {
+        let (pa, pb) = (self.alias_addr(a)?, self.alias_addr(b)?);
+        // SAFETY: both are whole frames inside the alias mapping; memcmp only reads.
+        let cmp = unsafe { libc::memcmp(pa as *const libc::c_void, pb as *const libc::c_void, PAGE_SIZE) };
+        Ok(cmp == 0)
+    }
+
+    /// Copies bytes of `frame` from `offset` into `buf` through the alias.
+    pub fn read(&self, frame: FrameNo, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let addr = self.checked_span(frame, offset, buf.len())?;
+        // SAFETY: the span lies inside one frame of the alias mapping (checked).
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into `frame` at `offset` through the alias.
+    pub fn write(&self, frame: FrameNo, offset: usize, data: &[u8]) -> Result<()> {
+        let addr = self.checked_span(frame, offset, data.len())?;
+        // SAFETY: the span lies inside one frame of the alias mapping (checked).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+        Ok(())
+    }
+
+    fn checked_span(&self, frame: FrameNo, offset: usize, len: usize) -> Result<usize> {
+        if offset.checked_add(len).is_none_or(|end| end > PAGE_SIZE) {
+            return Err(Error::OutOfRange(frame));
+        }
+        Ok(self.alias_addr(frame)? + offset)
+    }
+
+    /// Bytes of host memory the memfd holds (fstat `st_blocks * 512`).
+    pub fn host_bytes(&self) -> u64 {
+        sys::allocated_bytes(self.fd()).unwrap_or(0)
+    }
+}
+
+impl Drop for FramePool {
+    fn drop(&mut self) {
+        // SAFETY: the alias was mapped in `new` with this length and is only
+        // referenced through `self`, which is going away.
+        if let Err(e) = unsafe { sys::unmap(self.alias, self.capacity as usize) } {
+            tracing::warn!("unmapping the pool alias: {e}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use memory::uffd::Uffd;
+use memory::{ManagerConfig, MemoryManager, PAGE_SIZE};
+
+/// A manager with a pool of `mib` MiB, or `None` (with the reason printed) when
+/// write-protect userfaultfd is not available here.
+pub fn manager_or_skip(test: &str, mib: u64) -> Option<Arc<MemoryManager>> {
+    if let Err(e) = Uffd::probe() {
+        eprintln!("SKIPPED {test}: userfaultfd write protection unavailable: {e}");
+        return None;
+    }
+    let mut config = ManagerConfig::with_capacity(mib << 20);
+    config.raise_max_map_count = false;
+    Some(MemoryManager::new(config).expect("memory manager"))
+}
+
+/// Fills a page through a raw pointer with `value` repeated.
+///
+/// # Safety
+/// `addr` must be a writable guest page of a live GuestMap.
+pub unsafe fn fill_page(addr: usize, value: u64) {
+    let p = addr as *mut u64;
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: inside the page (caller's contract).
+        unsafe { std::ptr::write_volatile(p.add(i), value) };
+    }
+}
+
+/// Reads word `i` of the page at `addr`.
+///
+/// # Safety
+/// `addr` must be a guest page of a live GuestMap.
+pub unsafe fn read_word(addr: usize, i: usize) -> u64 {
+    // SAFETY: inside the page (caller's contract).
+    unsafe { std::ptr::read_volatile((addr as *const u64).add(i)) }
+}
+
+/// Whether the page at `addr` holds `value` in every word.
+///
+/// # Safety
+/// `addr` must be a guest page of a live GuestMap.
+pub unsafe fn page_is(addr: usize, value: u64) -> bool {
+    // SAFETY: caller's contract.
+    (0..PAGE_SIZE / 8).all(|i| unsafe { read_word(addr, i) } == value)
+}
+
+/// Aborts the process if dropped later than `secs` after creation (hang guard).
+pub struct Watchdog(Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    /// Starts a watchdog named `test`.
+    pub fn new(test: &'static str, secs: u64) -> Self {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs() < secs {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            eprintln!("{test}: hung for {secs} s, aborting");
+            std::process::abort();
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Number of mappings of this process inside `start..end` (from /proc/self/maps).
+pub fn maps_in_range(start: usize, end: usize) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.lines()
+        .filter_map(|l| {
+            let range = l.split_whitespace().next()?;
+            let (a, b) = range.split_once('-')?;
+            Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?))
+        })
+        .filter(|&(a, b)| a < end && b > start)
+        .count()
+}
+
+/// Writes `value` to every word of the page at `addr` from a new thread (so a
+/// fault blocks that thread, not the test) and waits for it.
+pub fn fill_page_from_thread(addr: usize, value: u64) {
+    std::thread::spawn(move || {
+        // SAFETY: the test keeps the GuestMap alive across the join.
+        unsafe { fill_page(addr, value) }
+    })
+    .join()
+    .expect("writer thread");
+}

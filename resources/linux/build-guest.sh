@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Builds a real Linux guest for densevm from Debian packages only:
+#   out/bzImage          the Debian cloud kernel (linux-image-*-cloud-amd64), a bzImage
+#   out/initramfs.cpio.gz a busybox (busybox-static) initramfs whose /init prints
+#                        DENSEVM-GUEST-READY on the console, lists the virtio devices
+#                        and powers off
+#   out/config           the kernel's /boot/config-* (checked for what densevm needs)
+#   out/kernel-version   the kernel release string
+#
+# Needs: apt-get (with Debian's package lists), dpkg-deb, cpio, gzip.
+# No network except the Debian archive through apt-get.
+# Idempotent: does nothing if out/ already holds a complete build (FORCE=1 rebuilds).
+#
+# Usage: resources/linux/build-guest.sh [OUT_DIR]
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:-$here/out}"
+marker="DENSEVM-GUEST-READY"
+# The kernel flavour. "cloud" is the smallest Debian kernel built for VMs; it has
+# virtio-mmio, virtio-balloon and the 8250 serial console built in (checked below).
+flavour="${DENSEVM_KERNEL_FLAVOUR:-cloud-amd64}"
+
+log() { echo "build-guest: $*" >&2; }
+
+if [ -z "${FORCE:-}" ] && [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ] \
+    && [ -s "$out/kernel-version" ]; then
+    log "already built in $out (FORCE=1 to rebuild)"
+    exit 0
+fi
+
+for tool in apt-get apt-cache dpkg-deb cpio gzip; do
+    if ! command -v "$tool" >/dev/null; then
+        if [ "$tool" = cpio ] && [ "$(id -u)" = 0 ]; then
+            log "installing cpio"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >/dev/null
+        else
+            log "missing tool: $tool"; exit 1
+        fi
+    fi
+done
+
+work="$(mktemp -d)"
+# apt-get download runs as _apt: let it write here.
+if [ "$(id -u)" = 0 ] && id _apt >/dev/null 2>&1; then chown _apt "$work"; fi
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# Package lists: apt-cache needs them (a fresh machine may have none yet).
+if ! apt-cache show "linux-image-$flavour" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        log "apt-get update"
+        apt-get update -qq
+    else
+        log "no package list knows linux-image-$flavour and not root to apt-get update"; exit 1
+    fi
+fi
+
+# The meta package depends on the real, versioned image package.
+log "downloading linux-image-$flavour"
+apt-get download -qq "linux-image-$flavour"
+meta_deb="$(ls linux-image-"$flavour"_*.deb | head -n1)"
+real_pkg="$(dpkg-deb -f "$meta_deb" Depends | tr ',' '\n' \
+    | sed -E 's/^ *//; s/ .*//' | grep -E "^linux-image-[0-9].*-$flavour(-unsigned)?$" | head -n1)"
+if [ -z "$real_pkg" ]; then
+    log "could not find the versioned kernel package in the Depends of $meta_deb"; exit 1
+fi
+log "downloading $real_pkg and busybox-static"
+apt-get download -qq "$real_pkg" busybox-static
+
+mkdir -p kpkg bbpkg
+dpkg-deb -x "$(ls "$real_pkg"_*.deb | head -n1)" kpkg
+dpkg-deb -x "$(ls busybox-static_*.deb | head -n1)" bbpkg
+
+vmlinuz="$(ls kpkg/boot/vmlinuz-* | head -n1)"
+config="$(ls kpkg/boot/config-* | head -n1)"
+kver="${vmlinuz##*/vmlinuz-}"
+log "kernel $kver"
+
+# What densevm's Linux boot needs. The console and the initramfs must be built in
+# (=y). Debian builds virtio, virtio-mmio and virtio-balloon as modules (=m) in every
+# flavour (cloud-amd64 and amd64 alike, checked on 6.1): those are copied into the
+# initramfs and loaded by /init.
+missing=()
+for opt in CONFIG_SERIAL_8250 CONFIG_SERIAL_8250_CONSOLE CONFIG_BLK_DEV_INITRD \
+    CONFIG_RD_GZIP CONFIG_DEVTMPFS; do
+    grep -qx "$opt=y" "$config" || missing+=("$opt")
+done
+for opt in CONFIG_VIRTIO CONFIG_VIRTIO_MMIO CONFIG_VIRTIO_BALLOON; do
+    grep -qE "^$opt=(y|m)$" "$config" || missing+=("$opt")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "kernel $kver lacks: ${missing[*]}"
+    log "pick another flavour with DENSEVM_KERNEL_FLAVOUR (e.g. amd64)"
+    exit 1
+fi
+if ! grep -qx "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y" "$config"; then
+    log "note: $kver has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES: virtio_mmio.device= on the"
+    log "      command line is ignored; virtio-mmio devices are found only through ACPI"
+    log "      (_HID LNRO0005 in the DSDT)"
+fi
+modules=(virtio virtio_ring virtio_mmio virtio_balloon)
+
+# The initramfs: busybox plus /init.
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root}
+cp bbpkg/bin/busybox "$root/bin/busybox"
+mkdir -p "$root/lib/modules"
+for m in "${modules[@]}"; do
+    ko="$(find kpkg/lib/modules -name "$m.ko" | head -n1)"
+    if [ -n "$ko" ]; then
+        cp "$ko" "$root/lib/modules/"
+    elif ! grep -qx "CONFIG_$(echo "$m" | tr a-z A-Z)=y" "$config"; then
+        log "module $m.ko not found in $real_pkg"; exit 1
+    fi
+done
+chmod 755 "$root/bin/busybox"
+for applet in sh mount umount ls cat echo poweroff reboot sleep uname mkdir dmesg free insmod head; do
+    ln -s busybox "$root/bin/$applet"
+done
+cat > "$root/init" <<EOF
+#!/bin/sh
+# densevm test guest init.
+export PATH=/bin:/sbin
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+exec </dev/console >/dev/console 2>&1
+# Debian builds virtio as modules: load what the initramfs carries (order matters).
+for m in virtio virtio_ring virtio_mmio virtio_balloon; do
+    [ -e /lib/modules/\$m.ko ] && insmod /lib/modules/\$m.ko
+done
+echo "$marker kernel=\$(uname -r)"
+echo "virtio devices:"
+for d in /sys/bus/virtio/devices/*; do
+    [ -e "\$d" ] || continue
+    echo "  \${d##*/} device=\$(cat "\$d/device") vendor=\$(cat "\$d/vendor")"
+done
+echo "meminfo: \$(head -n1 /proc/meminfo)"
+echo "DENSEVM-GUEST-POWEROFF"
+poweroff -f
+# poweroff can fail without ACPI: fall back to a reset (i8042), then spin.
+reboot -f
+while :; do sleep 60; done
+EOF
+chmod 755 "$root/init"
+
+mkdir -p "$out"
+(cd "$root" && find . -print0 | cpio --null -o -H newc --owner 0:0 --quiet) \
+    | gzip -9 > "$out/initramfs.cpio.gz.tmp"
+cp "$vmlinuz" "$out/bzImage.tmp"
+cp "$config" "$out/config"
+echo "$kver" > "$out/kernel-version.tmp"
+mv "$out/bzImage.tmp" "$out/bzImage"
+mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+mv "$out/kernel-version.tmp" "$out/kernel-version"
+log "built $out/bzImage ($kver) and $out/initramfs.cpio.gz"
