@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
+use memory::{ManagerConfig, MemoryManager};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,7 +41,27 @@ pub enum Error {
     /// Host I/O failed.
     #[error("{0}")]
     Io(String),
+    /// The memory manager could not start.
+    #[error("memory manager: {0}")]
+    Memory(#[from] memory::manager::Error),
 }
+
+/// Host-wide settings.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Capacity of the frame pool (address space of the pool memfd; host memory is
+    /// only used for frames guests write).
+    pub pool_bytes: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { pool_bytes: DEFAULT_POOL_BYTES }
+    }
+}
+
+/// Default frame-pool capacity: 64 GiB of address space.
+pub const DEFAULT_POOL_BYTES: u64 = 64 << 30;
 
 /// A logged VM event, for the caller to print.
 #[derive(Clone, Debug)]
@@ -58,6 +80,8 @@ struct Entry {
 /// All microVMs of this process.
 pub struct Host {
     kvm: Kvm,
+    memory: Arc<MemoryManager>,
+    next_mem_id: u32,
     cpuid: CpuId,
     vms: BTreeMap<String, Entry>,
     next_token: u32,
@@ -82,13 +106,16 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 }
 
 impl Host {
-    /// Opens KVM and reads the supported CPUID.
-    pub fn new() -> Result<Self, Error> {
+    /// Opens KVM, reads the supported CPUID and starts the memory manager.
+    pub fn new(config: HostConfig) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
         let signal_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
+        let memory = MemoryManager::new(ManagerConfig::with_capacity(config.pool_bytes))?;
         Ok(Host {
             kvm,
+            memory,
+            next_mem_id: 1,
             cpuid,
             vms: BTreeMap::new(),
             next_token: 1,
@@ -110,6 +137,11 @@ impl Host {
         Ok(())
     }
 
+    /// The memory manager that owns every VM's RAM.
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
+    }
+
     /// The KVM handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -122,7 +154,9 @@ impl Host {
             return Err(Error::Exists(spec.id));
         }
         let id = spec.id.clone();
-        let vm = Vm::create(&self.kvm, &self.cpuid, spec)?;
+        let mem_id = self.next_mem_id;
+        let vm = Vm::create(&self.kvm, &self.cpuid, &self.memory, mem_id, spec)?;
+        self.next_mem_id += 1;
         let token = self.next_token;
         self.next_token += 2;
         self.unregistered.push(token);

@@ -12,12 +12,14 @@ use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use devices::serial::{SerialConsole, COM1_PORT};
 use devices::trigger::EventFdTrigger;
 use devices::PioBus;
-use kvm_bindings::{kvm_userspace_memory_region, CpuId};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use memory::MemoryManager;
 
 use crate::arch::{cpl3, cpuid};
+use crate::boot::linux::{self, LinuxBootConfig};
 use crate::control::{install_kick_handler, RunMode, VcpuEvent, VmControl};
-use crate::guest_ram::{self, GuestRam};
+use crate::guest_ram::{self, GuestRam, RamPolicy};
 use crate::vcpu::{VcpuContext, VcpuThread};
 use crate::workload::abi::WorkloadReport;
 use crate::workload::{self, WorkloadGuest};
@@ -26,6 +28,10 @@ use crate::workload::{self, WorkloadGuest};
 pub const MAX_VCPUS: u32 = 32;
 /// Address of the TSS KVM needs on Intel hosts (3 pages below 4 GiB).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Address of the identity-map page KVM needs on Intel hosts (below the TSS).
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// Largest RAM of a Linux guest (one memslot below the 32-bit MMIO gap).
+const LINUX_MAX_MEM_MIB: u64 = 3 * 1024;
 
 /// Errors creating or driving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +48,9 @@ pub enum Error {
     /// A vCPU could not be configured.
     #[error(transparent)]
     Cpl3(#[from] cpl3::Error),
+    /// The Linux kernel could not be loaded or its vCPU configured.
+    #[error(transparent)]
+    Linux(#[from] linux::Error),
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
@@ -94,6 +103,8 @@ pub enum SerialOut {
 pub enum BootSource {
     /// The embedded workload guest with a scenario.
     Workload(Scenario),
+    /// A Linux kernel (one vCPU, RAM below 3 GiB).
+    Linux(LinuxBootConfig),
 }
 
 /// Everything needed to create a VM.
@@ -109,6 +120,8 @@ pub struct VmSpec {
     pub boot: BootSource,
     /// Serial output.
     pub serial: SerialOut,
+    /// How guest RAM is backed.
+    pub ram: RamPolicy,
 }
 
 /// What happened to a VM so far, for reports.
@@ -159,14 +172,35 @@ fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, Error> {
 
 impl Vm {
     /// Creates a VM (RAM, memslot, devices, configured vCPUs); it does not run yet.
-    pub fn create(kvm: &Kvm, supported_cpuid: &CpuId, spec: VmSpec) -> Result<Self, Error> {
+    pub fn create(
+        kvm: &Kvm,
+        supported_cpuid: &CpuId,
+        manager: &Arc<MemoryManager>,
+        mem_id: u32,
+        spec: VmSpec,
+    ) -> Result<Self, Error> {
         if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
             return Err(Error::Config(format!("vcpu count must be 1..={MAX_VCPUS}, got {}", spec.vcpus)));
+        }
+        let is_linux = matches!(spec.boot, BootSource::Linux(_));
+        if is_linux && spec.vcpus != 1 {
+            return Err(Error::Config("a Linux guest runs on exactly one vCPU (no MP table or ACPI yet)".into()));
+        }
+        if is_linux && spec.mem_mib > LINUX_MAX_MEM_MIB {
+            return Err(Error::Config(format!("a Linux guest may have at most {LINUX_MAX_MEM_MIB} MiB of RAM")));
         }
         install_kick_handler().map_err(Error::Device)?;
         let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
-        let ram = GuestRam::new_memfd(&spec.id, spec.mem_mib)?;
+        if is_linux {
+            vm_fd
+                .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+                .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+            vm_fd.create_irq_chip().map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            vm_fd.create_pit2(pit).map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        }
+        let ram = GuestRam::new(manager, mem_id, spec.mem_mib, spec.ram)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -180,6 +214,11 @@ impl Vm {
 
         let mut pio = PioBus::new();
         let serial_irq = EventFdTrigger::new().map_err(|e| Error::Io("serial eventfd".into(), e))?;
+        if is_linux {
+            vm_fd
+                .register_irqfd(serial_irq.event_fd(), devices::serial::COM1_IRQ)
+                .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        }
         let serial = SerialConsole::new(serial_irq, serial_writer(&spec.serial)?);
         pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, 8).map_err(|e| Error::Device(e.to_string()))?;
         let reset = EventFdTrigger::new().map_err(|e| Error::Io("reset eventfd".into(), e))?;
@@ -211,6 +250,11 @@ impl Vm {
                     cpl3::configure(vcpu, &guest.start(i as u32, false))?;
                 }
                 Some(guest)
+            }
+            BootSource::Linux(cfg) => {
+                let setup = linux::load_linux(ram.memory(), ram.size(), cfg)?;
+                linux::configure_boot_vcpu(&pending[0], &setup)?;
+                None
             }
         };
         let control = VmControl::new().map_err(|e| Error::Io("event fd".into(), e))?;

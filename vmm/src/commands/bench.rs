@@ -20,30 +20,44 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// One launch: (wall ms from spawn to the report line, VMM ms from main() to report).
+/// One launch of `densevm run --workload tiny`: returns (wall ms from spawn to the
+/// first-report line, VMM ms from the child's main() to its first guest report).
+/// The child is then stopped with SIGTERM, which must end it cleanly.
 fn launch_once(exe: &std::path::Path, i: u32) -> Result<(f64, f64), CommandError> {
     let t0 = Instant::now();
     let mut child = Command::new(exe)
         .args(["run", "--workload", "tiny", "--serial", "none", "--id"])
         .arg(format!("bench{i}"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| CommandError::Runtime(format!("spawning {}: {e}", exe.display())))?;
-    let stdout = child.stdout.take().ok_or_else(|| CommandError::Runtime("no stdout".into()))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).map_err(|e| CommandError::Runtime(e.to_string()))?;
-    let wall = t0.elapsed().as_secs_f64() * 1e3;
-    let status = child.wait().map_err(|e| CommandError::Runtime(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .map_err(|e| CommandError::Runtime(format!("launch {i}: bad report line {line:?}: {e}")))?;
-    if !status.success() {
-        return Err(CommandError::Runtime(format!("launch {i} failed: {line}")));
+    let stderr = child.stderr.take().ok_or_else(|| CommandError::Runtime("no stderr".into()))?;
+    let mut vmm_ms = None;
+    let mut wall = 0.0;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.map_err(|e| CommandError::Runtime(e.to_string()))?;
+        if let Some(rest) = line.strip_prefix("densevm: first guest report ") {
+            wall = t0.elapsed().as_secs_f64() * 1e3;
+            vmm_ms = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok());
+            break;
+        }
     }
-    let vmm = v["first_report_ms"]
-        .as_f64()
-        .ok_or_else(|| CommandError::Runtime(format!("launch {i}: no first_report_ms in {line}")))?;
-    Ok((wall, vmm))
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().map_err(|e| CommandError::Runtime(e.to_string()))?;
+    let vmm_ms = vmm_ms
+        .ok_or_else(|| CommandError::Runtime(format!("launch {i}: the guest never reported ({})", out.status)))?;
+    if !out.status.success() {
+        return Err(CommandError::Runtime(format!(
+            "launch {i}: SIGTERM did not stop the VM cleanly ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        )));
+    }
+    Ok((wall, vmm_ms))
 }
 
 /// Runs `densevm bench`.

@@ -11,7 +11,8 @@ use super::driver::{drive, lock};
 use super::run::{workload_mem_mib, VmSummary};
 use super::CommandError;
 use crate::cli::DemoArgs;
-use crate::host::Host;
+use crate::guest_ram::RamPolicy;
+use crate::host::{Host, HostConfig};
 use crate::vm::{BootSource, SerialOut, VmSpec};
 
 const MIB: f64 = 1048576.0;
@@ -33,9 +34,8 @@ pub fn demo_scenario(args: &DemoArgs, index: u32) -> Scenario {
 
 fn progress_line(h: &Host, t0: Instant) {
     let mut parts = Vec::new();
-    let mut host_bytes = 0;
+    let host_bytes = h.memory().stats().host_bytes;
     for vm in h.vms() {
-        host_bytes += vm.ram().host_bytes();
         let (fill, written, bad) = vm
             .workload_report()
             .map(|r| (100 * r.pages_filled / r.npages.max(1), r.pages_written, r.mismatches))
@@ -47,7 +47,7 @@ fn progress_line(h: &Host, t0: Instant) {
 
 /// Runs `densevm demo`.
 pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
-    let mut host = Host::new()?;
+    let mut host = Host::new(HostConfig::default())?;
     host.handle_termination_signals()?;
     for i in 0..args.vms {
         let scenario = demo_scenario(&args, i);
@@ -57,6 +57,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             mem_mib: workload_mem_mib(scenario.fill_mib),
             boot: BootSource::Workload(scenario),
             serial: SerialOut::None,
+            ram: RamPolicy::Managed,
         })?;
     }
     eprintln!(
@@ -74,15 +75,14 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
     let summaries: Vec<VmSummary> = h.vms().map(VmSummary::of).collect();
     println!();
     println!(
-        "{:<6} {:<8} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9}  exit",
-        "vm", "state", "fill MiB", "fill ms", "rewrites", "verified", "mismatch", "host MiB"
+        "{:<6} {:<8} {:>9} {:>9} {:>10} {:>12} {:>10}  exit",
+        "vm", "state", "fill MiB", "fill ms", "rewrites", "verified", "mismatch"
     );
-    let mut total_host = 0u64;
+    let stats = h.memory().stats();
     for s in &summaries {
         let r = s.report.unwrap_or_default();
-        total_host += s.host_bytes;
         println!(
-            "{:<6} {:<8} {:>9} {:>9.0} {:>10} {:>12} {:>10} {:>9.1}  {}",
+            "{:<6} {:<8} {:>9} {:>9.0} {:>10} {:>12} {:>10}  {}",
             s.vm_id,
             format!("{:?}", s.state),
             r.npages * 4096 >> 20,
@@ -90,7 +90,6 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             r.pages_written,
             r.pages_verified,
             r.mismatches,
-            s.host_bytes as f64 / MIB,
             s.timeline.exit_reason.as_deref().unwrap_or("-"),
         );
     }
@@ -99,7 +98,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
     println!(
         "host memory behind guest RAM: {:.1} MiB for {guest_mib:.0} MiB of guest data; \
          identical or zero content across VMs: ~{mergeable:.0} MiB (what same-page merging can return)",
-        total_host as f64 / MIB
+        stats.host_bytes as f64 / MIB
     );
     let ok = summaries.iter().all(VmSummary::ok);
     println!("result: {}", if ok { "all guests verified every page (0 mismatches)" } else { "FAILED" });

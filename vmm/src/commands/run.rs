@@ -8,8 +8,10 @@ use serde::Serialize;
 
 use super::driver::{drive, lock};
 use super::CommandError;
+use crate::boot::linux::LinuxBootConfig;
 use crate::cli::RunArgs;
-use crate::host::Host;
+use crate::guest_ram::RamPolicy;
+use crate::host::{Host, HostConfig};
 use crate::scenarios;
 use crate::vm::{BootSource, SerialOut, Vm, VmSpec, VmState, VmTimeline};
 use crate::workload::abi::WorkloadReport;
@@ -25,8 +27,6 @@ pub struct VmSummary {
     pub timeline: VmTimeline,
     /// Workload report, when the VM ran the workload guest.
     pub report: Option<WorkloadReport>,
-    /// Host bytes behind the VM's RAM at the end.
-    pub host_bytes: u64,
 }
 
 impl VmSummary {
@@ -37,7 +37,6 @@ impl VmSummary {
             state: vm.state(),
             timeline: vm.timeline().clone(),
             report: vm.workload_report(),
-            host_bytes: vm.ram().host_bytes(),
         }
     }
 
@@ -69,24 +68,35 @@ pub fn workload_mem_mib(fill_mib: u32) -> u64 {
 fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
     let boot = match (&args.workload, &args.kernel) {
         (Some(w), None) => BootSource::Workload(scenarios::load(w).map_err(|e| CommandError::Input(e.to_string()))?),
-        (None, Some(_)) => {
-            return Err(CommandError::Input("booting a Linux kernel is not wired into `run` yet".into()));
-        }
+        (None, Some(kernel)) => BootSource::Linux(LinuxBootConfig {
+            kernel: kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone().unwrap_or_default(),
+            virtio_mmio: Vec::new(),
+        }),
         (None, None) => BootSource::Workload(scenarios::builtin("quick").unwrap_or_default()),
         (Some(_), Some(_)) => return Err(CommandError::Input("--workload and --kernel exclude each other".into())),
     };
     let mem_mib = match (&boot, args.mem_mib) {
         (_, Some(m)) => m,
         (BootSource::Workload(s), None) => workload_mem_mib(s.fill_mib),
+        (BootSource::Linux(_), None) => 256,
     };
-    Ok(VmSpec { id: args.id.clone(), vcpus: args.vcpus, mem_mib, boot, serial: serial_out(&args.serial) })
+    Ok(VmSpec {
+        id: args.id.clone(),
+        vcpus: args.vcpus,
+        mem_mib,
+        boot,
+        serial: serial_out(&args.serial),
+        ram: RamPolicy::Managed,
+    })
 }
 
 /// Runs `densevm run`.
 pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandError> {
     let spec = spec_from_args(&args)?;
     let id = spec.id.clone();
-    let mut host = Host::new()?;
+    let mut host = Host::new(HostConfig::default())?;
     host.handle_termination_signals()?;
     host.create_vm(spec)?;
     host.start_all()?;
@@ -110,6 +120,10 @@ pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandEr
     let mut value = serde_json::to_value(&summary).map_err(|e| CommandError::Runtime(e.to_string()))?;
     if let (Some(at), Some(obj)) = (vm.first_report_at(), value.as_object_mut()) {
         obj.insert("first_report_ms".into(), serde_json::json!(at.duration_since(process_start).as_secs_f64() * 1e3));
+    }
+    if let Some(obj) = value.as_object_mut() {
+        let stats = serde_json::to_value(h.memory().stats()).map_err(|e| CommandError::Runtime(e.to_string()))?;
+        obj.insert("host_memory".into(), stats);
     }
     let line = value.to_string();
     println!("{line}");
