@@ -20,7 +20,7 @@ impl Core {
         let mut pages: Vec<usize> = addrs.iter().map(|&a| a as usize & !(PAGE_SIZE - 1)).collect();
         pages.sort_unstable();
         pages.dedup();
-        let mut guard = self.lock();
+        let mut guard = self.lock_for_fault();
         let mut txn = Txn { st: &mut guard, remap: self.remap() };
         for addr in pages {
             if let Err(e) = resolve_one(&mut txn, addr) {

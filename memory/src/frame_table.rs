@@ -57,6 +57,7 @@ pub struct FrameTable {
     shared: HashMap<FrameNo, Vec<Mapper>>,
     live_frames: u64,
     mappings: u64,
+    shared_mappings: u64,
 }
 
 impl FrameTable {
@@ -100,7 +101,7 @@ impl FrameTable {
 
     /// Number of mappings of frames with more than one mapper.
     pub fn shared_mappings(&self) -> u64 {
-        self.shared.values().map(|v| v.len() as u64).sum()
+        self.shared_mappings
     }
 
     /// Records that `mapper` maps `frame`; returns the new count.
@@ -119,8 +120,12 @@ impl FrameTable {
             }
             2 => {
                 self.shared.insert(frame, vec![meta.owner, mapper]);
+                self.shared_mappings += 2;
             }
-            _ => self.shared.entry(frame).or_default().push(mapper),
+            _ => {
+                self.shared.entry(frame).or_default().push(mapper);
+                self.shared_mappings += 1;
+            }
         }
         meta.refs
     }
@@ -154,11 +159,27 @@ impl FrameTable {
         list.swap_remove(pos);
         meta.refs -= 1;
         self.mappings -= 1;
+        self.shared_mappings -= 1;
         if meta.refs == 1 {
             meta.owner = list[0];
             self.shared.remove(&frame);
+            self.shared_mappings -= 1;
         }
         Ok(meta.refs)
+    }
+
+    /// One mapper of `frame` (the first recorded), without allocating.
+    pub fn first_mapper(&self, frame: FrameNo) -> Option<Mapper> {
+        match self.meta(frame) {
+            Some(m) if m.refs == 1 => Some(m.owner),
+            Some(m) if m.refs > 1 => self.shared.get(&frame).and_then(|v| v.first().copied()),
+            _ => None,
+        }
+    }
+
+    /// The mappers of `frame` with more than one mapper, borrowed.
+    pub fn shared_mappers(&self, frame: FrameNo) -> Option<&[Mapper]> {
+        self.shared.get(&frame).map(Vec::as_slice)
     }
 
     fn meta(&self, frame: FrameNo) -> Option<&FrameMeta> {
@@ -182,7 +203,7 @@ mod tests {
         let b = Mapper { vm: 2, page: 5 };
         assert_eq!(t.add(7, a), 1);
         assert_eq!(t.add(7, b), 2);
-        assert_eq!(t.shared_frames(), 1);
+        assert_eq!((t.shared_frames(), t.shared_mappings()), (1, 2));
         assert_eq!(
             t.remove(7, Mapper { vm: 3, page: 0 }),
             Err(Error::NotAMapper { mapper: Mapper { vm: 3, page: 0 }, frame: 7 })

@@ -23,10 +23,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::frame_table::{self, FrameTable, Mapper};
 use crate::guest_map::GuestMap;
+use crate::merge::{self, DirtyLog, DomainId, Merger, VmMergeConfig, VmMergeStats};
 use crate::page_table::{PageFlags, PageTable};
 use crate::pool::{self, FramePool, PoolConfig};
 use crate::protector::{self, Protector};
@@ -86,6 +88,21 @@ pub enum Error {
     /// The page maps a shared frame; use `unshare` first.
     #[error("VM {0} page {1} maps a shared frame")]
     Shared(VmId, u32),
+    /// Sharing refused: the pages belong to different merge domains.
+    #[error("VM {a} (domain {da}) and VM {b} (domain {db}) are in different merge domains")]
+    CrossDomain {
+        /// The VM whose page would map the frame.
+        a: VmId,
+        /// Its domain.
+        da: DomainId,
+        /// A VM already mapping the frame.
+        b: VmId,
+        /// Its domain.
+        db: DomainId,
+    },
+    /// The merger failed.
+    #[error(transparent)]
+    Merge(#[from] merge::Error),
 }
 
 /// Result type of this module.
@@ -136,6 +153,8 @@ pub(crate) struct State {
     pub(crate) ranges: BTreeMap<usize, VmId>,
     pub(crate) budget: VmaBudget,
     pub(crate) counters: Counters,
+    /// Merge settings of VMs that have any (absent: disabled, own domain).
+    pub(crate) merge_cfg: HashMap<VmId, VmMergeConfig>,
 }
 
 impl State {
@@ -150,6 +169,11 @@ impl State {
         let page = self.vms.get(&vm)?.page_at(addr)?;
         Some(Mapper { vm, page })
     }
+
+    /// Merge settings of `vm` (default: disabled, domain = its id).
+    pub(crate) fn merge_config(&self, vm: VmId) -> VmMergeConfig {
+        self.merge_cfg.get(&vm).copied().unwrap_or_else(|| VmMergeConfig::default_for(vm))
+    }
 }
 
 /// Shared core: the lock, the userfaultfd and immutable facts.
@@ -158,11 +182,37 @@ pub(crate) struct Core {
     pub(crate) uffd: Arc<Uffd>,
     pub(crate) memfd: RawFd,
     pub(crate) huge_pages: bool,
+    /// Fault-resolving threads waiting for the lock (long lock holders yield to them).
+    pub(crate) fault_waiters: AtomicU32,
+    /// Dirty-page sources registered per VM (called without the state lock).
+    pub(crate) dirty_logs: Mutex<HashMap<VmId, Arc<dyn DirtyLog>>>,
 }
 
 impl Core {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the lock on behalf of a faulting writer (others yield to it).
+    pub(crate) fn lock_for_fault(&self) -> MutexGuard<'_, State> {
+        self.fault_waiters.fetch_add(1, Ordering::AcqRel);
+        let guard = self.lock();
+        self.fault_waiters.fetch_sub(1, Ordering::AcqRel);
+        guard
+    }
+
+    /// Lets waiting fault resolvers take the lock first (called between chunks
+    /// of long work, with the lock released).
+    pub(crate) fn yield_to_faults(&self) {
+        let mut spins = 0;
+        while self.fault_waiters.load(Ordering::Acquire) > 0 && spins < 10_000 {
+            std::thread::yield_now();
+            spins += 1;
+        }
+    }
+
+    pub(crate) fn dirty_log(&self, vm: VmId) -> Option<Arc<dyn DirtyLog>> {
+        self.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).get(&vm).cloned()
     }
 
     pub(crate) fn remap(&self) -> RemapProtocol<'_> {
@@ -173,6 +223,7 @@ impl Core {
 /// The memory manager of one densevm process (all VMs).
 pub struct MemoryManager {
     core: Arc<Core>,
+    merger: Merger,
     protector: Protector,
 }
 
@@ -199,15 +250,70 @@ impl MemoryManager {
             ranges: BTreeMap::new(),
             budget,
             counters: Counters::default(),
+            merge_cfg: HashMap::new(),
         };
-        let core = Arc::new(Core { state: Mutex::new(state), uffd: uffd.clone(), memfd, huge_pages });
+        let core = Arc::new(Core {
+            state: Mutex::new(state),
+            uffd: uffd.clone(),
+            memfd,
+            huge_pages,
+            fault_waiters: AtomicU32::new(0),
+            dirty_logs: Mutex::new(HashMap::new()),
+        });
         let resolver_core = core.clone();
         let protector = Protector::start(uffd, move |addrs| resolver_core.resolve_faults(addrs))?;
-        Ok(Arc::new(MemoryManager { core, protector }))
+        let merger = Merger::start(core.clone())?;
+        Ok(Arc::new(MemoryManager { core, merger, protector }))
     }
 
     pub(crate) fn core(&self) -> &Core {
         &self.core
+    }
+
+    /// The same-page merger (scanner thread, tunables, unmerge-all, statistics).
+    /// It starts stopped (`run: false`); see [`crate::merge`].
+    pub fn merger(&self) -> &Merger {
+        &self.merger
+    }
+
+    /// Opts VM `vm` in or out of merging and puts it in merge `domain` (frames
+    /// are shared only between VMs of one domain; the default domain of a VM is
+    /// its id). Leaving a domain or disabling merging first gives every page of
+    /// the VM that maps a shared frame a private frame again.
+    pub fn set_merge(&self, vm: VmId, enabled: bool, domain: DomainId) -> Result<()> {
+        self.core.set_merge(vm, VmMergeConfig { enabled, domain })
+    }
+
+    /// The merge settings of `vm`.
+    pub fn merge_config(&self, vm: VmId) -> Result<VmMergeConfig> {
+        let st = self.core.lock();
+        if !st.vms.contains_key(&vm) {
+            return Err(Error::UnknownVm(vm));
+        }
+        Ok(st.merge_config(vm))
+    }
+
+    /// Registers the dirty-page source of `vm` (the VMM's KVM dirty log); the
+    /// merger then uses it instead of checksums when `change_detection` is
+    /// `DirtyLog`. Replaces an earlier one.
+    pub fn set_dirty_log(&self, vm: VmId, log: Box<dyn DirtyLog>) -> Result<()> {
+        if !self.core.lock().vms.contains_key(&vm) {
+            return Err(Error::UnknownVm(vm));
+        }
+        self.core.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).insert(vm, Arc::from(log));
+        self.merger.forget_vm(vm);
+        Ok(())
+    }
+
+    /// Removes the dirty-page source of `vm` (checksums are used from then on).
+    pub fn clear_dirty_log(&self, vm: VmId) {
+        self.core.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
+        self.merger.forget_vm(vm);
+    }
+
+    /// Merge statistics of one VM.
+    pub fn vm_merge_stats(&self, vm: VmId) -> Result<VmMergeStats> {
+        self.merger.vm_stats(vm)
     }
 
     /// Creates VM `vm`'s guest RAM of `size_bytes` (all frames allocated up front,
@@ -291,12 +397,23 @@ impl MemoryManager {
 
     /// A snapshot of the statistics.
     pub fn stats(&self) -> MemoryStats {
-        let st = self.core.lock();
-        MemoryStats::collect(&st, self.protector.counters())
+        let mut stats = {
+            let st = self.core.lock();
+            MemoryStats::collect(&st, self.protector.counters())
+        };
+        stats.merge = self.merger.stats();
+        stats
     }
 
     /// Bytes per guest page / frame.
     pub const fn page_size() -> usize {
         PAGE_SIZE
+    }
+}
+
+impl Drop for MemoryManager {
+    fn drop(&mut self) {
+        // The scanner thread holds the core: stop it before the Protector goes.
+        self.merger.shutdown();
     }
 }

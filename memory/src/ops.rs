@@ -98,6 +98,8 @@ impl Core {
     pub(crate) fn destroy_guest(&self, vm: VmId) -> Result<()> {
         let mut st = self.lock();
         let table = st.vms.remove(&vm).ok_or(Error::UnknownVm(vm))?;
+        st.merge_cfg.remove(&vm);
+        self.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
         st.ranges.remove(&table.host_addr());
         crate::write_retry::remove_range(table.host_addr());
         let len = table.len() as usize * PAGE_SIZE;
@@ -121,6 +123,8 @@ impl Core {
     pub(crate) fn merge_pages(&self, a: Mapper, b: Mapper) -> Result<MergeOutcome> {
         self.with_txn(|t| {
             let (fa, fb) = (t.entry(a)?.frame, t.entry(b)?.frame);
+            t.check_domain(a.vm, fb)?;
+            t.check_domain(b.vm, fa)?;
             merge_frames(t, fa, fb, false)
         })
     }
@@ -128,6 +132,10 @@ impl Core {
     pub(crate) fn share(&self, m: Mapper, frame: FrameNo) -> Result<MergeOutcome> {
         self.with_txn(|t| {
             let own = t.entry(m)?.frame;
+            t.check_domain(m.vm, frame)?;
+            for other in t.st.frames.mappers(own) {
+                t.check_domain(other.vm, frame)?;
+            }
             merge_frames(t, frame, own, true)
         })
     }
@@ -187,7 +195,7 @@ impl Core {
                 // Protection must still hold after the punch zapped the page tables.
                 t.remap.protect(t.addr(m)?, PAGE_SIZE)?;
             }
-            let mut flags = t.entry(m)?.flags.without(PageFlags::SHARED).with(zero);
+            let mut flags = t.entry(m)?.flags.without(PageFlags::SHARED).without(PageFlags::MERGED_ZERO).with(zero);
             // Known zero only if nothing was written between punch and re-protect.
             let frame = t.entry(m)?.frame;
             if !t.st.pool.is_hole(frame, 1).unwrap_or(false) {
@@ -225,7 +233,7 @@ impl Core {
                 t.break_sharing(m)?;
                 let e = t.entry(m)?;
                 t.st.pool.write(e.frame, offset, &data[range])?;
-                let flags = e.flags.with(PageFlags::DEVICE_WRITTEN);
+                let flags = e.flags.with(PageFlags::DEVICE_WRITTEN).with(PageFlags::MERGE_DIRTY);
                 t.set_flags(m, flags.without(PageFlags::ZERO))?;
             }
             Ok(())

@@ -24,6 +24,13 @@ impl PageFlags {
     pub const DEVICE_WRITTEN: PageFlags = PageFlags(1 << 4);
     /// A write fault on an explicitly protected page was resolved.
     pub const WRITE_FAULTED: PageFlags = PageFlags(1 << 5);
+    /// The merger found the page all zero and dropped its host memory (KSM's
+    /// `ksm_zero_pages`). Only meaningful together with [`PageFlags::ZERO`]:
+    /// cleared whenever `ZERO` is.
+    pub const MERGED_ZERO: PageFlags = PageFlags(1 << 6);
+    /// Device code wrote the page since the merger last looked at it (the
+    /// merger's own copy of [`PageFlags::DEVICE_WRITTEN`]).
+    pub const MERGE_DIRTY: PageFlags = PageFlags(1 << 7);
 
     /// No flag set.
     pub const fn empty() -> Self {
@@ -69,6 +76,11 @@ pub struct PageTable {
     breaks: usize,
     protected: usize,
     zero: usize,
+    merged_zero: usize,
+    /// Write faults on this VM's pages resolved by copying a shared frame.
+    pub(crate) cow_copies: u64,
+    /// Write faults on this VM's pages resolved by reusing a merged frame.
+    pub(crate) cow_reuses: u64,
 }
 
 impl PageTable {
@@ -76,7 +88,7 @@ impl PageTable {
     pub fn new(vm: VmId, host_addr: usize, frames: &[FrameNo]) -> Self {
         let pages: Vec<PageEntry> = frames.iter().map(|&frame| PageEntry { frame, flags: PageFlags::MAPPED }).collect();
         let breaks = frames.windows(2).filter(|w| u64::from(w[1]) != u64::from(w[0]) + 1).count();
-        PageTable { vm, host_addr, pages, breaks, protected: 0, zero: 0 }
+        PageTable { vm, host_addr, pages, breaks, protected: 0, zero: 0, merged_zero: 0, cow_copies: 0, cow_reuses: 0 }
     }
 
     /// The VM this table belongs to.
@@ -130,11 +142,17 @@ impl PageTable {
     }
 
     /// Sets the flags of `page` (the caller has changed the mapping to match).
+    /// `MERGED_ZERO` is dropped when `ZERO` is not set.
     pub fn set_flags(&mut self, page: u32, flags: PageFlags) {
+        let flags = if flags.contains(PageFlags::ZERO) { flags } else { flags.without(PageFlags::MERGED_ZERO) };
         let entry = &mut self.pages[page as usize];
         let old = entry.flags;
         entry.flags = flags;
-        for (flag, count) in [(PageFlags::PROTECTED, &mut self.protected), (PageFlags::ZERO, &mut self.zero)] {
+        for (flag, count) in [
+            (PageFlags::PROTECTED, &mut self.protected),
+            (PageFlags::ZERO, &mut self.zero),
+            (PageFlags::MERGED_ZERO, &mut self.merged_zero),
+        ] {
             match (old.contains(flag), flags.contains(flag)) {
                 (false, true) => *count += 1,
                 (true, false) => *count -= 1,
@@ -160,6 +178,16 @@ impl PageTable {
     /// Number of pages known to be zero.
     pub fn zero_count(&self) -> usize {
         self.zero
+    }
+
+    /// Number of pages the merger found zero and dropped (still zero).
+    pub fn merged_zero_count(&self) -> usize {
+        self.merged_zero
+    }
+
+    /// Write faults on this VM's pages resolved by copy and by reuse.
+    pub fn cow_counts(&self) -> (u64, u64) {
+        (self.cow_copies, self.cow_reuses)
     }
 
     fn breaks_around(&self, i: usize) -> usize {

@@ -242,6 +242,21 @@ impl FramePool {
         Ok(cmp == 0)
     }
 
+    /// Whether `frame` reads as all zero (through the alias; the frame must be
+    /// backed, or reading it allocates host memory).
+    pub fn frame_is_zero(&self, frame: FrameNo) -> Result<bool> {
+        Ok(crate::merge::zero::is_zero(self.frame_bytes(frame)?))
+    }
+
+    /// The 4 KiB of `frame` through the alias (racy if a guest writes it; used
+    /// only for hashing and comparisons that are re-verified under protection).
+    pub fn frame_bytes(&self, frame: FrameNo) -> Result<&[u8]> {
+        let addr = self.alias_addr(frame)?;
+        // SAFETY: the frame lies inside the alias mapping, which lives as long as
+        // `self`; the bytes are plain integers for which any value is valid.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) })
+    }
+
     /// Copies bytes of `frame` from `offset` into `buf` through the alias.
     pub fn read(&self, frame: FrameNo, offset: usize, buf: &mut [u8]) -> Result<()> {
         let addr = self.checked_span(frame, offset, buf.len())?;

@@ -110,7 +110,7 @@ impl<'a> RemapProtocol<'a> {
     /// `addr..addr+len` must be (part of) a guest range owned by the caller and
     /// currently write-protected.
     pub unsafe fn remap_protected(&self, addr: usize, len: usize, frame: FrameNo) -> Result<()> {
-        let _in_flight = InFlight::begin(addr);
+        let _in_flight = InFlight::begin(addr, len);
         let offset = FramePool::offset_of(frame);
         // SAFETY: the caller owns the range (function contract).
         unsafe { sys::map_shared_fixed(addr, self.memfd, offset, len, libc::PROT_READ) }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::manager::State;
+use crate::merge::MergeStats;
 use crate::pool::ThpStatus;
 use crate::protector::ProtectorCounters;
 use crate::{HUGE_FRAME_PAGES, PAGE_SIZE};
@@ -89,6 +90,8 @@ pub struct MemoryStats {
     pub uffd_remap_events: u64,
     /// Shmem transparent huge pages.
     pub thp: ThpStatus,
+    /// Same-page merging (KSM vocabulary).
+    pub merge: MergeStats,
 }
 
 impl MemoryStats {
@@ -128,6 +131,7 @@ impl MemoryStats {
             uffd_faults: protector.faults.load(Ordering::Relaxed),
             uffd_remap_events: protector.remap_events.load(Ordering::Relaxed),
             thp: st.pool.thp().clone(),
+            merge: MergeStats::default(),
         }
     }
 }

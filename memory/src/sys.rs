@@ -162,3 +162,23 @@ pub(crate) fn process_map_count() -> io::Result<usize> {
     let maps = std::fs::read("/proc/self/maps")?;
     Ok(maps.iter().filter(|&&b| b == b'\n').count())
 }
+
+/// Residency of the pages of `addr..addr+len` (one byte per page, bit 0 set if
+/// resident) into `out`. For a shared memfd mapping a page with no host memory
+/// (a hole) reads as not resident.
+pub(crate) fn mincore(addr: usize, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
+    out.resize(len.div_ceil(4096), 0);
+    // SAFETY: `out` has one byte per page of the range; mincore only writes there
+    // and fails with ENOMEM (no UB) if part of the range is not mapped.
+    if unsafe { libc::mincore(addr as *mut libc::c_void, len, out.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's Linux thread id.
+pub(crate) fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}

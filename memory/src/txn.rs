@@ -110,6 +110,9 @@ impl Txn<'_> {
             return Err(err);
         }
         self.st.counters.cow_copies += 1;
+        if let Some(table) = self.st.vms.get_mut(&m.vm) {
+            table.cow_copies += 1;
+        }
         Ok(())
     }
 
@@ -117,6 +120,9 @@ impl Txn<'_> {
     pub(crate) fn reuse(&mut self, m: Mapper) -> Result<()> {
         self.unprotect_page(m)?;
         self.st.counters.cow_reuses += 1;
+        if let Some(table) = self.st.vms.get_mut(&m.vm) {
+            table.cow_reuses += 1;
+        }
         Ok(())
     }
 

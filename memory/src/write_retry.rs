@@ -28,6 +28,7 @@ const ZERO: AtomicUsize = AtomicUsize::new(0);
 static RANGE_START: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
 static RANGE_END: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
 static IN_FLIGHT: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
+static IN_FLIGHT_END: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 struct PreviousAction(libc::sigaction);
@@ -96,16 +97,18 @@ pub(crate) fn remove_range(start: usize) {
     }
 }
 
-/// Marks a page as being remapped until dropped.
+/// Marks a range of pages as being remapped until dropped.
 pub(crate) struct InFlight(usize);
 
 impl InFlight {
-    /// Marks the page at `addr` in flight (spins if every slot is busy).
-    pub(crate) fn begin(addr: usize) -> Self {
+    /// Marks the pages of `addr..addr+len` in flight (spins if every slot is busy).
+    pub(crate) fn begin(addr: usize, len: usize) -> Self {
         let page = addr & !(PAGE_SIZE - 1);
+        let end = (addr + len.max(1)).next_multiple_of(PAGE_SIZE);
         loop {
             for (i, slot) in IN_FLIGHT.iter().enumerate() {
                 if slot.compare_exchange(0, page, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    IN_FLIGHT_END[i].store(end, Ordering::Release);
                     return InFlight(i);
                 }
             }
@@ -116,6 +119,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        IN_FLIGHT_END[self.0].store(0, Ordering::Release);
         IN_FLIGHT[self.0].store(0, Ordering::Release);
     }
 }
@@ -128,7 +132,11 @@ fn in_guest_range(addr: usize) -> bool {
 }
 
 fn in_flight(page: usize) -> bool {
-    IN_FLIGHT.iter().any(|s| s.load(Ordering::Acquire) == page)
+    IN_FLIGHT.iter().zip(&IN_FLIGHT_END).any(|(s, e)| {
+        let start = s.load(Ordering::Acquire);
+        // A slot whose end is not yet written counts for its first page.
+        start != 0 && (start == page || (page > start && page < e.load(Ordering::Acquire)))
+    })
 }
 
 extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {

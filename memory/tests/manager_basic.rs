@@ -42,6 +42,9 @@ fn merge_copy_then_reuse() {
     let _w = Watchdog::new("merge_copy_then_reuse", 60);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
     let b = mgr.create_guest(2, 1 << 20).unwrap();
+    // Frames are shared only inside a merge domain: put both VMs in domain 7.
+    mgr.set_merge(1, false, 7).unwrap();
+    mgr.set_merge(2, false, 7).unwrap();
     let (pa, pb) = (a.page_addr(3).unwrap(), b.page_addr(7).unwrap());
     unsafe {
         fill_page(pa, 0xabcd);

@@ -76,6 +76,9 @@ fn torture_remap_under_concurrent_writers() {
     let _w = Watchdog::new("torture", secs + 120);
     let vm1 = mgr.create_guest(1, 4 << 20).unwrap();
     let vm2 = mgr.create_guest(2, 2 << 20).unwrap();
+    // Cross-VM merges need one merge domain (merging itself stays manual here).
+    mgr.set_merge(1, false, 100).unwrap();
+    mgr.set_merge(2, false, 100).unwrap();
     let base1 = vm1.host_addr();
     let base2 = vm2.host_addr();
     let addr_of = move |vm: VmId, p: u32| (if vm == 1 { base1 } else { base2 }) + p as usize * PAGE_SIZE;

@@ -24,6 +24,20 @@ pub enum Command {
     HostInfo(HostInfoArgs),
     /// Benchmarks (launch latency).
     Bench(BenchArgs),
+    /// Run the API daemon: microVMs are created and driven over HTTP (until SIGTERM).
+    Serve(ServeArgs),
+}
+
+/// `densevm serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Unix socket of the HTTP API (created with mode 0600, removed on exit; refused if
+    /// another process listens on it).
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// Also serve the API on this loopback TCP address (e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    pub api_tcp: Option<String>,
 }
 
 /// `densevm run`.
@@ -99,6 +113,16 @@ pub enum BenchKind {
         /// Number of launches.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
         launches: u32,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Guest-observed write latency: private page, copy of a shared frame, reuse of
+    /// a sole-mapped merged frame, and the kernel's KSM in the same run.
+    Cow {
+        /// Smaller and shorter (for tests).
+        #[arg(long)]
+        quick: bool,
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VcpuEvent;
+use crate::dirty_log::KvmDirtyLog;
 use crate::vm::{self, Vm, VmSpec, VmState};
 
 /// Event data of the termination-signal eventfd.
@@ -60,6 +61,9 @@ impl Default for HostConfig {
     }
 }
 
+/// First numeric id of a named merge domain.
+const NAMED_DOMAIN_BASE: u32 = 1 << 31;
+
 /// Default frame-pool capacity: 64 GiB of address space.
 pub const DEFAULT_POOL_BYTES: u64 = 64 << 30;
 
@@ -79,6 +83,7 @@ struct Entry {
 
 /// All microVMs of this process.
 pub struct Host {
+    domains: std::collections::HashMap<String, u32>,
     kvm: Kvm,
     memory: Arc<MemoryManager>,
     next_mem_id: u32,
@@ -113,6 +118,7 @@ impl Host {
         let signal_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
         let memory = MemoryManager::new(ManagerConfig::with_capacity(config.pool_bytes))?;
         Ok(Host {
+            domains: std::collections::HashMap::new(),
             kvm,
             memory,
             next_mem_id: 1,
@@ -137,6 +143,13 @@ impl Host {
         Ok(())
     }
 
+    /// The numeric merge domain of a named domain (allocated on first use, above
+    /// the range of VM ids so that named domains never collide with a VM's own).
+    pub fn domain_id(&mut self, name: &str) -> u32 {
+        let next = NAMED_DOMAIN_BASE + self.domains.len() as u32;
+        *self.domains.entry(name.to_string()).or_insert(next)
+    }
+
     /// The memory manager that owns every VM's RAM.
     pub fn memory(&self) -> &Arc<MemoryManager> {
         &self.memory
@@ -155,8 +168,24 @@ impl Host {
         }
         let id = spec.id.clone();
         let mem_id = self.next_mem_id;
+        let merge = spec.merge.clone();
         let vm = Vm::create(&self.kvm, &self.cpuid, &self.memory, mem_id, spec)?;
         self.next_mem_id += 1;
+        if vm.ram().guest_map().is_some() {
+            let domain = match &merge.domain {
+                Some(name) => self.domain_id(name),
+                None => mem_id,
+            };
+            self.memory.set_merge(mem_id, merge.enabled, domain)?;
+            if merge.enabled {
+                let log = KvmDirtyLog::new(vm.vm_fd().clone(), 0, vm.ram().size() as usize);
+                self.memory.set_dirty_log(mem_id, Box::new(log))?;
+            }
+        } else if merge.enabled {
+            return Err(Error::Vm(vm::Error::Config(
+                "densevm merging needs managed RAM; anonymous RAM is merged by the kernel's KSM".into(),
+            )));
+        }
         let token = self.next_token;
         self.next_token += 2;
         self.unregistered.push(token);

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => commands::demo::main(args),
         Command::HostInfo(args) => commands::host_info::main(args),
         Command::Bench(args) => commands::bench::main(args),
+        Command::Serve(args) => commands::serve::main(args),
     };
     match result {
         Ok(code) => code,

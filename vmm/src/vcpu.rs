@@ -9,7 +9,7 @@ use devices::PioBus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::control::{kick_signal, VcpuEvent, VmControl};
+use crate::control::{kick_signal, RunMode, VcpuEvent, VmControl};
 use crate::workload::abi;
 
 /// Longest continuous run of transient `EFAULT`s (a page in a remap's read-only
@@ -30,6 +30,9 @@ pub struct VcpuContext {
     pub doorbell: Option<u64>,
     /// Guest memory (to read console lines the workload guest passes by address).
     pub memory: GuestMemoryMmap,
+    /// Pause the whole VM when this vCPU reports its fill done (benchmarks and tests
+    /// prepare memory states between fill and write loop).
+    pub pause_after_fill: bool,
 }
 
 /// Counters a vCPU keeps about its exits.
@@ -170,6 +173,9 @@ fn doorbell(word: u64, ctx: &VcpuContext) -> bool {
             true
         }
         abi::DB_FILL_DONE => {
+            if ctx.pause_after_fill {
+                ctx.control.set_mode(RunMode::Pause);
+            }
             ctx.control.push_event(VcpuEvent::FillDone { vcpu: ctx.index, at: Instant::now() });
             true
         }

@@ -12,7 +12,7 @@ use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use devices::serial::{SerialConsole, COM1_PORT};
 use devices::trigger::EventFdTrigger;
 use devices::PioBus;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::MemoryManager;
 
@@ -122,6 +122,21 @@ pub struct VmSpec {
     pub serial: SerialOut,
     /// How guest RAM is backed.
     pub ram: RamPolicy,
+    /// Pause the VM as soon as the workload guest reports its fill done (so that a
+    /// test or benchmark can prepare memory before the write loop starts).
+    pub pause_after_fill: bool,
+    /// Same-page merging of this VM's memory.
+    pub merge: MergeSpec,
+}
+
+/// A VM's merge settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MergeSpec {
+    /// The merger scans this VM (opt-in).
+    pub enabled: bool,
+    /// Merge domain: only VMs of one domain share frames (zero pages excepted).
+    /// `None`: the VM's own domain.
+    pub domain: Option<String>,
 }
 
 /// What happened to a VM so far, for reports.
@@ -150,7 +165,7 @@ pub struct Vm {
     pio: Arc<PioBus>,
     reset: EventFdTrigger,
     workload: Option<WorkloadGuest>,
-    _vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     ram: GuestRam,
     created: Instant,
     started: Option<Instant>,
@@ -203,7 +218,8 @@ impl Vm {
         let ram = GuestRam::new(manager, mem_id, spec.mem_mib, spec.ram)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
-            flags: 0,
+            // Dirty logging feeds the merger's change detection.
+            flags: if spec.merge.enabled && ram.guest_map().is_some() { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: 0,
             memory_size: ram.size(),
             userspace_addr: ram.host_addr(),
@@ -270,7 +286,7 @@ impl Vm {
             pio: Arc::new(pio),
             reset,
             workload,
-            _vm_fd: vm_fd,
+            vm_fd: Arc::new(vm_fd),
             ram,
             created: Instant::now(),
             started: None,
@@ -325,6 +341,7 @@ impl Vm {
                 pio: self.pio.clone(),
                 doorbell,
                 memory: self.ram.memory().clone(),
+                pause_after_fill: self.spec.pause_after_fill,
             };
             let t = VcpuThread::spawn(vcpu, ctx).map_err(|e| Error::Io("spawning a vCPU thread".into(), e))?;
             self.threads.push(t);
@@ -389,6 +406,9 @@ impl Vm {
             match e {
                 VcpuEvent::FillDone { vcpu, at } => {
                     self.first_report.get_or_insert(*at);
+                    if self.spec.pause_after_fill && self.state == VmState::Running {
+                        self.state = VmState::Paused;
+                    }
                     self.fill_done[*vcpu as usize] = true;
                     if self.fill_done.iter().all(|d| *d) && self.timeline.fill_done_s.is_none() {
                         self.timeline.fill_done_s = self.started.map(|s| s.elapsed().as_secs_f64());
@@ -432,6 +452,16 @@ impl Vm {
     /// When the guest first reported (its first fill-done doorbell).
     pub fn first_report_at(&self) -> Option<Instant> {
         self.first_report
+    }
+
+    /// The KVM VM fd (shared with the dirty-log reader).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// The workload guest's layout, if this VM runs it.
+    pub fn workload(&self) -> Option<&WorkloadGuest> {
+        self.workload.as_ref()
     }
 
     /// The VM's timeline.

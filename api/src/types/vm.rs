@@ -179,37 +179,42 @@ impl VmState {
 pub enum WorkloadPhase {
     /// Not started yet (or no report so far).
     Starting,
-    /// Filling memory with the scenario's content.
+    /// Filling memory with the scenario's content (and verifying it once).
     Filling,
-    /// Running the write loop.
+    /// Running the write loop (rewrites and rolling verification).
     Writing,
-    /// Verifying memory content.
-    Verifying,
-    /// Finished successfully.
+    /// Finished: the final verify is done and every page held what was last written.
     Done,
-    /// Finished with a failure (see `verify_failures`).
+    /// A page did not hold what the guest last wrote (see `mismatches`).
     Failed,
 }
 
-/// What a workload guest reported about its progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// What a workload guest reported about its progress (summed over its vCPUs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadReport {
     /// Current phase.
     pub phase: WorkloadPhase,
+    /// Data pages the guest fills (`fill_mib` in 4 KiB pages).
+    pub data_pages: u64,
     /// Pages filled so far.
     pub pages_filled: u64,
-    /// Page writes done by the write loop so far.
-    pub page_writes: u64,
-    /// Pages verified so far.
+    /// Page rewrites done by the write loop so far.
+    pub pages_written: u64,
+    /// Page verifications done so far.
     pub pages_verified: u64,
+    /// Complete verification passes over every data page (the fewest of any vCPU).
+    pub full_verifies: u64,
     /// Pages whose content did not match what the guest wrote.
-    pub verify_failures: u64,
-    /// Milliseconds the fill took, once finished.
+    pub mismatches: u64,
+    /// Index of the first page that did not verify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fill_ms: Option<u64>,
-    /// Milliseconds since the guest started.
-    pub elapsed_ms: u64,
+    pub first_mismatch: Option<u64>,
+    /// Milliseconds the fill (and its first verify) took, once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_ms: Option<f64>,
+    /// Milliseconds from the guest's start to its last report update.
+    pub elapsed_ms: f64,
 }
 
 /// `GET /vms/{vm_id}`: a VM's state and configuration.
@@ -222,7 +227,7 @@ pub struct VmInfo {
     pub state: VmState,
     /// The configuration it was created with.
     pub config: VmConfig,
-    /// Progress of the workload guest (workload VMs that reported at least once).
+    /// Progress of the workload guest (workload VMs; phase `Starting` until it first reports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<WorkloadReport>,
     /// Why the VM exited (state `Exited`).

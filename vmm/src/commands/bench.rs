@@ -63,6 +63,7 @@ fn launch_once(exe: &std::path::Path, i: u32) -> Result<(f64, f64), CommandError
 /// Runs `densevm bench`.
 pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
     match args.which {
+        BenchKind::Cow { quick, json } => super::bench_cow::main(quick, json.as_deref()),
         BenchKind::Launch { launches, json } => {
             let exe = std::env::current_exe().map_err(|e| CommandError::Runtime(e.to_string()))?;
             let mut walls = Vec::new();

@@ -13,7 +13,7 @@ use super::CommandError;
 use crate::cli::DemoArgs;
 use crate::guest_ram::RamPolicy;
 use crate::host::{Host, HostConfig};
-use crate::vm::{BootSource, SerialOut, VmSpec};
+use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
 
 const MIB: f64 = 1048576.0;
 
@@ -58,6 +58,8 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             boot: BootSource::Workload(scenario),
             serial: SerialOut::None,
             ram: RamPolicy::Managed,
+        pause_after_fill: false,
+        merge: MergeSpec::default(),
         })?;
     }
     eprintln!(

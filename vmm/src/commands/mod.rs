@@ -1,10 +1,12 @@
 //! The `densevm` subcommands.
 
 pub mod bench;
+pub mod bench_cow;
 pub mod demo;
 pub mod driver;
 pub mod host_info;
 pub mod run;
+pub mod serve;
 
 /// A subcommand's failure: bad input (exit 2) or a runtime failure (exit 1).
 #[derive(Debug, thiserror::Error)]

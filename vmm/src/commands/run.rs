@@ -13,7 +13,7 @@ use crate::cli::RunArgs;
 use crate::guest_ram::RamPolicy;
 use crate::host::{Host, HostConfig};
 use crate::scenarios;
-use crate::vm::{BootSource, SerialOut, Vm, VmSpec, VmState, VmTimeline};
+use crate::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState, VmTimeline};
 use crate::workload::abi::WorkloadReport;
 
 /// The final report of one VM (printed as one JSON line).
@@ -89,6 +89,8 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
         boot,
         serial: serial_out(&args.serial),
         ram: RamPolicy::Managed,
+        pause_after_fill: false,
+        merge: MergeSpec::default(),
     })
 }
 

@@ -1,0 +1,346 @@
+//! Same-page merging: densevm's own KSM.
+//!
+//! A scanner thread ([`scanner`]) walks every page of every VM whose merging is
+//! enabled ([`crate::MemoryManager::set_merge`]), `pages_to_scan` pages per
+//! batch with `sleep_ms` between batches ([`Tunables`]), skips pages written
+//! since their last visit (the VM's [`DirtyLog`] and device writes, or content
+//! checksums), and merges equal pages of one merge domain ([`domains`])
+//! through a stable and an unstable index keyed by (domain, xxh3 hash)
+//! ([`stable`], [`unstable`]). Every merge compares the full 4 KiB under write
+//! protection and goes through the remap protocol ([`crate::remap`]); runs of
+//! clone pages are merged with one `mmap` ([`ops`]). Zero pages lose their
+//! memory instead ([`zero`]). Statistics use KSM's vocabulary ([`stats`]).
+//!
+//! [`Merger`] is the handle (owned by the [`crate::MemoryManager`], reached
+//! with [`crate::MemoryManager::merger`]): tunables get/set, run/pause,
+//! unmerge-all, statistics. The thread starts paused and stops when the
+//! manager drops.
+
+mod decide;
+pub mod domains;
+pub(crate) mod ops;
+pub(crate) mod pages;
+pub(crate) mod scanner;
+pub mod stable;
+pub mod stats;
+pub mod tunables;
+pub mod unstable;
+pub mod zero;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use domains::{DirtyLog, DomainId, VmMergeConfig};
+pub use stats::{MergeStats, VmMergeStats};
+pub use tunables::{ChangeDetection, Tunables};
+
+use crate::manager::{self, Core};
+use crate::VmId;
+use scanner::Scanner;
+
+/// Errors of the merger.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tunable is out of range.
+    #[error(transparent)]
+    Tunables(#[from] tunables::Error),
+    /// Spawning the scanner thread failed.
+    #[error("spawning the merge scanner: {0}")]
+    Spawn(io::Error),
+    /// The scanner thread is not running (stopped or panicked).
+    #[error("the merge scanner is not running")]
+    Stopped,
+    /// Unmerging failed.
+    #[error("unmerge-all failed: {0}")]
+    Unmerge(String),
+}
+
+/// Commands to the scanner thread.
+struct Control {
+    tunables: Tunables,
+    stop: bool,
+    unmerge_requested: u64,
+    unmerge_done: u64,
+    unmerge_result: Result<u64, String>,
+    forget: Vec<VmId>,
+}
+
+/// State shared between the handle and the scanner thread.
+struct Shared {
+    control: Mutex<Control>,
+    wake: Condvar,
+    /// Bumped on every change of `control` (the scanner polls it between chunks).
+    generation: AtomicU64,
+    stats: Mutex<MergeStats>,
+    scanned: Condvar,
+    tid: AtomicI32,
+    /// Per VM: (volatile, unshared, dirty log in use), published with `stats`.
+    vm_counts: Mutex<HashMap<VmId, (u64, u64, bool)>>,
+}
+
+impl Shared {
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> MutexGuard<'_, MergeStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_all();
+    }
+}
+
+/// Handle of the same-page merger.
+pub struct Merger {
+    core: Arc<Core>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Merger {
+    /// Starts the scanner thread over `core` (paused: `run` is false).
+    pub(crate) fn start(core: Arc<Core>) -> Result<Self, Error> {
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                tunables: Tunables::default(),
+                stop: false,
+                unmerge_requested: 0,
+                unmerge_done: 0,
+                unmerge_result: Ok(0),
+                forget: Vec::new(),
+            }),
+            wake: Condvar::new(),
+            generation: AtomicU64::new(0),
+            stats: Mutex::new(MergeStats::default()),
+            scanned: Condvar::new(),
+            tid: AtomicI32::new(0),
+            vm_counts: Mutex::new(HashMap::new()),
+        });
+        let thread = {
+            let (core, shared) = (core.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("densevm-merger".into())
+                .spawn(move || run_loop(core, &shared))
+                .map_err(Error::Spawn)?
+        };
+        Ok(Merger { core, shared, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The tunables in force.
+    pub fn tunables(&self) -> Tunables {
+        self.shared.control().tunables
+    }
+
+    /// Replaces the tunables after validating them.
+    pub fn set_tunables(&self, tunables: Tunables) -> Result<(), Error> {
+        tunables.validate()?;
+        self.shared.control().tunables = tunables;
+        self.shared.changed();
+        Ok(())
+    }
+
+    /// Changes some tunables (`f` edits a copy, applied if valid); returns the result.
+    pub fn update(&self, f: impl FnOnce(&mut Tunables)) -> Result<Tunables, Error> {
+        let mut control = self.shared.control();
+        let mut t = control.tunables;
+        f(&mut t);
+        t.validate()?;
+        control.tunables = t;
+        drop(control);
+        self.shared.changed();
+        Ok(t)
+    }
+
+    /// Runs (true) or pauses (false) the scanner; merged pages stay merged.
+    pub fn set_run(&self, run: bool) {
+        self.shared.control().tunables.run = run;
+        self.shared.changed();
+    }
+
+    /// Stops scanning and gives every page of every merge-enabled VM a private
+    /// frame again (KSM's `run = 2`): shared frames are copied, zeroed pages
+    /// become ordinary pages, the indexes are emptied. Blocks until done and
+    /// returns the number of pages changed; `run` stays false.
+    pub fn unmerge_all(&self) -> Result<u64, Error> {
+        let mut control = self.shared.control();
+        control.tunables.run = false;
+        control.unmerge_requested += 1;
+        let ticket = control.unmerge_requested;
+        self.shared.changed();
+        while control.unmerge_done < ticket {
+            if control.stop || self.thread.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                return Err(Error::Stopped);
+            }
+            control = self
+                .shared
+                .wake
+                .wait_timeout(control, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        control.unmerge_result.clone().map_err(Error::Unmerge)
+    }
+
+    /// Host-wide merge statistics.
+    pub fn stats(&self) -> MergeStats {
+        let mut s = self.shared.stats().clone();
+        s.tunables = self.tunables();
+        s.run = s.tunables.run;
+        s.scanner_tid = self.shared.tid.load(Ordering::Relaxed);
+        let st = self.core.lock();
+        s.pages_shared = st.frames.shared_frames();
+        s.pages_sharing = st.frames.shared_mappings() - st.frames.shared_frames();
+        s.zero_pages = st.vms.values().map(|t| t.merged_zero_count() as u64).sum();
+        drop(st);
+        let saved = (s.pages_sharing + s.zero_pages) * crate::PAGE_SIZE as u64;
+        s.general_profit = saved as i64 - s.metadata_bytes as i64;
+        s
+    }
+
+    /// Merge statistics of VM `vm`.
+    pub fn vm_stats(&self, vm: VmId) -> manager::Result<VmMergeStats> {
+        let mut s = {
+            let st = self.core.lock();
+            let table = st.vms.get(&vm).ok_or(manager::Error::UnknownVm(vm))?;
+            let cfg = st.merge_config(vm);
+            let (cow_copies, cow_reuses) = table.cow_counts();
+            let merged_pages = table.entries().iter().filter(|e| st.frames.refs(e.frame) > 1).count() as u64;
+            VmMergeStats {
+                vm,
+                enabled: cfg.enabled,
+                domain: cfg.domain,
+                guest_pages: u64::from(table.len()),
+                merged_pages,
+                zero_pages: table.merged_zero_count() as u64,
+                cow_copies,
+                cow_reuses,
+                ..VmMergeStats::default()
+            }
+        };
+        if let Some(&(volatile, unshared, dirty_log)) =
+            self.shared.vm_counts.lock().unwrap_or_else(|e| e.into_inner()).get(&vm)
+        {
+            (s.pages_volatile, s.pages_unshared, s.dirty_log) = (volatile, unshared, dirty_log);
+        }
+        Ok(s)
+    }
+
+    /// Waits until at least `n` full scans have completed in total; false on timeout.
+    pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut stats = self.shared.stats();
+        while stats.full_scans < n {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            stats = match self.shared.scanned.wait_timeout(stats, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
+    }
+
+    /// Linux thread id of the scanner thread (0 before it started).
+    pub fn scanner_tid(&self) -> i32 {
+        self.shared.tid.load(Ordering::Relaxed)
+    }
+
+    /// Makes the scanner forget what it learned about `vm`.
+    pub(crate) fn forget_vm(&self, vm: VmId) {
+        self.shared.control().forget.push(vm);
+        self.shared.changed();
+    }
+
+    /// Stops the scanner thread and waits for it.
+    pub(crate) fn shutdown(&self) {
+        self.shared.control().stop = true;
+        self.shared.changed();
+        if let Some(handle) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if handle.join().is_err() {
+                tracing::error!("the merge scanner thread panicked");
+            }
+        }
+    }
+}
+
+enum Work {
+    Stop,
+    Unmerge(u64),
+    Scan(Tunables),
+}
+
+fn next_work(shared: &Shared, scanner: &mut Scanner) -> Work {
+    let mut control = shared.control();
+    loop {
+        for vm in control.forget.drain(..) {
+            scanner.forget(vm);
+        }
+        if control.stop {
+            return Work::Stop;
+        }
+        if control.unmerge_requested > control.unmerge_done {
+            return Work::Unmerge(control.unmerge_requested);
+        }
+        if control.tunables.run {
+            return Work::Scan(control.tunables);
+        }
+        control = shared.wake.wait(control).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+fn run_loop(core: Arc<Core>, shared: &Shared) {
+    shared.tid.store(crate::sys::gettid(), Ordering::Relaxed);
+    let mut scanner = Scanner::new(core);
+    loop {
+        match next_work(shared, &mut scanner) {
+            Work::Stop => return,
+            Work::Unmerge(ticket) => {
+                let result = scanner.unmerge_all().map_err(|e| e.to_string());
+                publish(shared, &scanner, false);
+                let mut control = shared.control();
+                control.unmerge_done = ticket;
+                control.unmerge_result = result;
+                drop(control);
+                shared.changed();
+            }
+            Work::Scan(tun) => {
+                let generation = shared.generation.load(Ordering::Acquire);
+                let interrupted = || shared.generation.load(Ordering::Acquire) != generation;
+                let scans_before = scanner.counters.full_scans;
+                let any = match scanner.batch(&tun, &interrupted) {
+                    Ok(any) => any,
+                    Err(e) => {
+                        tracing::warn!("merge batch: {e}");
+                        true
+                    }
+                };
+                publish(shared, &scanner, scanner.counters.full_scans != scans_before);
+                // Sleep between batches (or until a change); idle when nothing is enabled.
+                let sleep = if any { Duration::from_millis(tun.sleep_ms) } else { Duration::from_millis(100) };
+                if !sleep.is_zero() && !interrupted() {
+                    let control = shared.control();
+                    let _unused = shared.wake.wait_timeout_while(control, sleep, |_| !interrupted());
+                }
+            }
+        }
+    }
+}
+
+fn publish(shared: &Shared, scanner: &Scanner, full_scan: bool) {
+    let mut stats = shared.stats();
+    scanner.fill_stats(&mut stats);
+    drop(stats);
+    *shared.vm_counts.lock().unwrap_or_else(|e| e.into_inner()) = scanner.vm_counts();
+    if full_scan {
+        shared.scanned.notify_all();
+    }
+}

@@ -1,0 +1,373 @@
+//! The scanner: visits `pages_to_scan` guest pages per batch, VM after VM, in
+//! chunks of at most [`CHUNK`] pages, each chunk under one hold of the
+//! manager's lock (fault resolvers waiting for the lock go first between
+//! chunks). Per page, as KSM's `cmp_and_merge_page`:
+//!
+//! 1. Pages mapping a shared frame, zero/discarded pages and pages without host
+//!    memory (`mincore`) are not candidates.
+//! 2. Change detection: with a dirty log, a page reported dirty (or written by
+//!    a device) since its last visit is volatile and skipped, a clean one keeps
+//!    its cached hash (no re-read); with checksums the page is hashed (xxh3)
+//!    and is volatile if the hash differs from the previous visit's.
+//! 3. Stable index (domain, hash) -> frame with room: join it. Consecutive
+//!    pages matching consecutive stable frames are joined as one run.
+//! 4. Zero content with `merge_zero_pages`: drop its memory ([`super::zero`]).
+//! 5. Unstable index (domain, hash) -> another unmerged page: merge the pair
+//!    (runs again), keeping the frame in the more occupied 2 MiB host frame;
+//!    the kept frame enters the stable index. Otherwise the page enters the
+//!    unstable index, which is cleared at every full scan.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::frame_table::Mapper;
+use crate::manager::{Core, Error, Result};
+use crate::page_table::PageFlags;
+use crate::txn::Txn;
+use crate::{sys, FrameNo, VmId, PAGE_SIZE};
+
+use super::domains::DomainId;
+use super::pages::{Class, VmScan};
+use super::stable::{Key, StableIndex};
+use super::stats::MergeStats;
+use super::tunables::{ChangeDetection, Tunables};
+use super::unstable::UnstableIndex;
+use super::zero::{hash_page, zero_hash};
+
+/// Most pages handled under one hold of the manager's lock.
+pub(crate) const CHUNK: u32 = 256;
+
+/// A page that may be merged.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cand {
+    pub(super) page: u32,
+    pub(super) frame: FrameNo,
+    pub(super) hash: u64,
+    /// Changed since the last visit: may only join a stable frame.
+    pub(super) volatile: bool,
+}
+
+/// A VM to scan, as seen at the start of a batch.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Target {
+    pub(super) vm: VmId,
+    pub(super) domain: DomainId,
+    pub(super) host_addr: usize,
+    pub(super) pages: u32,
+}
+
+/// Event counters of the scanner.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Counters {
+    pub pages_scanned: u64,
+    pub full_scans: u64,
+    pub merges: u64,
+    pub merge_runs: u64,
+    pub unmerges: u64,
+    pub flips: u64,
+    pub hash_mismatches: u64,
+    pub cross_domain: u64,
+    pub scan_ms_last: f64,
+    pub scan_ms_total: f64,
+    pub busy_ms_last: f64,
+    pub busy_ms_total: f64,
+}
+
+/// The scanner's state (owned by the scanner thread).
+pub(crate) struct Scanner {
+    core: Arc<Core>,
+    pub(super) vms: BTreeMap<VmId, VmScan>,
+    pub(super) stable: StableIndex,
+    pub(super) unstable: UnstableIndex,
+    /// Next page to visit.
+    cursor: (VmId, u32),
+    scan_start: Instant,
+    busy: Duration,
+    pages_this_scan: u64,
+    pub(crate) counters: Counters,
+    resident: Vec<u8>,
+    dirty_buf: Vec<u64>,
+}
+
+impl Scanner {
+    /// A scanner over `core`'s VMs.
+    pub fn new(core: Arc<Core>) -> Self {
+        Scanner {
+            core,
+            vms: BTreeMap::new(),
+            stable: StableIndex::new(),
+            unstable: UnstableIndex::new(),
+            cursor: (0, 0),
+            scan_start: Instant::now(),
+            busy: Duration::ZERO,
+            pages_this_scan: 0,
+            counters: Counters::default(),
+            resident: Vec::new(),
+            dirty_buf: Vec::new(),
+        }
+    }
+
+    /// Forgets the scan state of `vm` (its pages are re-learned).
+    pub fn forget(&mut self, vm: VmId) {
+        self.vms.remove(&vm);
+    }
+
+    fn targets(&mut self) -> Vec<Target> {
+        let st = self.core.lock();
+        let mut out: Vec<Target> = st
+            .merge_cfg
+            .iter()
+            .filter(|(_, c)| c.enabled)
+            .filter_map(|(&vm, c)| {
+                let t = st.vms.get(&vm)?;
+                Some(Target { vm, domain: c.domain, host_addr: t.host_addr(), pages: t.len() })
+            })
+            .collect();
+        drop(st);
+        out.sort_by_key(|t| t.vm);
+        self.vms.retain(|vm, vs| out.iter().any(|t| t.vm == *vm && t.host_addr == vs.host_addr));
+        for t in &out {
+            self.vms.entry(t.vm).or_insert_with(|| VmScan::new(t.host_addr, t.pages));
+        }
+        out
+    }
+
+    /// Collects the dirty logs of the VMs to scan (without the manager's lock).
+    fn refresh_dirty(&mut self, targets: &[Target], tun: &Tunables) {
+        for t in targets {
+            let Some(vs) = self.vms.get_mut(&t.vm) else { continue };
+            let log = if tun.change_detection == ChangeDetection::DirtyLog { self.core.dirty_log(t.vm) } else { None };
+            let Some(log) = log else {
+                vs.dirty_log = false;
+                continue;
+            };
+            self.dirty_buf.clear();
+            match log.take_dirty(&mut self.dirty_buf) {
+                Ok(()) => {
+                    if !vs.dirty_log {
+                        // Cached hashes predate the log: re-learn them.
+                        vs.pages.iter_mut().for_each(|p| p.hashed = false);
+                    }
+                    vs.add_dirty(&self.dirty_buf);
+                    vs.dirty_log = true;
+                }
+                Err(e) => {
+                    tracing::warn!("dirty log of VM {}: {e}; using checksums", t.vm);
+                    vs.dirty_log = false;
+                }
+            }
+        }
+    }
+
+    /// Visits up to `tun.pages_to_scan` pages; returns early when `interrupted`.
+    /// Returns whether any VM is enabled.
+    pub fn batch(&mut self, tun: &Tunables, interrupted: &dyn Fn() -> bool) -> Result<bool> {
+        let started = Instant::now();
+        let targets = self.targets();
+        if targets.is_empty() {
+            return Ok(false);
+        }
+        self.refresh_dirty(&targets, tun);
+        let total: u64 = targets.iter().map(|t| u64::from(t.pages)).sum();
+        let mut budget = u64::from(tun.pages_to_scan).min(total);
+        while budget > 0 && !interrupted() {
+            let Some(target) = targets.iter().find(|t| t.vm >= self.cursor.0).copied() else {
+                self.end_full_scan();
+                self.cursor = (targets[0].vm, 0);
+                continue;
+            };
+            if target.vm != self.cursor.0 {
+                self.cursor = (target.vm, 0);
+            }
+            let start = self.cursor.1;
+            let n = (target.pages - start).min(CHUNK).min(budget as u32);
+            if let Err(e) = self.chunk(target, start, n, tun) {
+                tracing::warn!("merging VM {} pages {start}..+{n}: {e}", target.vm);
+            }
+            budget -= u64::from(n);
+            self.pages_this_scan += u64::from(n);
+            self.cursor.1 = start + n;
+            if self.cursor.1 >= target.pages {
+                self.cursor = (target.vm.saturating_add(1), 0);
+                if target.vm == VmId::MAX {
+                    self.end_full_scan();
+                }
+            }
+            self.core.yield_to_faults();
+        }
+        self.busy += started.elapsed();
+        Ok(true)
+    }
+
+    fn end_full_scan(&mut self) {
+        if self.pages_this_scan > 0 {
+            let c = &mut self.counters;
+            c.full_scans += 1;
+            c.scan_ms_last = self.scan_start.elapsed().as_secs_f64() * 1e3;
+            c.scan_ms_total += c.scan_ms_last;
+            c.busy_ms_last = self.busy.as_secs_f64() * 1e3;
+            c.busy_ms_total += c.busy_ms_last;
+        }
+        self.pages_this_scan = 0;
+        self.busy = Duration::ZERO;
+        self.scan_start = Instant::now();
+        self.unstable.clear();
+    }
+
+    fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<()> {
+        let core = self.core.clone();
+        let mut guard = core.lock();
+        let mut t = Txn { st: &mut guard, remap: core.remap() };
+        let Some(mut vs) = self.vms.remove(&target.vm) else {
+            return Ok(());
+        };
+        let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
+        self.vms.insert(target.vm, vs);
+        result
+    }
+
+    fn chunk_locked(
+        &mut self,
+        t: &mut Txn<'_>,
+        vs: &mut VmScan,
+        target: Target,
+        start: u32,
+        n: u32,
+        tun: &Tunables,
+    ) -> Result<()> {
+        let vm = target.vm;
+        let addr = t.addr(Mapper { vm, page: start })?;
+        sys::mincore(addr, n as usize * PAGE_SIZE, &mut self.resident).map_err(Error::Mapping)?;
+        let use_log = tun.change_detection == ChangeDetection::DirtyLog && vs.dirty_log;
+        let mut cands = Vec::with_capacity(n as usize);
+        let mut zeros = Vec::new();
+        for i in 0..n {
+            let p = start + i;
+            let m = Mapper { vm, page: p };
+            let e = t.entry(m)?;
+            self.counters.pages_scanned += 1;
+            let device_dirty = e.flags.contains(PageFlags::MERGE_DIRTY);
+            if device_dirty {
+                t.set_flags(m, e.flags.without(PageFlags::MERGE_DIRTY))?;
+            }
+            let log_dirty = use_log && vs.take_dirty(p);
+            let refs = t.st.frames.refs(e.frame);
+            if refs > 1 || e.flags.contains(PageFlags::SHARED) {
+                vs.set_class(p, Class::Merged);
+                if refs > 1 && self.stable.key_of(e.frame).is_none() && t.check_domain(vm, e.frame).is_ok() {
+                    // A shared frame the index does not know (migrated, merged by hand).
+                    let hash = hash_page(t.st.pool.frame_bytes(e.frame)?);
+                    self.stable.insert(Key { domain: target.domain, hash }, e.frame);
+                }
+                continue;
+            }
+            if e.flags.contains(PageFlags::ZERO) || self.resident.get(i as usize).is_none_or(|r| r & 1 == 0) {
+                vs.pages[p as usize].hashed = false;
+                vs.set_class(p, Class::Other);
+                continue;
+            }
+            let ps = vs.pages[p as usize];
+            let (hash, volatile) = if use_log {
+                if log_dirty || device_dirty {
+                    vs.pages[p as usize].hashed = false;
+                    vs.set_class(p, Class::Volatile);
+                    continue;
+                }
+                if ps.hashed && ps.frame == e.frame {
+                    (ps.hash, false)
+                } else {
+                    (hash_page(t.st.pool.frame_bytes(e.frame)?), false)
+                }
+            } else {
+                let h = hash_page(t.st.pool.frame_bytes(e.frame)?);
+                (h, device_dirty || !ps.hashed || ps.hash != h)
+            };
+            let rec = &mut vs.pages[p as usize];
+            (rec.hash, rec.frame, rec.hashed) = (hash, e.frame, true);
+            if tun.merge_zero_pages && hash == zero_hash() {
+                if volatile {
+                    vs.set_class(p, Class::Volatile);
+                } else {
+                    zeros.push(p);
+                }
+                continue;
+            }
+            cands.push(Cand { page: p, frame: e.frame, hash, volatile });
+        }
+        if !zeros.is_empty() {
+            let zeroed = t.zero_run(vm, &zeros)?;
+            for (&p, &z) in zeros.iter().zip(&zeroed) {
+                vs.set_class(p, if z { Class::Other } else { Class::Volatile });
+                if z {
+                    vs.pages[p as usize].hashed = false;
+                }
+            }
+        }
+        let mut j = 0;
+        while j < cands.len() {
+            j += self.merge_candidate(t, vs, target, &cands[j..], tun)?;
+        }
+        Ok(())
+    }
+
+    /// Unmerges every VM with merging enabled (KSM's `run = 2`) and forgets the
+    /// indexes; returns the number of pages changed.
+    pub fn unmerge_all(&mut self) -> Result<u64> {
+        let targets = self.targets();
+        let mut total = 0;
+        for target in targets {
+            let mut start = 0;
+            while start < target.pages {
+                let n = (target.pages - start).min(4 * CHUNK);
+                let core = self.core.clone();
+                let mut guard = core.lock();
+                let mut t = Txn { st: &mut guard, remap: core.remap() };
+                total += t.unshare_range(target.vm, start, n, true)?;
+                drop(guard);
+                self.core.yield_to_faults();
+                start += n;
+            }
+        }
+        self.counters.unmerges += total;
+        self.stable.clear();
+        self.unstable.clear();
+        self.vms.clear();
+        self.pages_this_scan = 0;
+        self.cursor = (0, 0);
+        Ok(total)
+    }
+
+    /// Fills the scanner's part of `s` (the caller adds the frame-table counts).
+    pub fn fill_stats(&self, s: &mut MergeStats) {
+        let c = &self.counters;
+        s.pages_unshared = self.vms.values().map(|v| v.count(Class::Unshared)).sum();
+        s.pages_volatile = self.vms.values().map(|v| v.count(Class::Volatile)).sum();
+        s.pages_scanned = c.pages_scanned;
+        s.full_scans = c.full_scans;
+        s.stable_frames = self.stable.len() as u64;
+        s.stable_node_chains = self.stable.chains_with_dups() as u64;
+        s.merges = c.merges;
+        s.merge_runs = c.merge_runs;
+        s.unmerges = c.unmerges;
+        s.merge_choice_flips = c.flips;
+        s.hash_mismatches = c.hash_mismatches;
+        s.cross_domain_refusals = c.cross_domain;
+        let scans = c.full_scans.max(1) as f64;
+        (s.full_scan_ms_last, s.full_scan_ms_avg) = (c.scan_ms_last, c.scan_ms_total / scans);
+        (s.merge_time_ms_last, s.merge_time_ms_avg) = (c.busy_ms_last, c.busy_ms_total / scans);
+        s.vms_enabled = self.vms.len() as u64;
+        s.vms_dirty_log = self.vms.values().filter(|v| v.dirty_log).count() as u64;
+        s.metadata_bytes = (self.vms.values().map(VmScan::metadata_bytes).sum::<usize>()
+            + self.stable.metadata_bytes()
+            + self.unstable.metadata_bytes()) as u64;
+    }
+
+    /// Per VM: (volatile, unshared, dirty log in use).
+    pub fn vm_counts(&self) -> HashMap<VmId, (u64, u64, bool)> {
+        self.vms
+            .iter()
+            .map(|(&vm, v)| (vm, (v.count(Class::Volatile), v.count(Class::Unshared), v.dirty_log)))
+            .collect()
+    }
+}

@@ -1,0 +1,48 @@
+//! Zero pages: detection and the hash of an all-zero page.
+//!
+//! With `merge_zero_pages` the merger does not share a zero frame (every
+//! scattered remapped page would cost a VMA): it drops the page's host memory
+//! (punches its frame) and keeps it write-protected, so it reads as zero at no
+//! cost and its first write is seen. Such pages are counted as `zero_pages`
+//! (KSM's `ksm_zero_pages`) and, sharing nothing, are allowed in every domain.
+
+use std::sync::OnceLock;
+
+use crate::PAGE_SIZE;
+
+/// Whether every byte of `bytes` is zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: reinterpreting initialized bytes as u64 words is valid for any
+        // value; align_to only returns the correctly aligned middle part.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// The content hash of an all-zero page.
+pub fn zero_hash() -> u64 {
+    static HASH: OnceLock<u64> = OnceLock::new();
+    *HASH.get_or_init(|| hash_page(&[0u8; PAGE_SIZE]))
+}
+
+/// The content hash the merger uses (xxh3, 64 bits).
+pub fn hash_page(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&page));
+        assert_eq!(hash_page(&page), zero_hash());
+        page[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero(&page));
+        assert!(!is_zero(&page[1..]));
+        assert_ne!(hash_page(&page), zero_hash());
+    }
+}

@@ -1,0 +1,297 @@
+//! The bridge from the HTTP API to the [`Host`]: turns each [`ApiAction`] into Host and
+//! Vm calls and builds the reply.
+//!
+//! It runs on the VMM's event-loop thread (see `commands::serve`), so it may touch the
+//! Host freely; it never waits for an HTTP client (replies go through the non-blocking
+//! [`ReplySender`]); the two slow requests are answered from helper threads: `GET /`
+//! (host facts gathered once in the background, [`facts`]) and `UnmergeAll` (the
+//! merger's unmerge-all waits until every page is private, [`memory`]).
+//! What the Host does not keep lives here: the API configuration each VM was created
+//! with (`GET /vms/{id}` returns it).
+
+mod facts;
+mod memory;
+mod report;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use api::types::{BootSource as ApiBoot, MergeActionType, VmActionType, VmConfig, VmInfo, VmState as ApiState};
+use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender};
+use event_manager::EventOps;
+
+use crate::boot::linux::LinuxBootConfig;
+use crate::guest_ram::{self, RamPolicy};
+use crate::host::{self, Host};
+use crate::vm::{self, BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState};
+
+pub use facts::HostFacts;
+
+/// Answers API requests against a [`Host`].
+pub struct ApiBridge {
+    facts: HostFacts,
+    configs: BTreeMap<String, VmConfig>,
+}
+
+impl Default for ApiBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiBridge {
+    /// A bridge with no VMs; starts gathering the host facts of `GET /` in the background
+    /// (the ring-0 probe takes a while on some hosts).
+    pub fn new() -> Self {
+        ApiBridge { facts: HostFacts::gather_in_background(), configs: BTreeMap::new() }
+    }
+
+    /// Carries out `req` and sends its answer. State-changing requests are carried out
+    /// even when the client is gone. `ops` are the event-loop operations of the
+    /// subscriber that owns the Host's fds (needed to unregister a deleted VM).
+    pub fn serve(&mut self, host: &mut Host, req: ApiRequest, ops: Option<&mut EventOps>) {
+        let ApiRequest { action, reply } = req;
+        let Some(reply) = self.answer_later(host, &action, reply) else { return };
+        let name = action.name();
+        let result = self.answer(host, action, ops);
+        if let Err(e) = &result {
+            if e.kind == api::ErrorKind::Internal {
+                eprintln!("densevm serve: {name} failed: {}", e.fault_message);
+            }
+        }
+        // False when the client gave up; the action was carried out anyway.
+        let _ = reply.send(result);
+    }
+
+    /// Hands the slow requests to the threads that answer them; gives the reply
+    /// back for every other request.
+    fn answer_later(&self, host: &Host, action: &ApiAction, reply: ReplySender) -> Option<ReplySender> {
+        match action {
+            // Answered now if the facts are ready, else by the gathering thread.
+            ApiAction::GetInfo => self.facts.reply(reply),
+            ApiAction::MergeAction(MergeActionType::UnmergeAll) => memory::unmerge_all(host.memory(), reply),
+            _ => return Some(reply),
+        }
+        None
+    }
+
+    fn answer(&mut self, host: &mut Host, action: ApiAction, ops: Option<&mut EventOps>) -> Result<ApiReply, ApiError> {
+        match action {
+            ApiAction::GetInfo | ApiAction::MergeAction(_) => {
+                Err(ApiError::internal("this request is answered by a helper thread"))
+            }
+            ApiAction::PutVm { vm_id, config } => self.create_vm(host, vm_id, config),
+            ApiAction::ListVms => Ok(ApiReply::Vms(host.vms().map(|vm| self.vm_info(vm)).collect())),
+            ApiAction::GetVm(id) => Ok(ApiReply::Vm(Box::new(self.vm_info(host.vm(&id).map_err(host_error)?)))),
+            ApiAction::DeleteVm(id) => {
+                host.remove_vm(&id, ops).map_err(host_error)?;
+                self.configs.remove(&id);
+                eprintln!("[{id}] deleted");
+                Ok(ApiReply::Empty)
+            }
+            ApiAction::VmAction { vm_id, action } => {
+                vm_action(host.vm_mut(&vm_id).map_err(host_error)?, action)?;
+                eprintln!("[{vm_id}] {action:?}");
+                Ok(ApiReply::Empty)
+            }
+            ApiAction::GetVmMemory(id) => {
+                let vm = host.vm(&id).map_err(host_error)?;
+                memory::vm_stats(host.memory(), vm).map(ApiReply::VmMemory)
+            }
+            ApiAction::GetMemory => Ok(ApiReply::Memory(Box::new(memory::host_stats(host.memory())))),
+            ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(memory::merge_config(host.memory()))),
+            ApiAction::PatchMergeConfig(patch) => {
+                let c = memory::patch_merge_config(host.memory(), &patch)?;
+                eprintln!("densevm serve: merge settings now {c:?}");
+                Ok(ApiReply::MergeConfig(c))
+            }
+        }
+    }
+
+    fn create_vm(&mut self, host: &mut Host, vm_id: String, config: VmConfig) -> Result<ApiReply, ApiError> {
+        if host.vm(&vm_id).is_ok() {
+            return Err(ApiError::conflict(format!("a VM with id {vm_id} already exists")));
+        }
+        let spec = vm_spec(&vm_id, &config)?;
+        host.create_vm(spec).map_err(host_error)?;
+        eprintln!(
+            "[{vm_id}] created: {} vCPU(s), {} MiB, {}",
+            config.vcpu_count,
+            config.mem_size_mib,
+            match &config.boot {
+                ApiBoot::Workload(s) => format!("workload guest filling {} MiB", s.fill_mib),
+                ApiBoot::Kernel(k) => format!("kernel {}", k.kernel_image_path),
+            }
+        );
+        self.configs.insert(vm_id, config);
+        Ok(ApiReply::Empty)
+    }
+
+    fn vm_info(&self, vm: &Vm) -> VmInfo {
+        let config = self.configs.get(vm.id()).cloned().unwrap_or_else(|| config_of(vm.spec()));
+        VmInfo {
+            vm_id: vm.id().to_string(),
+            state: api_state(vm.state()),
+            config,
+            workload: report::workload_report(vm),
+            exit_reason: vm.timeline().exit_reason.clone(),
+        }
+    }
+}
+
+/// Builds the VMM's spec of a VM from its API configuration.
+pub fn vm_spec(vm_id: &str, config: &VmConfig) -> Result<VmSpec, ApiError> {
+    if config.memory_image_path.is_some() {
+        return Err(ApiError::bad_request("memory_image_path is not supported yet"));
+    }
+    let (boot, serial) = match &config.boot {
+        // The workload guest reports through its report page; its console stays quiet.
+        ApiBoot::Workload(s) => (BootSource::Workload(s.clone()), SerialOut::None),
+        // A kernel's console goes to the daemon's stdout.
+        ApiBoot::Kernel(k) => (
+            BootSource::Linux(LinuxBootConfig {
+                kernel: PathBuf::from(&k.kernel_image_path),
+                initrd: k.initrd_path.as_ref().map(PathBuf::from),
+                cmdline: k.boot_args.clone().unwrap_or_default(),
+                virtio_mmio: Vec::new(),
+            }),
+            SerialOut::Stdout,
+        ),
+    };
+    Ok(VmSpec {
+        id: vm_id.to_string(),
+        vcpus: config.vcpu_count,
+        mem_mib: u64::from(config.mem_size_mib),
+        boot,
+        serial,
+        ram: RamPolicy::Managed,
+        pause_after_fill: false,
+        merge: config
+            .merge
+            .as_ref()
+            .map(|m| MergeSpec { enabled: m.enabled, domain: m.domain.clone() })
+            .unwrap_or_default(),
+    })
+}
+
+/// The API configuration equivalent to `spec` (for VMs not created over the API).
+fn config_of(spec: &VmSpec) -> VmConfig {
+    let boot = match &spec.boot {
+        BootSource::Workload(s) => ApiBoot::Workload(s.clone()),
+        BootSource::Linux(l) => ApiBoot::Kernel(api::types::KernelBoot {
+            kernel_image_path: l.kernel.display().to_string(),
+            initrd_path: l.initrd.as_ref().map(|p| p.display().to_string()),
+            boot_args: Some(l.cmdline.clone()),
+        }),
+    };
+    VmConfig {
+        vcpu_count: spec.vcpus,
+        mem_size_mib: u32::try_from(spec.mem_mib).unwrap_or(u32::MAX),
+        boot,
+        memory_image_path: None,
+        merge: Some(api::types::MergeSettings { enabled: spec.merge.enabled, domain: spec.merge.domain.clone() }),
+    }
+}
+
+/// The API's name of a VM state.
+pub fn api_state(s: VmState) -> ApiState {
+    match s {
+        VmState::Created => ApiState::Created,
+        VmState::Running => ApiState::Running,
+        VmState::Paused => ApiState::Paused,
+        VmState::Stopped => ApiState::Stopped,
+        VmState::Exited => ApiState::Exited,
+    }
+}
+
+/// Carries out a VM action; a state that does not allow it is a conflict (409).
+fn vm_action(vm: &mut Vm, action: VmActionType) -> Result<(), ApiError> {
+    let r = match action {
+        VmActionType::InstanceStart => vm.start(),
+        VmActionType::Pause => vm.pause(),
+        VmActionType::Resume => vm.resume(),
+        VmActionType::Stop => {
+            if matches!(vm.state(), VmState::Stopped | VmState::Exited) {
+                return Err(ApiError::conflict(format!("VM {} is {:?}; cannot stop", vm.id(), vm.state())));
+            }
+            vm.stop();
+            Ok(())
+        }
+    };
+    r.map_err(|e| host_error(host::Error::Vm(e)))
+}
+
+/// Maps a Host error onto the API's error classes.
+pub fn host_error(e: host::Error) -> ApiError {
+    use guest_ram::Error as Ram;
+    use ::memory::manager::Error as Mem;
+    let msg = e.to_string();
+    match e {
+        host::Error::NoSuchVm(_) => ApiError::not_found(msg),
+        host::Error::Exists(_) => ApiError::conflict(msg),
+        host::Error::Vm(vm::Error::State { .. }) => ApiError::conflict(msg),
+        host::Error::Vm(vm::Error::Ram(Ram::Manager(Mem::PoolFull { .. }))) => ApiError::conflict(msg),
+        host::Error::Vm(
+            vm::Error::Config(_) | vm::Error::Workload(_) | vm::Error::Linux(_) | vm::Error::Ram(Ram::Size(_)),
+        ) => ApiError::bad_request(msg),
+        _ => ApiError::internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::scenario::Scenario;
+    use api::types::KernelBoot;
+
+    fn workload(mem: u32) -> VmConfig {
+        VmConfig {
+            vcpu_count: 2,
+            mem_size_mib: mem,
+            boot: ApiBoot::Workload(Scenario { fill_mib: 4, ..Scenario::default() }),
+            memory_image_path: None,
+            merge: None,
+        }
+    }
+
+    #[test]
+    fn specs_from_configs() {
+        let s = vm_spec("a", &workload(16)).unwrap();
+        assert_eq!((s.vcpus, s.mem_mib, s.serial.clone()), (2, 16, SerialOut::None));
+        assert!(matches!(s.boot, BootSource::Workload(ref w) if w.fill_mib == 4));
+        let mut k = workload(64);
+        k.boot = ApiBoot::Kernel(KernelBoot {
+            kernel_image_path: "/k".into(),
+            initrd_path: Some("/i".into()),
+            boot_args: Some("console=ttyS0".into()),
+        });
+        let s = vm_spec("b", &k).unwrap();
+        match &s.boot {
+            BootSource::Linux(l) => {
+                assert_eq!(l.kernel, PathBuf::from("/k"));
+                assert_eq!(l.initrd, Some(PathBuf::from("/i")));
+                assert_eq!(l.cmdline, "console=ttyS0");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(config_of(&s).boot, k.boot);
+        let mut img = workload(16);
+        img.memory_image_path = Some("/img".into());
+        let e = vm_spec("c", &img).unwrap_err();
+        assert_eq!(e.kind, api::ErrorKind::BadRequest);
+        assert_eq!(e.fault_message, "memory_image_path is not supported yet");
+    }
+
+    #[test]
+    fn error_classes() {
+        let st = host::Error::Vm(vm::Error::State { id: "a".into(), state: VmState::Running, what: "start" });
+        assert_eq!(host_error(st).kind, api::ErrorKind::Conflict);
+        assert_eq!(host_error(host::Error::NoSuchVm("a".into())).kind, api::ErrorKind::NotFound);
+        assert_eq!(host_error(host::Error::Exists("a".into())).kind, api::ErrorKind::Conflict);
+        assert_eq!(host_error(host::Error::Vm(vm::Error::Config("x".into()))).kind, api::ErrorKind::BadRequest);
+        assert_eq!(host_error(host::Error::Io("x".into())).kind, api::ErrorKind::Internal);
+        for s in [VmState::Created, VmState::Running, VmState::Paused, VmState::Stopped, VmState::Exited] {
+            assert_eq!(format!("{:?}", api_state(s)), format!("{s:?}"));
+        }
+    }
+}

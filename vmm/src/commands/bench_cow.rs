@@ -1,0 +1,465 @@
+//! `densevm bench cow`: the latency of a guest write to a private page, to a page
+//! whose frame two guest pages share (copy path), and to the only remaining mapping
+//! of a merged frame (reuse path), as the workload guest itself measures it (TSC
+//! cycles of the first store into a page on its first rewrite), plus the kernel's
+//! KSM in the same run: a host thread writing to KSM-merged pages, and the workload
+//! guest on anonymous KSM-merged RAM.
+//!
+//! Every guest case runs on fresh VMs A and B with identical data pages (shared
+//! fraction 1.0, one shared seed), paused after their fill; the pages are prepared,
+//! then only A resumes and the first pass of its round-robin rewrite loop is
+//! measured from the deltas of its report page. B resumes afterwards, and both
+//! guests' final verify passes must find no mismatch.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use api::scenario::Scenario;
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::CommandError;
+use crate::guest_ram::RamPolicy;
+use crate::host::{Host, HostConfig};
+use crate::ksm::{self, KsmControl, MergedWriteTimes};
+use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
+use crate::workload::abi::{WorkloadConfig, WorkloadReport};
+use crate::workload::layout::WorkloadLayout;
+
+/// The merge domain of the benchmark's VM pairs.
+const DOMAIN: &str = "bench-cow";
+/// Page rewrites per second of guest A.
+const WRITES_PER_S: u64 = 20_000;
+/// Interval between reads of A's report page.
+const POLL: Duration = Duration::from_millis(1);
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Fails once SIGINT or SIGTERM arrived (so that guards such as [`KsmControl`]
+/// restore what they changed on the way out).
+fn check_interrupt() -> Result<(), CommandError> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        return Err(CommandError::Runtime("interrupted".into()));
+    }
+    Ok(())
+}
+
+fn rt(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Runtime(e.to_string())
+}
+
+/// Sizes of one run.
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    fill_mib: u32,
+    duration_s: u64,
+    host_pages: usize,
+}
+
+/// How A's data pages are prepared before A resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prep {
+    /// Nothing: private frames.
+    Private,
+    /// Write-protected, not shared: the fault round trip alone (no remap).
+    Protect,
+    /// Merged with B's: every frame shared by 2 guest pages.
+    Copy,
+    /// Merged with B's, then B's unshared: A is the sole mapper of a merged frame.
+    Reuse,
+    /// Anonymous RAM merged by the kernel's KSM.
+    Ksm,
+}
+
+fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
+    let scenario = Scenario {
+        fill_mib: p.fill_mib,
+        zero_fraction: 0.0,
+        shared_fraction: 1.0,
+        shared_seed: 0x5eed,
+        seed: Some(seed),
+        write_fraction: 1.0,
+        writes_per_s: WRITES_PER_S,
+        duration_s: p.duration_s,
+    };
+    VmSpec {
+        id,
+        vcpus: 1,
+        mem_mib: super::run::workload_mem_mib(p.fill_mib),
+        boot: BootSource::Workload(scenario),
+        serial: SerialOut::None,
+        ram,
+        pause_after_fill: true,
+        // Merged by hand below, never by the scanner; one domain so that A and B may share.
+        merge: MergeSpec { enabled: false, domain: Some(DOMAIN.into()) },
+    }
+}
+
+/// One report read that is not torn by a concurrent guest update.
+fn report(host: &Host, id: &str) -> Result<WorkloadReport, CommandError> {
+    let vm = host.vm(id)?;
+    let mut last = vm.workload_report().ok_or_else(|| rt(format!("{id}: no workload report")))?;
+    for _ in 0..16 {
+        let again = vm.workload_report().ok_or_else(|| rt(format!("{id}: no workload report")))?;
+        if again == last {
+            break;
+        }
+        last = again;
+    }
+    Ok(last)
+}
+
+fn poll_until(
+    host: &mut Host,
+    ids: &[&str],
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Host) -> bool,
+) -> Result<(), CommandError> {
+    let deadline = Instant::now() + timeout;
+    while !done(host) {
+        check_interrupt()?;
+        for id in ids {
+            host.vm_mut(id)?.handle_events();
+        }
+        if Instant::now() > deadline {
+            return Err(rt(format!("{what} within {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// The result of one guest-observed case.
+#[derive(Clone, Debug, serde::Serialize)]
+struct GuestCase {
+    name: &'static str,
+    what: &'static str,
+    pages: u64,
+    pages_prepared: u64,
+    pages_measured: u64,
+    mean_ns: f64,
+    /// Median of the per-poll interval means, weighted by pages.
+    median_ns: f64,
+    max_ns: f64,
+    intervals: usize,
+    tsc_khz: u64,
+    cow_copies: u64,
+    cow_reuses: u64,
+    protect_faults: u64,
+    mismatches: u64,
+    exit_reasons: Vec<String>,
+}
+
+fn weighted_median(samples: &mut [(f64, u64)]) -> f64 {
+    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: u64 = samples.iter().map(|s| s.1).sum();
+    let mut seen = 0;
+    for (v, w) in samples.iter() {
+        seen += w;
+        if seen * 2 >= total {
+            return *v;
+        }
+    }
+    f64::NAN
+}
+
+/// Prepares A's data pages `[first, first+n)`; returns how many got the intended state.
+fn prepare(host: &Host, prep: Prep, mem: [u32; 2], first: u32, n: u32) -> Result<u64, CommandError> {
+    let mgr = host.memory();
+    let mut done = 0;
+    for p in first..first + n {
+        match prep {
+            Prep::Private | Prep::Ksm => return Ok(u64::from(n)),
+            Prep::Protect => {
+                mgr.protect(mem[0], p).map_err(rt)?;
+                done += 1;
+            }
+            Prep::Copy | Prep::Reuse => {
+                let merged = matches!(
+                    mgr.merge_pages((mem[0], p), (mem[1], p)).map_err(rt)?,
+                    memory::manager::MergeOutcome::Merged { .. }
+                );
+                if merged && (prep == Prep::Copy || mgr.unshare(mem[1], p).map_err(rt)?) {
+                    done += 1;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Waits until the kernel merged A's `n` data pages at host address `addr`, then
+/// stops ksmd (merged pages stay merged) so that it does not compete for CPU.
+fn wait_ksm_merged(ksm: &mut KsmControl, addr: u64, n: u64) -> Result<u64, CommandError> {
+    ksm.set("run", "1").map_err(rt)?;
+    let res = ksm.wait_until("merge the guest's data pages", Duration::from_secs(60), |_| {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            return Err(ksm::Error::Interrupted);
+        }
+        Ok(ksm::ksm_pages_in(addr, n).map_err(|e| ksm::Error::Io("reading kpageflags", e))? >= n)
+    });
+    let merged = ksm::ksm_pages_in(addr, n).map_err(rt)?;
+    ksm.set("run", "0").map_err(rt)?;
+    match res {
+        Err(ksm::Error::Interrupted) => Err(rt("interrupted")),
+        Err(e) if merged == 0 => Err(rt(e)),
+        _ => Ok(merged),
+    }
+}
+
+fn guest_case(
+    host: &mut Host,
+    name: &'static str,
+    prep: Prep,
+    p: Params,
+    ksm: Option<&mut KsmControl>,
+) -> Result<GuestCase, CommandError> {
+    let ids = [format!("cow-{name}-a"), format!("cow-{name}-b")];
+    let ram = if prep == Prep::Ksm { RamPolicy::Anonymous { mergeable: true } } else { RamPolicy::Managed };
+    for (i, id) in ids.iter().enumerate() {
+        host.create_vm(spec(id.clone(), i as u64 + 1, ram, p))?;
+    }
+    let res = run_case(host, name, prep, p, [&ids[0], &ids[1]], ksm);
+    for id in &ids {
+        let _ = host.remove_vm(id, None);
+    }
+    res
+}
+
+fn run_case(
+    host: &mut Host,
+    name: &'static str,
+    prep: Prep,
+    p: Params,
+    ids: [&str; 2],
+    ksm: Option<&mut KsmControl>,
+) -> Result<GuestCase, CommandError> {
+    let mut mem = [0u32; 2];
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(map) = host.vm(id)?.ram().guest_map() {
+            mem[i] = map.vm_id();
+        }
+        host.vm_mut(id)?.start().map_err(rt)?;
+    }
+    poll_until(host, &ids, Duration::from_secs(120), "the guests did not fill", |h| {
+        ids.iter().all(|id| h.vm(id).map(|v| v.state() != VmState::Running).unwrap_or(true))
+    })?;
+    for id in ids {
+        let vm = host.vm(id)?;
+        if vm.state() != VmState::Paused {
+            return Err(rt(format!(
+                "{id} did not pause after its fill: {:?} {:?}",
+                vm.state(),
+                vm.timeline().exit_reason
+            )));
+        }
+    }
+    let vm = host.vm(ids[0])?;
+    let layout = vm.workload().ok_or_else(|| rt("no workload layout"))?.layout;
+    let cfg: WorkloadConfig = vm.ram().memory().read_obj(GuestAddress(WorkloadLayout::config_gpa(0))).map_err(rt)?;
+    let (first, n) = ((layout.data_gpa / 4096) as u32, cfg.npages);
+    let data_host = vm.ram().host_addr() + layout.data_gpa;
+    let prepared = match (prep, ksm) {
+        (Prep::Ksm, Some(ksm)) => wait_ksm_merged(ksm, data_host, n)?,
+        (Prep::Ksm, None) => return Err(rt("the KSM case needs KSM")),
+        _ => prepare(host, prep, mem, first, n as u32)?,
+    };
+    let base = report(host, ids[0])?;
+    if base.pages_written != 0 {
+        return Err(rt(format!(
+            "{}: the guest did not pause before its write loop ({} pages written)",
+            ids[0], base.pages_written
+        )));
+    }
+    let c0 = host.memory().stats().counters;
+    host.vm_mut(ids[0])?.resume().map_err(rt)?;
+
+    // The first pass over A's pages: report deltas while pages_written <= npages.
+    let mut last = base;
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        check_interrupt()?;
+        std::thread::sleep(POLL);
+        host.vm_mut(ids[0])?.handle_events();
+        let r = report(host, ids[0])?;
+        if r.pages_written > n {
+            break;
+        }
+        let dp = r.pages_written - last.pages_written;
+        if dp > 0 {
+            let dc = r.write_first_cycles_sum.saturating_sub(last.write_first_cycles_sum);
+            samples.push((dc as f64 / dp as f64, dp));
+            last = r;
+        }
+        if r.pages_written == n || host.vm(ids[0])?.state() != VmState::Running || Instant::now() > deadline {
+            break;
+        }
+    }
+    let c1 = host.memory().stats().counters;
+    let measured = last.pages_written;
+    if measured == 0 {
+        return Err(rt(format!("{}: the guest wrote no page", ids[0])));
+    }
+    let ns = |cycles: f64| cycles * 1e6 / cfg.tsc_khz as f64;
+
+    // B resumes too; both run to their end and verify every page.
+    if host.vm(ids[1])?.state() == VmState::Paused {
+        host.vm_mut(ids[1])?.resume().map_err(rt)?;
+    }
+    poll_until(host, &ids, Duration::from_secs(p.duration_s + 120), "the guests did not finish", |h| {
+        ids.iter().all(|id| h.vm(id).map(|v| matches!(v.state(), VmState::Exited | VmState::Stopped)).unwrap_or(true))
+    })?;
+    let mut mismatches = 0;
+    let mut exit_reasons = Vec::new();
+    for id in ids {
+        let vm = host.vm(id)?;
+        let r = report(host, id)?;
+        mismatches += r.mismatches + vm.timeline().mismatch_events;
+        exit_reasons.push(vm.timeline().exit_reason.clone().unwrap_or_default());
+    }
+    Ok(GuestCase {
+        name,
+        what: match prep {
+            Prep::Private => "densevm: private page",
+            Prep::Protect => "densevm: write-protected private page (fault round trip only)",
+            Prep::Copy => "densevm: frame shared by 2 guest pages (copy)",
+            Prep::Reuse => "densevm: sole mapper of a merged frame (reuse)",
+            Prep::Ksm => "kernel KSM: anonymous RAM, KSM-merged page (guest-observed)",
+        },
+        pages: n,
+        pages_prepared: prepared,
+        pages_measured: measured,
+        mean_ns: ns(last.write_first_cycles_sum as f64 / measured as f64),
+        median_ns: ns(weighted_median(&mut samples)),
+        max_ns: ns(last.write_first_cycles_max as f64),
+        intervals: samples.len(),
+        tsc_khz: cfg.tsc_khz,
+        cow_copies: c1.cow_copies - c0.cow_copies,
+        cow_reuses: c1.cow_reuses - c0.cow_reuses,
+        protect_faults: c1.protect_faults - c0.protect_faults,
+        mismatches,
+        exit_reasons,
+    })
+}
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
+}
+
+fn print_table(cases: &[GuestCase], host_write: Option<&MergedWriteTimes>, skipped: Option<&str>, tsc_khz: u64) {
+    println!("densevm bench cow: latency of the first store into a page, as the guest measures it (rdtsc, TSC {tsc_khz} kHz)");
+    println!("{:<10} {:<62} {:>7} {:>10} {:>10} {:>10}", "case", "what", "pages", "median ns", "mean ns", "max ns");
+    for c in cases {
+        println!(
+            "{:<10} {:<62} {:>7} {:>10.0} {:>10.0} {:>10.0}",
+            c.name, c.what, c.pages_measured, c.median_ns, c.mean_ns, c.max_ns
+        );
+    }
+    if let Some(h) = host_write {
+        println!(
+            "{:<10} {:<62} {:>7} {:>10.0} {:>10.0} {:>10.0}   (p99 {:.0} ns)",
+            "ksm-host",
+            "kernel KSM: host thread writes to a KSM-merged page",
+            h.pages_measured,
+            h.median_ns,
+            h.mean_ns,
+            h.max_ns,
+            h.p99_ns
+        );
+    }
+    if let Some(why) = skipped {
+        println!("kernel KSM rows skipped: {why}");
+    }
+}
+
+/// Runs `densevm bench cow`.
+pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandError> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_signal).map_err(rt)?;
+    }
+    let p = if quick {
+        Params { fill_mib: 8, duration_s: 2, host_pages: 4096 }
+    } else {
+        Params { fill_mib: 32, duration_s: 3, host_pages: 65536 }
+    };
+    let mut host = Host::new(HostConfig { pool_bytes: 1 << 30 })?;
+    let mut cases = Vec::new();
+    let managed =
+        [("private", Prep::Private), ("wp-only", Prep::Protect), ("copy", Prep::Copy), ("reuse", Prep::Reuse)];
+    for (name, prep) in managed {
+        eprintln!("densevm: bench cow: case {name}");
+        cases.push(guest_case(&mut host, name, prep, p, None)?);
+    }
+    let mut skipped = None;
+    let mut host_write = None;
+    let mut restore_error = None;
+    match KsmControl::open().and_then(KsmControl::full_speed) {
+        Err(why) => skipped = Some(why.to_string()),
+        Ok(mut k) => {
+            eprintln!("densevm: bench cow: kernel KSM, host writes");
+            let res = ksm::time_writes_to_merged_pages(&mut k, p.host_pages, Duration::from_secs(60), &|| {
+                INTERRUPTED.load(Ordering::Relaxed)
+            })
+            .map_err(rt)
+            .and_then(|h| {
+                host_write = Some(h);
+                eprintln!("densevm: bench cow: kernel KSM, guest writes");
+                guest_case(&mut host, "ksm-guest", Prep::Ksm, p, Some(&mut k))
+            });
+            restore_error = k.restore().err().map(|e| e.to_string());
+            cases.push(res?);
+        }
+    }
+    let tsc_khz = cases.first().map(|c| c.tsc_khz).unwrap_or(0);
+    print_table(&cases, host_write.as_ref(), skipped.as_deref(), tsc_khz);
+    let find = |n: &str| cases.iter().find(|c| c.name == n).map(|c| (c.median_ns, c.mean_ns));
+    let (nan, fmt) =
+        ((f64::NAN, f64::NAN), |r: Option<f64>| r.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into()));
+    let (copy, reuse, ksm_guest) =
+        (find("copy").unwrap_or(nan), find("reuse").unwrap_or(nan), find("ksm-guest").unwrap_or(nan));
+    let reuse_copy = (ratio(reuse.0, copy.0), ratio(reuse.1, copy.1));
+    let copy_host = host_write.as_ref().and_then(|h| ratio(copy.0, h.median_ns));
+    let copy_guest = ratio(copy.0, ksm_guest.0);
+    println!("reuse / copy: {} (medians), {} (means)", fmt(reuse_copy.0), fmt(reuse_copy.1));
+    println!("copy / kernel KSM write by a host thread (medians): {}", fmt(copy_host));
+    println!("copy / kernel KSM write, guest-observed (medians): {}", fmt(copy_guest));
+    if let Some(e) = &restore_error {
+        eprintln!("densevm: warning: {e}");
+    }
+    let result: Value = json!({
+        "benchmark": "cow",
+        "quick": quick,
+        "tsc_khz": tsc_khz,
+        "fill_mib": p.fill_mib,
+        "writes_per_s": WRITES_PER_S,
+        "method": "first pass of the workload guest's round-robin rewrite loop; per page the TSC cycles of the \
+                   first store (write_first_cycles); mean over the pass, median of per-poll interval means; ratios from medians",
+        "cases": cases,
+        "kernel_ksm": {
+            "available": skipped.is_none(),
+            "skipped_reason": skipped,
+            "settings": "run=1 pages_to_scan=10000 sleep_millisecs=0 advisor_mode=none, smart_scan as found; \
+                         ksmd stopped (run=0) during the timed writes; every knob restored afterwards",
+            "host_write": host_write,
+            "restore_error": restore_error,
+        },
+        "ratios": {
+            "reuse_over_copy": reuse_copy.0,
+            "reuse_over_copy_means": reuse_copy.1,
+            "copy_over_kernel_ksm_host_write": copy_host,
+            "copy_over_kernel_ksm_guest_write": copy_guest,
+        },
+    });
+    if let Some(path) = json_path {
+        std::fs::write(path, result.to_string()).map_err(|e| rt(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,157 @@
+//! `densevm serve`: the daemon. MicroVMs are created and driven over the HTTP API
+//! (Unix socket, optionally loopback TCP) until SIGINT or SIGTERM.
+//!
+//! Threads: the API server runs on its own threads (the api crate); requests reach
+//! this process's event loop through a channel whose eventfd is registered next to the
+//! Host's fds, and are answered with non-blocking replies, so a slow or stuck client
+//! never holds up a VM.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use api::{ApiError, ApiServer, ApiServerConfig, VmmEndpoint};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+
+use super::CommandError;
+use crate::api_bridge::ApiBridge;
+use crate::cli::ServeArgs;
+use crate::control::VcpuEvent;
+use crate::host::{Host, HostConfig, HostEvent};
+
+/// Event data of the API wake-up eventfd (the Host uses small numbers from 0 up).
+const API_TOKEN: u32 = u32::MAX;
+/// Longest sleep of the event loop between checks for termination.
+const LOOP_TIMEOUT_MS: i32 = 200;
+
+/// The event-loop subscriber of the daemon: the Host plus the API endpoint.
+pub struct Daemon {
+    host: Host,
+    endpoint: VmmEndpoint,
+    bridge: ApiBridge,
+}
+
+impl Daemon {
+    /// Wraps `host`; API requests arrive on `endpoint`.
+    pub fn new(host: Host, endpoint: VmmEndpoint) -> Self {
+        Daemon { host, endpoint, bridge: ApiBridge::new() }
+    }
+
+    /// The Host.
+    pub fn host(&mut self) -> &mut Host {
+        &mut self.host
+    }
+
+    fn serve_requests(&mut self, mut ops: Option<&mut EventOps>) {
+        for req in self.endpoint.drain() {
+            self.bridge.serve(&mut self.host, req, ops.as_deref_mut());
+        }
+    }
+
+    /// Answers every request still queued with 503 (the daemon is going away).
+    pub fn refuse_pending(&mut self) {
+        for req in self.endpoint.drain() {
+            let _ = req.reply.send(Err(ApiError::unavailable("densevm is shutting down")));
+        }
+    }
+}
+
+impl MutEventSubscriber for Daemon {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() == API_TOKEN {
+            self.serve_requests(Some(ops));
+            // VMs created by the requests join the loop.
+            self.host.register_new(ops);
+        } else {
+            self.host.process(events, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.host.init(ops);
+        if let Err(e) = ops.add(Events::with_data(&self.endpoint.wake, API_TOKEN, EventSet::IN)) {
+            eprintln!("densevm serve: cannot watch the API channel: {e:?}");
+        }
+    }
+}
+
+/// Locks the daemon, tolerating a poisoned lock (stopping VMs must still work).
+fn lock(d: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn log_event(e: &HostEvent) {
+    let id = &e.vm_id;
+    match &e.event {
+        VcpuEvent::FillDone { vcpu, .. } => eprintln!("[{id}] vcpu{vcpu}: fill done"),
+        VcpuEvent::Done { vcpu } => eprintln!("[{id}] vcpu{vcpu}: workload finished"),
+        VcpuEvent::Mismatch { vcpu, page } => eprintln!("[{id}] vcpu{vcpu}: page {page} did not verify"),
+        VcpuEvent::Shutdown { vcpu, reason } => eprintln!("[{id}] vcpu{vcpu}: {reason}"),
+        VcpuEvent::Error { vcpu, message } => eprintln!("[{id}] vcpu{vcpu}: {message}"),
+    }
+}
+
+fn server_error(e: api::server::Error) -> CommandError {
+    use api::socket::Error as S;
+    match e {
+        api::server::Error::Socket(
+            s @ (S::InUse(_) | S::NotASocket(_) | S::NotLoopback(_) | S::BadTcpAddress(_)),
+        ) => CommandError::Input(s.to_string()),
+        other => CommandError::Runtime(other.to_string()),
+    }
+}
+
+/// Runs `densevm serve`.
+pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
+    let tcp = args
+        .api_tcp
+        .as_deref()
+        .map(api::socket::parse_tcp_addr)
+        .transpose()
+        .map_err(|e| CommandError::Input(e.to_string()))?;
+    let host = Host::new(HostConfig::default())?;
+    host.handle_termination_signals()?;
+    let (chan, endpoint) = api::channel().map_err(|e| CommandError::Runtime(e.to_string()))?;
+    let daemon = Arc::new(Mutex::new(Daemon::new(host, endpoint)));
+    let mut em: EventManager<Arc<Mutex<Daemon>>> =
+        EventManager::new().map_err(|e| CommandError::Runtime(format!("event manager: {e:?}")))?;
+    em.add_subscriber(daemon.clone());
+
+    let mut config = ApiServerConfig::new(&args.api_sock);
+    config.tcp = tcp;
+    let server = ApiServer::start(config, chan).map_err(server_error)?;
+    eprintln!(
+        "densevm serve: API on {}{} (pid {})",
+        server.socket_path().display(),
+        server.tcp_addr().map(|a| format!(" and http://{a}")).unwrap_or_default(),
+        std::process::id()
+    );
+
+    let result = event_loop(&mut em, &daemon);
+    {
+        let mut d = lock(&daemon);
+        d.host().stop_all();
+        d.refuse_pending();
+    }
+    let stopped = server.shutdown();
+    lock(&daemon).refuse_pending();
+    result?;
+    stopped.map_err(|e| CommandError::Runtime(format!("API server: {e}")))?;
+    eprintln!("densevm serve: every VM stopped; bye");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs until a termination signal arrived (VMs finishing do not end the daemon).
+fn event_loop(em: &mut EventManager<Arc<Mutex<Daemon>>>, daemon: &Mutex<Daemon>) -> Result<(), CommandError> {
+    loop {
+        em.run_with_timeout(LOOP_TIMEOUT_MS).map_err(|e| CommandError::Runtime(format!("event loop: {e:?}")))?;
+        let mut d = lock(daemon);
+        for e in d.host().take_log() {
+            log_event(&e);
+        }
+        if d.host().terminating() {
+            eprintln!("densevm serve: termination signal: stopping every VM");
+            return Ok(());
+        }
+    }
+}
