@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// Also write the final report (JSON) to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Merge identical pages of this VM (densevm's same-page merging, full speed).
+    #[arg(long)]
+    pub merge: bool,
 }
 
 /// `densevm demo`.
@@ -85,8 +88,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub duration_s: u64,
     /// Page rewrites per second per VM.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub writes_per_s: u64,
+    /// Run without same-page merging (to compare host memory).
+    #[arg(long)]
+    pub no_merge: bool,
 }
 
 /// `densevm host-info`.

@@ -12,7 +12,9 @@ use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use devices::serial::{SerialConsole, COM1_PORT};
 use devices::trigger::EventFdTrigger;
 use devices::PioBus;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::MemoryManager;
 

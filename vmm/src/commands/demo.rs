@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::scenario::Scenario;
+use memory::Tunables;
 
 use super::driver::{drive, lock};
 use super::run::{workload_mem_mib, VmSummary};
@@ -32,9 +33,15 @@ pub fn demo_scenario(args: &DemoArgs, index: u32) -> Scenario {
     }
 }
 
+/// The merger settings of the demo: fast scanning, zero pages dropped.
+pub fn demo_tunables() -> Tunables {
+    Tunables { run: true, pages_to_scan: 8192, sleep_ms: 5, merge_zero_pages: true, ..Tunables::default() }
+}
+
 fn progress_line(h: &Host, t0: Instant) {
     let mut parts = Vec::new();
     let host_bytes = h.memory().stats().host_bytes;
+    let merge = h.memory().merger().stats();
     for vm in h.vms() {
         let (fill, written, bad) = vm
             .workload_report()
@@ -42,7 +49,14 @@ fn progress_line(h: &Host, t0: Instant) {
             .unwrap_or_default();
         parts.push(format!("{} {:?} fill {fill:>3}% writes {written:>6} bad {bad}", vm.id(), vm.state()));
     }
-    eprintln!("[{:5.1}s] host {:7.1} MiB | {}", t0.elapsed().as_secs_f64(), host_bytes as f64 / MIB, parts.join(" | "));
+    eprintln!(
+        "[{:5.1}s] host {:6.1} MiB, sharing {:6}, zero {:6} | {}",
+        t0.elapsed().as_secs_f64(),
+        host_bytes as f64 / MIB,
+        merge.pages_sharing,
+        merge.zero_pages,
+        parts.join(" | ")
+    );
 }
 
 /// Runs `densevm demo`.
@@ -51,6 +65,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
     host.handle_termination_signals()?;
     for i in 0..args.vms {
         let scenario = demo_scenario(&args, i);
+        let merge = MergeSpec { enabled: !args.no_merge, domain: Some("demo".into()) };
         host.create_vm(VmSpec {
             id: format!("vm{i}"),
             vcpus: 1,
@@ -58,14 +73,20 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             boot: BootSource::Workload(scenario),
             serial: SerialOut::None,
             ram: RamPolicy::Managed,
-        pause_after_fill: false,
-        merge: MergeSpec::default(),
+            pause_after_fill: false,
+            merge,
         })?;
     }
     eprintln!(
         "densevm demo: {} workload microVMs, {} MiB each (60% identical across VMs, 10% zero), {} s of rewrites at {}/s",
         args.vms, args.fill_mib, args.duration_s, args.writes_per_s
     );
+    if !args.no_merge {
+        host.memory()
+            .merger()
+            .set_tunables(demo_tunables())
+            .map_err(|e| CommandError::Runtime(format!("merger: {e}")))?;
+    }
     let t0 = Instant::now();
     host.start_all()?;
     let host = Arc::new(Mutex::new(host));
@@ -97,10 +118,17 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
     }
     let guest_mib = f64::from(args.vms) * f64::from(args.fill_mib);
     let mergeable = f64::from(args.vms.saturating_sub(1)) * f64::from(args.fill_mib) * 0.6 + guest_mib * 0.1;
+    let merged = h.memory().merger().stats();
     println!(
-        "host memory behind guest RAM: {:.1} MiB for {guest_mib:.0} MiB of guest data; \
-         identical or zero content across VMs: ~{mergeable:.0} MiB (what same-page merging can return)",
-        stats.host_bytes as f64 / MIB
+        "host memory behind guest RAM: {:.1} MiB for {guest_mib:.0} MiB of guest data \
+         (identical or zero across VMs by construction: ~{mergeable:.0} MiB); merging {}: \
+         pages_shared {}, pages_sharing {}, zero_pages {}, full_scans {}",
+        stats.host_bytes as f64 / MIB,
+        if args.no_merge { "off" } else { "on" },
+        merged.pages_shared,
+        merged.pages_sharing,
+        merged.zero_pages,
+        merged.full_scans,
     );
     let ok = summaries.iter().all(VmSummary::ok);
     println!("result: {}", if ok { "all guests verified every page (0 mismatches)" } else { "FAILED" });

@@ -90,7 +90,7 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
         serial: serial_out(&args.serial),
         ram: RamPolicy::Managed,
         pause_after_fill: false,
-        merge: MergeSpec::default(),
+        merge: MergeSpec { enabled: args.merge, domain: None },
     })
 }
 
@@ -100,6 +100,12 @@ pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandEr
     let id = spec.id.clone();
     let mut host = Host::new(HostConfig::default())?;
     host.handle_termination_signals()?;
+    if spec.merge.enabled {
+        host.memory()
+            .merger()
+            .set_tunables(memory::Tunables { merge_zero_pages: true, ..memory::Tunables::full_speed() })
+            .map_err(|e| CommandError::Runtime(format!("merger: {e}")))?;
+    }
     host.create_vm(spec)?;
     host.start_all()?;
     let host = Arc::new(Mutex::new(host));
