@@ -198,6 +198,14 @@ fn kernel_ksm(guests: usize, pages: usize, shared_pages: usize) -> std::result::
     let expected = (shared_pages * (guests - 1)) as u64;
     let pid = ksmd_pid().ok_or("no ksmd thread")?;
     let stat = format!("/proc/{pid}/stat");
+    // run=2 unmerges every process's KSM pages: do not disturb another user.
+    if get("run") != 0 || get("pages_shared") > 0 {
+        return Err(format!(
+            "KSM is in use (run={}, pages_shared={}); not touching it",
+            get("run"),
+            get("pages_shared")
+        ));
+    }
     let _guard = KsmGuard::save();
     set("run", "2").map_err(|e| format!("run=2: {e}"))?;
     for (k, v) in [("pages_to_scan", "10000"), ("sleep_millisecs", "0"), ("max_page_sharing", "256")] {
