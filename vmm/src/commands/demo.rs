@@ -108,7 +108,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             "{:<6} {:<8} {:>9} {:>9.0} {:>10} {:>12} {:>10}  {}",
             s.vm_id,
             format!("{:?}", s.state),
-            r.npages * 4096 >> 20,
+            (r.npages * 4096) >> 20,
             s.timeline.fill_done_s.unwrap_or(f64::NAN) * 1e3,
             r.pages_written,
             r.pages_verified,
