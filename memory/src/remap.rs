@@ -25,10 +25,13 @@
 //!
 //! Why not the alternative without a read-only instant (prepare the mapping at
 //! a scratch address, registered and protected, and `mremap` it into place with
-//! `UFFD_FEATURE_EVENT_REMAP`)? Measured on this platform's kernel (6.18): the
-//! moved mapping loses its userfaultfd registration and no remap event is
-//! delivered, even with the feature enabled, so protection would be lost
-//! (test `uffd_kernel::mremap_keeps_registration` reports it).
+//! `UFFD_FEATURE_EVENT_REMAP`)? It works on this kernel (the registration follows
+//! the move; test `uffd_kernel::mremap_keeps_registration_with_event_remap`), but
+//! `mremap` then blocks until the userfaultfd reader has read the remap event,
+//! and the only reader is the fault-handler thread, which itself waits for the
+//! manager's lock that the remapper holds: it would need a second reader or
+//! lock-free event draining. The read-only instant is covered for every writer
+//! (see above), so densevm keeps the simpler protocol.
 //!
 //! Neither ending wakes blocked writers: the fault resolver does, once it holds
 //! the manager's lock and sees the final state.

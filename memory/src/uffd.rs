@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Feature: events on `mremap` of registered ranges (registration then follows the move).
-pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 1;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 /// Feature: write protection of shmem and hugetlbfs.
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// Feature: write protection of not yet populated page-table entries.
