@@ -78,6 +78,13 @@ fn bench_cow_quick_reports_every_case() {
             _ => {}
         }
     }
+    for name in ["wp-host", "copy-host", "reuse-host"] {
+        let h = &v["host_thread_writes"][name];
+        for f in ["median_ns", "p99_ns", "mean_ns", "pages_measured"] {
+            positive(h, f);
+        }
+        assert_eq!(h["pages"], h["pages_measured"], "every page prepared: {name} {h}");
+    }
     assert!(v["ratios"]["reuse_over_copy"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("reuse / copy"), "{stdout}");
 }

@@ -223,8 +223,8 @@ fn vm_action(vm: &mut Vm, action: VmActionType) -> Result<(), ApiError> {
 
 /// Maps a Host error onto the API's error classes.
 pub fn host_error(e: host::Error) -> ApiError {
-    use guest_ram::Error as Ram;
     use ::memory::manager::Error as Mem;
+    use guest_ram::Error as Ram;
     let msg = e.to_string();
     match e {
         host::Error::NoSuchVm(_) => ApiError::not_found(msg),

@@ -4,12 +4,19 @@
 //! KSM pages.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Where the kernel exposes KSM.
 pub const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
+
+/// Lock file that serializes densevm processes changing the KSM knobs (two
+/// overlapping save/set/restore windows would restore each other's settings).
+pub const LOCK_FILE: &str = "densevm-ksm.lock";
+/// How long [`KsmControl::open`] waits for another densevm process's KSM benchmark.
+const LOCK_WAIT: Duration = Duration::from_secs(300);
 
 /// `/proc/kpageflags` bit of a KSM page (`KPF_KSM`).
 const KPF_KSM: u64 = 21;
@@ -62,6 +69,9 @@ pub enum Error {
     /// The caller asked to stop.
     #[error("interrupted")]
     Interrupted,
+    /// Another process held the KSM lock for too long.
+    #[error("another densevm process kept {0} locked for {1:?}")]
+    Busy(PathBuf, Duration),
 }
 
 /// The KSM counters a benchmark reports.
@@ -97,12 +107,41 @@ pub fn selected_value(content: &str) -> String {
 pub struct KsmControl {
     dir: PathBuf,
     saved: Vec<(String, String)>,
+    // Dropped after `Drop::drop` restored the knobs.
+    _lock: Option<File>,
 }
 
 impl KsmControl {
-    /// Controls the kernel's KSM at [`KSM_SYSFS`].
+    /// Controls the kernel's KSM at [`KSM_SYSFS`], holding an exclusive lock on
+    /// [`LOCK_FILE`] in the temp directory (waiting while another densevm process
+    /// holds it) until dropped.
     pub fn open() -> Result<Self, Error> {
-        Self::at(KSM_SYSFS)
+        let mut k = Self::at(KSM_SYSFS)?;
+        let path = std::env::temp_dir().join(LOCK_FILE);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::Io("opening the KSM lock file", e))?;
+        let (deadline, mut waited) = (Instant::now() + LOCK_WAIT, false);
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(Error::Io("locking the KSM lock file", e));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Busy(path, LOCK_WAIT));
+            }
+            if !waited {
+                eprintln!("densevm: waiting for another densevm process to release {}", path.display());
+                waited = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        k._lock = Some(file);
+        Ok(k)
     }
 
     /// Controls the KSM knobs in `dir` (a stand-in directory in tests).
@@ -111,7 +150,7 @@ impl KsmControl {
         if !dir.join("run").exists() {
             return Err(Error::Missing(dir));
         }
-        Ok(KsmControl { dir, saved: Vec::new() })
+        Ok(KsmControl { dir, saved: Vec::new(), _lock: None })
     }
 
     /// True when the knob exists (newer kernels have more of them).
@@ -236,7 +275,7 @@ pub fn ksm_page_flags(addr: u64, npages: u64) -> std::io::Result<Vec<bool>> {
         let mut ksm = false;
         if entry & PM_PRESENT != 0 && pfn != 0 {
             flags.read_exact_at(&mut word, pfn * 8)?;
-            ksm = u64::from_le_bytes(word) >> KPF_KSM & 1 == 1;
+            ksm = (u64::from_le_bytes(word) >> KPF_KSM) & 1 == 1;
         }
         merged.push(ksm);
     }
@@ -263,6 +302,23 @@ pub struct MergedWriteTimes {
     pub mean_ns: f64,
     /// Slowest write.
     pub max_ns: f64,
+}
+
+impl MergedWriteTimes {
+    /// Statistics of per-page latencies `ns` (one per measured page) of `pages` pages.
+    pub fn from_ns(pages: u64, mut ns: Vec<f64>) -> Self {
+        ns.sort_by(f64::total_cmp);
+        let n = ns.len();
+        let at = |i: usize| ns.get(i).copied().unwrap_or(f64::NAN);
+        MergedWriteTimes {
+            pages,
+            pages_measured: n as u64,
+            median_ns: at(n / 2),
+            p99_ns: at((n * 99).div_ceil(100).saturating_sub(1)),
+            mean_ns: ns.iter().sum::<f64>() / n as f64,
+            max_ns: at(n.saturating_sub(1)),
+        }
+    }
 }
 
 /// Private anonymous pages, unmapped on drop.
@@ -339,16 +395,7 @@ pub fn time_writes_to_merged_pages(
         unsafe { std::ptr::write_volatile(mem.ptr.add(i * 4096).cast::<u64>(), !(i as u64)) };
         ns.push(t0.elapsed().as_nanos() as f64);
     }
-    ns.sort_by(f64::total_cmp);
-    let n = ns.len();
-    Ok(MergedWriteTimes {
-        pages: pages as u64,
-        pages_measured: n as u64,
-        median_ns: ns[n / 2],
-        p99_ns: ns[(n * 99).div_ceil(100).saturating_sub(1)],
-        mean_ns: ns.iter().sum::<f64>() / n as f64,
-        max_ns: ns[n - 1],
-    })
+    Ok(MergedWriteTimes::from_ns(pages as u64, ns))
 }
 
 #[cfg(test)]

@@ -136,9 +136,8 @@ fn to_api(t: &Tunables) -> MergeConfig {
 }
 
 fn from_api(c: &MergeConfig) -> Result<Tunables, ApiError> {
-    let narrow = |name: &str, v: u64| {
-        u32::try_from(v).map_err(|_| ApiError::bad_request(format!("{name}: {v} is too large")))
-    };
+    let narrow =
+        |name: &str, v: u64| u32::try_from(v).map_err(|_| ApiError::bad_request(format!("{name}: {v} is too large")));
     Ok(Tunables {
         run: c.run,
         pages_to_scan: narrow("pages_to_scan", c.pages_to_scan)?,

@@ -214,6 +214,43 @@ fn wait_ksm_merged(ksm: &mut KsmControl, addr: u64, n: u64) -> Result<u64, Comma
     }
 }
 
+/// The same page states written by a host thread instead of a vCPU (no VM exit in
+/// the path): VMs created but never started, identical content written into A's
+/// and B's pages, pages prepared, then one timed 8-byte store per page of A.
+fn host_thread_case(host: &mut Host, prep: Prep, p: Params) -> Result<MergedWriteTimes, CommandError> {
+    let ids = [format!("cow-host-{prep:?}-a"), format!("cow-host-{prep:?}-b")];
+    for (i, id) in ids.iter().enumerate() {
+        host.create_vm(spec(id.clone(), i as u64 + 1, RamPolicy::Managed, p))?;
+    }
+    let res = (|| {
+        let (n, first) = (u64::from(p.fill_mib) << 8, 1024u32);
+        let mut mem = [0u32; 2];
+        for (i, id) in ids.iter().enumerate() {
+            let ram = host.vm(id)?.ram();
+            mem[i] = ram.guest_map().ok_or_else(|| rt("managed RAM has a guest map"))?.vm_id();
+            for page in first..first + n as u32 {
+                let fill = [page as u8 | 1; 4096];
+                ram.memory().write_slice(&fill, GuestAddress(u64::from(page) * 4096)).map_err(rt)?;
+            }
+        }
+        let prepared = prepare(host, prep, mem, first, n as u32)?;
+        let base = host.vm(&ids[0])?.ram().host_addr() as usize;
+        let mut ns = Vec::with_capacity(n as usize);
+        for page in first..first + n as u32 {
+            let t0 = Instant::now();
+            // SAFETY: the page lies inside A's guest RAM mapping, which lives as long
+            // as the VM in `host`; the VM never runs, so nothing else writes there.
+            unsafe { std::ptr::write_volatile((base + page as usize * 4096) as *mut u64, u64::from(page)) };
+            ns.push(t0.elapsed().as_nanos() as f64);
+        }
+        Ok(MergedWriteTimes::from_ns(prepared, ns))
+    })();
+    for id in &ids {
+        let _ = host.remove_vm(id, None);
+    }
+    res
+}
+
 fn guest_case(
     host: &mut Host,
     name: &'static str,
@@ -354,26 +391,31 @@ fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
 }
 
-fn print_table(cases: &[GuestCase], host_write: Option<&MergedWriteTimes>, skipped: Option<&str>, tsc_khz: u64) {
+fn print_table(
+    cases: &[GuestCase],
+    host_rows: &[(&str, MergedWriteTimes)],
+    host_write: Option<&MergedWriteTimes>,
+    skipped: Option<&str>,
+    tsc_khz: u64,
+) {
     println!("densevm bench cow: latency of the first store into a page, as the guest measures it (rdtsc, TSC {tsc_khz} kHz)");
-    println!("{:<10} {:<62} {:>7} {:>10} {:>10} {:>10}", "case", "what", "pages", "median ns", "mean ns", "max ns");
+    let row = |name: &str, what: &str, pages: u64, median: f64, mean: f64, max: f64, extra: String| {
+        println!("{name:<10} {what:<60} {pages:>7} {median:>10.0} {mean:>10.0} {max:>10.0}{extra}");
+    };
+    println!("{:<10} {:<60} {:>7} {:>10} {:>10} {:>10}", "case", "what", "pages", "median ns", "mean ns", "max ns");
     for c in cases {
-        println!(
-            "{:<10} {:<62} {:>7} {:>10.0} {:>10.0} {:>10.0}",
-            c.name, c.what, c.pages_measured, c.median_ns, c.mean_ns, c.max_ns
-        );
+        row(c.name, c.what, c.pages_measured, c.median_ns, c.mean_ns, c.max_ns, String::new());
     }
-    if let Some(h) = host_write {
-        println!(
-            "{:<10} {:<62} {:>7} {:>10.0} {:>10.0} {:>10.0}   (p99 {:.0} ns)",
-            "ksm-host",
-            "kernel KSM: host thread writes to a KSM-merged page",
-            h.pages_measured,
-            h.median_ns,
-            h.mean_ns,
-            h.max_ns,
-            h.p99_ns
-        );
+    println!("host thread (no VM exit), one 8-byte store per page:");
+    let what = |n: &str| match n {
+        "wp-host" => "densevm: write-protected private page",
+        "copy-host" => "densevm: frame shared by 2 guest pages (copy)",
+        "reuse-host" => "densevm: sole mapper of a merged frame (reuse)",
+        _ => "kernel KSM: KSM-merged anonymous page",
+    };
+    for (name, h) in host_rows.iter().map(|(n, h)| (*n, h)).chain(host_write.map(|h| ("ksm-host", h))) {
+        let p99 = format!("  (p99 {:.0})", h.p99_ns);
+        row(name, what(name), h.pages_measured, h.median_ns, h.mean_ns, h.max_ns, p99);
     }
     if let Some(why) = skipped {
         println!("kernel KSM rows skipped: {why}");
@@ -398,6 +440,11 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
         eprintln!("densevm: bench cow: case {name}");
         cases.push(guest_case(&mut host, name, prep, p, None)?);
     }
+    let mut host_rows = Vec::new();
+    for (name, prep) in [("wp-host", Prep::Protect), ("copy-host", Prep::Copy), ("reuse-host", Prep::Reuse)] {
+        check_interrupt()?;
+        host_rows.push((name, host_thread_case(&mut host, prep, p)?));
+    }
     let mut skipped = None;
     let mut host_write = None;
     let mut restore_error = None;
@@ -415,11 +462,14 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
                 guest_case(&mut host, "ksm-guest", Prep::Ksm, p, Some(&mut k))
             });
             restore_error = k.restore().err().map(|e| e.to_string());
+            if let Some(e) = &restore_error {
+                eprintln!("densevm: warning: {e}");
+            }
             cases.push(res?);
         }
     }
     let tsc_khz = cases.first().map(|c| c.tsc_khz).unwrap_or(0);
-    print_table(&cases, host_write.as_ref(), skipped.as_deref(), tsc_khz);
+    print_table(&cases, &host_rows, host_write.as_ref(), skipped.as_deref(), tsc_khz);
     let find = |n: &str| cases.iter().find(|c| c.name == n).map(|c| (c.median_ns, c.mean_ns));
     let (nan, fmt) =
         ((f64::NAN, f64::NAN), |r: Option<f64>| r.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into()));
@@ -431,9 +481,6 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
     println!("reuse / copy: {} (medians), {} (means)", fmt(reuse_copy.0), fmt(reuse_copy.1));
     println!("copy / kernel KSM write by a host thread (medians): {}", fmt(copy_host));
     println!("copy / kernel KSM write, guest-observed (medians): {}", fmt(copy_guest));
-    if let Some(e) = &restore_error {
-        eprintln!("densevm: warning: {e}");
-    }
     let result: Value = json!({
         "benchmark": "cow",
         "quick": quick,
@@ -443,6 +490,7 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
         "method": "first pass of the workload guest's round-robin rewrite loop; per page the TSC cycles of the \
                    first store (write_first_cycles); mean over the pass, median of per-poll interval means; ratios from medians",
         "cases": cases,
+        "host_thread_writes": host_rows.iter().map(|(n, h)| (n.to_string(), json!(h))).collect::<serde_json::Map<_, _>>(),
         "kernel_ksm": {
             "available": skipped.is_none(),
             "skipped_reason": skipped,

@@ -94,9 +94,9 @@ fn log_event(e: &HostEvent) {
 fn server_error(e: api::server::Error) -> CommandError {
     use api::socket::Error as S;
     match e {
-        api::server::Error::Socket(
-            s @ (S::InUse(_) | S::NotASocket(_) | S::NotLoopback(_) | S::BadTcpAddress(_)),
-        ) => CommandError::Input(s.to_string()),
+        api::server::Error::Socket(s @ (S::InUse(_) | S::NotASocket(_) | S::NotLoopback(_) | S::BadTcpAddress(_))) => {
+            CommandError::Input(s.to_string())
+        }
         other => CommandError::Runtime(other.to_string()),
     }
 }

@@ -1,0 +1,134 @@
+//! Measurements of `densevm bench merge`: CPU time of a thread, host memory of
+//! anonymous guest RAM, the kernel's KSM thread, and the expected merge count of
+//! the workload guests.
+
+use api::scenario::Scenario;
+
+/// `/proc/<task>/schedstat` (nanoseconds on CPU) or, without schedstats,
+/// `/proc/<task>/stat` (utime + stime in clock ticks), in seconds. `task` is a
+/// `/proc` directory such as `/proc/self/task/123` or `/proc/45`.
+pub fn task_cpu_s(task: &str) -> Option<f64> {
+    if let Some(ns) = std::fs::read_to_string(format!("{task}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+    {
+        return Some(ns as f64 / 1e9);
+    }
+    let stat = std::fs::read_to_string(format!("{task}/stat")).ok()?;
+    // After the command name: state is field 3, utime 14, stime 15 (1-based).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant; no memory is involved.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Process id of the kernel's `ksmd` thread.
+pub fn ksmd_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "ksmd").then_some(pid)
+    })
+}
+
+/// Sum of `Rss` over the mappings of this process that lie inside one of
+/// `ranges` (`(start, len)` in bytes), from `/proc/self/smaps`. A KSM page
+/// counts once per mapping of it, so this is the memory before KSM's savings.
+pub fn rss_in(ranges: &[(u64, u64)]) -> std::io::Result<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(rss_in_smaps(&smaps, ranges))
+}
+
+fn rss_in_smaps(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+    let mut total = 0;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = ranges.iter().any(|&(s, l)| a >= s && b <= s + l);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+            }
+        }
+    }
+    total
+}
+
+/// `/proc/self/ksm_merging_pages`: pages of this process mapped to KSM pages.
+pub fn ksm_merging_pages() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/ksm_merging_pages").ok()?.trim().parse().ok()
+}
+
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn threshold(fraction: f64) -> u64 {
+    (fraction.clamp(0.0, 1.0) * 4_294_967_296.0) as u64
+}
+
+/// How many data pages of a workload guest running `s` hold the content every
+/// VM of the same `shared_seed` holds (the guest's `page_kind` == shared,
+/// resources/workload/guest.c): VMs cloned from one image merge at least
+/// `shared_data_pages * (vms - 1)` pages.
+pub fn shared_data_pages(s: &Scenario) -> u64 {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data_pages = u64::from(s.fill_mib) * 256;
+    let (zero, shared) = (threshold(s.zero_fraction), threshold(s.shared_fraction));
+    (0..data_pages)
+        .filter(|&i| {
+            let r = mix64(s.shared_seed ^ i.wrapping_mul(GOLDEN)) >> 32;
+            r >= zero && r < zero + shared
+        })
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_rss_of_ranges() {
+        let smaps = "\
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0
+Size:               4096 kB
+Rss:                1024 kB
+7f0000400000-7f0000800000 rw-p 00000000 00:00 0
+Rss:                 512 kB
+7f0000800000-7f0000801000 r--p 00000000 00:00 0
+Rss:                   4 kB
+";
+        let base = 0x7f00_0000_0000;
+        assert_eq!(rss_in_smaps(smaps, &[(base, 8 << 20)]), 1536 << 10);
+        assert_eq!(rss_in_smaps(smaps, &[(base + (4 << 20), 4 << 20)]), 512 << 10);
+        assert_eq!(rss_in_smaps(smaps, &[]), 0);
+    }
+
+    #[test]
+    fn shared_fraction_is_respected() {
+        let s = Scenario { fill_mib: 16, shared_fraction: 0.9, ..Scenario::default() };
+        let n = shared_data_pages(&s) as f64 / (16.0 * 256.0);
+        assert!((0.87..0.93).contains(&n), "{n}");
+        let none = Scenario { fill_mib: 4, shared_fraction: 0.0, ..Scenario::default() };
+        assert_eq!(shared_data_pages(&none), 0);
+        let all = Scenario { fill_mib: 4, shared_fraction: 1.0, ..Scenario::default() };
+        assert_eq!(shared_data_pages(&all), 1024);
+    }
+
+    #[test]
+    fn own_thread_cpu_is_readable() {
+        let tid = std::process::id();
+        assert!(task_cpu_s(&format!("/proc/self/task/{tid}")).is_some());
+    }
+}
