@@ -125,8 +125,31 @@ pub enum BenchKind {
     },
     /// Guest-observed write latency: private page, copy of a shared frame, reuse of
     /// a sole-mapped merged frame, and the kernel's KSM in the same run.
+    /// Latency of GET /memory on a real daemon while VMs run and merging scans.
+    Api {
+        /// Timed GET /memory requests.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        requests: u32,
+        /// Concurrent clients loading /metrics and /vms meanwhile.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=64))]
+        load_clients: u32,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     Cow {
         /// Smaller and shorter (for tests).
+        #[arg(long)]
+        quick: bool,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Same-page merging: the same clone microVMs under densevm's merger, the
+    /// kernel's KSM on anonymous RAM and no merging, in one run (time to merge,
+    /// CPU, idle CPU, host memory).
+    Merge {
+        /// Fewer, smaller VMs and shorter windows (for tests).
         #[arg(long)]
         quick: bool,
         /// Write the results as JSON to this file.

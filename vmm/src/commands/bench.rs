@@ -63,7 +63,11 @@ fn launch_once(exe: &std::path::Path, i: u32) -> Result<(f64, f64), CommandError
 /// Runs `densevm bench`.
 pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
     match args.which {
+        BenchKind::Api { requests, load_clients, json } => {
+            super::bench_api::main(requests, load_clients, json.as_deref())
+        }
         BenchKind::Cow { quick, json } => super::bench_cow::main(quick, json.as_deref()),
+        BenchKind::Merge { quick, json } => super::bench_merge::main(quick, json.as_deref()),
         BenchKind::Launch { launches, json } => {
             let exe = std::env::current_exe().map_err(|e| CommandError::Runtime(e.to_string()))?;
             let mut walls = Vec::new();

@@ -1,10 +1,13 @@
 //! The `densevm` subcommands.
 
 pub mod bench;
+pub mod bench_api;
 pub mod bench_cow;
+pub mod bench_merge;
 pub mod demo;
 pub mod driver;
 pub mod host_info;
+pub mod http_client;
 pub mod run;
 pub mod serve;
 
