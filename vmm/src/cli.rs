@@ -123,8 +123,6 @@ pub enum BenchKind {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Guest-observed write latency: private page, copy of a shared frame, reuse of
-    /// a sole-mapped merged frame, and the kernel's KSM in the same run.
     /// Latency of GET /memory on a real daemon while VMs run and merging scans.
     Api {
         /// Timed GET /memory requests.
@@ -137,6 +135,8 @@ pub enum BenchKind {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Guest-observed write latency: private page, copy of a shared frame, reuse of
+    /// a sole-mapped merged frame, and the kernel's KSM in the same run.
     Cow {
         /// Smaller and shorter (for tests).
         #[arg(long)]

@@ -10,12 +10,16 @@
 //! protection and goes through the remap protocol ([`crate::remap`]); runs of
 //! clone pages are merged with one `mmap` ([`ops`]). Zero pages lose their
 //! memory instead ([`zero`]). Statistics use KSM's vocabulary ([`stats`]).
+//! Converged, idle memory costs almost nothing: the scanner backs off
+//! ([`backoff`]: dirty-log polling, or smart scan and longer sleeps with
+//! checksums).
 //!
 //! [`Merger`] is the handle (owned by the [`crate::MemoryManager`], reached
 //! with [`crate::MemoryManager::merger`]): tunables get/set, run/pause,
 //! unmerge-all, statistics. The thread starts paused and stops when the
 //! manager drops.
 
+pub mod backoff;
 mod decide;
 pub mod domains;
 pub(crate) mod ops;
@@ -67,6 +71,8 @@ struct Control {
     unmerge_done: u64,
     unmerge_result: Result<u64, String>,
     forget: Vec<VmId>,
+    /// The idle back-off ([`backoff`]) is allowed.
+    backoff: bool,
 }
 
 /// State shared between the handle and the scanner thread.
@@ -115,6 +121,7 @@ impl Merger {
                 unmerge_done: 0,
                 unmerge_result: Ok(0),
                 forget: Vec::new(),
+                backoff: true,
             }),
             wake: Condvar::new(),
             generation: AtomicU64::new(0),
@@ -156,6 +163,20 @@ impl Merger {
         drop(control);
         self.shared.changed();
         Ok(t)
+    }
+
+    /// Allows (true, the default) or forbids the scanner's back-off on idle
+    /// memory ([`backoff`]: dirty-log polling, smart scan, longer sleeps after
+    /// quiet scans). Without it the scanner rescans at the configured rate
+    /// forever, as before the back-off existed: for comparisons and benchmarks.
+    pub fn set_backoff(&self, enabled: bool) {
+        self.shared.control().backoff = enabled;
+        self.shared.changed();
+    }
+
+    /// Whether the back-off on idle memory is allowed (see [`Merger::set_backoff`]).
+    pub fn backoff(&self) -> bool {
+        self.shared.control().backoff
     }
 
     /// Runs (true) or pauses (false) the scanner; merged pages stay merged.
@@ -275,7 +296,7 @@ impl Merger {
 enum Work {
     Stop,
     Unmerge(u64),
-    Scan(Tunables),
+    Scan(Tunables, bool),
 }
 
 fn next_work(shared: &Shared, scanner: &mut Scanner) -> Work {
@@ -291,7 +312,7 @@ fn next_work(shared: &Shared, scanner: &mut Scanner) -> Work {
             return Work::Unmerge(control.unmerge_requested);
         }
         if control.tunables.run {
-            return Work::Scan(control.tunables);
+            return Work::Scan(control.tunables, control.backoff);
         }
         control = shared.wake.wait(control).unwrap_or_else(|e| e.into_inner());
     }
@@ -300,8 +321,16 @@ fn next_work(shared: &Shared, scanner: &mut Scanner) -> Work {
 fn run_loop(core: Arc<Core>, shared: &Shared) {
     shared.tid.store(crate::sys::gettid(), Ordering::Relaxed);
     let mut scanner = Scanner::new(core);
+    let mut seen_generation = shared.generation.load(Ordering::Acquire);
     loop {
-        match next_work(shared, &mut scanner) {
+        let work = next_work(shared, &mut scanner);
+        let generation = shared.generation.load(Ordering::Acquire);
+        if generation != seen_generation {
+            // Tunables, run/pause or the VM set changed: no back-off carries over.
+            scanner.reset_backoff();
+            seen_generation = generation;
+        }
+        match work {
             Work::Stop => return,
             Work::Unmerge(ticket) => {
                 let result = scanner.unmerge_all().map_err(|e| e.to_string());
@@ -312,20 +341,41 @@ fn run_loop(core: Arc<Core>, shared: &Shared) {
                 drop(control);
                 shared.changed();
             }
-            Work::Scan(tun) => {
-                let generation = shared.generation.load(Ordering::Acquire);
+            Work::Scan(tun, backoff) => {
+                scanner.backoff_enabled = backoff;
                 let interrupted = || shared.generation.load(Ordering::Acquire) != generation;
                 let scans_before = scanner.counters.full_scans;
-                let any = match scanner.batch(&tun, &interrupted) {
-                    Ok(any) => any,
-                    Err(e) => {
-                        tracing::warn!("merge batch: {e}");
-                        true
+                let between_batches = Duration::from_millis(tun.sleep_ms);
+                let idle_poll = backoff::IDLE_POLL.max(between_batches);
+                let sleep = if scanner.is_idle() {
+                    match scanner.poll_idle(&tun, &interrupted) {
+                        Ok(poll) if poll.resumed => Duration::ZERO,
+                        Ok(poll) if poll.more => between_batches,
+                        Ok(_) => idle_poll,
+                        Err(e) => {
+                            tracing::warn!("merge idle poll: {e}");
+                            scanner.reset_backoff();
+                            between_batches
+                        }
+                    }
+                } else {
+                    let any = match scanner.batch(&tun, &interrupted) {
+                        Ok(any) => any,
+                        Err(e) => {
+                            tracing::warn!("merge batch: {e}");
+                            true
+                        }
+                    };
+                    match scanner.take_quiet_sleep() {
+                        // Idle when nothing is enabled.
+                        _ if !any => Duration::from_millis(100),
+                        Some(longer) => longer.max(between_batches),
+                        None if scanner.is_idle() => idle_poll,
+                        None => between_batches,
                     }
                 };
                 publish(shared, &scanner, scanner.counters.full_scans != scans_before);
-                // Sleep between batches (or until a change); idle when nothing is enabled.
-                let sleep = if any { Duration::from_millis(tun.sleep_ms) } else { Duration::from_millis(100) };
+                // Sleep between batches (or until a change).
                 if !sleep.is_zero() && !interrupted() {
                     let control = shared.control();
                     let _unused = shared.wake.wait_timeout_while(control, sleep, |_| !interrupted());

@@ -1,6 +1,7 @@
 //! The scanner's per-VM state: one small record per guest page (cached hash,
-//! frame at hashing time, class of the last visit) and the accumulated dirty
-//! bitmap of the VM's dirty log.
+//! frame at hashing time, class of the last visit, smart-scan age), the
+//! accumulated dirty bitmap of the VM's dirty log, and the pages the idle mode
+//! still has to revisit ([`super::backoff`]).
 
 use crate::FrameNo;
 
@@ -32,6 +33,12 @@ pub(crate) struct PageState {
     /// Whether `hash` is valid.
     pub hashed: bool,
     class: u8,
+    /// Checksum mode: consecutive visits that found the page unchanged and
+    /// still unshared (KSM's `rmap_item->age`, saturating).
+    pub age: u8,
+    /// Checksum mode: visits still to skip before the next check (KSM's
+    /// `remaining_skips`).
+    pub skips: u8,
 }
 
 /// Scan state of one VM.
@@ -44,6 +51,11 @@ pub(crate) struct VmScan {
     pub dirty: Vec<u64>,
     /// The dirty log is registered and answered at the last batch.
     pub dirty_log: bool,
+    /// Idle mode: pages found changed at the last poll, to visit once they
+    /// stay clean for a poll interval (sorted, no duplicates).
+    pub pending: Vec<u32>,
+    /// Pages that entered [`Class::Volatile`] from another class (changes seen).
+    pub newly_volatile: u64,
     counts: [u64; CLASSES],
 }
 
@@ -57,6 +69,8 @@ impl VmScan {
             pages: vec![PageState::default(); pages as usize],
             dirty: Vec::new(),
             dirty_log: false,
+            pending: Vec::new(),
+            newly_volatile: 0,
             counts,
         }
     }
@@ -67,8 +81,22 @@ impl VmScan {
             return;
         };
         self.counts[ps.class as usize] -= 1;
+        if class == Class::Volatile && ps.class != Class::Volatile as u8 {
+            self.newly_volatile += 1;
+        }
         ps.class = class as u8;
         self.counts[class as usize] += 1;
+    }
+
+    /// The class page `p` got at its last visit.
+    pub fn class(&self, p: u32) -> Class {
+        match self.pages.get(p as usize).map_or(0, |ps| ps.class) {
+            1 => Class::Volatile,
+            2 => Class::Unshared,
+            3 => Class::Merged,
+            4 => Class::Other,
+            _ => Class::Unvisited,
+        }
     }
 
     /// Number of pages of `class`.
@@ -98,8 +126,26 @@ impl VmScan {
         }
     }
 
+    /// Moves every page with a pending dirty bit to `out` (ascending) and
+    /// clears the bits.
+    pub fn drain_dirty(&mut self, out: &mut Vec<u32>) {
+        for (w, word) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let p = w as u64 * 64 + u64::from(b);
+                if p < self.pages.len() as u64 {
+                    out.push(p as u32);
+                }
+            }
+        }
+    }
+
     /// Heap bytes of this state.
     pub fn metadata_bytes(&self) -> usize {
-        self.pages.capacity() * std::mem::size_of::<PageState>() + self.dirty.capacity() * 8
+        self.pages.capacity() * std::mem::size_of::<PageState>()
+            + self.dirty.capacity() * 8
+            + self.pending.capacity() * 4
     }
 }

@@ -16,6 +16,10 @@
 //!    (runs again), keeping the frame in the more occupied 2 MiB host frame;
 //!    the kept frame enters the stable index. Otherwise the page enters the
 //!    unstable index, which is cleared at every full scan.
+//!
+//! When memory is idle the scanner backs off ([`super::backoff`]): in
+//! dirty-log mode it stops rescanning and polls the dirty logs, in checksum
+//! mode it skips long-unchanged pages (smart scan) and sleeps longer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use crate::page_table::PageFlags;
 use crate::txn::Txn;
 use crate::{sys, FrameNo, VmId, PAGE_SIZE};
 
+use super::backoff::{skip_age, Idle, SMART_MIN_AGE};
 use super::domains::DomainId;
 use super::pages::{Class, VmScan};
 use super::stable::{Key, StableIndex};
@@ -72,11 +77,17 @@ pub(crate) struct Counters {
     pub scan_ms_total: f64,
     pub busy_ms_last: f64,
     pub busy_ms_total: f64,
+    /// Full scans that walked every page (not idle polls), for the averages.
+    pub walked_scans: u64,
+    /// Checksum mode: page visits skipped by the smart scan.
+    pub pages_skipped: u64,
+    /// Polls of the dirty logs while idle.
+    pub idle_polls: u64,
 }
 
 /// The scanner's state (owned by the scanner thread).
 pub(crate) struct Scanner {
-    core: Arc<Core>,
+    pub(super) core: Arc<Core>,
     pub(super) vms: BTreeMap<VmId, VmScan>,
     pub(super) stable: StableIndex,
     pub(super) unstable: UnstableIndex,
@@ -87,7 +98,22 @@ pub(crate) struct Scanner {
     pages_this_scan: u64,
     pub(crate) counters: Counters,
     resident: Vec<u8>,
-    dirty_buf: Vec<u64>,
+    pub(super) dirty_buf: Vec<u64>,
+    /// Back-off allowed ([`super::Merger::set_backoff`]).
+    pub(super) backoff_enabled: bool,
+    /// Back-off: idle mode (dirty-log polling) when set.
+    pub(super) idle: Option<Idle>,
+    /// Back-off: quiet full scans in a row.
+    pub(super) quiet_scans: u32,
+    /// Back-off: the longer sleep owed after a quiet full scan (checksum mode).
+    pub(super) quiet_sleep: Option<Duration>,
+    /// Fingerprint of the guest maps when the previous full scan ended (none
+    /// after a restart: the first scan is never quiet).
+    pub(super) scan_fp: Option<u64>,
+    /// [`Scanner::activity`] when the previous full scan ended.
+    pub(super) scan_activity: u64,
+    /// Zeroed pages, newly indexed shared frames and errors (part of the activity).
+    pub(super) extra_activity: u64,
 }
 
 impl Scanner {
@@ -105,15 +131,33 @@ impl Scanner {
             counters: Counters::default(),
             resident: Vec::new(),
             dirty_buf: Vec::new(),
+            backoff_enabled: true,
+            idle: None,
+            quiet_scans: 0,
+            quiet_sleep: None,
+            scan_fp: None,
+            scan_activity: 0,
+            extra_activity: 0,
         }
     }
 
     /// Forgets the scan state of `vm` (its pages are re-learned).
     pub fn forget(&mut self, vm: VmId) {
         self.vms.remove(&vm);
+        self.reset_backoff();
     }
 
-    fn targets(&mut self) -> Vec<Target> {
+    /// Starts over with a fresh full scan (unstable index emptied).
+    pub(super) fn restart_scan(&mut self) {
+        self.unstable.clear();
+        self.cursor = (0, 0);
+        self.pages_this_scan = 0;
+        self.busy = Duration::ZERO;
+        self.scan_start = Instant::now();
+        self.scan_fp = None;
+    }
+
+    pub(super) fn targets(&mut self) -> Vec<Target> {
         let st = self.core.lock();
         let mut out: Vec<Target> = st
             .merge_cfg
@@ -160,8 +204,11 @@ impl Scanner {
         }
     }
 
-    /// Visits up to `tun.pages_to_scan` pages; returns early when `interrupted`.
-    /// Returns whether any VM is enabled.
+    /// Visits up to `tun.pages_to_scan` pages with host memory (pages without,
+    /// such as never-written or discarded ones, cost nothing, as in KSM, which
+    /// only visits present pages), at most one lap of all pages; returns early
+    /// when `interrupted` or when a full scan ends quiet (the caller then backs
+    /// off: see [`super::backoff`]). Returns whether any VM is enabled.
     pub fn batch(&mut self, tun: &Tunables, interrupted: &dyn Fn() -> bool) -> Result<bool> {
         let started = Instant::now();
         let targets = self.targets();
@@ -169,11 +216,13 @@ impl Scanner {
             return Ok(false);
         }
         self.refresh_dirty(&targets, tun);
+        let vms: Vec<VmId> = targets.iter().map(|t| t.vm).collect();
         let total: u64 = targets.iter().map(|t| u64::from(t.pages)).sum();
         let mut budget = u64::from(tun.pages_to_scan).min(total);
-        while budget > 0 && !interrupted() {
+        let mut lap = total;
+        while budget > 0 && lap > 0 && !interrupted() && self.idle.is_none() && self.quiet_sleep.is_none() {
             let Some(target) = targets.iter().find(|t| t.vm >= self.cursor.0).copied() else {
-                self.end_full_scan();
+                self.end_full_scan(&vms, tun);
                 self.cursor = (targets[0].vm, 0);
                 continue;
             };
@@ -182,16 +231,22 @@ impl Scanner {
             }
             let start = self.cursor.1;
             let n = (target.pages - start).min(CHUNK).min(budget as u32);
-            if let Err(e) = self.chunk(target, start, n, tun) {
-                tracing::warn!("merging VM {} pages {start}..+{n}: {e}", target.vm);
-            }
-            budget -= u64::from(n);
+            let charged = match self.chunk(target, start, n, tun) {
+                Ok(resident) => resident,
+                Err(e) => {
+                    tracing::warn!("merging VM {} pages {start}..+{n}: {e}", target.vm);
+                    self.extra_activity += 1;
+                    n
+                }
+            };
+            budget = budget.saturating_sub(u64::from(charged));
+            lap = lap.saturating_sub(u64::from(n));
             self.pages_this_scan += u64::from(n);
             self.cursor.1 = start + n;
             if self.cursor.1 >= target.pages {
                 self.cursor = (target.vm.saturating_add(1), 0);
                 if target.vm == VmId::MAX {
-                    self.end_full_scan();
+                    self.end_full_scan(&vms, tun);
                 }
             }
             self.core.yield_to_faults();
@@ -200,27 +255,34 @@ impl Scanner {
         Ok(true)
     }
 
-    fn end_full_scan(&mut self) {
+    fn end_full_scan(&mut self, vms: &[VmId], tun: &Tunables) {
+        let mut idle = false;
         if self.pages_this_scan > 0 {
             let c = &mut self.counters;
             c.full_scans += 1;
+            c.walked_scans += 1;
             c.scan_ms_last = self.scan_start.elapsed().as_secs_f64() * 1e3;
             c.scan_ms_total += c.scan_ms_last;
             c.busy_ms_last = self.busy.as_secs_f64() * 1e3;
             c.busy_ms_total += c.busy_ms_last;
+            idle = self.after_full_scan(vms, tun);
         }
         self.pages_this_scan = 0;
         self.busy = Duration::ZERO;
         self.scan_start = Instant::now();
-        self.unstable.clear();
+        if !idle {
+            // Idle mode keeps the unstable index: pages settling later pair with it.
+            self.unstable.clear();
+        }
     }
 
-    fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<()> {
+    /// Visits pages `start..start+n` of `target`; returns how many had host memory.
+    pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
         let core = self.core.clone();
         let mut guard = core.lock();
         let mut t = Txn { st: &mut guard, remap: core.remap() };
         let Some(mut vs) = self.vms.remove(&target.vm) else {
-            return Ok(());
+            return Ok(0);
         };
         let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
         self.vms.insert(target.vm, vs);
@@ -235,10 +297,11 @@ impl Scanner {
         start: u32,
         n: u32,
         tun: &Tunables,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let vm = target.vm;
         let addr = t.addr(Mapper { vm, page: start })?;
         sys::mincore(addr, n as usize * PAGE_SIZE, &mut self.resident).map_err(Error::Mapping)?;
+        let resident = self.resident.iter().take(n as usize).filter(|&&r| r & 1 == 1).count() as u32;
         let use_log = tun.change_detection == ChangeDetection::DirtyLog && vs.dirty_log;
         let mut cands = Vec::with_capacity(n as usize);
         let mut zeros = Vec::new();
@@ -259,6 +322,7 @@ impl Scanner {
                     // A shared frame the index does not know (migrated, merged by hand).
                     let hash = hash_page(t.st.pool.frame_bytes(e.frame)?);
                     self.stable.insert(Key { domain: target.domain, hash }, e.frame);
+                    self.extra_activity += 1;
                 }
                 continue;
             }
@@ -268,8 +332,13 @@ impl Scanner {
                 continue;
             }
             let ps = vs.pages[p as usize];
+            let was_unshared = vs.class(p) == Class::Unshared;
             let (hash, volatile) = if use_log {
                 if log_dirty || device_dirty {
+                    if ps.hashed && was_unshared {
+                        // Its unstable entry describes old content.
+                        self.unstable.remove(Key { domain: target.domain, hash: ps.hash }, m);
+                    }
                     vs.pages[p as usize].hashed = false;
                     vs.set_class(p, Class::Volatile);
                     continue;
@@ -280,8 +349,28 @@ impl Scanner {
                     (hash_page(t.st.pool.frame_bytes(e.frame)?), false)
                 }
             } else {
+                // Smart scan (KSM's smart_scan): a page unchanged and unshared at
+                // several visits in a row is skipped for a growing number of scans.
+                let rec = &mut vs.pages[p as usize];
+                if self.backoff_enabled && ps.hashed && was_unshared && !device_dirty && ps.frame == e.frame {
+                    rec.age = ps.age.saturating_add(1);
+                    if ps.age >= SMART_MIN_AGE {
+                        if ps.skips > 0 {
+                            rec.skips = ps.skips - 1;
+                            self.counters.pages_skipped += 1;
+                            continue;
+                        }
+                        rec.skips = skip_age(ps.age);
+                    }
+                } else {
+                    (rec.age, rec.skips) = (0, 0);
+                }
                 let h = hash_page(t.st.pool.frame_bytes(e.frame)?);
-                (h, device_dirty || !ps.hashed || ps.hash != h)
+                let changed = device_dirty || !ps.hashed || ps.hash != h;
+                if changed {
+                    (rec.age, rec.skips) = (0, 0);
+                }
+                (h, changed)
             };
             let rec = &mut vs.pages[p as usize];
             (rec.hash, rec.frame, rec.hashed) = (hash, e.frame, true);
@@ -297,6 +386,7 @@ impl Scanner {
         }
         if !zeros.is_empty() {
             let zeroed = t.zero_run(vm, &zeros)?;
+            self.extra_activity += zeroed.iter().filter(|&&z| z).count() as u64;
             for (&p, &z) in zeros.iter().zip(&zeroed) {
                 vs.set_class(p, if z { Class::Other } else { Class::Volatile });
                 if z {
@@ -308,7 +398,7 @@ impl Scanner {
         while j < cands.len() {
             j += self.merge_candidate(t, vs, target, &cands[j..], tun)?;
         }
-        Ok(())
+        Ok(resident)
     }
 
     /// Unmerges every VM with merging enabled (KSM's `run = 2`) and forgets the
@@ -331,10 +421,9 @@ impl Scanner {
         }
         self.counters.unmerges += total;
         self.stable.clear();
-        self.unstable.clear();
         self.vms.clear();
-        self.pages_this_scan = 0;
-        self.cursor = (0, 0);
+        self.reset_backoff();
+        self.restart_scan();
         Ok(total)
     }
 
@@ -353,9 +442,12 @@ impl Scanner {
         s.merge_choice_flips = c.flips;
         s.hash_mismatches = c.hash_mismatches;
         s.cross_domain_refusals = c.cross_domain;
-        let scans = c.full_scans.max(1) as f64;
+        let scans = c.walked_scans.max(1) as f64;
         (s.full_scan_ms_last, s.full_scan_ms_avg) = (c.scan_ms_last, c.scan_ms_total / scans);
         (s.merge_time_ms_last, s.merge_time_ms_avg) = (c.busy_ms_last, c.busy_ms_total / scans);
+        s.pages_skipped = c.pages_skipped;
+        s.idle = self.is_idle();
+        s.idle_polls = c.idle_polls;
         s.vms_enabled = self.vms.len() as u64;
         s.vms_dirty_log = self.vms.values().filter(|v| v.dirty_log).count() as u64;
         s.metadata_bytes = (self.vms.values().map(VmScan::metadata_bytes).sum::<usize>()

@@ -27,7 +27,9 @@ pub struct MergeStats {
     pub pages_volatile: u64,
     /// Pages visited since start (KSM's `pages_scanned`).
     pub pages_scanned: u64,
-    /// Completed full scans of all mergeable memory (KSM's `full_scans`).
+    /// Completed full scans of all mergeable memory (KSM's `full_scans`). While
+    /// the scanner is idle, a poll of the dirty logs that brought every changed
+    /// page up to date counts as one (clean pages would be skipped anyway).
     pub full_scans: u64,
     /// Guest pages whose content was all zero and whose memory was dropped
     /// (KSM's `ksm_zero_pages`; needs `merge_zero_pages`).
@@ -66,6 +68,15 @@ pub struct MergeStats {
     pub merge_time_ms_last: f64,
     /// Average busy time of a full scan in milliseconds.
     pub merge_time_ms_avg: f64,
+    /// Checksum mode: page visits skipped because the page was unchanged and
+    /// unshared at several visits in a row (KSM's `pages_skipped`, smart scan).
+    pub pages_skipped: u64,
+    /// The scanner backed off: memory is idle and it polls the dirty logs
+    /// instead of rescanning (see `memory::merge::backoff`).
+    pub idle: bool,
+    /// Polls of the dirty logs while idle (each that left nothing pending also
+    /// counts in `full_scans`).
+    pub idle_polls: u64,
     /// VMs with merging enabled.
     pub vms_enabled: u64,
     /// VMs scanned with their dirty log (the others use checksums).

@@ -46,7 +46,9 @@ pub enum ChangeDetection {
 pub struct Tunables {
     /// Whether the scanner runs (false: paused, merged pages stay merged).
     pub run: bool,
-    /// Pages visited per batch (1..=1_000_000).
+    /// Pages with host memory visited per batch (1..=1_000_000); pages without
+    /// (never written, discarded, zeroed) are passed over at no cost, as KSM
+    /// only visits present pages.
     pub pages_to_scan: u32,
     /// Sleep between batches in milliseconds (0..=60_000).
     pub sleep_ms: u64,

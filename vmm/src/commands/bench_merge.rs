@@ -363,8 +363,8 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
         "method": "guests filled first; timing starts when merging starts; converge_s: pages_sharing reaches \
                    target_pages_sharing (the clone image); settle_s: last change of pages_sharing; CPU from \
                    /proc/.../schedstat of the merger thread or ksmd; steady: CPU per second over steady_window_s \
-                   of idle guests after the count settled; anonymous host bytes = Rss of the guest ranges minus \
-                   pages_sharing pages",
+                   of idle guests, beginning two full scans after the count settled; anonymous host bytes = distinct \
+                   physical frames behind the guest ranges (/proc/self/pagemap)",
         "policies": results,
         "kernel_ksm": kernel,
         "ratios": ratios,

@@ -1,6 +1,6 @@
 //! Measurements of `densevm bench merge`: CPU time of a thread, host memory of
-//! anonymous guest RAM, the kernel's KSM thread, and the expected merge count of
-//! the workload guests.
+//! anonymous guest RAM (from the page map), the kernel's KSM thread, and the
+//! expected merge count of the workload guests.
 
 use api::scenario::Scenario;
 
@@ -33,32 +33,33 @@ pub fn ksmd_pid() -> Option<u32> {
     })
 }
 
-/// Sum of `Rss` over the mappings of this process that lie inside one of
-/// `ranges` (`(start, len)` in bytes), from `/proc/self/smaps`. A KSM page
-/// counts once per mapping of it, so this is the memory before KSM's savings.
-pub fn rss_in(ranges: &[(u64, u64)]) -> std::io::Result<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    Ok(rss_in_smaps(&smaps, ranges))
-}
-
-fn rss_in_smaps(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
-    let mut total = 0;
-    let mut inside = false;
-    for line in smaps.lines() {
-        let head = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = head.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                inside = ranges.iter().any(|&(s, l)| a >= s && b <= s + l);
-                continue;
-            }
-        }
-        if inside {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+/// Host memory behind `ranges` (`(start, len)` of this process): present pages
+/// and distinct physical frames among them, from `/proc/self/pagemap` (frame
+/// numbers need root; without them `frames` is `None`). A KSM page mapped by
+/// several guest pages is one frame.
+pub fn present_and_frames(ranges: &[(u64, u64)]) -> std::io::Result<(u64, Option<u64>)> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let (mut present, mut pfns) = (0u64, Vec::new());
+    for &(start, len) in ranges {
+        let mut buf = vec![0u8; (len / 4096) as usize * 8];
+        pagemap.read_exact_at(&mut buf, start / 4096 * 8)?;
+        for e in buf.chunks_exact(8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(e);
+            let entry = u64::from_le_bytes(w);
+            if entry >> 63 == 1 {
+                present += 1;
+                pfns.push(entry & ((1 << 55) - 1));
             }
         }
     }
-    total
+    if pfns.contains(&0) {
+        return Ok((present, None));
+    }
+    pfns.sort_unstable();
+    pfns.dedup();
+    Ok((present, Some(pfns.len() as u64)))
 }
 
 /// `/proc/self/ksm_merging_pages`: pages of this process mapped to KSM pages.
@@ -99,20 +100,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn smaps_rss_of_ranges() {
-        let smaps = "\
-7f0000000000-7f0000400000 rw-p 00000000 00:00 0
-Size:               4096 kB
-Rss:                1024 kB
-7f0000400000-7f0000800000 rw-p 00000000 00:00 0
-Rss:                 512 kB
-7f0000800000-7f0000801000 r--p 00000000 00:00 0
-Rss:                   4 kB
-";
-        let base = 0x7f00_0000_0000;
-        assert_eq!(rss_in_smaps(smaps, &[(base, 8 << 20)]), 1536 << 10);
-        assert_eq!(rss_in_smaps(smaps, &[(base + (4 << 20), 4 << 20)]), 512 << 10);
-        assert_eq!(rss_in_smaps(smaps, &[]), 0);
+    fn pagemap_counts_present_pages() {
+        let len = 16 * 4096;
+        let mut v = vec![0u8; len + 4096];
+        let start = (v.as_ptr() as u64).next_multiple_of(4096);
+        let off = (start - v.as_ptr() as u64) as usize;
+        for i in 0..4 {
+            v[off + i * 4096] = 1;
+        }
+        let (present, _) = present_and_frames(&[(start, 8 * 4096)]).unwrap();
+        assert!(present >= 4, "{present}");
     }
 
     #[test]

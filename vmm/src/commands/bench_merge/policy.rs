@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use api::scenario::Scenario;
 use memory::Tunables;
 
-use super::measure::{ksm_merging_pages, rss_in, task_cpu_s};
+use super::measure::{ksm_merging_pages, present_and_frames, task_cpu_s};
 use crate::commands::run::workload_mem_mib;
 use crate::commands::CommandError;
 use crate::guest_ram::RamPolicy;
@@ -99,10 +99,13 @@ pub struct PolicyResult {
     pub host_bytes_before: u64,
     /// Host memory behind guest RAM after the steady window.
     pub host_bytes: u64,
-    /// Anonymous RAM: Rss of the guest ranges (a KSM page counts once per mapping).
-    pub rss_bytes: Option<u64>,
+    /// Anonymous RAM: present pages of the guest ranges, in bytes (a KSM page
+    /// counts once per guest page mapping it).
+    pub present_bytes: Option<u64>,
     /// Anonymous RAM: /proc/self/ksm_merging_pages at the end.
     pub ksm_merging_pages: Option<u64>,
+    /// Full scans between convergence and the steady window.
+    pub full_scans_before_steady: u64,
     /// Every guest completed a full verify pass after convergence.
     pub verified_after_merge: bool,
     /// Pages the guests verified in total.
@@ -264,8 +267,12 @@ fn measure(
         })
     };
     r.ram = if matches!(policy.merging, Merging::Ksm { .. }) { "anonymous" } else { "managed" };
+    let anon_bytes = |sharing: u64| -> Result<(u64, u64), CommandError> {
+        let (present, frames) = present_and_frames(&ranges).map_err(rt)?;
+        Ok((present * 4096, frames.unwrap_or_else(|| present.saturating_sub(sharing)) * 4096))
+    };
     r.host_bytes_before = match policy.merging {
-        Merging::Ksm { .. } => rss_in(&ranges).map_err(rt)?,
+        Merging::Ksm { .. } => anon_bytes(0)?.1,
         _ => host.memory().stats().host_bytes,
     };
 
@@ -305,6 +312,15 @@ fn measure(
         r.settle_s = Some((last_change - t0).as_secs_f64());
     }
     let verifies: Vec<u64> = reports(host, ids)?.iter().map(|rep| rep.full_verifies).collect();
+    // Steady state begins after two more full scans (densevm: a quiet scan and an
+    // idle poll, or scans; KSM: scans), at most `timeout` later.
+    if !matches!(policy.merging, Merging::Off) {
+        let (base, t) = (counts(host, &ksm)?.scans, Instant::now());
+        while counts(host, &ksm)?.scans < base + 2 && t.elapsed() < p.timeout {
+            idle_for(host, ids, Duration::from_millis(20), interrupted)?;
+        }
+        r.full_scans_before_steady = counts(host, &ksm)?.scans - base;
+    }
 
     // Steady state with idle guests.
     let steady = |host: &mut Host| -> Result<Option<f64>, CommandError> {
@@ -317,10 +333,8 @@ fn measure(
     (r.pages_shared, r.pages_sharing) = (c.shared, c.sharing);
     match policy.merging {
         Merging::Ksm { .. } => {
-            let rss = rss_in(&ranges).map_err(rt)?;
-            r.rss_bytes = Some(rss);
-            // Each KSM page is counted once per mapping in Rss: take the extra mappings off.
-            r.host_bytes = rss.saturating_sub(c.sharing * 4096);
+            let (present, frames) = anon_bytes(c.sharing)?;
+            (r.present_bytes, r.host_bytes) = (Some(present), frames);
             r.ksm_merging_pages = ksm_merging_pages();
         }
         _ => r.host_bytes = host.memory().stats().host_bytes,
@@ -345,7 +359,7 @@ fn measure(
         }
         idle_for(host, ids, Duration::from_millis(20), interrupted)?;
     }
-    if let (Merging::Ksm { .. }, Some(k)) = (policy.merging, ksm.as_deref_mut()) {
+    if let (Merging::Ksm { .. }, Some(k)) = (policy.merging, ksm) {
         k.set("run", "0").map_err(rt)?;
     }
     for (id, rep) in ids.iter().zip(reports(host, ids)?) {
