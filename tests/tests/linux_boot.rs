@@ -15,19 +15,7 @@ use std::time::{Duration, Instant};
 const MARKER: &str = "DENSEVM-GUEST-READY";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `<target dir>/<profile>/densevm`, next to this test's `deps/` directory.
-fn densevm_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps");
-    let bin = profile_dir.join("densevm");
-    assert!(
-        bin.exists(),
-        "densevm binary not found at {} (build it first: cargo build -p vmm{})",
-        bin.display(),
-        if profile_dir.ends_with("release") { " --release" } else { "" }
-    );
-    bin
-}
+use e2e::densevm_bin as densevm_binary;
 
 /// Whether ring-0 guests run natively, and why: from `densevm host-info --json`, or,
 /// if the binary has no such subcommand, from the loaded KVM modules.

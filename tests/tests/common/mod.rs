@@ -18,31 +18,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Read/write timeout of one HTTP exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `<target dir>/<profile>/densevm`, next to this test's `deps/` directory.
-pub fn densevm_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps");
-    let bin = profile_dir.join("densevm");
-    assert!(
-        bin.exists(),
-        "densevm binary not found at {} (build it first: cargo build -p vmm{}, or run \
-         cargo test -p vmm -p e2e together)",
-        bin.display(),
-        if profile_dir.ends_with("release") { " --release" } else { "" }
-    );
-    bin
-}
-
-/// True when /dev/kvm can be opened; otherwise prints why the caller skips.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm cannot be opened: {e}");
-            false
-        }
-    }
-}
+pub use e2e::{densevm_bin as densevm_binary, kvm_available};
 
 /// A fresh, empty directory for one daemon's socket.
 pub fn scratch_dir(tag: &str) -> PathBuf {
