@@ -47,17 +47,6 @@ use super::DomainId;
 
 /// Interval between two polls of the dirty logs while idle.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
-/// Longest interval between idle polls: each poll that finds no written page
-/// doubles the interval from [`IDLE_POLL`] up to this, and any written page
-/// brings it back, so idle memory costs a few dirty-log harvests per second at
-/// most while a write is still noticed within a second.
-pub const IDLE_POLL_MAX: Duration = Duration::from_secs(1);
-
-/// The interval before the next idle poll after `quiet_polls` polls in a row
-/// found nothing written.
-pub fn idle_poll_interval(quiet_polls: u32) -> Duration {
-    IDLE_POLL.saturating_mul(1 << quiet_polls.min(4)).min(IDLE_POLL_MAX)
-}
 /// Interval between two walks of the page flags for device writes while idle.
 pub const DEVICE_WALK: Duration = Duration::from_secs(1);
 /// Checksum mode: the sleep after the first quiet full scan.
@@ -228,7 +217,6 @@ impl Scanner {
     pub(crate) fn reset_backoff(&mut self) {
         self.leave_idle();
         self.quiet_scans = 0;
-        self.quiet_polls = 0;
         self.quiet_sleep = None;
     }
 
@@ -296,7 +284,6 @@ impl Scanner {
         }
         let mut budget = tun.pages_to_scan as usize;
         let mut more = false;
-        let mut activity = false;
         for t in &targets {
             let Some(mut vs) = self.vms.remove(&t.vm) else { continue };
             let mut dirty = Vec::new();
@@ -311,10 +298,6 @@ impl Scanner {
             for &p in &dirty {
                 self.mark_changed(&mut vs, t.vm, t.domain, p);
             }
-            // Pages rewritten at every poll (a guest's report page, its stack) stay
-            // pending and never count; a page that was written and then stayed
-            // clean for a poll is visited, which is activity.
-            activity |= !visit.is_empty();
             let mut pending = dirty;
             if visit.len() > budget {
                 more = true;
@@ -345,7 +328,6 @@ impl Scanner {
             vs.pending = pending;
         }
         self.counters.idle_polls += 1;
-        self.quiet_polls = if activity { 0 } else { self.quiet_polls.saturating_add(1) };
         if !more {
             self.counters.full_scans += 1;
         }
@@ -356,15 +338,6 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn idle_polls_stretch_to_a_second_and_reset() {
-        assert_eq!(idle_poll_interval(0), IDLE_POLL);
-        assert_eq!(idle_poll_interval(1), Duration::from_millis(200));
-        assert_eq!(idle_poll_interval(3), Duration::from_millis(800));
-        assert_eq!(idle_poll_interval(4), IDLE_POLL_MAX);
-        assert_eq!(idle_poll_interval(u32::MAX), IDLE_POLL_MAX);
-    }
 
     #[test]
     fn schedules() {

@@ -351,7 +351,7 @@ fn run_loop(core: Arc<Core>, shared: &Shared) {
                     match scanner.poll_idle(&tun, &interrupted) {
                         Ok(poll) if poll.resumed => Duration::ZERO,
                         Ok(poll) if poll.more => between_batches,
-                        Ok(_) => backoff::idle_poll_interval(scanner.quiet_polls).max(between_batches),
+                        Ok(_) => idle_poll,
                         Err(e) => {
                             tracing::warn!("merge idle poll: {e}");
                             scanner.reset_backoff();

@@ -105,8 +105,6 @@ pub(crate) struct Scanner {
     pub(super) idle: Option<Idle>,
     /// Back-off: quiet full scans in a row.
     pub(super) quiet_scans: u32,
-    /// Consecutive idle polls that found no written page (stretches the poll interval).
-    pub(super) quiet_polls: u32,
     /// Back-off: the longer sleep owed after a quiet full scan (checksum mode).
     pub(super) quiet_sleep: Option<Duration>,
     /// Fingerprint of the guest maps when the previous full scan ended (none
@@ -136,7 +134,6 @@ impl Scanner {
             backoff_enabled: true,
             idle: None,
             quiet_scans: 0,
-            quiet_polls: 0,
             quiet_sleep: None,
             scan_fp: None,
             scan_activity: 0,
