@@ -204,3 +204,63 @@ fn guests_verify_every_page_while_pages_are_merged_migrated_and_discarded() {
     );
     assert!(c.merges.load(Ordering::Relaxed) > 100, "the torture thread merged pages");
 }
+
+/// Page-table pages are identical across clones and get merged; the guests' page
+/// walks must not need to write them (Accessed/Dirty bits are preset), or a walk
+/// over a write-protected page-table page fails under shadow paging and the guest
+/// takes a fault it cannot handle.
+#[test]
+fn guests_run_on_merged_page_tables() {
+    if !e2e::kvm_available("guests_run_on_merged_page_tables") {
+        return;
+    }
+    let mut host = match Host::new(HostConfig { pool_bytes: 1 << 30 }) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("SKIPPED guests_run_on_merged_page_tables: cannot create the host: {e}");
+            return;
+        }
+    };
+    for (id, seed) in [("a", 1), ("b", 2)] {
+        let mut s = spec(id, seed, 1);
+        s.pause_after_fill = false;
+        host.create_vm(s).unwrap();
+    }
+    let ids = ["a", "b"].map(|id| host.vm(id).unwrap().ram().guest_map().unwrap().vm_id());
+    let mgr = host.memory().clone();
+    for id in ids {
+        mgr.set_merge(id, false, DOMAIN).unwrap();
+    }
+    // PML4, PDPT and the first page directory, plus the GDT and the code page.
+    let pages = [
+        vmm::workload::layout::PML4_GPA,
+        vmm::workload::layout::PDPT_GPA,
+        vmm::workload::layout::PD_GPA,
+        vmm::workload::layout::GDT_GPA,
+        vmm::workload::layout::CODE_GPA,
+    ];
+    for gpa in pages {
+        let p = (gpa / 4096) as u32;
+        let outcome = mgr.merge_pages((ids[0], p), (ids[1], p)).unwrap();
+        assert!(matches!(outcome, memory::manager::MergeOutcome::Merged { .. }), "page {gpa:#x}: {outcome:?}");
+    }
+    host.start_all().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !host.all_finished() {
+        for id in ["a", "b"] {
+            host.vm_mut(id).unwrap().handle_events();
+        }
+        assert!(Instant::now() < deadline, "guests did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for id in ["a", "b"] {
+        let vm = host.vm(id).unwrap();
+        assert_eq!(vm.timeline().exit_reason.as_deref(), Some("workload finished"), "{id}: {:?}", vm.timeline());
+        assert_eq!(vm.workload_report().unwrap().mismatches, 0);
+    }
+    // The page-table pages stayed shared: no write ever reached them.
+    for gpa in &pages[..3] {
+        let p = (gpa / 4096) as u32;
+        assert_eq!(mgr.frame_of(ids[0], p).unwrap(), mgr.frame_of(ids[1], p).unwrap(), "page {gpa:#x}");
+    }
+}

@@ -125,17 +125,24 @@ impl WorkloadLayout {
     }
 
     /// Writes the identity page tables (2 MiB pages, user bit on every level).
+    ///
+    /// Every entry is written with its Accessed bit (and leaves with Dirty) already
+    /// set, so the guest's page walks never write the page tables. That matters
+    /// because page-table pages can be merged (they are identical across clones):
+    /// under shadow paging (this host's kvm_pvm) KVM sets A/D bits itself with a
+    /// `cmpxchg` on the host mapping, which fails on a write-protected page and
+    /// turns into a guest #PF (a triple fault for this guest, which has no IDT).
     pub fn write_page_tables<M: GuestMemory>(&self, mem: &M) -> Result<(), Error> {
-        const P_RW_US: u64 = 0x7;
-        const PS: u64 = 0x80;
-        mem.write_obj(PDPT_GPA | P_RW_US, GuestAddress(PML4_GPA))?;
+        const P_RW_US_A: u64 = 0x7 | 0x20;
+        const LEAF: u64 = P_RW_US_A | 0x40 | 0x80; // + Dirty, PS (2 MiB)
+        mem.write_obj(PDPT_GPA | P_RW_US_A, GuestAddress(PML4_GPA))?;
         let gibs = self.mapped_size / ONE_GIB;
         for g in 0..gibs {
             let pd = PD_GPA + g * PAGE_SIZE;
-            mem.write_obj(pd | P_RW_US, GuestAddress(PDPT_GPA + g * 8))?;
+            mem.write_obj(pd | P_RW_US_A, GuestAddress(PDPT_GPA + g * 8))?;
             let mut entries = [0u64; 512];
             for (i, e) in entries.iter_mut().enumerate() {
-                *e = (g * ONE_GIB + i as u64 * TWO_MIB) | P_RW_US | PS;
+                *e = (g * ONE_GIB + i as u64 * TWO_MIB) | LEAF;
             }
             mem.write_slice(as_bytes(&entries), GuestAddress(pd))?;
         }
@@ -212,14 +219,14 @@ mod tests {
         let l = WorkloadLayout::new(8 << 20, 16, 1).unwrap();
         l.write_page_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_GPA)).unwrap();
-        assert_eq!(pml4, PDPT_GPA | 7);
+        assert_eq!(pml4, PDPT_GPA | 0x27, "present, writable, user, accessed");
         let pdpt1: u64 = mem.read_obj(GuestAddress(PDPT_GPA + 8)).unwrap();
-        assert_eq!(pdpt1, (PD_GPA + PAGE_SIZE) | 7);
+        assert_eq!(pdpt1, (PD_GPA + PAGE_SIZE) | 0x27);
         // The doorbell's 2 MiB page (1 GiB) is mapped, user-accessible.
         let pde: u64 = mem.read_obj(GuestAddress(PD_GPA + PAGE_SIZE)).unwrap();
-        assert_eq!(pde, (1 << 30) | 0x87);
+        assert_eq!(pde, (1 << 30) | 0xe7, "2 MiB leaf, accessed and dirty preset");
         let pde3: u64 = mem.read_obj(GuestAddress(PD_GPA + 3 * 8)).unwrap();
-        assert_eq!(pde3, (3 * TWO_MIB) | 0x87);
+        assert_eq!(pde3, (3 * TWO_MIB) | 0xe7);
     }
 
     #[test]
