@@ -95,6 +95,7 @@ fn run(mode: ChangeDetection) {
         threads.push(std::thread::spawn(move || {
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(w);
             let mut mine: Vec<Vec<u64>> = model.lock().unwrap().clone();
+            let mut burst = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
@@ -118,6 +119,15 @@ fn run(mode: ChangeDetection) {
                 unsafe { fill_page(addr, v) };
                 mine[vmi][p as usize] = v;
                 writes.fetch_add(1, Ordering::Relaxed);
+                // Quiet phases longer than an idle dirty-log poll (100 ms): the
+                // writer's pages go clean, get merged, and the next burst writes
+                // merged pages, so the race between merges and writes is exercised
+                // however fast the writers run (without pauses, dirty-log mode
+                // rightly never merges pages rewritten between every poll).
+                burst += 1;
+                if burst % 20_000 == 0 {
+                    std::thread::sleep(Duration::from_millis(150));
+                }
             }
             let mut m = model.lock().unwrap();
             for vmi in 0..3 {
