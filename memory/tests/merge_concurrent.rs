@@ -125,7 +125,7 @@ fn run(mode: ChangeDetection) {
                 // however fast the writers run (without pauses, dirty-log mode
                 // rightly never merges pages rewritten between every poll).
                 burst += 1;
-                if burst % 20_000 == 0 {
+                if burst.is_multiple_of(20_000) {
                     std::thread::sleep(Duration::from_millis(150));
                 }
             }
