@@ -47,6 +47,21 @@ use super::DomainId;
 
 /// Interval between two polls of the dirty logs while idle.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Longest interval between idle polls (see [`idle_poll_interval`]).
+pub const IDLE_POLL_MAX: Duration = Duration::from_secs(2);
+
+/// The interval between idle dirty-log polls for `tracked_pages` pages under the
+/// scan rate of `pages_to_scan` pages per `sleep_ms`: a fifth of the time a full
+/// scan takes at that rate (so a write is noticed five times sooner than a
+/// rate-limited rescan would see it), between [`IDLE_POLL`] and [`IDLE_POLL_MAX`].
+/// At full speed (no sleep) that is `IDLE_POLL`; at KSM's default rate (100 pages
+/// every 20 ms) on a few hundred MiB it is two seconds, so an idle host costs one
+/// dirty-log harvest per VM every two seconds.
+pub fn idle_poll_interval(tracked_pages: u64, pages_to_scan: u32, sleep_ms: u64) -> Duration {
+    let batches = tracked_pages.div_ceil(u64::from(pages_to_scan.max(1)));
+    let full_scan = Duration::from_millis(sleep_ms.saturating_mul(batches));
+    (full_scan / 5).clamp(IDLE_POLL, IDLE_POLL_MAX).max(Duration::from_millis(sleep_ms))
+}
 /// Interval between two walks of the page flags for device writes while idle.
 pub const DEVICE_WALK: Duration = Duration::from_secs(1);
 /// Checksum mode: the sleep after the first quiet full scan.
@@ -338,6 +353,18 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_poll_follows_the_scan_rate() {
+        // Full speed: the shortest interval.
+        assert_eq!(idle_poll_interval(65_536, 1_000_000, 0), IDLE_POLL);
+        // KSM's default rate on 256 MiB: a full scan takes 13 s; polls every 2 s.
+        assert_eq!(idle_poll_interval(65_536, 100, 20), IDLE_POLL_MAX);
+        // 10k pages at 100 per 20 ms: 2 s per scan, polls every 400 ms.
+        assert_eq!(idle_poll_interval(10_000, 100, 20), Duration::from_millis(400));
+        // A long sleep between batches is never undercut.
+        assert_eq!(idle_poll_interval(10, 100, 5_000), Duration::from_secs(5));
+    }
 
     #[test]
     fn schedules() {

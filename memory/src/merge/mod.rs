@@ -346,7 +346,7 @@ fn run_loop(core: Arc<Core>, shared: &Shared) {
                 let interrupted = || shared.generation.load(Ordering::Acquire) != generation;
                 let scans_before = scanner.counters.full_scans;
                 let between_batches = Duration::from_millis(tun.sleep_ms);
-                let idle_poll = backoff::IDLE_POLL.max(between_batches);
+                let idle_poll = backoff::idle_poll_interval(scanner.tracked_pages(), tun.pages_to_scan, tun.sleep_ms);
                 let sleep = if scanner.is_idle() {
                     match scanner.poll_idle(&tun, &interrupted) {
                         Ok(poll) if poll.resumed => Duration::ZERO,

@@ -141,6 +141,11 @@ impl Scanner {
         }
     }
 
+    /// Guest pages of every VM the scanner tracks.
+    pub fn tracked_pages(&self) -> u64 {
+        self.vms.values().map(|vs| vs.pages.len() as u64).sum()
+    }
+
     /// Forgets the scan state of `vm` (its pages are re-learned).
     pub fn forget(&mut self, vm: VmId) {
         self.vms.remove(&vm);
