@@ -12,41 +12,17 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use memory::merge::tunables::ChangeDetection;
-use memory::{DirtyLog, GuestMap, MemoryManager, Tunables, VmId};
+use memory::{GuestMap, MemoryManager, Tunables, VmId};
 
 const VMS: u32 = 4;
 const PAGES: u32 = 1024;
 /// Pages `0..CLONE` hold the same content in every VM; the rest are unique.
 const CLONE: u32 = 896;
-
-/// A dirty bitmap the test sets bits in (as KVM would for guest writes).
-#[derive(Default)]
-struct SharedLog(Mutex<Vec<u64>>);
-
-impl SharedLog {
-    fn mark(&self, page: u32) {
-        let mut words = self.0.lock().unwrap();
-        let w = (page / 64) as usize;
-        if words.len() <= w {
-            words.resize(w + 1, 0);
-        }
-        words[w] |= 1 << (page % 64);
-    }
-}
-
-struct LogHandle(Arc<SharedLog>);
-
-impl DirtyLog for LogHandle {
-    fn take_dirty(&self, out: &mut Vec<u64>) -> Result<(), String> {
-        out.extend(std::mem::take(&mut *self.0 .0.lock().unwrap()));
-        Ok(())
-    }
-}
 
 fn clone_value(p: u32) -> u64 {
     0xC10E_0000_0000 + u64::from(p)

@@ -15,36 +15,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use memory::merge::tunables::ChangeDetection;
-use memory::{DirtyLog, Tunables, VmId, PAGE_SIZE};
+use memory::{Tunables, VmId, PAGE_SIZE};
 
 const WRITERS: u32 = 3;
 const PAGES_PER_WRITER: u32 = 48;
 const IDLE: u32 = 192;
 const PATTERNS: u64 = 6;
-
-/// A dirty bitmap the writer threads set bits in (before writing, as KVM marks).
-#[derive(Default)]
-struct SharedLog(Mutex<Vec<u64>>);
-
-impl SharedLog {
-    fn mark(&self, page: u32) {
-        let mut words = self.0.lock().unwrap();
-        let w = (page / 64) as usize;
-        if words.len() <= w {
-            words.resize(w + 1, 0);
-        }
-        words[w] |= 1 << (page % 64);
-    }
-}
-
-struct LogHandle(Arc<SharedLog>);
-
-impl DirtyLog for LogHandle {
-    fn take_dirty(&self, out: &mut Vec<u64>) -> Result<(), String> {
-        out.extend(std::mem::take(&mut *self.0 .0.lock().unwrap()));
-        Ok(())
-    }
-}
 
 fn value(pattern: u64) -> u64 {
     0xC0C0_0000_0000 + pattern

@@ -1,10 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use memory::uffd::Uffd;
-use memory::{ManagerConfig, MemoryManager, PAGE_SIZE};
+use memory::{DirtyLog, ManagerConfig, MemoryManager, PAGE_SIZE};
 
 /// A manager with a pool of `mib` MiB, or `None` (with the reason printed) when
 /// write-protect userfaultfd is not available here.
@@ -99,4 +99,31 @@ pub fn fill_page_from_thread(addr: usize, value: u64) {
     })
     .join()
     .expect("writer thread");
+}
+
+/// A dirty bitmap the tests set bits in (as KVM does for guest writes), shared
+/// between writer threads and the merger through [`LogHandle`].
+#[derive(Default)]
+pub struct SharedLog(Mutex<Vec<u64>>);
+
+impl SharedLog {
+    /// Marks `page` written.
+    pub fn mark(&self, page: u32) {
+        let mut words = self.0.lock().unwrap();
+        let w = (page / 64) as usize;
+        if words.len() <= w {
+            words.resize(w + 1, 0);
+        }
+        words[w] |= 1 << (page % 64);
+    }
+}
+
+/// The merger's view of a [`SharedLog`]: each harvest takes the marks so far.
+pub struct LogHandle(pub Arc<SharedLog>);
+
+impl DirtyLog for LogHandle {
+    fn take_dirty(&self, out: &mut Vec<u64>) -> Result<(), String> {
+        out.extend(std::mem::take(&mut *self.0 .0.lock().unwrap()));
+        Ok(())
+    }
 }
