@@ -144,11 +144,6 @@ impl VmControl {
         }
     }
 
-    /// Number of vCPU threads currently parked in `Pause`.
-    pub fn paused_vcpus(&self) -> u32 {
-        lock(&self.state).paused
-    }
-
     /// Waits (kicking with `kick`) until `n` vCPUs are parked or `timeout` passes.
     pub fn wait_paused(&self, n: u32, timeout: Duration, mut kick: impl FnMut()) -> bool {
         let deadline = Instant::now() + timeout;

@@ -77,19 +77,18 @@ pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
                 walls.push(w);
                 vmms.push(v);
             }
+            let (vmm_median, wall_median) = (median(&mut vmms), median(&mut walls));
             let result = serde_json::json!({
                 "benchmark": "launch",
                 "launches": launches,
-                "median_vmm_ms_to_first_report": median(&mut vmms.clone()),
-                "median_wall_ms_spawn_to_report": median(&mut walls.clone()),
+                "median_vmm_ms_to_first_report": vmm_median,
+                "median_wall_ms_spawn_to_report": wall_median,
                 "max_vmm_ms": vmms.iter().cloned().fold(0.0, f64::max),
                 "target_vmm_ms": 20.0,
             });
             println!(
-                "launch latency over {launches} launches: median {:.2} ms VMM time (main() to first guest report), \
-                 median {:.2} ms wall (spawn to report line); target <= 20 ms VMM time",
-                median(&mut vmms),
-                median(&mut walls)
+                "launch latency over {launches} launches: median {vmm_median:.2} ms VMM time (main() to first guest \
+                 report), median {wall_median:.2} ms wall (spawn to report line); target <= 20 ms VMM time"
             );
             if let Some(path) = json {
                 std::fs::write(&path, result.to_string())

@@ -163,6 +163,7 @@ mod tests {
         };
         assert_eq!(fields("workload_config"), 17);
         assert_eq!(fields("workload_report"), 17);
-        assert!(header.contains(&format!("{CONFIG_MAGIC:#x}ULL").replace("0x", "0x")));
+        assert!(header.contains(&format!("CONFIG_MAGIC {CONFIG_MAGIC:#x}ULL")));
+        assert!(header.contains(&format!("REPORT_MAGIC {REPORT_MAGIC:#x}ULL")));
     }
 }
