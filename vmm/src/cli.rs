@@ -155,5 +155,9 @@ pub enum BenchKind {
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run only these policies (repeatable; default: all): none,
+        /// densevm-full, densevm-default, ksm-full, ksm-default.
+        #[arg(long = "policy", value_parser = ["none", "densevm-full", "densevm-default", "ksm-full", "ksm-default"])]
+        policies: Vec<String>,
     },
 }

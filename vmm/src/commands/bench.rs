@@ -67,7 +67,7 @@ pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
             super::bench_api::main(requests, load_clients, json.as_deref())
         }
         BenchKind::Cow { quick, json } => super::bench_cow::main(quick, json.as_deref()),
-        BenchKind::Merge { quick, json } => super::bench_merge::main(quick, json.as_deref()),
+        BenchKind::Merge { quick, json, policies } => super::bench_merge::main(quick, json.as_deref(), &policies),
         BenchKind::Launch { launches, json } => {
             let exe = std::env::current_exe().map_err(|e| CommandError::Runtime(e.to_string()))?;
             let mut walls = Vec::new();

@@ -132,7 +132,7 @@ fn flush_ksm(ksm: &mut KsmControl) -> Result<(), CommandError> {
 }
 
 /// Runs the KSM policies (or says why not).
-fn run_ksm(host: &mut Host, p: &Params, results: &mut Vec<PolicyResult>) -> Value {
+fn run_ksm(host: &mut Host, p: &Params, results: &mut Vec<PolicyResult>, chosen: &dyn Fn(&str) -> bool) -> Value {
     if !Path::new(KSM_SYSFS).join("run").exists() {
         return json!({ "available": false, "skipped_reason": format!("{KSM_SYSFS} is absent") });
     }
@@ -167,7 +167,7 @@ fn run_ksm(host: &mut Host, p: &Params, results: &mut Vec<PolicyResult>) -> Valu
     if let Err(e) = prepared {
         error = Some(e.to_string());
     }
-    for policy in &ksm_policies() {
+    for policy in ksm_policies().iter().filter(|p| chosen(p.name)) {
         if error.is_some() {
             break;
         }
@@ -218,7 +218,7 @@ fn print_table(results: &[PolicyResult], p: &Params) {
         p.target
     );
     println!(
-        "{:<16} {:>10} {:>9} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>10} {:>5}",
+        "{:<16} {:>10} {:>9} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>10} {:>5} {:>11}",
         "policy",
         "converge s",
         "settle s",
@@ -229,11 +229,12 @@ fn print_table(results: &[PolicyResult], p: &Params) {
         "no-backoff",
         "host MiB",
         "before MiB",
-        "bad"
+        "bad",
+        "guest pace"
     );
     for r in results {
         println!(
-            "{:<16} {:>10} {:>9} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10.1} {:>10.1} {:>5}",
+            "{:<16} {:>10} {:>9} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10.1} {:>10.1} {:>5} {:>11}",
             r.name,
             fmt(r.converge_s, 3),
             fmt(r.settle_s, 3),
@@ -245,8 +246,10 @@ fn print_table(results: &[PolicyResult], p: &Params) {
             r.host_bytes as f64 / 1048576.0,
             r.host_bytes_before as f64 / 1048576.0,
             r.mismatches,
+            fmt(ratio(r.guest_verify_rate_merging, r.guest_verify_rate_idle), 2),
         );
     }
+    println!("guest pace: pages the guests verified per second while merging, relative to their idle pace");
 }
 
 /// Ratios against the kernel in the same run, and whether the targets hold.
@@ -308,8 +311,9 @@ fn ratios(results: &[PolicyResult]) -> Value {
     })
 }
 
-/// Runs `densevm bench merge`.
-pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandError> {
+/// Runs `densevm bench merge` (only the policies named in `only`, or all).
+pub fn main(quick: bool, json_path: Option<&Path>, only: &[String]) -> Result<ExitCode, CommandError> {
+    let chosen = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal).map_err(rt)?;
     }
@@ -337,11 +341,15 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
     p.target = measure::shared_data_pages(&policy::scenario_of(&p)) * u64::from(p.vms - 1);
     let mut host = Host::new(HostConfig::default())?;
     let mut results = Vec::new();
-    for policy in &densevm_policies() {
+    for policy in densevm_policies().iter().filter(|p| chosen(p.name)) {
         eprintln!("densevm: bench merge: {}", policy.what);
         results.push(policy::run(&mut host, policy, &p, None, &interrupted)?);
     }
-    let kernel = run_ksm(&mut host, &p, &mut results);
+    let kernel = if ksm_policies().iter().any(|p| chosen(p.name)) {
+        run_ksm(&mut host, &p, &mut results, &chosen)
+    } else {
+        json!({ "available": false, "skipped_reason": "not chosen (--policy)" })
+    };
     if interrupted() {
         return Err(rt("interrupted"));
     }
@@ -354,6 +362,7 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
     let result = json!({
         "benchmark": "merge",
         "quick": quick,
+        "policies_chosen": only,
         "vms": p.vms,
         "fill_mib": p.fill_mib,
         "shared_fraction": p.shared_fraction,

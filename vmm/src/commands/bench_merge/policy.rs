@@ -106,12 +106,20 @@ pub struct PolicyResult {
     pub ksm_merging_pages: Option<u64>,
     /// Full scans between convergence and the steady window.
     pub full_scans_before_steady: u64,
+    /// Seconds from the start of merging to the start of the steady window (two
+    /// full scans after the count settled; for densevm also its idle mode).
+    pub steady_after_s: Option<f64>,
     /// Every guest completed a full verify pass after convergence.
     pub verified_after_merge: bool,
     /// Pages the guests verified in total.
     pub pages_verified: u64,
     /// Pages that did not verify (reports plus mismatch doorbells): must be 0.
     pub mismatches: u64,
+    /// Guest progress while merging: pages the guests verified per second from
+    /// the start of merging until convergence (all VMs together).
+    pub guest_verify_rate_merging: Option<f64>,
+    /// The same over the steady window with merging done (the guests' idle pace).
+    pub guest_verify_rate_idle: Option<f64>,
 }
 
 /// Merge counters of whoever merges.
@@ -279,6 +287,10 @@ fn measure(
     // Start merging and wait until the clone image is merged and the count settles.
     let scans0 = counts(host, &ksm)?.scans;
     let cpu0 = cpu();
+    let verified = |host: &Host| -> Result<u64, CommandError> {
+        Ok(reports(host, ids)?.iter().map(|rep| rep.pages_verified).sum())
+    };
+    let verified0 = verified(host)?;
     let t0 = Instant::now();
     match (policy.merging, ksm.as_deref_mut()) {
         (Merging::Densevm(t), _) => host.memory().merger().set_tunables(t).map_err(rt)?,
@@ -303,6 +315,8 @@ fn measure(
                 r.converge_s = Some((now - t0).as_secs_f64());
                 r.cpu_s_to_converge = cpu().zip(cpu0).map(|(b, a)| b - a);
                 r.full_scans_to_converge = c.scans - scans0;
+                let done = verified(host)?.saturating_sub(verified0) as f64;
+                r.guest_verify_rate_merging = Some(done / (now - t0).as_secs_f64().max(1e-9));
             }
             if r.converge_s.is_some() && now - last_change >= p.settle || now - t0 >= p.timeout {
                 break;
@@ -320,6 +334,14 @@ fn measure(
             idle_for(host, ids, Duration::from_millis(20), interrupted)?;
         }
         r.full_scans_before_steady = counts(host, &ksm)?.scans - base;
+        if matches!(policy.merging, Merging::Densevm(_)) {
+            // densevm's steady state is its idle mode (dirty-log polling), entered
+            // after a quiet full scan; KSM has none and rescans forever.
+            while !host.memory().merger().stats().idle && t.elapsed() < p.timeout {
+                idle_for(host, ids, Duration::from_millis(20), interrupted)?;
+            }
+        }
+        r.steady_after_s = Some(t0.elapsed().as_secs_f64());
     }
 
     // Steady state with idle guests.
@@ -328,7 +350,9 @@ fn measure(
         idle_for(host, ids, p.steady, interrupted)?;
         Ok(cpu().zip(a).map(|(b, a)| (b - a) / t.elapsed().as_secs_f64()))
     };
+    let (v, t) = (verified(host)?, Instant::now());
     r.steady_cpu_per_s = steady(host)?;
+    r.guest_verify_rate_idle = Some(verified(host)?.saturating_sub(v) as f64 / t.elapsed().as_secs_f64());
     let c = counts(host, &ksm)?;
     (r.pages_shared, r.pages_sharing) = (c.shared, c.sharing);
     match policy.merging {
