@@ -111,6 +111,7 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
         ("full_scans_total", "Completed full scans.", h.full_scans),
         ("cow_copies_total", "Copy-on-write copies.", h.cow_copies),
         ("cow_reuses_total", "Copy-on-write reuses in place.", h.cow_reuses),
+        ("vcpu_holds_total", "Merge chunks that held the merging VMs' vCPUs out of guest mode.", h.vcpu_holds),
     ];
     for (name, help, v) in host_counters {
         w.single(&format!("densevm_memory_{name}"), Counter, help, v);

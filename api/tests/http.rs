@@ -54,11 +54,12 @@ fn every_endpoint_happy_path() {
     let m = r.json();
     assert_eq!(m["pages_sharing"], 33);
     assert_eq!(m["fragmentation"], 0.5);
-    assert_eq!(m.as_object().unwrap().len(), 16);
+    assert_eq!(m.as_object().unwrap().len(), 18);
 
     let r = h.req("GET", "/memory/merge", None);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["change_detection"], "dirty_log");
+    assert_eq!(r.json()["hold_vcpus"], true);
     let r = h.req(
         "PATCH",
         "/memory/merge",

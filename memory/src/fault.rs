@@ -21,7 +21,7 @@ impl Core {
         pages.sort_unstable();
         pages.dedup();
         let mut guard = self.lock_for_fault();
-        let mut txn = Txn { st: &mut guard, remap: self.remap() };
+        let mut txn = Txn::new(&mut guard, self.remap());
         for addr in pages {
             if let Err(e) = resolve_one(&mut txn, addr) {
                 txn.st.counters.fault_errors += 1;

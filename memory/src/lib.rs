@@ -45,7 +45,9 @@ mod txn;
 pub use buddy::BuddyAllocator;
 pub use guest_map::GuestMap;
 pub use manager::{ManagerConfig, MemoryManager};
-pub use merge::{ChangeDetection, DirtyLog, DomainId, MergeStats, Merger, Tunables, VmMergeConfig, VmMergeStats};
+pub use merge::{
+    ChangeDetection, DirtyLog, DomainId, MergeStats, Merger, Tunables, VcpuGate, VmMergeConfig, VmMergeStats,
+};
 pub use page_table::PageFlags;
 pub use pool::{FramePool, PoolConfig, ThpStatus};
 pub use protector::Protector;

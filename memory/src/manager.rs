@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::frame_table::{self, FrameTable, Mapper};
 use crate::guest_map::GuestMap;
-use crate::merge::{self, DirtyLog, DomainId, Merger, VmMergeConfig, VmMergeStats};
+use crate::merge::{self, DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeStats};
 use crate::page_table::{PageFlags, PageTable};
 use crate::pool::{self, FramePool, PoolConfig};
 use crate::protector::{self, Protector};
@@ -186,6 +186,8 @@ pub(crate) struct Core {
     pub(crate) fault_waiters: AtomicU32,
     /// Dirty-page sources registered per VM (called without the state lock).
     pub(crate) dirty_logs: Mutex<HashMap<VmId, Arc<dyn DirtyLog>>>,
+    /// vCPU gates registered per VM (see [`crate::merge::VcpuGate`]).
+    pub(crate) vcpu_gates: Mutex<HashMap<VmId, Arc<dyn VcpuGate>>>,
 }
 
 impl Core {
@@ -213,6 +215,11 @@ impl Core {
 
     pub(crate) fn dirty_log(&self, vm: VmId) -> Option<Arc<dyn DirtyLog>> {
         self.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).get(&vm).cloned()
+    }
+
+    /// Every registered vCPU gate.
+    pub(crate) fn vcpu_gates(&self) -> Vec<Arc<dyn VcpuGate>> {
+        self.vcpu_gates.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
     pub(crate) fn remap(&self) -> RemapProtocol<'_> {
@@ -259,6 +266,7 @@ impl MemoryManager {
             huge_pages,
             fault_waiters: AtomicU32::new(0),
             dirty_logs: Mutex::new(HashMap::new()),
+            vcpu_gates: Mutex::new(HashMap::new()),
         });
         let resolver_core = core.clone();
         let protector = Protector::start(uffd, move |addrs| resolver_core.resolve_faults(addrs))?;
@@ -302,6 +310,18 @@ impl MemoryManager {
         }
         self.core.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).insert(vm, Arc::from(log));
         self.merger.forget_vm(vm);
+        Ok(())
+    }
+
+    /// Registers the vCPU gate of `vm`: the merger holds the VM's vCPUs out of
+    /// guest mode while it remaps a chunk of its pages, when the `hold_vcpus`
+    /// tunable is on (see [`crate::merge::VcpuGate`]). Replaces an earlier one;
+    /// dropped with the VM.
+    pub fn set_vcpu_gate(&self, vm: VmId, gate: Box<dyn VcpuGate>) -> Result<()> {
+        if !self.core.lock().vms.contains_key(&vm) {
+            return Err(Error::UnknownVm(vm));
+        }
+        self.core.vcpu_gates.lock().unwrap_or_else(|e| e.into_inner()).insert(vm, Arc::from(gate));
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use crate::{sys, FrameNo, VmId, HUGE_FRAME_SIZE, MAX_ORDER, PAGE_SIZE};
 impl Core {
     fn with_txn<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
         let mut guard = self.lock();
-        let mut txn = Txn { st: &mut guard, remap: self.remap() };
+        let mut txn = Txn::new(&mut guard, self.remap());
         f(&mut txn)
     }
 
@@ -100,6 +100,7 @@ impl Core {
         let table = st.vms.remove(&vm).ok_or(Error::UnknownVm(vm))?;
         st.merge_cfg.remove(&vm);
         self.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
+        self.vcpu_gates.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
         st.ranges.remove(&table.host_addr());
         crate::write_retry::remove_range(table.host_addr());
         let len = table.len() as usize * PAGE_SIZE;

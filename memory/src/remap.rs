@@ -61,6 +61,38 @@ pub enum Error {
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Most ranges kept in the read-only instant by [`RemapProtocol::map_read_only`]
+/// before they must be finished: bounds that instant (about one `mmap` per
+/// range) and the in-flight slots of [`crate::write_retry`] taken.
+pub const MAX_PENDING_RANGES: usize = 16;
+
+/// One range mapped read-only and waiting for [`RemapProtocol::finish`].
+struct PendingRange {
+    group: u64,
+    addr: usize,
+    len: usize,
+    _in_flight: InFlight,
+}
+
+/// Guest ranges mapped read-only, waiting for registration and protection
+/// (see [`RemapProtocol::map_read_only`]).
+#[derive(Default)]
+pub struct PendingRemaps {
+    ranges: Vec<PendingRange>,
+}
+
+impl PendingRemaps {
+    /// Whether no range is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Whether the batch must be finished before another range is added.
+    pub fn is_full(&self) -> bool {
+        self.ranges.len() >= MAX_PENDING_RANGES
+    }
+}
+
 /// Remaps guest pages to pool frames without ever exposing a shared frame.
 pub struct RemapProtocol<'a> {
     uffd: &'a Uffd,
@@ -123,6 +155,69 @@ impl<'a> RemapProtocol<'a> {
         self.uffd.write_protect(addr, len, true, false)?;
         sys::protect(addr, len, libc::PROT_READ | libc::PROT_WRITE).map_err(|e| Error::Protect(addr, e))?;
         Ok(())
+    }
+
+    /// The first half of [`RemapProtocol::remap_protected`], for many ranges at
+    /// once: maps `len` bytes of frames from `frame` at `addr` **read-only** and
+    /// records the range in `pending` under `group` (ranges of one group must lie
+    /// in one registered guest range). [`RemapProtocol::finish`] then registers,
+    /// write-protects and re-enables writes for every pending range with one
+    /// registration and one `mprotect` per group instead of one per range: the
+    /// `mmap_lock` is taken for writing about once per range instead of three
+    /// times. Until then the ranges are in the read-only instant (see the module
+    /// documentation: every writer waits or retries), so callers finish once
+    /// [`PendingRemaps::is_full`] and before they release the manager's lock.
+    ///
+    /// # Safety
+    ///
+    /// As [`RemapProtocol::remap_protected`].
+    pub unsafe fn map_read_only(
+        &self,
+        pending: &mut PendingRemaps,
+        group: u64,
+        addr: usize,
+        len: usize,
+        frame: FrameNo,
+    ) -> Result<()> {
+        let in_flight = InFlight::begin(addr, len);
+        let offset = FramePool::offset_of(frame);
+        // SAFETY: the caller owns the range (function contract).
+        unsafe { sys::map_shared_fixed(addr, self.memfd, offset, len, libc::PROT_READ) }
+            .map_err(|e| Error::Map(frame, addr, e))?;
+        self.advise(addr, len);
+        pending.ranges.push(PendingRange { group, addr, len, _in_flight: in_flight });
+        Ok(())
+    }
+
+    /// Registers, write-protects and makes writable every range of `pending`
+    /// (emptied); on an error the remaining steps still run and the first error
+    /// is returned (the pages it concerns may stay read-only).
+    pub fn finish(&self, pending: &mut PendingRemaps) -> Result<()> {
+        let mut ranges = std::mem::take(&mut pending.ranges);
+        ranges.sort_unstable_by_key(|r| (r.group, r.addr));
+        let mut first_error = None;
+        let mut keep = |r: Result<()>| {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        };
+        for group in ranges.chunk_by(|a, b| a.group == b.group) {
+            let start = group[0].addr;
+            let end = group.iter().map(|r| r.addr + r.len).max().unwrap_or(start);
+            // Ranges already registered in the span are left as they are.
+            keep(self.uffd.register_wp(start, end - start).map_err(Error::from));
+            for r in group {
+                keep(self.uffd.write_protect(r.addr, r.len, true, false).map_err(Error::from));
+            }
+            // Pages of the span outside the ranges are read-write already.
+            keep(
+                sys::protect(start, end - start, libc::PROT_READ | libc::PROT_WRITE)
+                    .map_err(|e| Error::Protect(start, e)),
+            );
+        }
+        // The in-flight marks drop here, after the pages became writable.
+        drop(ranges);
+        first_error.map_or(Ok(()), Err)
     }
 
     fn advise(&self, addr: usize, len: usize) {

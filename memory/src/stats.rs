@@ -35,6 +35,12 @@ pub struct Counters {
     pub migrations: u64,
     /// Pages discarded (balloon).
     pub discards: u64,
+    /// Merge chunks that held the merging VMs' vCPUs out of guest mode.
+    pub vcpu_holds: u64,
+    /// Total time vCPUs were held, in microseconds.
+    pub vcpu_hold_us: u64,
+    /// Holds whose vCPUs did not all leave guest mode in time (merged anyway).
+    pub vcpu_hold_timeouts: u64,
 }
 
 /// A snapshot of the memory manager's statistics.

@@ -10,17 +10,64 @@
 
 use crate::frame_table::Mapper;
 use crate::manager::{Error, Result, State};
+use crate::merge::gate::HeldVcpus;
+use crate::merge::VcpuGate;
 use crate::page_table::{PageEntry, PageFlags};
-use crate::remap::RemapProtocol;
+use crate::remap::{PendingRemaps, RemapProtocol};
 use crate::{FrameNo, PAGE_SIZE};
+use std::sync::Arc;
 
 /// The lock-holding context of one operation.
 pub(crate) struct Txn<'a> {
     pub(crate) st: &'a mut State,
     pub(crate) remap: RemapProtocol<'a>,
+    /// Remaps in their read-only instant ([`RemapProtocol::map_read_only`]);
+    /// finished by [`Txn::finish_remaps`], at the latest when the `Txn` drops
+    /// (before the manager's lock it borrows is released).
+    pub(crate) pending: PendingRemaps,
+    /// vCPU gates to hold from the first batched remap on ([`Txn::hold_vcpus`]).
+    pub(crate) gates: Vec<Arc<dyn VcpuGate>>,
+    held: Option<HeldVcpus>,
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish_remaps() {
+            tracing::error!("finishing batched remaps: {e}");
+        }
+        if let Some(held) = self.held.take() {
+            let reached = held.reached;
+            let c = &mut self.st.counters;
+            c.vcpu_hold_us += held.release().as_micros() as u64;
+            c.vcpu_holds += 1;
+            c.vcpu_hold_timeouts += u64::from(!reached);
+        }
+    }
+}
+
+impl<'a> Txn<'a> {
+    /// A transaction on the locked state `st`.
+    pub(crate) fn new(st: &'a mut State, remap: RemapProtocol<'a>) -> Self {
+        Txn { st, remap, pending: PendingRemaps::default(), gates: Vec::new(), held: None }
+    }
 }
 
 impl Txn<'_> {
+    /// Holds the vCPUs behind [`Txn::gates`] (once) until the `Txn` drops.
+    pub(crate) fn hold_vcpus(&mut self) {
+        if self.held.is_none() && !self.gates.is_empty() {
+            self.held = Some(HeldVcpus::hold(std::mem::take(&mut self.gates)));
+        }
+    }
+
+    /// Finishes the batched remaps (registration, protection, writable again).
+    pub(crate) fn finish_remaps(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        Ok(self.remap.finish(&mut self.pending)?)
+    }
+
     pub(crate) fn entry(&self, m: Mapper) -> Result<PageEntry> {
         let table = self.st.vms.get(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
         table.get(m.page).ok_or(Error::OutOfRange(m.vm, u64::from(m.page)))
@@ -32,6 +79,24 @@ impl Txn<'_> {
             return Err(Error::OutOfRange(m.vm, u64::from(m.page)));
         }
         Ok(table.page_addr(m.page))
+    }
+
+    /// The 4 KiB of page `m` read through its guest mapping (racy if a guest
+    /// writes it: used for hashing, and for comparisons under write protection).
+    /// Reading through the guest view, not the pool's alias, leaves no alias
+    /// translation behind, so freeing the frame later needs no TLB shootdown.
+    /// The page must have host memory (or reading it allocates some).
+    pub(crate) fn page_bytes(&self, m: Mapper) -> Result<&[u8]> {
+        let addr = self.addr(m)?;
+        // SAFETY: `addr` is a page of a guest range this manager owns, mapped for
+        // as long as the VM is registered, which the held lock (borrowed by the
+        // returned slice's lifetime) guarantees; bytes are plain integers.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) })
+    }
+
+    /// Whether pages `a` and `b` hold the same 4 KiB (read through the guest views).
+    pub(crate) fn pages_equal(&self, a: Mapper, b: Mapper) -> Result<bool> {
+        Ok(self.page_bytes(a)? == self.page_bytes(b)?)
     }
 
     pub(crate) fn set_flags(&mut self, m: Mapper, flags: PageFlags) -> Result<()> {

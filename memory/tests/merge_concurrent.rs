@@ -15,7 +15,29 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use memory::merge::tunables::ChangeDetection;
-use memory::{Tunables, VmId, PAGE_SIZE};
+use memory::{Tunables, VcpuGate, VmId, PAGE_SIZE};
+
+/// A vCPU gate that counts holds (and the holds outstanding) without holding anyone.
+#[derive(Default)]
+struct CountingGate {
+    holds: AtomicU64,
+    depth: std::sync::atomic::AtomicI64,
+}
+
+struct GateHandle(Arc<CountingGate>);
+
+impl VcpuGate for GateHandle {
+    fn hold(&self) -> bool {
+        self.0.holds.fetch_add(1, Ordering::SeqCst);
+        self.0.depth.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn release(&self) {
+        let before = self.0.depth.fetch_sub(1, Ordering::SeqCst);
+        assert!(before > 0, "release without hold");
+    }
+}
 
 const WRITERS: u32 = 3;
 const PAGES_PER_WRITER: u32 = 48;
@@ -58,7 +80,14 @@ fn run(mode: ChangeDetection) {
         max_page_sharing: 8,
         merge_zero_pages: true,
         change_detection: mode,
+        hold_vcpus: true,
     };
+    // Gates that only count (the writers are not held, so writes still race the
+    // remaps): every hold taken by a merge chunk must be released.
+    let gates: Vec<Arc<CountingGate>> = vms.iter().map(|_| Arc::new(CountingGate::default())).collect();
+    for (&(vm, _), gate) in vms.iter().zip(&gates) {
+        mgr.set_vcpu_gate(vm, Box::new(GateHandle(gate.clone()))).unwrap();
+    }
     mgr.merger().set_tunables(tunables).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -123,6 +152,14 @@ fn run(mode: ChangeDetection) {
     }
     let during = mgr.stats();
     mgr.merger().set_run(false);
+    // A paused merger finishes its batch first: wait until no hold is left.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gates.iter().any(|g| g.depth.load(Ordering::SeqCst) != 0) {
+        assert!(Instant::now() < deadline, "a vCPU hold was never released");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let held: u64 = gates.iter().map(|g| g.holds.load(Ordering::SeqCst)).sum();
+    assert!(held > 0 && during.counters.vcpu_holds > 0, "merging chunks held no vCPUs");
     let failures = failures.lock().unwrap().clone();
     assert!(failures.is_empty(), "{failures:?}");
     let model = model.lock().unwrap();

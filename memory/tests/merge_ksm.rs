@@ -20,6 +20,7 @@ fn tunables(mps: u32, merge_zero: bool) -> Tunables {
         max_page_sharing: mps,
         merge_zero_pages: merge_zero,
         change_detection: ChangeDetection::Checksum,
+        hold_vcpus: false,
     }
 }
 

@@ -128,7 +128,7 @@ fn three_vms_memory_stats_merging_and_lifecycle() {
     let r = d.req("PATCH", "/memory/merge", Some(&patch.to_string()));
     expect_status(&r, 200, "patch merge");
     let expect = json!({"run": true, "pages_to_scan": 4096, "sleep_ms": 5, "max_page_sharing": 256,
-                        "merge_zero_pages": true, "change_detection": "checksum"});
+                        "merge_zero_pages": true, "change_detection": "checksum", "hold_vcpus": true});
     assert_eq!(r.json(), expect);
     assert_eq!(d.get("/memory/merge"), expect);
     let merged = wait_for("merging to share the common pages", WAIT, || {

@@ -58,6 +58,13 @@ pub enum VcpuEvent {
 struct ModeState {
     mode: RunMode,
     paused: u32,
+    /// Outstanding [`VmControl::hold`]s: vCPUs stay out of KVM_RUN meanwhile.
+    holds: u32,
+    /// vCPU threads between [`VmControl::wait_runnable`] and [`VmControl::left_guest`].
+    in_guest: u32,
+    /// Live vCPU threads (kicked by [`VmControl::hold`]; a thread leaves the list
+    /// under this lock before it exits, so an id here is always valid).
+    threads: Vec<libc::pthread_t>,
 }
 
 /// Shared control block of one VM.
@@ -95,7 +102,13 @@ impl VmControl {
     /// Creates a control block in `Pause` mode (vCPUs wait for the first resume).
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(VmControl {
-            state: Mutex::new(ModeState { mode: RunMode::Pause, paused: 0 }),
+            state: Mutex::new(ModeState {
+                mode: RunMode::Pause,
+                paused: 0,
+                holds: 0,
+                in_guest: 0,
+                threads: Vec::new(),
+            }),
             changed: Condvar::new(),
             events: Mutex::new(Vec::new()),
             event_fd: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -121,19 +134,87 @@ impl VmControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread outside KVM_RUN: blocks while paused; returns false when
-    /// the thread must stop.
+    /// Called by a vCPU thread outside KVM_RUN: blocks while paused or held;
+    /// returns false when the thread must stop. After true the thread counts as
+    /// in guest mode until it calls [`VmControl::left_guest`].
     pub fn wait_runnable(&self) -> bool {
         let mut s = lock(&self.state);
-        if s.mode == RunMode::Pause {
-            s.paused += 1;
-            self.changed.notify_all();
-            while s.mode == RunMode::Pause {
+        loop {
+            if s.mode == RunMode::Pause {
+                s.paused += 1;
+                self.changed.notify_all();
+                while s.mode == RunMode::Pause {
+                    s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                s.paused -= 1;
+            } else if s.mode == RunMode::Run && s.holds > 0 {
                 s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            } else {
+                break;
             }
-            s.paused -= 1;
         }
-        s.mode == RunMode::Run
+        if s.mode == RunMode::Run {
+            s.in_guest += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Called by a vCPU thread when KVM_RUN returned (see [`VmControl::wait_runnable`]).
+    pub fn left_guest(&self) {
+        let mut s = lock(&self.state);
+        s.in_guest = s.in_guest.saturating_sub(1);
+        if s.holds > 0 && s.in_guest == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Registers the calling thread as a vCPU thread of this VM (kicked by holds).
+    pub fn register_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.state).threads.push(me);
+    }
+
+    /// Removes the calling thread from the vCPU threads (before it exits).
+    pub fn unregister_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.state).threads.retain(|&t| t != me);
+    }
+
+    /// Keeps the vCPUs out of KVM_RUN until [`VmControl::release`]: kicks those in
+    /// guest mode and waits up to `timeout` for them to leave it. Returns whether
+    /// none is in guest mode (the hold stands either way; release it).
+    pub fn hold(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        s.holds += 1;
+        while s.in_guest > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            for &t in &s.threads {
+                // SAFETY: `t` is a live vCPU thread: threads leave the list under
+                // this lock before they exit. The kick signal has a no-op handler.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            // Re-kick now and then: a kick that lands just before KVM_RUN is lost.
+            let wait = (deadline - now).min(Duration::from_micros(500));
+            s = self.changed.wait_timeout(s, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+
+    /// Ends one [`VmControl::hold`].
+    pub fn release(&self) {
+        let mut s = lock(&self.state);
+        s.holds = s.holds.saturating_sub(1);
+        if s.holds == 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// Sleeps up to `d` (a guest idle wait); wakes early on a mode change.
@@ -179,6 +260,23 @@ impl VmControl {
     }
 }
 
+/// How long the merger waits for a VM's vCPUs to leave guest mode.
+pub const HOLD_TIMEOUT: Duration = Duration::from_millis(5);
+
+/// The VM's [`memory::VcpuGate`]: the merger holds its vCPUs out of KVM_RUN
+/// while it remaps a chunk of the VM's pages.
+pub struct ControlGate(pub Arc<VmControl>);
+
+impl memory::VcpuGate for ControlGate {
+    fn hold(&self) -> bool {
+        self.0.hold(HOLD_TIMEOUT)
+    }
+
+    fn release(&self) {
+        self.0.release()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +316,61 @@ mod tests {
         // Stop is final.
         c.set_mode(RunMode::Run);
         assert_eq!(c.mode(), RunMode::Stop);
+    }
+
+    #[test]
+    fn hold_keeps_threads_out_of_guest_mode_until_released() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        install_kick_handler().unwrap();
+        let c = VmControl::new().unwrap();
+        c.set_mode(RunMode::Run);
+        let (rounds, in_guest) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (c2, r2, g2) = (c.clone(), rounds.clone(), in_guest.clone());
+        let t = std::thread::spawn(move || {
+            c2.register_thread();
+            while c2.wait_runnable() {
+                g2.store(1, Ordering::SeqCst);
+                r2.fetch_add(1, Ordering::SeqCst);
+                // "Guest mode" lasts until a kick interrupts the sleep (as EINTR ends KVM_RUN).
+                // SAFETY: plain libc sleep; a signal cuts it short.
+                unsafe { libc::usleep(200_000) };
+                g2.store(0, Ordering::SeqCst);
+                c2.left_guest();
+            }
+            c2.unregister_thread();
+        });
+        while rounds.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        let started = Instant::now();
+        assert!(c.hold(Duration::from_secs(5)), "the thread did not leave guest mode");
+        assert!(started.elapsed() < Duration::from_millis(150), "hold waited for the sleep instead of kicking");
+        assert_eq!(in_guest.load(Ordering::SeqCst), 0);
+        let held_at = rounds.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(rounds.load(Ordering::SeqCst), held_at, "a held thread entered guest mode");
+        // Holds nest: one release is not enough.
+        assert!(c.hold(Duration::from_millis(10)));
+        c.release();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(rounds.load(Ordering::SeqCst), held_at);
+        c.release();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rounds.load(Ordering::SeqCst) == held_at {
+            assert!(Instant::now() < deadline, "the released thread did not run again");
+            std::thread::yield_now();
+        }
+        // A hold gives up after its timeout if the thread cannot be kicked out.
+        let stuck = VmControl::new().unwrap();
+        stuck.set_mode(RunMode::Run);
+        assert!(stuck.wait_runnable());
+        assert!(!stuck.hold(Duration::from_millis(20)));
+        stuck.release();
+        stuck.left_guest();
+        c.set_mode(RunMode::Stop);
+        // Stop wins over a hold: the thread leaves.
+        assert!(c.hold(Duration::from_secs(5)));
+        t.join().unwrap();
+        c.release();
     }
 }

@@ -14,7 +14,7 @@ use memory::{ManagerConfig, MemoryManager};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::VcpuEvent;
+use crate::control::{ControlGate, VcpuEvent};
 use crate::dirty_log::KvmDirtyLog;
 use crate::vm::{self, Vm, VmSpec, VmState};
 
@@ -180,6 +180,7 @@ impl Host {
             if merge.enabled {
                 let log = KvmDirtyLog::new(vm.vm_fd().clone(), 0, vm.ram().size() as usize);
                 self.memory.set_dirty_log(mem_id, Box::new(log))?;
+                self.memory.set_vcpu_gate(mem_id, Box::new(ControlGate(vm.control().clone())))?;
             }
         } else if merge.enabled {
             return Err(Error::Vm(vm::Error::Config(

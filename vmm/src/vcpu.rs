@@ -85,8 +85,10 @@ impl VcpuThread {
 fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     let mut stats = VcpuStats::default();
     let mut efault_since: Option<Instant> = None;
+    ctx.control.register_thread();
     while ctx.control.wait_runnable() {
         let exit = vcpu.run();
+        ctx.control.left_guest();
         stats.exits += 1;
         match exit {
             Ok(exit) => {
@@ -115,6 +117,7 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
             }
         }
     }
+    ctx.control.unregister_thread();
     stats
 }
 

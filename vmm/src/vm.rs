@@ -330,6 +330,11 @@ impl Vm {
         Error::State { id: self.spec.id.clone(), state: self.state, what }
     }
 
+    /// The run control shared with the vCPU threads.
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), Error> {
         if self.state != VmState::Created {

@@ -69,6 +69,12 @@ pub struct HostMemoryStats {
     pub cow_copies: u64,
     /// Copy-on-write reuses in place, all VMs.
     pub cow_reuses: u64,
+    /// Merge chunks that held the merging VMs' vCPUs out of guest mode (`hold_vcpus`).
+    #[serde(default)]
+    pub vcpu_holds: u64,
+    /// Total time those vCPUs were held, in milliseconds.
+    #[serde(default)]
+    pub vcpu_hold_ms: f64,
 }
 
 /// How the merger notices that a page changed between scans.
@@ -100,6 +106,15 @@ pub struct MergeConfig {
     pub merge_zero_pages: bool,
     /// How page changes are detected.
     pub change_detection: ChangeDetection,
+    /// Whether a VM's vCPUs are held out of guest mode (a pause of a few
+    /// milliseconds at most) while a chunk of its pages is merged, instead of
+    /// faulting on pages being remapped (default true).
+    #[serde(default = "default_true")]
+    pub hold_vcpus: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Validate for MergeConfig {
@@ -135,6 +150,9 @@ pub struct MergeConfigPatch {
     /// How page changes are detected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_detection: Option<ChangeDetection>,
+    /// Whether a VM's vCPUs are held out of guest mode while a chunk of its pages is merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_vcpus: Option<bool>,
 }
 
 impl MergeConfigPatch {
@@ -157,6 +175,9 @@ impl MergeConfigPatch {
         }
         if let Some(v) = self.change_detection {
             config.change_detection = v;
+        }
+        if let Some(v) = self.hold_vcpus {
+            config.hold_vcpus = v;
         }
     }
 }
@@ -204,19 +225,20 @@ mod tests {
     #[test]
     fn patch_ranges_and_apply() {
         let p: MergeConfigPatch =
-            serde_json::from_str(r#"{"pages_to_scan": 500, "change_detection": "checksum"}"#).unwrap();
+            serde_json::from_str(r#"{"pages_to_scan": 500, "change_detection": "checksum", "hold_vcpus": false}"#)
+                .unwrap();
         assert!(p.validate().is_ok());
-        let mut c = MergeConfig {
-            run: false,
-            pages_to_scan: 100,
-            sleep_ms: 20,
-            max_page_sharing: 256,
-            merge_zero_pages: false,
-            change_detection: ChangeDetection::DirtyLog,
-        };
+        // A full config without `hold_vcpus` (older clients) means true.
+        let mut c: MergeConfig = serde_json::from_str(
+            r#"{"run": false, "pages_to_scan": 100, "sleep_ms": 20, "max_page_sharing": 256,
+                "merge_zero_pages": false, "change_detection": "dirty_log"}"#,
+        )
+        .unwrap();
+        assert!(c.hold_vcpus);
         p.apply(&mut c);
         assert_eq!(c.pages_to_scan, 500);
         assert_eq!(c.change_detection, ChangeDetection::Checksum);
+        assert!(!c.hold_vcpus);
         assert!(c.validate().is_ok());
         for bad in [
             r#"{"pages_to_scan": 0}"#,

@@ -117,6 +117,7 @@ impl FakeVmm {
                     max_page_sharing: 256,
                     merge_zero_pages: false,
                     change_detection: ChangeDetection::DirtyLog,
+                    hold_vcpus: true,
                 },
             };
             let epoll = Epoll::new().unwrap();

@@ -71,7 +71,7 @@ impl Core {
     /// merging first unmerges the VM (every page gets a private frame).
     pub(crate) fn set_merge(&self, vm: VmId, cfg: VmMergeConfig) -> Result<()> {
         let mut guard = self.lock();
-        let mut t = Txn { st: &mut guard, remap: self.remap() };
+        let mut t = Txn::new(&mut guard, self.remap());
         let len = t.st.vms.get(&vm).ok_or(Error::UnknownVm(vm))?.len();
         let old = t.st.merge_config(vm);
         if old.domain != cfg.domain || (old.enabled && !cfg.enabled) {

@@ -22,6 +22,7 @@
 pub mod backoff;
 mod decide;
 pub mod domains;
+pub(crate) mod gate;
 pub(crate) mod ops;
 pub(crate) mod pages;
 pub(crate) mod scanner;
@@ -39,6 +40,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use domains::{DirtyLog, DomainId, VmMergeConfig};
+pub use gate::VcpuGate;
 pub use stats::{MergeStats, VmMergeStats};
 pub use tunables::{ChangeDetection, Tunables};
 

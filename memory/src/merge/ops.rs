@@ -109,6 +109,9 @@ impl Txn<'_> {
         if !self.st.budget.admit(guest_vmas, shared_after, 2 * stretches_before.len()) {
             return Err(Error::VmaBudget);
         }
+        // From the first change on, the merging VMs' vCPUs stay out of guest mode
+        // until the chunk ends (see `merge::gate`).
+        self.hold_vcpus();
         // Protect both sides: the pages moving and every mapper of the targets.
         let mut to_protect: Vec<Mapper> = Vec::with_capacity(2 * candidates);
         for i in 0..n {
@@ -123,8 +126,8 @@ impl Txn<'_> {
         let newly = self.protect_group(&to_protect)?;
         for i in 0..n {
             if ok[i as usize] {
-                let own = self.entry(Mapper { vm, page: first + i })?.frame;
-                if !self.st.pool.frames_equal(own, target + i)? {
+                let theirs = self.st.frames.first_mapper(target + i).ok_or(Error::FrameNotLive(target + i))?;
+                if !self.pages_equal(Mapper { vm, page: first + i }, theirs)? {
                     ok[i as usize] = false;
                     self.st.counters.merge_differs += 1;
                 }
@@ -143,9 +146,14 @@ impl Txn<'_> {
         for (s, e) in stretches(&ok) {
             let addr = self.addr(Mapper { vm, page: first + s as u32 })?;
             let len = (e - s) * PAGE_SIZE;
+            if self.pending.is_full() {
+                self.finish_remaps()?;
+            }
             // SAFETY: `addr..addr+len` are pages of a guest range this manager owns,
-            // all write-protected above (held under the lock).
-            let remapped = unsafe { self.remap.remap_protected(addr, len, target + s as u32) };
+            // all write-protected above (held under the lock); the range is
+            // finished before the lock is released (`Txn::finish_remaps`).
+            let remapped =
+                unsafe { self.remap.map_read_only(&mut self.pending, u64::from(vm), addr, len, target + s as u32) };
             if let Err(err) = remapped {
                 if matches!(err, crate::remap::Error::Map(..)) {
                     ok[s..e].iter_mut().for_each(|b| *b = false);

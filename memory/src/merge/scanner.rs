@@ -114,6 +114,9 @@ pub(crate) struct Scanner {
     pub(super) scan_activity: u64,
     /// Zeroed pages, newly indexed shared frames and errors (part of the activity).
     pub(super) extra_activity: u64,
+    /// The previous chunk merged pages: the next one holds the vCPUs from its
+    /// start (see [`super::gate`]).
+    hot: bool,
 }
 
 impl Scanner {
@@ -138,6 +141,7 @@ impl Scanner {
             scan_fp: None,
             scan_activity: 0,
             extra_activity: 0,
+            hot: false,
         }
     }
 
@@ -285,13 +289,26 @@ impl Scanner {
     pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
         let core = self.core.clone();
         let mut guard = core.lock();
-        let mut t = Txn { st: &mut guard, remap: core.remap() };
+        let mut t = Txn::new(&mut guard, core.remap());
+        if tun.hold_vcpus {
+            // Held at the chunk's first change, or at once while merging is in full
+            // swing (the previous chunk merged); released when `t` drops.
+            t.gates = core.vcpu_gates();
+            if self.hot {
+                t.hold_vcpus();
+            }
+        }
+        let merges_before = self.counters.merges;
         let Some(mut vs) = self.vms.remove(&target.vm) else {
             return Ok(0);
         };
         let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
+        let finished = t.finish_remaps();
+        self.hot = self.counters.merges > merges_before;
         self.vms.insert(target.vm, vs);
-        result
+        let resident = result?;
+        finished?;
+        Ok(resident)
     }
 
     fn chunk_locked(
@@ -325,7 +342,7 @@ impl Scanner {
                 vs.set_class(p, Class::Merged);
                 if refs > 1 && self.stable.key_of(e.frame).is_none() && t.check_domain(vm, e.frame).is_ok() {
                     // A shared frame the index does not know (migrated, merged by hand).
-                    let hash = hash_page(t.st.pool.frame_bytes(e.frame)?);
+                    let hash = hash_page(t.page_bytes(m)?);
                     self.stable.insert(Key { domain: target.domain, hash }, e.frame);
                     self.extra_activity += 1;
                 }
@@ -351,7 +368,7 @@ impl Scanner {
                 if ps.hashed && ps.frame == e.frame {
                     (ps.hash, false)
                 } else {
-                    (hash_page(t.st.pool.frame_bytes(e.frame)?), false)
+                    (hash_page(t.page_bytes(m)?), false)
                 }
             } else {
                 // Smart scan (KSM's smart_scan): a page unchanged and unshared at
@@ -370,7 +387,7 @@ impl Scanner {
                 } else {
                     (rec.age, rec.skips) = (0, 0);
                 }
-                let h = hash_page(t.st.pool.frame_bytes(e.frame)?);
+                let h = hash_page(t.page_bytes(m)?);
                 let changed = device_dirty || !ps.hashed || ps.hash != h;
                 if changed {
                     (rec.age, rec.skips) = (0, 0);
@@ -417,8 +434,9 @@ impl Scanner {
                 let n = (target.pages - start).min(4 * CHUNK);
                 let core = self.core.clone();
                 let mut guard = core.lock();
-                let mut t = Txn { st: &mut guard, remap: core.remap() };
+                let mut t = Txn::new(&mut guard, core.remap());
                 total += t.unshare_range(target.vm, start, n, true)?;
+                drop(t);
                 drop(guard);
                 self.core.yield_to_faults();
                 start += n;

@@ -60,6 +60,16 @@ pub struct Tunables {
     pub merge_zero_pages: bool,
     /// How changed pages are detected.
     pub change_detection: ChangeDetection,
+    /// Hold a VM's vCPUs out of guest mode while a chunk of its pages is
+    /// merged (a pause of at most a few milliseconds; see
+    /// [`super::VcpuGate`]), instead of letting them fault on pages being
+    /// remapped. Needs a gate registered by the VMM; without one this does nothing.
+    #[serde(default = "default_hold_vcpus")]
+    pub hold_vcpus: bool,
+}
+
+fn default_hold_vcpus() -> bool {
+    true
 }
 
 impl Default for Tunables {
@@ -72,6 +82,7 @@ impl Default for Tunables {
             max_page_sharing: 256,
             merge_zero_pages: false,
             change_detection: ChangeDetection::DirtyLog,
+            hold_vcpus: default_hold_vcpus(),
         }
     }
 }

@@ -43,6 +43,8 @@ fn map_host_stats(s: &MemoryStats) -> HostMemoryStats {
         vma_count: s.vma_count,
         cow_copies: s.counters.cow_copies,
         cow_reuses: s.counters.cow_reuses,
+        vcpu_holds: s.counters.vcpu_holds,
+        vcpu_hold_ms: s.counters.vcpu_hold_us as f64 / 1000.0,
     }
 }
 
@@ -132,6 +134,7 @@ fn to_api(t: &Tunables) -> MergeConfig {
             memory::ChangeDetection::DirtyLog => ChangeDetection::DirtyLog,
             memory::ChangeDetection::Checksum => ChangeDetection::Checksum,
         },
+        hold_vcpus: t.hold_vcpus,
     }
 }
 
@@ -148,6 +151,7 @@ fn from_api(c: &MergeConfig) -> Result<Tunables, ApiError> {
             ChangeDetection::DirtyLog => memory::ChangeDetection::DirtyLog,
             ChangeDetection::Checksum => memory::ChangeDetection::Checksum,
         },
+        hold_vcpus: c.hold_vcpus,
     })
 }
 
@@ -164,6 +168,7 @@ mod tests {
             max_page_sharing: 8,
             merge_zero_pages: true,
             change_detection: memory::ChangeDetection::Checksum,
+            hold_vcpus: false,
         };
         assert_eq!(from_api(&to_api(&t)).unwrap(), t);
         let mut c = to_api(&t);
