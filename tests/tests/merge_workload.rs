@@ -916,7 +916,7 @@ fn domains_never_share_physical_frames() {
 
 /// Guests rewrite and verify their pages while the merger runs at full speed
 /// (no sleep, whole memory per batch) with `mode` as change detection.
-fn verify_under_full_speed(name: &'static str, mode: ChangeDetection) {
+fn verify_under_full_speed(name: &'static str, mode: ChangeDetection, hold_vcpus: bool) {
     let defs = [("a", 701), ("b", 702)]
         .map(|(id, seed)| VmDef {
             id,
@@ -927,12 +927,14 @@ fn verify_under_full_speed(name: &'static str, mode: ChangeDetection) {
         .into();
     let Some(mut f) = Fleet::start(name, defs) else { return };
     let merger = f.mgr().merger();
-    merger.set_tunables(Tunables { change_detection: mode, ..full_speed(256, true) }).unwrap();
+    merger.set_tunables(Tunables { change_detection: mode, hold_vcpus, ..full_speed(256, true) }).unwrap();
     let s0 = merger.stats();
+    let holds0 = f.mgr().stats().counters.vcpu_holds;
     f.resume_all();
     f.wait_finished();
     let s1 = f.mgr().merger().stats();
     f.mgr().merger().set_run(false);
+    let holds = f.mgr().stats().counters.vcpu_holds - holds0;
     let (written, verified) = f.check_reports();
     let vms: Vec<_> = f.mem.iter().map(|&vm| f.mgr().vm_merge_stats(vm).unwrap()).collect();
     let (copies, reuses) = vms.iter().fold((0, 0), |a, v| (a.0 + v.cow_copies, a.1 + v.cow_reuses));
@@ -941,7 +943,8 @@ fn verify_under_full_speed(name: &'static str, mode: ChangeDetection) {
     eprintln!(
         "{name}: guests wrote {written} and verified {verified} pages with 0 mismatches while the merger ran \
          {scans} full scans: merges {merges} (in {} remaps), cow copies {copies}, cow reuses {reuses}, \
-         zero_pages {}, pages_sharing {}, pages_volatile {}; full scan {:.2} ms wall, {:.2} ms busy on average",
+         zero_pages {}, pages_sharing {}, pages_volatile {}; full scan {:.2} ms wall, {:.2} ms busy on average; \
+         vCPU holds {holds}",
         s1.merge_runs - s0.merge_runs,
         s1.zero_pages,
         s1.pages_sharing,
@@ -960,18 +963,36 @@ fn verify_under_full_speed(name: &'static str, mode: ChangeDetection) {
     } else {
         eprintln!("{name}: only {scans} full scans ran during the guests' run (loaded machine)");
     }
+    // Chunks that merge hold the running vCPUs (kicked out of KVM_RUN while they
+    // write) when asked to, and never otherwise.
+    if hold_vcpus {
+        assert!(merges == 0 || holds > 0, "{name}: {merges} merges but no vCPU hold");
+    } else {
+        assert_eq!(holds, 0, "{name}: vCPUs held with hold_vcpus off");
+    }
     assert_eq!(s1.cross_domain_refusals, 0);
     f.check_shared_frames_consistent();
 }
 
 #[test]
 fn guests_verify_while_merging_at_full_speed_dirty_log() {
-    verify_under_full_speed("guests_verify_while_merging_at_full_speed_dirty_log", ChangeDetection::DirtyLog);
+    verify_under_full_speed("guests_verify_while_merging_at_full_speed_dirty_log", ChangeDetection::DirtyLog, true);
 }
 
 #[test]
 fn guests_verify_while_merging_at_full_speed_checksum() {
-    verify_under_full_speed("guests_verify_while_merging_at_full_speed_checksum", ChangeDetection::Checksum);
+    verify_under_full_speed("guests_verify_while_merging_at_full_speed_checksum", ChangeDetection::Checksum, true);
+}
+
+/// The same with the vCPUs never held: guest writes race the batched remaps'
+/// read-only instant (KVM_RUN returns EFAULT and the vCPU re-enters).
+#[test]
+fn guests_verify_while_merging_at_full_speed_without_holds() {
+    verify_under_full_speed(
+        "guests_verify_while_merging_at_full_speed_without_holds",
+        ChangeDetection::DirtyLog,
+        false,
+    );
 }
 
 /// Unmerge-all while the guests run their write loop and the merger has

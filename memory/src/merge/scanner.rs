@@ -42,6 +42,8 @@ use super::zero::{hash_page, zero_hash};
 
 /// Most pages handled under one hold of the manager's lock.
 pub(crate) const CHUNK: u32 = 256;
+/// Most pages of a chunk that holds the vCPUs from its start (see [`super::gate`]).
+const HOT_CHUNK: u32 = 1024;
 
 /// A page that may be merged.
 #[derive(Debug, Clone, Copy)]
@@ -239,7 +241,10 @@ impl Scanner {
                 self.cursor = (target.vm, 0);
             }
             let start = self.cursor.1;
-            let n = (target.pages - start).min(CHUNK).min(budget as u32);
+            // While merging is in full swing with the vCPUs held, nothing but host
+            // threads wait for the lock: larger chunks mean fewer holds.
+            let chunk = if self.hot && tun.hold_vcpus { HOT_CHUNK } else { CHUNK };
+            let n = (target.pages - start).min(chunk).min(budget as u32);
             let charged = match self.chunk(target, start, n, tun) {
                 Ok(resident) => resident,
                 Err(e) => {

@@ -120,6 +120,12 @@ pub struct PolicyResult {
     pub guest_verify_rate_merging: Option<f64>,
     /// The same over the steady window with merging done (the guests' idle pace).
     pub guest_verify_rate_idle: Option<f64>,
+    /// densevm: merge chunks that held the guests' vCPUs until convergence.
+    pub vcpu_holds: Option<u64>,
+    /// densevm: seconds the vCPUs were held until convergence.
+    pub vcpu_hold_s: Option<f64>,
+    /// densevm: holds whose vCPUs did not leave guest mode in time.
+    pub vcpu_hold_timeouts: Option<u64>,
 }
 
 /// Merge counters of whoever merges.
@@ -291,6 +297,7 @@ fn measure(
         Ok(reports(host, ids)?.iter().map(|rep| rep.pages_verified).sum())
     };
     let verified0 = verified(host)?;
+    let holds0 = host.memory().stats().counters;
     let t0 = Instant::now();
     match (policy.merging, ksm.as_deref_mut()) {
         (Merging::Densevm(t), _) => host.memory().merger().set_tunables(t).map_err(rt)?,
@@ -317,6 +324,12 @@ fn measure(
                 r.full_scans_to_converge = c.scans - scans0;
                 let done = verified(host)?.saturating_sub(verified0) as f64;
                 r.guest_verify_rate_merging = Some(done / (now - t0).as_secs_f64().max(1e-9));
+                if matches!(policy.merging, Merging::Densevm(_)) {
+                    let c1 = host.memory().stats().counters;
+                    r.vcpu_holds = Some(c1.vcpu_holds - holds0.vcpu_holds);
+                    r.vcpu_hold_s = Some((c1.vcpu_hold_us - holds0.vcpu_hold_us) as f64 / 1e6);
+                    r.vcpu_hold_timeouts = Some(c1.vcpu_hold_timeouts - holds0.vcpu_hold_timeouts);
+                }
             }
             if r.converge_s.is_some() && now - last_change >= p.settle || now - t0 >= p.timeout {
                 break;
