@@ -33,7 +33,7 @@ fn bench_merge_quick_reports_every_policy() {
     assert!(target > 0, "{v}");
 
     let ksm = v["kernel_ksm"]["available"].as_bool().unwrap();
-    let mut names = vec!["none", "densevm-full", "densevm-default"];
+    let mut names = vec!["none", "densevm-full", "densevm-full-nohold", "densevm-default"];
     if ksm {
         names.extend(["ksm-full", "ksm-default"]);
         assert!(v["kernel_ksm"]["restore_error"].is_null(), "{}", v["kernel_ksm"]);
@@ -61,6 +61,13 @@ fn bench_merge_quick_reports_every_policy() {
         assert!(p["steady_cpu_per_s"].as_f64().is_some(), "{p}");
         // Merging saved host memory.
         assert!(p["host_bytes"].as_u64().unwrap() < p["host_bytes_before"].as_u64().unwrap(), "{p}");
+        // The guests' pace while merging was measured; densevm says how long it held them.
+        assert!(p["guest_verify_rate_idle"].as_f64().is_some_and(|r| r > 0.0), "{p}");
+        match name {
+            "densevm-full" => assert!(p["vcpu_holds"].as_u64().unwrap() > 0, "{p}"),
+            "densevm-full-nohold" => assert_eq!(p["vcpu_holds"], 0, "{p}"),
+            _ => {}
+        }
     }
     if ksm {
         let pair = &v["ratios"]["pairs"]["densevm-full_vs_ksm-full"];
@@ -68,4 +75,22 @@ fn bench_merge_quick_reports_every_policy() {
         assert!(v["ratios"]["targets"]["idle_cpu_ratio_met"].is_boolean(), "{}", v["ratios"]);
     }
     assert!(stdout.contains("targets (full speed, same run)"), "{stdout}");
+}
+
+#[test]
+fn bench_merge_runs_only_the_chosen_policies() {
+    let bad = densevm(&["bench", "merge", "--policy", "fastest"]);
+    assert_eq!(bad.status.code(), Some(2), "a bad policy name is a usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
+    if !kvm_available("bench_merge_runs_only_the_chosen_policies") {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("densevm-bench-merge-only-{}.json", std::process::id()));
+    let out = densevm(&["bench", "merge", "--quick", "--policy", "none", "--json", json.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let names: Vec<&str> = v["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["none"]);
+    assert_eq!(v["kernel_ksm"]["skipped_reason"], "not chosen (--policy)");
 }

@@ -156,8 +156,11 @@ pub enum BenchKind {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Run only these policies (repeatable; default: all): none,
-        /// densevm-full, densevm-default, ksm-full, ksm-default.
-        #[arg(long = "policy", value_parser = ["none", "densevm-full", "densevm-default", "ksm-full", "ksm-default"])]
+        /// densevm-full, densevm-full-nohold, densevm-default, ksm-full, ksm-default.
+        #[arg(
+            long = "policy",
+            value_parser = ["none", "densevm-full", "densevm-full-nohold", "densevm-default", "ksm-full", "ksm-default"]
+        )]
         policies: Vec<String>,
     },
 }

@@ -3,7 +3,8 @@
 //! after their fill) under each memory policy, in one run:
 //!
 //! - densevm's merger (managed RAM, one merge domain, KVM dirty log) at full
-//!   speed and at KSM's default rate (100 pages every 20 ms);
+//!   speed (with and without holding the vCPUs during remaps) and at KSM's
+//!   default rate (100 pages every 20 ms);
 //! - the kernel's KSM on the guests' RAM as private anonymous memory with
 //!   `MADV_MERGEABLE`, `/sys/kernel/mm/ksm` at full speed (pages_to_scan 10000,
 //!   sleep 0) and at its defaults (100 / 20), restored afterwards;
@@ -51,7 +52,7 @@ fn rt(e: impl std::fmt::Display) -> CommandError {
     CommandError::Runtime(e.to_string())
 }
 
-fn densevm_policies() -> [Policy; 3] {
+fn densevm_policies() -> [Policy; 4] {
     let full = Tunables { merge_zero_pages: false, ..Tunables::full_speed() };
     let default = Tunables { run: true, ..Tunables::default() };
     [
@@ -60,6 +61,11 @@ fn densevm_policies() -> [Policy; 3] {
             name: "densevm-full",
             what: "densevm merger, full speed (pages_to_scan 1000000, sleep 0)",
             merging: Merging::Densevm(full),
+        },
+        Policy {
+            name: "densevm-full-nohold",
+            what: "densevm merger, full speed, vCPUs never held (hold_vcpus false)",
+            merging: Merging::Densevm(Tunables { hold_vcpus: false, ..full }),
         },
         Policy {
             name: "densevm-default",
