@@ -17,17 +17,23 @@ use common::*;
 use memory::merge::tunables::ChangeDetection;
 use memory::{Tunables, VcpuGate, VmId, PAGE_SIZE};
 
-/// A vCPU gate that counts holds (and the holds outstanding) without holding anyone.
+/// A vCPU gate that counts holds (and the holds outstanding) and sums how long
+/// they lasted, without holding anyone; each hold takes 2 ms (as kicking real
+/// vCPUs out of guest mode may), so that holding all the time would be seen.
 #[derive(Default)]
 struct CountingGate {
     holds: AtomicU64,
     depth: std::sync::atomic::AtomicI64,
+    held_since: Mutex<Option<Instant>>,
+    held_ns: AtomicU64,
 }
 
 struct GateHandle(Arc<CountingGate>);
 
 impl VcpuGate for GateHandle {
     fn hold(&self) -> bool {
+        *self.0.held_since.lock().unwrap() = Some(Instant::now());
+        std::thread::sleep(Duration::from_millis(2));
         self.0.holds.fetch_add(1, Ordering::SeqCst);
         self.0.depth.fetch_add(1, Ordering::SeqCst);
         true
@@ -36,6 +42,9 @@ impl VcpuGate for GateHandle {
     fn release(&self) {
         let before = self.0.depth.fetch_sub(1, Ordering::SeqCst);
         assert!(before > 0, "release without hold");
+        if let Some(since) = self.0.held_since.lock().unwrap().take() {
+            self.0.held_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        }
     }
 }
 
@@ -89,6 +98,7 @@ fn run(mode: ChangeDetection) {
         mgr.set_vcpu_gate(vm, Box::new(GateHandle(gate.clone()))).unwrap();
     }
     mgr.merger().set_tunables(tunables).unwrap();
+    let merging_since = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let writes = Arc::new(AtomicU64::new(0));
@@ -160,6 +170,13 @@ fn run(mode: ChangeDetection) {
     }
     let held: u64 = gates.iter().map(|g| g.holds.load(Ordering::SeqCst)).sum();
     assert!(held > 0 && during.counters.vcpu_holds > 0, "merging chunks held no vCPUs");
+    // The guests' share of the time: a burst of 300 ms, then at most half of it
+    // (plus one chunk's overdraft).
+    let elapsed = merging_since.elapsed().as_secs_f64();
+    for g in &gates {
+        let held = g.held_ns.load(Ordering::SeqCst) as f64 / 1e9;
+        assert!(held <= 0.3 + 0.5 * elapsed + 0.05, "vCPUs held {held:.3} s in {elapsed:.3} s");
+    }
     let failures = failures.lock().unwrap().clone();
     assert!(failures.is_empty(), "{failures:?}");
     let model = model.lock().unwrap();

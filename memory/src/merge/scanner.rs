@@ -33,6 +33,7 @@ use crate::{sys, FrameNo, VmId, PAGE_SIZE};
 
 use super::backoff::{skip_age, Idle, SMART_MIN_AGE};
 use super::domains::DomainId;
+use super::gate::HoldBudget;
 use super::pages::{Class, VmScan};
 use super::stable::{Key, StableIndex};
 use super::stats::MergeStats;
@@ -119,6 +120,8 @@ pub(crate) struct Scanner {
     /// The previous chunk merged pages: the next one holds the vCPUs from its
     /// start (see [`super::gate`]).
     hot: bool,
+    /// The vCPU hold time left to spend (the guests' share of the time).
+    hold_budget: HoldBudget,
 }
 
 impl Scanner {
@@ -144,6 +147,7 @@ impl Scanner {
             scan_activity: 0,
             extra_activity: 0,
             hot: false,
+            hold_budget: HoldBudget::new(Instant::now()),
         }
     }
 
@@ -292,8 +296,16 @@ impl Scanner {
 
     /// Visits pages `start..start+n` of `target`; returns how many had host memory.
     pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
+        if tun.hold_vcpus {
+            // The guests' share of the time (see `gate::HoldBudget`).
+            let wait = self.hold_budget.wait(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
         let core = self.core.clone();
         let mut guard = core.lock();
+        let held_before = guard.counters.vcpu_hold_us;
         let mut t = Txn::new(&mut guard, core.remap());
         if tun.hold_vcpus {
             // Held at the chunk's first change, or at once while merging is in full
@@ -309,6 +321,12 @@ impl Scanner {
         };
         let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
         let finished = t.finish_remaps();
+        drop(t);
+        let held = Duration::from_micros(guard.counters.vcpu_hold_us - held_before);
+        drop(guard);
+        if !held.is_zero() {
+            self.hold_budget.spend(held, Instant::now());
+        }
         self.hot = self.counters.merges > merges_before;
         self.vms.insert(target.vm, vs);
         let resident = result?;
