@@ -14,7 +14,7 @@
 //! expected count), pages merged, CPU seconds of the merging thread (ksmd's
 //! /proc/<pid>/stat, the merger thread's /proc/self/task/<tid>/stat), and CPU
 //! per second while idling over converged memory for `STEADY_S` seconds.
-//! JSON goes to `$CARGO_TARGET_DIR/merge_vs_ksm.json` (default `target/`).
+//! JSON goes to `$CARGO_TARGET_DIR/merge_vs_ksm.json` (default: the workspace's `target/`).
 //! Environment: DENSEVM_BENCH_GUESTS, DENSEVM_BENCH_MIB, DENSEVM_BENCH_SHARED.
 
 use std::time::{Duration, Instant};
@@ -335,7 +335,9 @@ fn main() {
             ratios.insert(r.name.clone(), serde_json::json!({ "converge": conv, "cpu": cpu, "steady_cpu": steady }));
         }
     }
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    // Benches run in the package's directory: the default target is the workspace's.
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
     let path = std::path::Path::new(&dir).join("merge_vs_ksm.json");
     let json = serde_json::json!({
         "guests": guests, "mib_per_guest": mib, "shared_fraction": shared,
