@@ -336,8 +336,8 @@ fn main() {
         }
     }
     // Benches run in the package's directory: the default target is the workspace's.
-    let dir = std::env::var("CARGO_TARGET_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let dir =
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
     let path = std::path::Path::new(&dir).join("merge_vs_ksm.json");
     let json = serde_json::json!({
         "guests": guests, "mib_per_guest": mib, "shared_fraction": shared,

@@ -62,9 +62,10 @@ struct ModeState {
     holds: u32,
     /// vCPU threads between [`VmControl::wait_runnable`] and [`VmControl::left_guest`].
     in_guest: u32,
-    /// Live vCPU threads (kicked by [`VmControl::hold`]; a thread leaves the list
-    /// under this lock before it exits, so an id here is always valid).
-    threads: Vec<libc::pthread_t>,
+    /// Live vCPU threads and whether each is in guest mode (those are kicked by
+    /// [`VmControl::hold`]; a thread leaves the list under this lock before it
+    /// exits, so an id here is always valid).
+    threads: Vec<(libc::pthread_t, bool)>,
 }
 
 /// Shared control block of one VM.
@@ -92,6 +93,15 @@ pub fn install_kick_handler() -> Result<(), String> {
             .map_err(|e| format!("cannot install the vCPU kick handler: {e}"));
     });
     result
+}
+
+/// Marks the calling thread's entry (if registered) as in guest mode or not.
+fn set_in_guest(threads: &mut [(libc::pthread_t, bool)], in_guest: bool) {
+    // SAFETY: pthread_self has no preconditions; pthread_equal compares ids.
+    let me = unsafe { libc::pthread_self() };
+    if let Some(entry) = threads.iter_mut().find(|(t, _)| unsafe { libc::pthread_equal(*t, me) } != 0) {
+        entry.1 = in_guest;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,6 +165,7 @@ impl VmControl {
         }
         if s.mode == RunMode::Run {
             s.in_guest += 1;
+            set_in_guest(&mut s.threads, true);
             true
         } else {
             false
@@ -165,6 +176,7 @@ impl VmControl {
     pub fn left_guest(&self) {
         let mut s = lock(&self.state);
         s.in_guest = s.in_guest.saturating_sub(1);
+        set_in_guest(&mut s.threads, false);
         if s.holds > 0 && s.in_guest == 0 {
             self.changed.notify_all();
         }
@@ -174,14 +186,15 @@ impl VmControl {
     pub fn register_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        lock(&self.state).threads.push(me);
+        lock(&self.state).threads.push((me, false));
     }
 
     /// Removes the calling thread from the vCPU threads (before it exits).
     pub fn unregister_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        lock(&self.state).threads.retain(|&t| t != me);
+        // SAFETY: pthread_equal only compares the two ids.
+        lock(&self.state).threads.retain(|&(t, _)| unsafe { libc::pthread_equal(t, me) } == 0);
     }
 
     /// Keeps the vCPUs out of KVM_RUN until [`VmControl::release`]: kicks those in
@@ -196,7 +209,7 @@ impl VmControl {
             if now >= deadline {
                 return false;
             }
-            for &t in &s.threads {
+            for &(t, _) in s.threads.iter().filter(|(_, in_guest)| *in_guest) {
                 // SAFETY: `t` is a live vCPU thread: threads leave the list under
                 // this lock before they exit. The kick signal has a no-op handler.
                 unsafe { libc::pthread_kill(t, kick_signal()) };
