@@ -30,6 +30,7 @@ pub mod stable;
 pub mod stats;
 pub mod tunables;
 pub mod unstable;
+mod visit;
 pub mod zero;
 
 use std::collections::HashMap;

@@ -17,7 +17,8 @@
 //!    the kept frame enters the stable index. Otherwise the page enters the
 //!    unstable index, which is cleared at every full scan.
 //!
-//! When memory is idle the scanner backs off ([`super::backoff`]): in
+//! The per-page visit of one chunk is in [`super::visit`]. When memory is idle
+//! the scanner backs off ([`super::backoff`]): in
 //! dirty-log mode it stops rescanning and polls the dirty logs, in checksum
 //! mode it skips long-unchanged pages (smart scan) and sleeps longer.
 
@@ -25,21 +26,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::frame_table::Mapper;
-use crate::manager::{Core, Error, Result};
-use crate::page_table::PageFlags;
+use crate::manager::{Core, Result};
 use crate::txn::Txn;
-use crate::{sys, FrameNo, VmId, PAGE_SIZE};
+use crate::{FrameNo, VmId};
 
-use super::backoff::{skip_age, Idle, SMART_MIN_AGE};
+use super::backoff::Idle;
 use super::domains::DomainId;
 use super::gate::HoldBudget;
 use super::pages::{Class, VmScan};
-use super::stable::{Key, StableIndex};
+use super::stable::StableIndex;
 use super::stats::MergeStats;
 use super::tunables::{ChangeDetection, Tunables};
 use super::unstable::UnstableIndex;
-use super::zero::{hash_page, zero_hash};
 
 /// Most pages handled under one hold of the manager's lock.
 pub(crate) const CHUNK: u32 = 256;
@@ -100,7 +98,7 @@ pub(crate) struct Scanner {
     busy: Duration,
     pages_this_scan: u64,
     pub(crate) counters: Counters,
-    resident: Vec<u8>,
+    pub(super) resident: Vec<u8>,
     pub(super) dirty_buf: Vec<u64>,
     /// Back-off allowed ([`super::Merger::set_backoff`]).
     pub(super) backoff_enabled: bool,
@@ -119,9 +117,9 @@ pub(crate) struct Scanner {
     pub(super) extra_activity: u64,
     /// The previous chunk merged pages: the next one holds the vCPUs from its
     /// start (see [`super::gate`]).
-    hot: bool,
+    pub(super) hot: bool,
     /// The vCPU hold time left to spend (the guests' share of the time).
-    hold_budget: HoldBudget,
+    pub(super) hold_budget: HoldBudget,
 }
 
 impl Scanner {
@@ -292,158 +290,6 @@ impl Scanner {
             // Idle mode keeps the unstable index: pages settling later pair with it.
             self.unstable.clear();
         }
-    }
-
-    /// Visits pages `start..start+n` of `target`; returns how many had host memory.
-    pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
-        if tun.hold_vcpus {
-            // The guests' share of the time (see `gate::HoldBudget`).
-            let wait = self.hold_budget.wait(Instant::now());
-            if !wait.is_zero() {
-                std::thread::sleep(wait);
-            }
-        }
-        let core = self.core.clone();
-        let mut guard = core.lock();
-        let held_before = guard.counters.vcpu_hold_us;
-        let mut t = Txn::new(&mut guard, core.remap());
-        if tun.hold_vcpus {
-            // Held at the chunk's first change, or at once while merging is in full
-            // swing (the previous chunk merged); released when `t` drops.
-            t.gates = core.vcpu_gates();
-            if self.hot {
-                t.hold_vcpus();
-            }
-        }
-        let merges_before = self.counters.merges;
-        let Some(mut vs) = self.vms.remove(&target.vm) else {
-            return Ok(0);
-        };
-        let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
-        let finished = t.finish_remaps();
-        drop(t);
-        let held = Duration::from_micros(guard.counters.vcpu_hold_us - held_before);
-        drop(guard);
-        if !held.is_zero() {
-            self.hold_budget.spend(held, Instant::now());
-        }
-        self.hot = self.counters.merges > merges_before;
-        self.vms.insert(target.vm, vs);
-        let resident = result?;
-        finished?;
-        Ok(resident)
-    }
-
-    fn chunk_locked(
-        &mut self,
-        t: &mut Txn<'_>,
-        vs: &mut VmScan,
-        target: Target,
-        start: u32,
-        n: u32,
-        tun: &Tunables,
-    ) -> Result<u32> {
-        let vm = target.vm;
-        let addr = t.addr(Mapper { vm, page: start })?;
-        sys::mincore(addr, n as usize * PAGE_SIZE, &mut self.resident).map_err(Error::Mapping)?;
-        let resident = self.resident.iter().take(n as usize).filter(|&&r| r & 1 == 1).count() as u32;
-        let use_log = tun.change_detection == ChangeDetection::DirtyLog && vs.dirty_log;
-        let mut cands = Vec::with_capacity(n as usize);
-        let mut zeros = Vec::new();
-        for i in 0..n {
-            let p = start + i;
-            let m = Mapper { vm, page: p };
-            let e = t.entry(m)?;
-            self.counters.pages_scanned += 1;
-            let device_dirty = e.flags.contains(PageFlags::MERGE_DIRTY);
-            if device_dirty {
-                t.set_flags(m, e.flags.without(PageFlags::MERGE_DIRTY))?;
-            }
-            let log_dirty = use_log && vs.take_dirty(p);
-            let refs = t.st.frames.refs(e.frame);
-            if refs > 1 || e.flags.contains(PageFlags::SHARED) {
-                vs.set_class(p, Class::Merged);
-                if refs > 1 && self.stable.key_of(e.frame).is_none() && t.check_domain(vm, e.frame).is_ok() {
-                    // A shared frame the index does not know (migrated, merged by hand).
-                    let hash = hash_page(t.page_bytes(m)?);
-                    self.stable.insert(Key { domain: target.domain, hash }, e.frame);
-                    self.extra_activity += 1;
-                }
-                continue;
-            }
-            if e.flags.contains(PageFlags::ZERO) || self.resident.get(i as usize).is_none_or(|r| r & 1 == 0) {
-                vs.pages[p as usize].hashed = false;
-                vs.set_class(p, Class::Other);
-                continue;
-            }
-            let ps = vs.pages[p as usize];
-            let was_unshared = vs.class(p) == Class::Unshared;
-            let (hash, volatile) = if use_log {
-                if log_dirty || device_dirty {
-                    if ps.hashed && was_unshared {
-                        // Its unstable entry describes old content.
-                        self.unstable.remove(Key { domain: target.domain, hash: ps.hash }, m);
-                    }
-                    vs.pages[p as usize].hashed = false;
-                    vs.set_class(p, Class::Volatile);
-                    continue;
-                }
-                if ps.hashed && ps.frame == e.frame {
-                    (ps.hash, false)
-                } else {
-                    (hash_page(t.page_bytes(m)?), false)
-                }
-            } else {
-                // Smart scan (KSM's smart_scan): a page unchanged and unshared at
-                // several visits in a row is skipped for a growing number of scans.
-                let rec = &mut vs.pages[p as usize];
-                if self.backoff_enabled && ps.hashed && was_unshared && !device_dirty && ps.frame == e.frame {
-                    rec.age = ps.age.saturating_add(1);
-                    if ps.age >= SMART_MIN_AGE {
-                        if ps.skips > 0 {
-                            rec.skips = ps.skips - 1;
-                            self.counters.pages_skipped += 1;
-                            continue;
-                        }
-                        rec.skips = skip_age(ps.age);
-                    }
-                } else {
-                    (rec.age, rec.skips) = (0, 0);
-                }
-                let h = hash_page(t.page_bytes(m)?);
-                let changed = device_dirty || !ps.hashed || ps.hash != h;
-                if changed {
-                    (rec.age, rec.skips) = (0, 0);
-                }
-                (h, changed)
-            };
-            let rec = &mut vs.pages[p as usize];
-            (rec.hash, rec.frame, rec.hashed) = (hash, e.frame, true);
-            if tun.merge_zero_pages && hash == zero_hash() {
-                if volatile {
-                    vs.set_class(p, Class::Volatile);
-                } else {
-                    zeros.push(p);
-                }
-                continue;
-            }
-            cands.push(Cand { page: p, frame: e.frame, hash, volatile });
-        }
-        if !zeros.is_empty() {
-            let zeroed = t.zero_run(vm, &zeros)?;
-            self.extra_activity += zeroed.iter().filter(|&&z| z).count() as u64;
-            for (&p, &z) in zeros.iter().zip(&zeroed) {
-                vs.set_class(p, if z { Class::Other } else { Class::Volatile });
-                if z {
-                    vs.pages[p as usize].hashed = false;
-                }
-            }
-        }
-        let mut j = 0;
-        while j < cands.len() {
-            j += self.merge_candidate(t, vs, target, &cands[j..], tun)?;
-        }
-        Ok(resident)
     }
 
     /// Unmerges every VM with merging enabled (KSM's `run = 2`) and forgets the
