@@ -11,6 +11,9 @@
 //! measured from the deltas of its report page. B resumes afterwards, and both
 //! guests' final verify passes must find no mismatch.
 
+mod guest;
+mod prepare;
+
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,16 +27,14 @@ use super::CommandError;
 use crate::guest_ram::RamPolicy;
 use crate::host::{Host, HostConfig};
 use crate::ksm::{self, KsmControl, MergedWriteTimes};
-use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
-use crate::workload::abi::{WorkloadConfig, WorkloadReport};
-use crate::workload::layout::WorkloadLayout;
+use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
+use guest::{guest_case, GuestCase};
+use prepare::{prepare, Prep};
 
 /// The merge domain of the benchmark's VM pairs.
 const DOMAIN: &str = "bench-cow";
 /// Page rewrites per second of guest A.
 const WRITES_PER_S: u64 = 20_000;
-/// Interval between reads of A's report page.
-const POLL: Duration = Duration::from_millis(1);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -62,21 +63,6 @@ struct Params {
     host_pages: usize,
 }
 
-/// How A's data pages are prepared before A resumes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prep {
-    /// Nothing: private frames.
-    Private,
-    /// Write-protected, not shared: the fault round trip alone (no remap).
-    Protect,
-    /// Merged with B's: every frame shared by 2 guest pages.
-    Copy,
-    /// Merged with B's, then B's unshared: A is the sole mapper of a merged frame.
-    Reuse,
-    /// Anonymous RAM merged by the kernel's KSM.
-    Ksm,
-}
-
 fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
     let scenario = Scenario {
         fill_mib: p.fill_mib,
@@ -98,119 +84,6 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
         pause_after_fill: true,
         // Merged by hand below, never by the scanner; one domain so that A and B may share.
         merge: MergeSpec { enabled: false, domain: Some(DOMAIN.into()) },
-    }
-}
-
-/// One report read that is not torn by a concurrent guest update.
-fn report(host: &Host, id: &str) -> Result<WorkloadReport, CommandError> {
-    let vm = host.vm(id)?;
-    let mut last = vm.workload_report().ok_or_else(|| rt(format!("{id}: no workload report")))?;
-    for _ in 0..16 {
-        let again = vm.workload_report().ok_or_else(|| rt(format!("{id}: no workload report")))?;
-        if again == last {
-            break;
-        }
-        last = again;
-    }
-    Ok(last)
-}
-
-fn poll_until(
-    host: &mut Host,
-    ids: &[&str],
-    timeout: Duration,
-    what: &str,
-    done: impl Fn(&Host) -> bool,
-) -> Result<(), CommandError> {
-    let deadline = Instant::now() + timeout;
-    while !done(host) {
-        check_interrupt()?;
-        for id in ids {
-            host.vm_mut(id)?.handle_events();
-        }
-        if Instant::now() > deadline {
-            return Err(rt(format!("{what} within {timeout:?}")));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
-}
-
-/// The result of one guest-observed case.
-#[derive(Clone, Debug, serde::Serialize)]
-struct GuestCase {
-    name: &'static str,
-    what: &'static str,
-    pages: u64,
-    pages_prepared: u64,
-    pages_measured: u64,
-    mean_ns: f64,
-    /// Median of the per-poll interval means, weighted by pages.
-    median_ns: f64,
-    max_ns: f64,
-    intervals: usize,
-    tsc_khz: u64,
-    cow_copies: u64,
-    cow_reuses: u64,
-    protect_faults: u64,
-    mismatches: u64,
-    exit_reasons: Vec<String>,
-}
-
-fn weighted_median(samples: &mut [(f64, u64)]) -> f64 {
-    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total: u64 = samples.iter().map(|s| s.1).sum();
-    let mut seen = 0;
-    for (v, w) in samples.iter() {
-        seen += w;
-        if seen * 2 >= total {
-            return *v;
-        }
-    }
-    f64::NAN
-}
-
-/// Prepares A's data pages `[first, first+n)`; returns how many got the intended state.
-fn prepare(host: &Host, prep: Prep, mem: [u32; 2], first: u32, n: u32) -> Result<u64, CommandError> {
-    let mgr = host.memory();
-    let mut done = 0;
-    for p in first..first + n {
-        match prep {
-            Prep::Private | Prep::Ksm => return Ok(u64::from(n)),
-            Prep::Protect => {
-                mgr.protect(mem[0], p).map_err(rt)?;
-                done += 1;
-            }
-            Prep::Copy | Prep::Reuse => {
-                let merged = matches!(
-                    mgr.merge_pages((mem[0], p), (mem[1], p)).map_err(rt)?,
-                    memory::manager::MergeOutcome::Merged { .. }
-                );
-                if merged && (prep == Prep::Copy || mgr.unshare(mem[1], p).map_err(rt)?) {
-                    done += 1;
-                }
-            }
-        }
-    }
-    Ok(done)
-}
-
-/// Waits until the kernel merged A's `n` data pages at host address `addr`, then
-/// stops ksmd (merged pages stay merged) so that it does not compete for CPU.
-fn wait_ksm_merged(ksm: &mut KsmControl, addr: u64, n: u64) -> Result<u64, CommandError> {
-    ksm.set("run", "1").map_err(rt)?;
-    let res = ksm.wait_until("merge the guest's data pages", Duration::from_secs(60), |_| {
-        if INTERRUPTED.load(Ordering::Relaxed) {
-            return Err(ksm::Error::Interrupted);
-        }
-        Ok(ksm::ksm_pages_in(addr, n).map_err(|e| ksm::Error::Io("reading kpageflags", e))? >= n)
-    });
-    let merged = ksm::ksm_pages_in(addr, n).map_err(rt)?;
-    ksm.set("run", "0").map_err(rt)?;
-    match res {
-        Err(ksm::Error::Interrupted) => Err(rt("interrupted")),
-        Err(e) if merged == 0 => Err(rt(e)),
-        _ => Ok(merged),
     }
 }
 
@@ -249,142 +122,6 @@ fn host_thread_case(host: &mut Host, prep: Prep, p: Params) -> Result<MergedWrit
         let _ = host.remove_vm(id, None);
     }
     res
-}
-
-fn guest_case(
-    host: &mut Host,
-    name: &'static str,
-    prep: Prep,
-    p: Params,
-    ksm: Option<&mut KsmControl>,
-) -> Result<GuestCase, CommandError> {
-    let ids = [format!("cow-{name}-a"), format!("cow-{name}-b")];
-    let ram = if prep == Prep::Ksm { RamPolicy::Anonymous { mergeable: true } } else { RamPolicy::Managed };
-    for (i, id) in ids.iter().enumerate() {
-        host.create_vm(spec(id.clone(), i as u64 + 1, ram, p))?;
-    }
-    let res = run_case(host, name, prep, p, [&ids[0], &ids[1]], ksm);
-    for id in &ids {
-        let _ = host.remove_vm(id, None);
-    }
-    res
-}
-
-fn run_case(
-    host: &mut Host,
-    name: &'static str,
-    prep: Prep,
-    p: Params,
-    ids: [&str; 2],
-    ksm: Option<&mut KsmControl>,
-) -> Result<GuestCase, CommandError> {
-    let mut mem = [0u32; 2];
-    for (i, id) in ids.iter().enumerate() {
-        if let Some(map) = host.vm(id)?.ram().guest_map() {
-            mem[i] = map.vm_id();
-        }
-        host.vm_mut(id)?.start().map_err(rt)?;
-    }
-    poll_until(host, &ids, Duration::from_secs(120), "the guests did not fill", |h| {
-        ids.iter().all(|id| h.vm(id).map(|v| v.state() != VmState::Running).unwrap_or(true))
-    })?;
-    for id in ids {
-        let vm = host.vm(id)?;
-        if vm.state() != VmState::Paused {
-            return Err(rt(format!(
-                "{id} did not pause after its fill: {:?} {:?}",
-                vm.state(),
-                vm.timeline().exit_reason
-            )));
-        }
-    }
-    let vm = host.vm(ids[0])?;
-    let layout = vm.workload().ok_or_else(|| rt("no workload layout"))?.layout;
-    let cfg: WorkloadConfig = vm.ram().memory().read_obj(GuestAddress(WorkloadLayout::config_gpa(0))).map_err(rt)?;
-    let (first, n) = ((layout.data_gpa / 4096) as u32, cfg.npages);
-    let data_host = vm.ram().host_addr() + layout.data_gpa;
-    let prepared = match (prep, ksm) {
-        (Prep::Ksm, Some(ksm)) => wait_ksm_merged(ksm, data_host, n)?,
-        (Prep::Ksm, None) => return Err(rt("the KSM case needs KSM")),
-        _ => prepare(host, prep, mem, first, n as u32)?,
-    };
-    let base = report(host, ids[0])?;
-    if base.pages_written != 0 {
-        return Err(rt(format!(
-            "{}: the guest did not pause before its write loop ({} pages written)",
-            ids[0], base.pages_written
-        )));
-    }
-    let c0 = host.memory().stats().counters;
-    host.vm_mut(ids[0])?.resume().map_err(rt)?;
-
-    // The first pass over A's pages: report deltas while pages_written <= npages.
-    let mut last = base;
-    let mut samples = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        check_interrupt()?;
-        std::thread::sleep(POLL);
-        host.vm_mut(ids[0])?.handle_events();
-        let r = report(host, ids[0])?;
-        if r.pages_written > n {
-            break;
-        }
-        let dp = r.pages_written - last.pages_written;
-        if dp > 0 {
-            let dc = r.write_first_cycles_sum.saturating_sub(last.write_first_cycles_sum);
-            samples.push((dc as f64 / dp as f64, dp));
-            last = r;
-        }
-        if r.pages_written == n || host.vm(ids[0])?.state() != VmState::Running || Instant::now() > deadline {
-            break;
-        }
-    }
-    let c1 = host.memory().stats().counters;
-    let measured = last.pages_written;
-    if measured == 0 {
-        return Err(rt(format!("{}: the guest wrote no page", ids[0])));
-    }
-    let ns = |cycles: f64| cycles * 1e6 / cfg.tsc_khz as f64;
-
-    // B resumes too; both run to their end and verify every page.
-    if host.vm(ids[1])?.state() == VmState::Paused {
-        host.vm_mut(ids[1])?.resume().map_err(rt)?;
-    }
-    poll_until(host, &ids, Duration::from_secs(p.duration_s + 120), "the guests did not finish", |h| {
-        ids.iter().all(|id| h.vm(id).map(|v| matches!(v.state(), VmState::Exited | VmState::Stopped)).unwrap_or(true))
-    })?;
-    let mut mismatches = 0;
-    let mut exit_reasons = Vec::new();
-    for id in ids {
-        let vm = host.vm(id)?;
-        let r = report(host, id)?;
-        mismatches += r.mismatches + vm.timeline().mismatch_events;
-        exit_reasons.push(vm.timeline().exit_reason.clone().unwrap_or_default());
-    }
-    Ok(GuestCase {
-        name,
-        what: match prep {
-            Prep::Private => "densevm: private page",
-            Prep::Protect => "densevm: write-protected private page (fault round trip only)",
-            Prep::Copy => "densevm: frame shared by 2 guest pages (copy)",
-            Prep::Reuse => "densevm: sole mapper of a merged frame (reuse)",
-            Prep::Ksm => "kernel KSM: anonymous RAM, KSM-merged page (guest-observed)",
-        },
-        pages: n,
-        pages_prepared: prepared,
-        pages_measured: measured,
-        mean_ns: ns(last.write_first_cycles_sum as f64 / measured as f64),
-        median_ns: ns(weighted_median(&mut samples)),
-        max_ns: ns(last.write_first_cycles_max as f64),
-        intervals: samples.len(),
-        tsc_khz: cfg.tsc_khz,
-        cow_copies: c1.cow_copies - c0.cow_copies,
-        cow_reuses: c1.cow_reuses - c0.cow_reuses,
-        protect_faults: c1.protect_faults - c0.protect_faults,
-        mismatches,
-        exit_reasons,
-    })
 }
 
 fn ratio(a: f64, b: f64) -> Option<f64> {
