@@ -3,11 +3,9 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use devices::serial::{SerialConsole, COM1_PORT};
 use devices::trigger::EventFdTrigger;
@@ -19,12 +17,15 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::MemoryManager;
 
 use crate::arch::{cpl3, cpuid};
-use crate::boot::linux::{self, LinuxBootConfig};
+use crate::boot::linux;
 use crate::control::{install_kick_handler, RunMode, VcpuEvent, VmControl};
-use crate::guest_ram::{self, GuestRam, RamPolicy};
+use crate::guest_ram::{self, GuestRam};
 use crate::vcpu::{VcpuContext, VcpuThread};
 use crate::workload::abi::WorkloadReport;
 use crate::workload::{self, WorkloadGuest};
+
+mod spec;
+pub use spec::{BootSource, MergeSpec, SerialOut, VmSpec, VmState, VmTimeline};
 
 /// Most vCPUs per VM.
 pub const MAX_VCPUS: u32 = 32;
@@ -72,88 +73,6 @@ pub enum Error {
     /// Host I/O failed.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-}
-
-/// Lifecycle state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum VmState {
-    /// Created, not started.
-    Created,
-    /// vCPUs running.
-    Running,
-    /// vCPUs parked.
-    Paused,
-    /// Stopped by request.
-    Stopped,
-    /// The guest finished or shut down by itself.
-    Exited,
-}
-
-/// Where the serial console's output goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SerialOut {
-    /// The process's stdout.
-    Stdout,
-    /// A file (created or truncated).
-    File(PathBuf),
-    /// Discarded; the workload guest then does not print at all.
-    None,
-}
-
-/// What the VM boots.
-#[derive(Clone, Debug)]
-pub enum BootSource {
-    /// The embedded workload guest with a scenario.
-    Workload(Scenario),
-    /// A Linux kernel (one vCPU, RAM below 3 GiB).
-    Linux(LinuxBootConfig),
-}
-
-/// Everything needed to create a VM.
-#[derive(Clone, Debug)]
-pub struct VmSpec {
-    /// VM id.
-    pub id: String,
-    /// vCPU count.
-    pub vcpus: u32,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// Boot source.
-    pub boot: BootSource,
-    /// Serial output.
-    pub serial: SerialOut,
-    /// How guest RAM is backed.
-    pub ram: RamPolicy,
-    /// Pause the VM as soon as the workload guest reports its fill done (so that a
-    /// test or benchmark can prepare memory before the write loop starts).
-    pub pause_after_fill: bool,
-    /// Same-page merging of this VM's memory.
-    pub merge: MergeSpec,
-}
-
-/// A VM's merge settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct MergeSpec {
-    /// The merger scans this VM (opt-in).
-    pub enabled: bool,
-    /// Merge domain: only VMs of one domain share frames (zero pages excepted).
-    /// `None`: the VM's own domain.
-    pub domain: Option<String>,
-}
-
-/// What happened to a VM so far, for reports.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct VmTimeline {
-    /// Seconds from creation to start.
-    pub start_s: Option<f64>,
-    /// Seconds from start until every vCPU reported its fill done.
-    pub fill_done_s: Option<f64>,
-    /// Seconds from start until the guest finished.
-    pub exited_s: Option<f64>,
-    /// Why the VM exited (finished, shut down, error).
-    pub exit_reason: Option<String>,
-    /// Mismatch doorbells seen.
-    pub mismatch_events: u64,
 }
 
 /// A microVM.

@@ -1,0 +1,91 @@
+//! What a VM is made from and what it reports: its spec (boot source, RAM,
+//! serial, merging), lifecycle state and timeline.
+
+use std::path::PathBuf;
+
+use api::scenario::Scenario;
+
+use crate::boot::linux::LinuxBootConfig;
+use crate::guest_ram::RamPolicy;
+
+/// Lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    /// Created, not started.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked.
+    Paused,
+    /// Stopped by request.
+    Stopped,
+    /// The guest finished or shut down by itself.
+    Exited,
+}
+
+/// Where the serial console's output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOut {
+    /// The process's stdout.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Discarded; the workload guest then does not print at all.
+    None,
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// The embedded workload guest with a scenario.
+    Workload(Scenario),
+    /// A Linux kernel (one vCPU, RAM below 3 GiB).
+    Linux(LinuxBootConfig),
+}
+
+/// Everything needed to create a VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// VM id.
+    pub id: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Boot source.
+    pub boot: BootSource,
+    /// Serial output.
+    pub serial: SerialOut,
+    /// How guest RAM is backed.
+    pub ram: RamPolicy,
+    /// Pause the VM as soon as the workload guest reports its fill done (so that a
+    /// test or benchmark can prepare memory before the write loop starts).
+    pub pause_after_fill: bool,
+    /// Same-page merging of this VM's memory.
+    pub merge: MergeSpec,
+}
+
+/// A VM's merge settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MergeSpec {
+    /// The merger scans this VM (opt-in).
+    pub enabled: bool,
+    /// Merge domain: only VMs of one domain share frames (zero pages excepted).
+    /// `None`: the VM's own domain.
+    pub domain: Option<String>,
+}
+
+/// What happened to a VM so far, for reports.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VmTimeline {
+    /// Seconds from creation to start.
+    pub start_s: Option<f64>,
+    /// Seconds from start until every vCPU reported its fill done.
+    pub fill_done_s: Option<f64>,
+    /// Seconds from start until the guest finished.
+    pub exited_s: Option<f64>,
+    /// Why the VM exited (finished, shut down, error).
+    pub exit_reason: Option<String>,
+    /// Mismatch doorbells seen.
+    pub mismatch_events: u64,
+}
