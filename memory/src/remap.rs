@@ -145,16 +145,11 @@ impl<'a> RemapProtocol<'a> {
     /// `addr..addr+len` must be (part of) a guest range owned by the caller and
     /// currently write-protected.
     pub unsafe fn remap_protected(&self, addr: usize, len: usize, frame: FrameNo) -> Result<()> {
-        let _in_flight = InFlight::begin(addr, len);
-        let offset = FramePool::offset_of(frame);
-        // SAFETY: the caller owns the range (function contract).
-        unsafe { sys::map_shared_fixed(addr, self.memfd, offset, len, libc::PROT_READ) }
-            .map_err(|e| Error::Map(frame, addr, e))?;
-        self.advise(addr, len);
-        self.uffd.register_wp(addr, len)?;
-        self.uffd.write_protect(addr, len, true, false)?;
-        sys::protect(addr, len, libc::PROT_READ | libc::PROT_WRITE).map_err(|e| Error::Protect(addr, e))?;
-        Ok(())
+        // A batch of one range: the same steps, finished at once.
+        let mut pending = PendingRemaps::default();
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.map_read_only(&mut pending, 0, addr, len, frame) }?;
+        self.finish(&mut pending)
     }
 
     /// The first half of [`RemapProtocol::remap_protected`], for many ranges at
@@ -190,33 +185,44 @@ impl<'a> RemapProtocol<'a> {
     }
 
     /// Registers, write-protects and makes writable every range of `pending`
-    /// (emptied); on an error the remaining steps still run and the first error
-    /// is returned (the pages it concerns may stay read-only).
+    /// (emptied). A range is made writable only once it is registered and
+    /// protected: after a failed step it stays read-only (writers wait or retry,
+    /// none reaches the frame) and the first error is returned.
     pub fn finish(&self, pending: &mut PendingRemaps) -> Result<()> {
         let mut ranges = std::mem::take(&mut pending.ranges);
         ranges.sort_unstable_by_key(|r| (r.group, r.addr));
         let mut first_error = None;
-        let mut keep = |r: Result<()>| {
-            if let Err(e) = r {
+        for group in ranges.chunk_by(|a, b| a.group == b.group) {
+            if let Err(e) = self.finish_group(group) {
                 first_error.get_or_insert(e);
             }
-        };
-        for group in ranges.chunk_by(|a, b| a.group == b.group) {
-            let start = group[0].addr;
-            let end = group.iter().map(|r| r.addr + r.len).max().unwrap_or(start);
-            // Ranges already registered in the span are left as they are.
-            keep(self.uffd.register_wp(start, end - start).map_err(Error::from));
-            for r in group {
-                keep(self.uffd.write_protect(r.addr, r.len, true, false).map_err(Error::from));
-            }
-            // Pages of the span outside the ranges are read-write already.
-            keep(
-                sys::protect(start, end - start, libc::PROT_READ | libc::PROT_WRITE)
-                    .map_err(|e| Error::Protect(start, e)),
-            );
         }
         // The in-flight marks drop here, after the pages became writable.
         drop(ranges);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// [`RemapProtocol::finish`] for the ranges of one guest range.
+    fn finish_group(&self, group: &[PendingRange]) -> Result<()> {
+        let start = group[0].addr;
+        let end = group.iter().map(|r| r.addr + r.len).max().unwrap_or(start);
+        let writable = |addr: usize, len: usize| {
+            sys::protect(addr, len, libc::PROT_READ | libc::PROT_WRITE).map_err(|e| Error::Protect(addr, e))
+        };
+        // Ranges already registered in the span are left as they are.
+        self.uffd.register_wp(start, end - start)?;
+        let protected: Vec<Result<()>> =
+            group.iter().map(|r| self.uffd.write_protect(r.addr, r.len, true, false).map_err(Error::from)).collect();
+        if protected.iter().all(Result::is_ok) {
+            // Pages of the span outside the ranges are read-write already.
+            return writable(start, end - start);
+        }
+        let mut first_error = None;
+        for (r, p) in group.iter().zip(protected) {
+            if let Err(e) = p.and_then(|()| writable(r.addr, r.len)) {
+                first_error.get_or_insert(e);
+            }
+        }
         first_error.map_or(Ok(()), Err)
     }
 
