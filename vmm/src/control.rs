@@ -60,12 +60,17 @@ struct ModeState {
     paused: u32,
     /// Outstanding [`VmControl::hold`]s: vCPUs stay out of KVM_RUN meanwhile.
     holds: u32,
-    /// vCPU threads between [`VmControl::wait_runnable`] and [`VmControl::left_guest`].
-    in_guest: u32,
-    /// Live vCPU threads and whether each is in guest mode (those are kicked by
-    /// [`VmControl::hold`]; a thread leaves the list under this lock before it
-    /// exits, so an id here is always valid).
+    /// Registered vCPU threads and whether each is in guest mode, between
+    /// [`VmControl::wait_runnable`] and [`VmControl::left_guest`] (those are
+    /// kicked by [`VmControl::hold`]; a thread leaves the list under this lock
+    /// before it exits, so an id here is always valid).
     threads: Vec<(libc::pthread_t, bool)>,
+}
+
+impl ModeState {
+    fn in_guest(&self) -> bool {
+        self.threads.iter().any(|&(_, in_guest)| in_guest)
+    }
 }
 
 /// Shared control block of one VM.
@@ -112,13 +117,7 @@ impl VmControl {
     /// Creates a control block in `Pause` mode (vCPUs wait for the first resume).
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(VmControl {
-            state: Mutex::new(ModeState {
-                mode: RunMode::Pause,
-                paused: 0,
-                holds: 0,
-                in_guest: 0,
-                threads: Vec::new(),
-            }),
+            state: Mutex::new(ModeState { mode: RunMode::Pause, paused: 0, holds: 0, threads: Vec::new() }),
             changed: Condvar::new(),
             events: Mutex::new(Vec::new()),
             event_fd: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -145,8 +144,9 @@ impl VmControl {
     }
 
     /// Called by a vCPU thread outside KVM_RUN: blocks while paused or held;
-    /// returns false when the thread must stop. After true the thread counts as
-    /// in guest mode until it calls [`VmControl::left_guest`].
+    /// returns false when the thread must stop. After true a registered thread
+    /// ([`VmControl::register_thread`]) counts as in guest mode until it calls
+    /// [`VmControl::left_guest`].
     pub fn wait_runnable(&self) -> bool {
         let mut s = lock(&self.state);
         loop {
@@ -164,7 +164,6 @@ impl VmControl {
             }
         }
         if s.mode == RunMode::Run {
-            s.in_guest += 1;
             set_in_guest(&mut s.threads, true);
             true
         } else {
@@ -175,9 +174,8 @@ impl VmControl {
     /// Called by a vCPU thread when KVM_RUN returned (see [`VmControl::wait_runnable`]).
     pub fn left_guest(&self) {
         let mut s = lock(&self.state);
-        s.in_guest = s.in_guest.saturating_sub(1);
         set_in_guest(&mut s.threads, false);
-        if s.holds > 0 && s.in_guest == 0 {
+        if s.holds > 0 && !s.in_guest() {
             self.changed.notify_all();
         }
     }
@@ -204,7 +202,7 @@ impl VmControl {
         let deadline = Instant::now() + timeout;
         let mut s = lock(&self.state);
         s.holds += 1;
-        while s.in_guest > 0 {
+        while s.in_guest() {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -373,13 +371,16 @@ mod tests {
             assert!(Instant::now() < deadline, "the released thread did not run again");
             std::thread::yield_now();
         }
-        // A hold gives up after its timeout if the thread cannot be kicked out.
+        // A hold gives up after its timeout if the thread does not leave guest mode
+        // (here the test thread itself, whose kicks interrupt nothing).
         let stuck = VmControl::new().unwrap();
         stuck.set_mode(RunMode::Run);
+        stuck.register_thread();
         assert!(stuck.wait_runnable());
         assert!(!stuck.hold(Duration::from_millis(20)));
         stuck.release();
         stuck.left_guest();
+        stuck.unregister_thread();
         c.set_mode(RunMode::Stop);
         // Stop wins over a hold: the thread leaves.
         assert!(c.hold(Duration::from_secs(5)));
