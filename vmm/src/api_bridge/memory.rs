@@ -179,25 +179,13 @@ mod tests {
     #[test]
     fn resident_pages_follow_touches() {
         let len = 16 * PAGE_SIZE;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let mem = vm_memory::MmapRegion::<()>::new(len).unwrap();
+        let p = mem.as_ptr();
         assert_eq!(resident_pages(p as u64, len as u64), Some(0));
         for i in [0, 3, 15] {
             // SAFETY: inside the mapping above.
-            unsafe { *(p as *mut u8).add(i * PAGE_SIZE) = 1 };
+            unsafe { *p.add(i * PAGE_SIZE) = 1 };
         }
         assert_eq!(resident_pages(p as u64, len as u64), Some(3));
-        // SAFETY: unmaps exactly the mapping created above.
-        unsafe { libc::munmap(p, len) };
     }
 }

@@ -5,6 +5,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use vm_memory::MmapRegion;
+
 use super::{Error, KsmControl};
 
 /// `/proc/kpageflags` bit of a KSM page (`KPF_KSM`).
@@ -77,20 +79,6 @@ impl MergedWriteTimes {
     }
 }
 
-/// Private anonymous pages, unmapped on drop.
-struct AnonPages {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Drop for AnonPages {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping created in `time_writes_to_merged_pages`,
-        // and no reference into it outlives this value.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// Allocates `pages` anonymous pages of identical content, offers them to KSM,
 /// runs ksmd (`run=1`, with the other knobs as the caller set them) until every
 /// page is merged or `timeout` passes, stops ksmd (`run=0`; merged pages stay
@@ -103,32 +91,20 @@ pub fn time_writes_to_merged_pages(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<MergedWriteTimes, Error> {
     let len = pages * 4096;
-    // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(Error::Io("mmap", std::io::Error::last_os_error()));
-    }
-    let mem = AnonPages { ptr: ptr.cast(), len };
+    // Private anonymous memory (unmapped on drop), as guest RAM's anonymous backing.
+    let mem = MmapRegion::<()>::new(len).map_err(|e| Error::Io("mmap", std::io::Error::other(e.to_string())))?;
+    let base = mem.as_ptr();
     // SAFETY: the mapping is len bytes, readable and writable, owned by `mem`, and
     // only accessed through this slice until the timed writes below.
-    let words = unsafe { std::slice::from_raw_parts_mut(mem.ptr.cast::<u64>(), len / 8) };
+    let words = unsafe { std::slice::from_raw_parts_mut(base.cast::<u64>(), len / 8) };
     for (i, w) in words.iter_mut().enumerate() {
         *w = ((i % 512) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     }
     // SAFETY: madvise on the exact bounds of our mapping; it changes no content.
-    if unsafe { libc::madvise(mem.ptr.cast(), len, libc::MADV_MERGEABLE) } != 0 {
+    if unsafe { libc::madvise(base.cast(), len, libc::MADV_MERGEABLE) } != 0 {
         return Err(Error::Io("madvise(MADV_MERGEABLE)", std::io::Error::last_os_error()));
     }
-    let addr = mem.ptr as u64;
+    let addr = base as u64;
     ksm.set("run", "1")?;
     let waited = ksm.wait_until("merge the host test pages", timeout, |_| {
         if interrupted() {
@@ -148,7 +124,7 @@ pub fn time_writes_to_merged_pages(
         let t0 = Instant::now();
         // SAFETY: page i lies inside our mapping; a volatile store so that it happens
         // here, between the two clock reads.
-        unsafe { std::ptr::write_volatile(mem.ptr.add(i * 4096).cast::<u64>(), !(i as u64)) };
+        unsafe { std::ptr::write_volatile(base.add(i * 4096).cast::<u64>(), !(i as u64)) };
         ns.push(t0.elapsed().as_nanos() as f64);
     }
     Ok(MergedWriteTimes::from_ns(pages as u64, ns))
