@@ -25,7 +25,7 @@ pub(crate) struct Txn<'a> {
     /// finished by [`Txn::finish_remaps`], at the latest when the `Txn` drops
     /// (before the manager's lock it borrows is released).
     pub(crate) pending: PendingRemaps,
-    /// vCPU gates to hold from the first batched remap on ([`Txn::hold_vcpus`]).
+    /// vCPU gates to hold from the first change on ([`Txn::hold_vcpus`]).
     pub(crate) gates: Vec<Arc<dyn VcpuGate>>,
     held: Option<HeldVcpus>,
 }

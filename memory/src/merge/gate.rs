@@ -1,32 +1,27 @@
 //! Holding a VM's vCPUs out of guest mode while the merger remaps a batch of its
 //! pages.
 //!
-//! Every remap changes the host mapping behind guest pages, and KVM follows
-//! through its MMU notifier: it zaps the translations and bumps the VM's
-//! invalidation sequence, and a vCPU fault that overlaps any invalidation of its
-//! VM is retried from the start. A vCPU that touches freshly remapped pages of
-//! its own VM while the merger keeps remapping others therefore retries its
-//! faults again and again, each time taking the process's `mmap_lock` for
-//! reading (KVM resolves faults on write-protected pages through the slow GUP
-//! path), which the merger's `mmap` in turn waits for. Measured here with 8 idle
-//! clones: merging took 5x longer with the guests running than with them paused.
-//!
-//! The faults that get in the way are not only those of the VM being merged:
-//! every vCPU refaulting pages merged a moment earlier (in any VM) takes the
-//! `mmap_lock` for reading, and each `mmap` of the merger waits for all of them.
-//! Measured here with 8 idle 32 MiB clones: 1.2 s to merge them with the guests
-//! running, 0.24 s with the guests paused, 1.2 s again when only the chunk's own
-//! VM was held, 0.3 s when every merging VM was held during each chunk.
+//! Every remap replaces the host mapping behind guest pages (`mmap`, userfaultfd
+//! registration, `mprotect`), and each of those takes the process's `mmap_lock`
+//! for writing. KVM resolves a fault on a write-protected page (every merged
+//! page) through the slow GUP path, which takes the same lock for reading, and
+//! every vCPU refaults the pages just remapped, in whichever VM: each `mmap` of
+//! the merger waits for all of them. Measured here with 8 idle 32 MiB clones:
+//! 1.2 s to merge them with the guests running, 0.24 s with the guests paused,
+//! 1.2 s again when only the chunk's own VM was held, 0.3 s when every merging VM
+//! was held during each chunk.
 //!
 //! A [`VcpuGate`], registered per VM by the VMM, lets the scanner hold the
-//! vCPUs of every merging VM outside `KVM_RUN` from the first remap of a chunk
-//! until the chunk ends (about a millisecond for 256 pages) and release them
+//! vCPUs of every merging VM outside `KVM_RUN` from the first change of a chunk
+//! (from its start while the previous chunk merged) until the chunk ends (about
+//! a millisecond for 256 pages, ~3 ms for the larger chunks then) and release them
 //! after: the guests see short pauses instead of faults that queue behind the
 //! merger's `mmap`s. Chunks with nothing to remap (the idle steady state) hold
 //! nothing. A [`HoldBudget`] bounds the guests' loss: holds may take a burst of
 //! [`HOLD_BURST`] (enough to merge a fleet of fresh clones in one go), then at
-//! most [`HOLD_SHARE`] of the time however long merging goes on. The gate is an optimization only: if vCPUs do not leave guest mode
-//! in time the chunk runs anyway, as safe as without the gate.
+//! most [`HOLD_SHARE`] of the time however long merging goes on. The gate is an
+//! optimization only: if vCPUs do not leave guest mode in time the chunk runs
+//! anyway, as safe as without the gate.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
