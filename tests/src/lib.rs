@@ -14,7 +14,7 @@ pub fn densevm_bin() -> PathBuf {
     let bin = profile_dir.join("densevm");
     assert!(
         bin.exists(),
-        "{} is missing: build it first (`cargo test --workspace` does, or `cargo build -p vmm`)",
+        "{} is missing: build it first (`cargo test --workspace` does, or `cargo build -p densevm`)",
         bin.display()
     );
     bin

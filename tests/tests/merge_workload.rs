@@ -38,11 +38,11 @@ use std::time::{Duration, Instant};
 use api::scenario::Scenario;
 use memory::merge::{ChangeDetection, MergeStats, Tunables};
 use memory::{MemoryManager, PageFlags, VmId};
-use vmm::commands::run::workload_mem_mib;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
 use vmm::workload::layout::VERSIONS_GPA;
+use vmm::workload::mem_mib as workload_mem_mib;
 
 const PAGE: u64 = 4096;
 /// Safety net against hangs (never a timing assertion).

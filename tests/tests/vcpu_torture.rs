@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use api::scenario::Scenario;
 use memory::MemoryManager;
-use vmm::commands::run::workload_mem_mib;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
+use vmm::workload::mem_mib as workload_mem_mib;
 
 const DOMAIN: u32 = 0xbeef;
 

@@ -1,15 +1,15 @@
-//! densevm VMM: KVM microVMs whose memory densevm owns.
+//! densevm VMM library: KVM microVMs whose memory densevm owns.
+//!
+//! The `densevm` crate builds the command (CLI, API daemon, benchmarks) on top of
+//! this library; end-to-end tests use it directly too.
 
-pub mod api_bridge;
 pub mod arch;
 pub mod boot;
-pub mod cli;
-pub mod commands;
 pub mod control;
 pub mod dirty_log;
+pub mod driver;
 pub mod guest_ram;
 pub mod host;
-pub mod ksm;
 pub mod scenarios;
 pub mod vcpu;
 pub mod vm;

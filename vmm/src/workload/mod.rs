@@ -23,6 +23,12 @@ pub const QUANTUM_US: u64 = 5_000;
 /// Pages the guest verifies per wake-up in its loop.
 pub const VERIFY_CHUNK: u64 = 64;
 
+/// Guest RAM in MiB a workload that fills `fill_mib` needs: the data plus the
+/// layout's overhead (page tables, code, version table), rounded generously.
+pub fn mem_mib(fill_mib: u32) -> u64 {
+    u64::from(fill_mib) + 4 + u64::from(fill_mib).div_ceil(1024) * 2
+}
+
 /// Errors preparing a workload guest.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

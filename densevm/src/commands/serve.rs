@@ -16,8 +16,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::CommandError;
 use crate::api_bridge::ApiBridge;
 use crate::cli::ServeArgs;
-use crate::control::VcpuEvent;
-use crate::host::{Host, HostConfig, HostEvent};
+use vmm::control::VcpuEvent;
+use vmm::host::{Host, HostConfig, HostEvent};
 
 /// Event data of the API wake-up eventfd (the Host uses small numbers from 0 up).
 const API_TOKEN: u32 = u32::MAX;

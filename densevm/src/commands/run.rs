@@ -6,15 +6,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::driver::{drive, lock};
 use super::CommandError;
-use crate::boot::linux::LinuxBootConfig;
 use crate::cli::RunArgs;
-use crate::guest_ram::RamPolicy;
-use crate::host::{Host, HostConfig};
-use crate::scenarios;
-use crate::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState, VmTimeline};
-use crate::workload::abi::WorkloadReport;
+use vmm::boot::linux::LinuxBootConfig;
+use vmm::driver::{drive, lock};
+use vmm::guest_ram::RamPolicy;
+use vmm::host::{Host, HostConfig};
+use vmm::scenarios;
+use vmm::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState, VmTimeline};
+use vmm::workload::abi::WorkloadReport;
 
 /// The final report of one VM (printed as one JSON line).
 #[derive(Debug, Serialize)]
@@ -59,12 +59,6 @@ pub fn serial_out(arg: &str) -> SerialOut {
     }
 }
 
-/// Pages of overhead the workload layout needs besides the data (page tables, code,
-/// version table), rounded generously.
-pub fn workload_mem_mib(fill_mib: u32) -> u64 {
-    u64::from(fill_mib) + 4 + u64::from(fill_mib).div_ceil(1024) * 2
-}
-
 fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
     let boot = match (&args.workload, &args.kernel) {
         (Some(w), None) => BootSource::Workload(scenarios::load(w).map_err(|e| CommandError::Input(e.to_string()))?),
@@ -79,7 +73,7 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
     };
     let mem_mib = match (&boot, args.mem_mib) {
         (_, Some(m)) => m,
-        (BootSource::Workload(s), None) => workload_mem_mib(s.fill_mib),
+        (BootSource::Workload(s), None) => vmm::workload::mem_mib(s.fill_mib),
         (BootSource::Linux(_), None) => 256,
     };
     Ok(VmSpec {

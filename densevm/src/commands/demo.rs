@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use api::scenario::Scenario;
 use memory::Tunables;
 
-use super::driver::{drive, lock};
-use super::run::{workload_mem_mib, VmSummary};
+use super::run::VmSummary;
 use super::CommandError;
 use crate::cli::DemoArgs;
-use crate::guest_ram::RamPolicy;
-use crate::host::{Host, HostConfig};
-use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
+use vmm::driver::{drive, lock};
+use vmm::guest_ram::RamPolicy;
+use vmm::host::{Host, HostConfig};
+use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
 
 const MIB: f64 = 1048576.0;
 
@@ -69,7 +69,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
         host.create_vm(VmSpec {
             id: format!("vm{i}"),
             vcpus: 1,
-            mem_mib: workload_mem_mib(scenario.fill_mib),
+            mem_mib: vmm::workload::mem_mib(scenario.fill_mib),
             boot: BootSource::Workload(scenario),
             serial: SerialOut::None,
             ram: RamPolicy::Managed,

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use pages::{ksm_page_flags, ksm_pages_in, time_writes_to_merged_pages, MergedWriteTimes};
+pub use pages::{ksm_pages_in, time_writes_to_merged_pages, MergedWriteTimes};
 
 /// Where the kernel exposes KSM.
 pub const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
@@ -196,6 +196,7 @@ impl KsmControl {
     }
 
     /// The knobs changed so far, with their original values.
+    #[cfg(test)]
     pub fn saved(&self) -> &[(String, String)] {
         &self.saved
     }

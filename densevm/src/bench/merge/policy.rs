@@ -8,12 +8,11 @@ use api::scenario::Scenario;
 use memory::Tunables;
 
 use super::measure::{ksm_merging_pages, present_and_frames, task_cpu_s};
-use crate::commands::run::workload_mem_mib;
+use crate::bench::ksm::KsmControl;
 use crate::commands::CommandError;
-use crate::guest_ram::RamPolicy;
-use crate::host::Host;
-use crate::ksm::KsmControl;
-use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
+use vmm::guest_ram::RamPolicy;
+use vmm::host::Host;
+use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
 
 /// The merge domain of the densevm policies (all VMs of a run share it).
 const DOMAIN: &str = "bench-merge";
@@ -158,7 +157,7 @@ fn spec(id: String, index: u32, p: &Params, merging: Merging) -> VmSpec {
     VmSpec {
         id,
         vcpus: 1,
-        mem_mib: workload_mem_mib(p.fill_mib),
+        mem_mib: vmm::workload::mem_mib(p.fill_mib),
         boot: BootSource::Workload(scenario),
         serial: SerialOut::None,
         ram,
@@ -228,7 +227,7 @@ fn idle_for(host: &mut Host, ids: &[String], d: Duration, interrupted: &dyn Fn()
     Ok(())
 }
 
-fn reports(host: &Host, ids: &[String]) -> Result<Vec<crate::workload::abi::WorkloadReport>, CommandError> {
+fn reports(host: &Host, ids: &[String]) -> Result<Vec<vmm::workload::abi::WorkloadReport>, CommandError> {
     ids.iter().map(|id| host.vm(id)?.workload_report().ok_or_else(|| rt(format!("{id}: no workload report")))).collect()
 }
 
@@ -261,7 +260,7 @@ fn measure(
     let cpu = || task.as_deref().and_then(task_cpu_s);
     let ksm_base = match ksm.as_deref() {
         Some(k) => k.counters().map_err(rt)?,
-        None => crate::ksm::KsmCounters::default(),
+        None => crate::bench::ksm::KsmCounters::default(),
     };
     let counts = |host: &Host, ksm: &Option<&mut KsmControl>| -> Result<Counts, CommandError> {
         Ok(match (policy.merging, ksm.as_deref()) {

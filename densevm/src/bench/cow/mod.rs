@@ -23,13 +23,13 @@ use api::scenario::Scenario;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::CommandError;
-use crate::guest_ram::RamPolicy;
-use crate::host::{Host, HostConfig};
-use crate::ksm::{self, KsmControl, MergedWriteTimes};
-use crate::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
+use crate::bench::ksm::{self, KsmControl, MergedWriteTimes};
+use crate::commands::CommandError;
 use guest::{guest_case, GuestCase};
 use prepare::{prepare, Prep};
+use vmm::guest_ram::RamPolicy;
+use vmm::host::{Host, HostConfig};
+use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
 
 /// The merge domain of the benchmark's VM pairs.
 const DOMAIN: &str = "bench-cow";
@@ -77,7 +77,7 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
     VmSpec {
         id,
         vcpus: 1,
-        mem_mib: super::run::workload_mem_mib(p.fill_mib),
+        mem_mib: vmm::workload::mem_mib(p.fill_mib),
         boot: BootSource::Workload(scenario),
         serial: SerialOut::None,
         ram,

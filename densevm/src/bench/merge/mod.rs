@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 use memory::Tunables;
 use serde_json::{json, Value};
 
-use super::CommandError;
-use crate::host::{Host, HostConfig};
-use crate::ksm::{KsmControl, KSM_SYSFS};
+use crate::bench::ksm::{KsmControl, KSM_SYSFS};
+use crate::commands::CommandError;
 use policy::{Merging, Params, Policy, PolicyResult};
+use vmm::host::{Host, HostConfig};
 
 /// How long to wait for another user of KSM to finish.
 const KSM_BUSY_WAIT: Duration = Duration::from_secs(180);
@@ -131,7 +131,7 @@ fn wait_ksm_free(ksm: &KsmControl) -> Result<u64, String> {
 fn flush_ksm(ksm: &mut KsmControl) -> Result<(), CommandError> {
     ksm.set("run", "2").map_err(rt)?;
     let res = ksm.wait_until("drop its merged pages", Duration::from_secs(60), |k| {
-        Ok::<_, crate::ksm::Error>(k.get_u64("pages_shared")? == 0)
+        Ok::<_, crate::bench::ksm::Error>(k.get_u64("pages_shared")? == 0)
     });
     ksm.set("run", "0").map_err(rt)?;
     res.map_err(rt)

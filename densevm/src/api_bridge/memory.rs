@@ -16,7 +16,7 @@ use api::types::{ChangeDetection, HostMemoryStats, MergeConfig, MergeConfigPatch
 use api::{ApiError, ApiReply, ReplySender};
 use memory::{MemoryManager, MemoryStats, Tunables, PAGE_SIZE};
 
-use crate::vm::Vm;
+use vmm::vm::Vm;
 
 /// Host-wide statistics with the API's (KSM-style) names.
 pub fn host_stats(mgr: &MemoryManager) -> HostMemoryStats {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::http_client::UnixHttp;
-use super::CommandError;
+use crate::commands::CommandError;
 
 const VMS: u32 = 4;
 

@@ -5,9 +5,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{rt, INTERRUPTED};
+use crate::bench::ksm::{self, KsmControl};
 use crate::commands::CommandError;
-use crate::host::Host;
-use crate::ksm::{self, KsmControl};
+use vmm::host::Host;
 
 /// How A's data pages are prepared before A resumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,9 +3,9 @@
 use api::types::{WorkloadPhase, WorkloadReport};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::vm::{BootSource, Vm};
-use crate::workload::abi::{self, WorkloadConfig};
-use crate::workload::layout::WorkloadLayout;
+use vmm::vm::{BootSource, Vm};
+use vmm::workload::abi::{self, WorkloadConfig};
+use vmm::workload::layout::WorkloadLayout;
 
 /// The progress of `vm`'s workload guest (`None` for other guests).
 pub fn workload_report(vm: &Vm) -> Option<WorkloadReport> {

@@ -20,10 +20,10 @@ use api::types::{BootSource as ApiBoot, MergeActionType, VmActionType, VmConfig,
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender};
 use event_manager::EventOps;
 
-use crate::boot::linux::LinuxBootConfig;
-use crate::guest_ram::{self, RamPolicy};
-use crate::host::{self, Host};
-use crate::vm::{self, BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState};
+use vmm::boot::linux::LinuxBootConfig;
+use vmm::guest_ram::{self, RamPolicy};
+use vmm::host::{self, Host};
+use vmm::vm::{self, BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState};
 
 pub use facts::HostFacts;
 

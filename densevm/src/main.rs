@@ -3,8 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{Cli, Command};
-use vmm::commands;
+
+mod api_bridge;
+mod bench;
+mod cli;
+mod commands;
+
+use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let started = std::time::Instant::now();
@@ -20,7 +25,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::main(args, started),
         Command::Demo(args) => commands::demo::main(args),
         Command::HostInfo(args) => commands::host_info::main(args),
-        Command::Bench(args) => commands::bench::main(args),
+        Command::Bench(args) => bench::main(args),
         Command::Serve(args) => commands::serve::main(args),
     };
     match result {

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use super::CommandError;
-use crate::boot::ring0_probe;
 use crate::cli::HostInfoArgs;
+use vmm::boot::ring0_probe;
 
 /// Facts about the host.
 #[derive(Debug, Serialize)]

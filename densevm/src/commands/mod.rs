@@ -1,13 +1,7 @@
 //! The `densevm` subcommands.
 
-pub mod bench;
-pub mod bench_api;
-pub mod bench_cow;
-pub mod bench_merge;
 pub mod demo;
-pub mod driver;
 pub mod host_info;
-pub mod http_client;
 pub mod run;
 pub mod serve;
 
@@ -32,12 +26,18 @@ impl CommandError {
     }
 }
 
-impl From<crate::host::Error> for CommandError {
-    fn from(e: crate::host::Error) -> Self {
+impl From<vmm::driver::Error> for CommandError {
+    fn from(e: vmm::driver::Error) -> Self {
+        CommandError::Runtime(e.to_string())
+    }
+}
+
+impl From<vmm::host::Error> for CommandError {
+    fn from(e: vmm::host::Error) -> Self {
         match e {
-            crate::host::Error::Vm(crate::vm::Error::Config(_))
-            | crate::host::Error::Vm(crate::vm::Error::Workload(_))
-            | crate::host::Error::Vm(crate::vm::Error::Ram(crate::guest_ram::Error::Size(_))) => {
+            vmm::host::Error::Vm(vmm::vm::Error::Config(_))
+            | vmm::host::Error::Vm(vmm::vm::Error::Workload(_))
+            | vmm::host::Error::Vm(vmm::vm::Error::Ram(vmm::guest_ram::Error::Size(_))) => {
                 CommandError::Input(e.to_string())
             }
             other => CommandError::Runtime(other.to_string()),

@@ -62,6 +62,7 @@ impl HostFacts {
     }
 
     /// Facts known from the start (tests).
+    #[cfg(test)]
     pub fn ready(info: InfoReply) -> Self {
         HostFacts { state: Arc::new(Mutex::new(State::Ready(info))) }
     }

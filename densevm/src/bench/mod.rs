@@ -1,11 +1,19 @@
-//! `densevm bench launch`: launch latency, process start to first guest report.
+//! `densevm bench`: the benchmark harness (launch latency here; API latency, writes
+//! to merged pages and merging against the kernel's KSM in the submodules, with the
+//! kernel-KSM harness they share in [`ksm`]).
+
+pub mod api_latency;
+pub mod cow;
+pub mod http_client;
+pub mod ksm;
+pub mod merge;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
-use super::CommandError;
 use crate::cli::{BenchArgs, BenchKind};
+use crate::commands::CommandError;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -63,11 +71,9 @@ fn launch_once(exe: &std::path::Path, i: u32) -> Result<(f64, f64), CommandError
 /// Runs `densevm bench`.
 pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
     match args.which {
-        BenchKind::Api { requests, load_clients, json } => {
-            super::bench_api::main(requests, load_clients, json.as_deref())
-        }
-        BenchKind::Cow { quick, json } => super::bench_cow::main(quick, json.as_deref()),
-        BenchKind::Merge { quick, json, policies } => super::bench_merge::main(quick, json.as_deref(), &policies),
+        BenchKind::Api { requests, load_clients, json } => api_latency::main(requests, load_clients, json.as_deref()),
+        BenchKind::Cow { quick, json } => cow::main(quick, json.as_deref()),
+        BenchKind::Merge { quick, json, policies } => merge::main(quick, json.as_deref(), &policies),
         BenchKind::Launch { launches, json } => {
             let exe = std::env::current_exe().map_err(|e| CommandError::Runtime(e.to_string()))?;
             let mut walls = Vec::new();

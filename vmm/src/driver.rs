@@ -5,9 +5,16 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 
-use super::CommandError;
 use crate::control::VcpuEvent;
 use crate::host::Host;
+
+/// Errors of the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating the event manager or running it failed.
+    #[error("event loop: {0:?}")]
+    EventManager(event_manager::Error),
+}
 
 /// Locks the host, tolerating a poisoned lock (the state is still consistent enough to
 /// stop VMs).
@@ -22,21 +29,20 @@ pub fn drive(
     tick_every: Duration,
     deadline: Option<Instant>,
     mut tick: impl FnMut(&Host),
-) -> Result<(), CommandError> {
-    let mut em: EventManager<Arc<Mutex<Host>>> =
-        EventManager::new().map_err(|e| CommandError::Runtime(format!("event manager: {e:?}")))?;
+) -> Result<(), Error> {
+    let mut em: EventManager<Arc<Mutex<Host>>> = EventManager::new().map_err(Error::EventManager)?;
     em.add_subscriber(host.clone());
     let mut last_tick = Instant::now();
     loop {
-        em.run_with_timeout(20).map_err(|e| CommandError::Runtime(format!("event loop: {e:?}")))?;
+        em.run_with_timeout(20).map_err(Error::EventManager)?;
         let mut h = lock(&host);
         for e in h.take_log() {
             match e.event {
                 VcpuEvent::Mismatch { vcpu, page } => {
-                    eprintln!("[{}] vcpu{vcpu}: page {page} did not verify", e.vm_id)
+                    tracing::error!(vm = %e.vm_id, vcpu, page, "page did not verify")
                 }
-                VcpuEvent::Shutdown { vcpu, reason } => eprintln!("[{}] vcpu{vcpu}: {reason}", e.vm_id),
-                VcpuEvent::Error { vcpu, message } => eprintln!("[{}] vcpu{vcpu}: {message}", e.vm_id),
+                VcpuEvent::Shutdown { vcpu, reason } => tracing::info!(vm = %e.vm_id, vcpu, "{reason}"),
+                VcpuEvent::Error { vcpu, message } => tracing::error!(vm = %e.vm_id, vcpu, "{message}"),
                 VcpuEvent::FillDone { .. } | VcpuEvent::Done { .. } => {}
             }
         }

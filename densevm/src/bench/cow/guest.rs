@@ -7,13 +7,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::prepare::{prepare, wait_ksm_merged, Prep};
 use super::{check_interrupt, rt, spec, Params};
+use crate::bench::ksm::KsmControl;
 use crate::commands::CommandError;
-use crate::guest_ram::RamPolicy;
-use crate::host::Host;
-use crate::ksm::KsmControl;
-use crate::vm::VmState;
-use crate::workload::abi::{WorkloadConfig, WorkloadReport};
-use crate::workload::layout::WorkloadLayout;
+use vmm::guest_ram::RamPolicy;
+use vmm::host::Host;
+use vmm::vm::VmState;
+use vmm::workload::abi::{WorkloadConfig, WorkloadReport};
+use vmm::workload::layout::WorkloadLayout;
 
 /// Interval between reads of A's report page.
 const POLL: Duration = Duration::from_millis(1);
