@@ -58,6 +58,8 @@ pub enum Error {
 /// One keep-alive HTTP/1.1 connection to the API server.
 ///
 /// Requests go one at a time; the connection is closed when the client is dropped.
+/// Once the server has closed it (idle timeout, an answer with `Connection: close`),
+/// requests fail with [`Error::Http`]: connect again.
 pub struct Client {
     runtime: Runtime,
     sender: SendRequest<Full<Bytes>>,
