@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{connect, exchange, parse, raw_request, Harness};
+use common::{connect, parse, request, Harness, RespExt};
 
 const SLOW: usize = 20;
 const IDLE: usize = 10;
@@ -58,7 +58,7 @@ fn fifty_clients_slow_ones_do_not_delay_fast_ones() {
                 let mut worst = Duration::ZERO;
                 for _ in 0..FAST_REQUESTS {
                     let t = Instant::now();
-                    let r = exchange(connect(&sock), &raw_request("GET", "/memory", None));
+                    let r = request(&sock, "GET", "/memory", None);
                     assert_eq!(r.status, 200);
                     worst = worst.max(t.elapsed());
                 }

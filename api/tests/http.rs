@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Harness;
+use common::{Harness, RespExt};
 
 const VM: &str = r#"{"vcpu_count": 2, "mem_size_mib": 128,
     "boot": {"workload": {"fill_mib": 64, "shared_fraction": 0.5}},

@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -67,9 +66,7 @@ fn loopback_tcp_works_and_other_addresses_are_refused() {
     let h = Harness::with(|c| c.tcp = Some("127.0.0.1:0".parse().unwrap()));
     let addr = h.server.as_ref().unwrap().tcp_addr().unwrap();
     assert!(addr.ip().is_loopback() && addr.port() != 0);
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let r = exchange(s, &raw_request("GET", "/memory/merge", None));
+    let r = api_client::Client::tcp(addr).unwrap().request("GET", "/memory/merge", None).unwrap();
     assert_eq!(r.status, 200);
 
     let dir = tempfile::tempdir().unwrap();

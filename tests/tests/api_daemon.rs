@@ -1,5 +1,5 @@
 //! End-to-end tests of `densevm serve`: the real daemon, driven over HTTP on its Unix
-//! socket by a hand-written HTTP/1.1 client (see `common`).
+//! socket by the shared API client (see `common`).
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, densevm_binary, kvm_available, read_response, wait_for, write_request, Daemon};
+use common::{connect, densevm_binary, kvm_available, read_response, request_bytes, wait_for, Daemon, ResponseExt};
 use serde_json::{json, Value};
 
 /// Guest RAM of the test VMs (MiB) and what the workload fills of it.
@@ -288,8 +288,7 @@ fn many_clients_some_slow_while_vms_keep_running() {
         slow.push(std::thread::spawn(move || {
             let mut s = connect(&sock).expect("connect");
             if i % 2 == 0 {
-                let mut req = Vec::new();
-                write_request(&mut req, "GET", "/memory", None).unwrap();
+                let req = request_bytes("GET", "/memory", None);
                 for chunk in req.chunks(4) {
                     s.write_all(chunk).expect("slow write");
                     std::thread::sleep(Duration::from_millis(40));
@@ -375,10 +374,9 @@ fn sigterm_stops_vms_and_removes_the_socket() {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no TCP address in the log:\n{log}"))
         .to_string();
-    let mut tcp = std::net::TcpStream::connect(&addr).expect("connect TCP");
-    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write_request(&mut tcp, "GET", "/vms", None).unwrap();
-    let r = read_response(&mut tcp).expect("TCP response");
+    let addr = addr.parse().unwrap_or_else(|e| panic!("TCP address {addr:?}: {e}"));
+    let mut tcp = api_client::Client::tcp(addr).expect("connect TCP");
+    let r = tcp.request("GET", "/vms", None).expect("TCP response");
     assert_eq!((r.status, r.json()), (200, json!({"vms": []})));
 
     create_and_start(&d, &["t0", "t1"]);

@@ -1,5 +1,6 @@
 //! Test helpers: a fake VMM answering API requests from an in-memory table (it waits on
-//! the wake eventfd with epoll, as the real VMM does) and a raw HTTP/1.1 client.
+//! the wake eventfd with epoll, as the real VMM does) and the API client (`api_client`)
+//! with the assertions the tests make on its responses.
 
 #![allow(dead_code)]
 
@@ -10,7 +11,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use api::types::{
     ChangeDetection, HostMemoryStats, InfoReply, MergeConfig, VmActionType, VmInfo, VmMemoryStats, VmState,
@@ -153,25 +153,22 @@ impl Drop for FakeVmm {
     }
 }
 
-/// A parsed HTTP response.
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
+/// A response, as the shared API client parses it.
+pub use api_client::Response as Resp;
+
+/// What the tests assert on a response, beyond what the client offers.
+pub trait RespExt {
+    /// The body as JSON (panics with the body if it is not JSON).
+    fn json(&self) -> serde_json::Value;
+    /// The `fault_message` of an error body; checks the JSON content type.
+    fn fault(&self) -> String;
 }
 
-impl Resp {
-    /// The body as JSON.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+impl RespExt for Resp {
+    fn json(&self) -> serde_json::Value {
+        self.json_body().unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
     }
-    /// A header's value (case-insensitive name).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-    /// The `fault_message` of an error body; checks the JSON content type.
-    pub fn fault(&self) -> String {
+    fn fault(&self) -> String {
         assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
         let v = self.json();
         assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
@@ -179,63 +176,30 @@ impl Resp {
     }
 }
 
-fn dechunk(mut raw: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = raw.split_once("\r\n").expect("chunk size");
-        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size hex");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        raw = &rest[size + 2..];
-    }
-}
-
-/// Parses a complete response (the connection was closed after it).
+/// Parses a complete response (raw mode).
 pub fn parse(raw: &[u8]) -> Resp {
-    let text = String::from_utf8_lossy(raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Resp { status, headers, body }
+    api_client::raw::parse_response(raw).unwrap()
 }
 
-/// Builds a request with `Connection: close`.
+/// Builds a request with `Connection: close` (raw mode).
 pub fn raw_request(method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
-    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(b) = body {
-        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
-    }
-    r.push_str("\r\n");
-    if let Some(b) = body {
-        r.push_str(b);
-    }
-    r.into_bytes()
+    api_client::raw::request_bytes(method, path, body)
 }
 
-/// Writes `raw` and reads the whole response.
+/// Writes `raw` and reads the whole response (raw mode).
 pub fn exchange<S: Read + Write>(mut s: S, raw: &[u8]) -> Resp {
     s.write_all(raw).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    parse(&out)
+    api_client::raw::read_response(&mut s).unwrap()
 }
 
-/// Connects to the Unix socket with a read timeout.
+/// Connects to the Unix socket with a read timeout (raw mode).
 pub fn connect(sock: &Path) -> UnixStream {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
+    api_client::raw::connect(sock).unwrap()
 }
 
-/// One request over the Unix socket.
+/// One request over a new connection to the Unix socket.
 pub fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Resp {
-    exchange(connect(sock), &raw_request(method, path, body))
+    api_client::request(sock, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// A server on a fresh socket with a fake VMM behind it.

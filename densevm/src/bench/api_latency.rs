@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::http_client::UnixHttp;
+use api_client::{Client, Response};
+
 use crate::commands::CommandError;
 
 const VMS: u32 = 4;
@@ -41,7 +42,7 @@ fn start_daemon(sock: &Path) -> Result<Daemon, CommandError> {
         .map_err(err)?;
     let daemon = Daemon(child);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixHttp::connect(sock).is_err() {
+    while Client::unix(sock).is_err() {
         if Instant::now() > deadline {
             return Err(err("the daemon did not open its socket within 20 s"));
         }
@@ -50,11 +51,11 @@ fn start_daemon(sock: &Path) -> Result<Daemon, CommandError> {
     Ok(daemon)
 }
 
-fn expect(r: (u16, String), want: u16, what: &str) -> Result<String, CommandError> {
-    if r.0 != want {
-        return Err(err(format!("{what}: HTTP {} {}", r.0, r.1)));
+fn expect(r: Response, want: u16, what: &str) -> Result<String, CommandError> {
+    if r.status != want {
+        return Err(err(format!("{what}: HTTP {} {}", r.status, r.body)));
     }
-    Ok(r.1)
+    Ok(r.body)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -68,7 +69,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn main(requests: u32, load_clients: u32, json: Option<&Path>) -> Result<ExitCode, CommandError> {
     let sock: PathBuf = std::env::temp_dir().join(format!("densevm-bench-api-{}.sock", std::process::id()));
     let _daemon = start_daemon(&sock)?;
-    let mut c = UnixHttp::connect(&sock).map_err(err)?;
+    let mut c = Client::unix(&sock).map_err(err)?;
     for i in 0..VMS {
         let body = r#"{"vcpu_count": 1, "mem_size_mib": 48, "boot": {"workload": {"fill_mib": 32,
             "shared_fraction": 0.8, "zero_fraction": 0.1, "write_fraction": 0.1, "writes_per_s": 1000}},
@@ -86,7 +87,7 @@ pub fn main(requests: u32, load_clients: u32, json: Option<&Path>) -> Result<Exi
     for i in 0..load_clients {
         let (sock, stop, count) = (sock.clone(), stop.clone(), load_requests.clone());
         loaders.push(std::thread::spawn(move || -> Result<(), String> {
-            let mut c = UnixHttp::connect(&sock).map_err(|e| e.to_string())?;
+            let mut c = Client::unix(&sock).map_err(|e| e.to_string())?;
             let path = if i % 2 == 0 { "/metrics" } else { "/vms" };
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {

@@ -4,7 +4,6 @@
 
 pub mod api_latency;
 pub mod cow;
-pub mod http_client;
 pub mod ksm;
 pub mod merge;
 

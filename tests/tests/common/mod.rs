@@ -1,9 +1,10 @@
 //! Helpers of the API end-to-end tests: the real `densevm serve` daemon as a child
-//! process, and a small HTTP/1.1 client over its Unix socket.
+//! process, and the API client (`api_client`) with the assertions the tests make on its
+//! responses.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,8 +16,6 @@ use serde_json::Value;
 
 /// How long a daemon may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// Read/write timeout of one HTTP exchange.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use e2e::{densevm_bin as densevm_binary, kvm_available};
 
@@ -33,36 +32,25 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// One HTTP response.
-#[derive(Debug)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Header lines (name lower-cased, value trimmed).
-    pub headers: Vec<(String, String)>,
-    /// Body bytes (chunked encoding removed).
-    pub body: Vec<u8>,
+/// Raw mode, for slow and oversized requests.
+pub use api_client::raw::{connect, read_response, request_bytes};
+/// One HTTP response, as the shared API client parses it.
+pub use api_client::Response;
+
+/// What the tests assert on a response, beyond what the client offers.
+pub trait ResponseExt {
+    /// The body as JSON (panics with the body if it is not JSON).
+    fn json(&self) -> Value;
+    /// The `fault_message` of an error body (panics if there is none).
+    fn fault(&self) -> String;
 }
 
-impl Response {
-    /// The body as JSON (panics with the body if it is not JSON).
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {}", self.status, self.text()))
+impl ResponseExt for Response {
+    fn json(&self) -> Value {
+        self.json_body().unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {}", self.status, self.text()))
     }
 
-    /// The body as text.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-
-    /// The `fault_message` of an error body (panics if there is none).
-    pub fn fault(&self) -> String {
+    fn fault(&self) -> String {
         let v = self.json();
         v.get("fault_message")
             .and_then(Value::as_str)
@@ -71,77 +59,9 @@ impl Response {
     }
 }
 
-/// Writes a request with `Connection: close` on `stream`.
-pub fn write_request(stream: &mut impl Write, method: &str, path: &str, body: Option<&str>) -> std::io::Result<()> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or(""));
-    stream.write_all(req.as_bytes())
-}
-
-/// Reads a whole response (the server closes the connection after it).
-pub fn read_response(stream: &mut impl Read) -> std::io::Result<Response> {
-    let mut raw = Vec::new();
-    match stream.read_to_end(&mut raw) {
-        Ok(_) => {}
-        // A server that answered before reading the whole request body resets the
-        // connection when it closes it; the answer came before the reset.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => {}
-        Err(e) => return Err(e),
-    }
-    parse_response(&raw).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad response: {}", String::from_utf8_lossy(&raw)))
-    })
-}
-
-fn parse_response(raw: &[u8]) -> Option<Response> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    if headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked")) {
-        body = dechunk(&body)?;
-    }
-    Some(Response { status, headers, body })
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).ok()?.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
-}
-
-/// Connects to the Unix socket with I/O timeouts set.
-pub fn connect(sock: &Path) -> std::io::Result<UnixStream> {
-    let s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
-}
-
 /// One request over a new connection to `sock`.
 pub fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Response {
-    let mut s = connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
-    // The server may answer (e.g. 413) and close before it read all of a large body:
-    // a failed write still leaves its answer to read.
-    let written = write_request(&mut s, method, path, body);
-    read_response(&mut s).unwrap_or_else(|e| panic!("{method} {path}: {e} (write: {written:?})"))
+    api_client::request(sock, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// A `densevm serve` child process; killed (if still running) on drop.
