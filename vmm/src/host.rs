@@ -277,7 +277,7 @@ impl Host {
     }
 
     fn on_vm_event(&mut self, token: u32) {
-        let (vm_token, index) = (token & !FD_INDEX_MASK, token & FD_INDEX_MASK);
+        let (vm_token, index) = split_token(token);
         if let Some(e) = self.vms.values_mut().find(|e| e.token == vm_token) {
             let events = match index {
                 0 => e.vm.handle_events(),
@@ -296,6 +296,11 @@ fn device_token(vm_token: u32, index: usize) -> u32 {
     vm_token | ((index as u32 + 1) & FD_INDEX_MASK)
 }
 
+/// The VM token and fd index (0: vCPU events, 1 + i: device event fd i) of `token`.
+fn split_token(token: u32) -> (u32, u32) {
+    (token & !FD_INDEX_MASK, token & FD_INDEX_MASK)
+}
+
 impl MutEventSubscriber for Host {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let token = events.data();
@@ -312,5 +317,59 @@ impl MutEventSubscriber for Host {
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::with_data(&self.signal_fd, SIGNAL_TOKEN, EventSet::IN));
         self.register_new(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_manager::MAX_SUBSCRIPTIONS;
+
+    #[test]
+    fn event_tokens_name_the_vm_and_its_fd() {
+        let vm = 3 << FD_INDEX_BITS;
+        assert_eq!(split_token(vm), (vm, 0));
+        assert_eq!(split_token(device_token(vm, 0)), (vm, 1));
+        assert_eq!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)), (vm, MAX_SUBSCRIPTIONS as u32));
+        assert_ne!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)).0, SIGNAL_TOKEN);
+    }
+
+    #[test]
+    fn a_device_event_reaches_its_vm_through_the_event_loop() {
+        use std::sync::Mutex;
+
+        use api::scenario::Scenario;
+        use event_manager::{EventManager, SubscriberOps};
+
+        use crate::guest_ram::RamPolicy;
+        use crate::vm::{BootSource, MergeSpec, SerialOut};
+
+        let Ok(host) = Host::new(HostConfig { pool_bytes: 1 << 30 }) else {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED a_device_event_reaches_its_vm_through_the_event_loop");
+            return;
+        };
+        let host = Arc::new(Mutex::new(host));
+        let scenario = Scenario { fill_mib: 1, ..Default::default() };
+        let spec = VmSpec {
+            id: "r".into(),
+            vcpus: 1,
+            mem_mib: crate::workload::mem_mib(scenario.fill_mib),
+            boot: BootSource::Workload(scenario),
+            serial: SerialOut::None,
+            ram: RamPolicy::Anonymous { mergeable: false },
+            pause_after_fill: false,
+            merge: MergeSpec::default(),
+        };
+        crate::driver::lock(&host).create_vm(spec).unwrap();
+        let mut em: EventManager<Arc<Mutex<Host>>> = EventManager::new().unwrap();
+        em.add_subscriber(host.clone());
+        // What a guest writing 0xfe to the i8042 does: the reset fd becomes readable.
+        crate::driver::lock(&host).vm("r").unwrap().devices().io().pio_write(0x64, &[0xfe]);
+        em.run_with_timeout(1000).unwrap();
+        let h = crate::driver::lock(&host);
+        let vm = h.vm("r").unwrap();
+        assert_eq!(vm.state(), VmState::Exited);
+        assert_eq!(vm.timeline().exit_reason.as_deref(), Some("guest requested a reset (i8042)"));
     }
 }
