@@ -1,6 +1,6 @@
 //! The host: the registry of microVMs in this process, and the event-manager
-//! subscriber that reacts to their vCPU events, reset requests and termination
-//! signals.
+//! subscriber that reacts to their vCPU events, device events (such as reset
+//! requests) and termination signals.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -20,6 +20,11 @@ use crate::vm::{self, Vm, VmSpec, VmState};
 
 /// Event data of the termination-signal eventfd.
 const SIGNAL_TOKEN: u32 = 0;
+/// Low bits of a VM's event data: 0 for its vCPU-event fd, 1 + i for its devices'
+/// event fd i (so a VM may have up to `device_manager::MAX_SUBSCRIPTIONS`).
+const FD_INDEX_BITS: u32 = 8;
+/// Mask of [`FD_INDEX_BITS`].
+const FD_INDEX_MASK: u32 = (1 << FD_INDEX_BITS) - 1;
 
 /// Errors of the host.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +129,7 @@ impl Host {
             next_mem_id: 1,
             cpuid,
             vms: BTreeMap::new(),
-            next_token: 1,
+            next_token: 1 << FD_INDEX_BITS,
             signal_fd,
             terminate: false,
             log: Vec::new(),
@@ -188,7 +193,9 @@ impl Host {
             )));
         }
         let token = self.next_token;
-        self.next_token += 2;
+        self.next_token = token
+            .checked_add(1 << FD_INDEX_BITS)
+            .ok_or_else(|| Error::Io("out of event-loop tokens for new VMs".into()))?;
         self.unregistered.push(token);
         self.vms.insert(id, Entry { token, vm });
         Ok(())
@@ -214,7 +221,9 @@ impl Host {
         let mut entry = self.vms.remove(id).ok_or_else(|| Error::NoSuchVm(id.to_string()))?;
         if let Some(ops) = ops {
             let _ = ops.remove(Events::with_data(entry.vm.event_fd(), entry.token, EventSet::IN));
-            let _ = ops.remove(Events::with_data(entry.vm.reset_fd(), entry.token + 1, EventSet::IN));
+            for (i, fd) in entry.vm.device_event_fds() {
+                let _ = ops.remove(Events::with_data(fd, device_token(entry.token, i), EventSet::IN));
+            }
         }
         self.unregistered.retain(|t| *t != entry.token);
         entry.vm.stop();
@@ -258,20 +267,38 @@ impl Host {
         for token in std::mem::take(&mut self.unregistered) {
             if let Some(e) = self.vms.values().find(|e| e.token == token) {
                 let _ = ops.add(Events::with_data(e.vm.event_fd(), token, EventSet::IN));
-                let _ = ops.add(Events::with_data(e.vm.reset_fd(), token + 1, EventSet::IN));
+                for (i, fd) in e.vm.device_event_fds() {
+                    if let Err(err) = ops.add(Events::with_data(fd, device_token(token, i), EventSet::IN)) {
+                        tracing::warn!(vm = %e.vm.id(), "cannot watch device event fd {i}: {err:?}");
+                    }
+                }
             }
         }
     }
 
     fn on_vm_event(&mut self, token: u32) {
-        // Event fds have odd tokens, reset fds the even token after them.
-        let vm_token = if token % 2 == 1 { token } else { token - 1 };
+        let (vm_token, index) = split_token(token);
         if let Some(e) = self.vms.values_mut().find(|e| e.token == vm_token) {
-            for event in e.vm.handle_events() {
+            let events = match index {
+                0 => e.vm.handle_events(),
+                i => e.vm.handle_device_event(i as usize - 1),
+            };
+            for event in events {
                 self.log.push(HostEvent { vm_id: e.vm.id().to_string(), event });
             }
         }
     }
+}
+
+/// Event data of a VM's device event fd `index` (the VM's own token is `vm_token`).
+fn device_token(vm_token: u32, index: usize) -> u32 {
+    // The device manager caps subscriptions below the index mask.
+    vm_token | ((index as u32 + 1) & FD_INDEX_MASK)
+}
+
+/// The VM token and fd index (0: vCPU events, 1 + i: device event fd i) of `token`.
+fn split_token(token: u32) -> (u32, u32) {
+    (token & !FD_INDEX_MASK, token & FD_INDEX_MASK)
 }
 
 impl MutEventSubscriber for Host {
@@ -290,5 +317,59 @@ impl MutEventSubscriber for Host {
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::with_data(&self.signal_fd, SIGNAL_TOKEN, EventSet::IN));
         self.register_new(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_manager::MAX_SUBSCRIPTIONS;
+
+    #[test]
+    fn event_tokens_name_the_vm_and_its_fd() {
+        let vm = 3 << FD_INDEX_BITS;
+        assert_eq!(split_token(vm), (vm, 0));
+        assert_eq!(split_token(device_token(vm, 0)), (vm, 1));
+        assert_eq!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)), (vm, MAX_SUBSCRIPTIONS as u32));
+        assert_ne!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)).0, SIGNAL_TOKEN);
+    }
+
+    #[test]
+    fn a_device_event_reaches_its_vm_through_the_event_loop() {
+        use std::sync::Mutex;
+
+        use api::scenario::Scenario;
+        use event_manager::{EventManager, SubscriberOps};
+
+        use crate::guest_ram::RamPolicy;
+        use crate::vm::{BootSource, MergeSpec, SerialOut};
+
+        let Ok(host) = Host::new(HostConfig { pool_bytes: 1 << 30 }) else {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED a_device_event_reaches_its_vm_through_the_event_loop");
+            return;
+        };
+        let host = Arc::new(Mutex::new(host));
+        let scenario = Scenario { fill_mib: 1, ..Default::default() };
+        let spec = VmSpec {
+            id: "r".into(),
+            vcpus: 1,
+            mem_mib: crate::workload::mem_mib(scenario.fill_mib),
+            boot: BootSource::Workload(scenario),
+            serial: SerialOut::None,
+            ram: RamPolicy::Anonymous { mergeable: false },
+            pause_after_fill: false,
+            merge: MergeSpec::default(),
+        };
+        crate::driver::lock(&host).create_vm(spec).unwrap();
+        let mut em: EventManager<Arc<Mutex<Host>>> = EventManager::new().unwrap();
+        em.add_subscriber(host.clone());
+        // What a guest writing 0xfe to the i8042 does: the reset fd becomes readable.
+        crate::driver::lock(&host).vm("r").unwrap().devices().io().pio_write(0x64, &[0xfe]);
+        em.run_with_timeout(1000).unwrap();
+        let h = crate::driver::lock(&host);
+        let vm = h.vm("r").unwrap();
+        assert_eq!(vm.state(), VmState::Exited);
+        assert_eq!(vm.timeline().exit_reason.as_deref(), Some("guest requested a reset (i8042)"));
     }
 }

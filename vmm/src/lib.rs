@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod boot;
 pub mod control;
+pub mod device_manager;
 pub mod dirty_log;
 pub mod driver;
 pub mod guest_ram;

@@ -5,18 +5,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::PioBus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::control::{kick_signal, RunMode, VcpuEvent, VmControl};
-use crate::workload::abi;
+use crate::control::{kick_signal, VcpuEvent, VmControl};
+use crate::device_manager::{ExitAction, IoRouter};
 
 /// Longest continuous run of transient `EFAULT`s (a page in a remap's read-only
 /// instant) tolerated before the vCPU reports an error.
 const EFAULT_GRACE: Duration = Duration::from_secs(5);
-/// Longest idle wait a guest may request in one doorbell.
-const MAX_GUEST_SLEEP: Duration = Duration::from_secs(1);
 
 /// What the vCPU loop needs besides its fd.
 pub struct VcpuContext {
@@ -24,15 +20,8 @@ pub struct VcpuContext {
     pub index: u32,
     /// Run control and event sink.
     pub control: Arc<VmControl>,
-    /// Port-I/O devices.
-    pub pio: Arc<PioBus>,
-    /// Guest-physical address of the workload doorbell, if any.
-    pub doorbell: Option<u64>,
-    /// Guest memory (to read console lines the workload guest passes by address).
-    pub memory: GuestMemoryMmap,
-    /// Pause the whole VM when this vCPU reports its fill done (benchmarks and tests
-    /// prepare memory states between fill and write loop).
-    pub pause_after_fill: bool,
+    /// The VM's devices: every port-I/O and MMIO exit goes through them.
+    pub io: Arc<IoRouter>,
 }
 
 /// Counters a vCPU keeps about its exits.
@@ -124,24 +113,22 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
 /// Handles one exit; returns false when the vCPU must leave its loop.
 fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, stats: &mut VcpuStats) -> bool {
     match exit {
-        VcpuExit::MmioWrite(addr, data) if Some(addr) == ctx.doorbell => {
-            stats.doorbells += 1;
-            let mut word = [0u8; 8];
-            let n = data.len().min(8);
-            word[..n].copy_from_slice(&data[..n]);
-            doorbell(u64::from_le_bytes(word), ctx)
+        VcpuExit::MmioWrite(addr, data) => {
+            if ctx.io.is_doorbell(addr) {
+                stats.doorbells += 1;
+            }
+            ctx.io.mmio_write(ctx.index, addr, data) == ExitAction::Resume
         }
-        VcpuExit::MmioWrite(_, _) => true,
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            ctx.io.mmio_read(addr, data);
             true
         }
         VcpuExit::IoOut(port, data) => {
-            ctx.pio.write(u64::from(port), data);
+            ctx.io.pio_write(port, data);
             true
         }
         VcpuExit::IoIn(port, data) => {
-            ctx.pio.read(u64::from(port), data);
+            ctx.io.pio_read(port, data);
             true
         }
         VcpuExit::Hlt => {
@@ -164,42 +151,5 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, stats: &mut VcpuStats) -> bool
                 .push_event(VcpuEvent::Error { vcpu: ctx.index, message: format!("unexpected exit: {other:?}") });
             false
         }
-    }
-}
-
-fn doorbell(word: u64, ctx: &VcpuContext) -> bool {
-    let cmd = (word & 0xff) as u8;
-    let arg = word >> 8;
-    match cmd {
-        abi::DB_SLEEP_US => {
-            ctx.control.sleep(Duration::from_micros(arg).min(MAX_GUEST_SLEEP));
-            true
-        }
-        abi::DB_FILL_DONE => {
-            if ctx.pause_after_fill {
-                ctx.control.set_mode(RunMode::Pause);
-            }
-            ctx.control.push_event(VcpuEvent::FillDone { vcpu: ctx.index, at: Instant::now() });
-            true
-        }
-        abi::DB_MISMATCH => {
-            ctx.control.push_event(VcpuEvent::Mismatch { vcpu: ctx.index, page: arg });
-            true
-        }
-        abi::DB_PUTS => {
-            let mut line = [0u8; abi::MAX_LINE];
-            if ctx.memory.read_slice(&mut line, GuestAddress(arg)).is_ok() {
-                let len = line.iter().position(|b| *b == 0).unwrap_or(line.len());
-                for b in &line[..len] {
-                    ctx.pio.write(devices::serial::COM1_PORT, &[*b]);
-                }
-            }
-            true
-        }
-        abi::DB_DONE => {
-            ctx.control.push_event(VcpuEvent::Done { vcpu: ctx.index });
-            false
-        }
-        _ => true,
     }
 }

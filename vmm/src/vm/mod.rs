@@ -1,15 +1,9 @@
 //! One microVM: its KVM VM fd, guest RAM memslot, devices, vCPU threads and
 //! lifecycle (created -> running <-> paused -> stopped / exited).
 
-use std::fs::File;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
-use devices::serial::{SerialConsole, COM1_PORT};
-use devices::trigger::EventFdTrigger;
-use devices::PioBus;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -19,6 +13,7 @@ use memory::MemoryManager;
 use crate::arch::{cpl3, cpuid};
 use crate::boot::linux;
 use crate::control::{install_kick_handler, RunMode, VcpuEvent, VmControl};
+use crate::device_manager::{self, DeviceManager, DeviceNotice, UnclaimedIo, WorkloadDoorbell};
 use crate::guest_ram::{self, GuestRam};
 use crate::vcpu::{VcpuContext, VcpuThread};
 use crate::workload::abi::WorkloadReport;
@@ -57,6 +52,9 @@ pub enum Error {
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
+    /// The device manager could not build or wire a device.
+    #[error(transparent)]
+    Devices(#[from] device_manager::Error),
     /// The request does not fit the VM's state.
     #[error("VM {id} is {state:?}; cannot {what}")]
     State {
@@ -83,8 +81,7 @@ pub struct Vm {
     threads: Vec<VcpuThread>,
     pending: Vec<VcpuFd>,
     control: Arc<VmControl>,
-    pio: Arc<PioBus>,
-    reset: EventFdTrigger,
+    devices: DeviceManager,
     workload: Option<WorkloadGuest>,
     vm_fd: Arc<VmFd>,
     ram: GuestRam,
@@ -94,16 +91,6 @@ pub struct Vm {
     first_report: Option<Instant>,
     done: Vec<bool>,
     timeline: VmTimeline,
-}
-
-fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match out {
-        SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => {
-            Box::new(File::create(p).map_err(|e| Error::Io(format!("serial log {}", p.display()), e))?)
-        }
-        SerialOut::None => Box::new(std::io::sink()),
-    })
 }
 
 impl Vm {
@@ -149,19 +136,6 @@ impl Vm {
         // outlives the VM fd (field order in `Vm` drops the fd first).
         unsafe { vm_fd.set_user_memory_region(region) }.map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
 
-        let mut pio = PioBus::new();
-        let serial_irq = EventFdTrigger::new().map_err(|e| Error::Io("serial eventfd".into(), e))?;
-        if is_linux {
-            vm_fd
-                .register_irqfd(serial_irq.event_fd(), devices::serial::COM1_IRQ)
-                .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-        }
-        let serial = SerialConsole::new(serial_irq, serial_writer(&spec.serial)?);
-        pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, 8).map_err(|e| Error::Device(e.to_string()))?;
-        let reset = EventFdTrigger::new().map_err(|e| Error::Io("reset eventfd".into(), e))?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(reset.clone()))), I8042_PORT, I8042_PORTS)
-            .map_err(|e| Error::Device(e.to_string()))?;
-
         let mut pending = Vec::new();
         for i in 0..spec.vcpus {
             let vcpu = vm_fd.create_vcpu(u64::from(i)).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
@@ -195,6 +169,15 @@ impl Vm {
             }
         };
         let control = VmControl::new().map_err(|e| Error::Io("event fd".into(), e))?;
+        let vm_fd = Arc::new(vm_fd);
+        // The devices of the boot source: the serial console and i8042 for every
+        // guest (interrupts through the in-kernel irqchip of a Linux guest) and the
+        // workload guest's doorbell.
+        let doorbell = workload.as_ref().map(|w| {
+            WorkloadDoorbell::new(w.layout.doorbell_gpa, control.clone(), ram.memory().clone(), spec.pause_after_fill)
+        });
+        let mut devices = DeviceManager::new(vm_fd.clone(), &spec.id, is_linux);
+        devices.add_boot_devices(&spec.serial, doorbell)?;
         Ok(Vm {
             fill_done: vec![false; spec.vcpus as usize],
             first_report: None,
@@ -204,10 +187,9 @@ impl Vm {
             threads: Vec::new(),
             pending,
             control,
-            pio: Arc::new(pio),
-            reset,
+            devices,
             workload,
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             ram,
             created: Instant::now(),
             started: None,
@@ -240,9 +222,20 @@ impl Vm {
         self.control.event_fd()
     }
 
-    /// The eventfd the i8042 fires on a guest reset request.
-    pub fn reset_fd(&self) -> &vmm_sys_util::eventfd::EventFd {
-        self.reset.event_fd()
+    /// The VM's devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// The devices' event fds the host's event loop watches, with their indices
+    /// (for [`Vm::handle_device_event`]).
+    pub fn device_event_fds(&self) -> impl Iterator<Item = (usize, &vmm_sys_util::eventfd::EventFd)> {
+        self.devices.event_fds()
+    }
+
+    /// Guest I/O accesses no device claimed so far.
+    pub fn unclaimed_io(&self) -> UnclaimedIo {
+        self.devices.unclaimed()
     }
 
     fn refuse(&self, what: &'static str) -> Error {
@@ -259,16 +252,8 @@ impl Vm {
         if self.state != VmState::Created {
             return Err(self.refuse("start"));
         }
-        let doorbell = self.workload.as_ref().map(|w| w.layout.doorbell_gpa);
         for (i, vcpu) in self.pending.drain(..).enumerate() {
-            let ctx = VcpuContext {
-                index: i as u32,
-                control: self.control.clone(),
-                pio: self.pio.clone(),
-                doorbell,
-                memory: self.ram.memory().clone(),
-                pause_after_fill: self.spec.pause_after_fill,
-            };
+            let ctx = VcpuContext { index: i as u32, control: self.control.clone(), io: self.devices.io().clone() };
             let t = VcpuThread::spawn(vcpu, ctx).map_err(|e| Error::Io("spawning a vCPU thread".into(), e))?;
             self.threads.push(t);
         }
@@ -324,8 +309,21 @@ impl Vm {
         }
     }
 
-    /// Processes pending vCPU and reset events; returns them for the caller to log.
+    /// Processes pending vCPU and device events (every device handler polls its
+    /// fd: a reset request ends the VM); returns the vCPU events for the caller to log.
     pub fn handle_events(&mut self) -> Vec<VcpuEvent> {
+        let notices = self.devices.process_all();
+        self.apply_events(notices)
+    }
+
+    /// Processes the device event fd `index` (readable in the event loop) and the
+    /// pending vCPU events; returns the vCPU events for the caller to log.
+    pub fn handle_device_event(&mut self, index: usize) -> Vec<VcpuEvent> {
+        let notices = self.devices.process_event(index).into_iter().collect();
+        self.apply_events(notices)
+    }
+
+    fn apply_events(&mut self, notices: Vec<DeviceNotice>) -> Vec<VcpuEvent> {
         let events = self.control.take_events();
         let mut finished: Option<String> = None;
         for e in &events {
@@ -351,8 +349,10 @@ impl Vm {
                 VcpuEvent::Error { message, .. } => finished = Some(format!("error: {message}")),
             }
         }
-        if self.reset.event_fd().read().is_ok() {
-            finished = Some("guest requested a reset (i8042)".into());
+        for notice in notices {
+            match notice {
+                DeviceNotice::Reset(reason) => finished = Some(reason),
+            }
         }
         if let Some(reason) = finished {
             self.exit(reason);
