@@ -8,6 +8,7 @@ pub mod boot;
 pub mod control;
 pub mod dirty_log;
 pub mod driver;
+pub mod error_kind;
 pub mod guest_ram;
 pub mod host;
 pub mod scenarios;
