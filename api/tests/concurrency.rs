@@ -1,6 +1,8 @@
 //! Many clients at once, some sending their body byte by byte and some idle: fast
 //! requests are still answered promptly.
 
+// `MergeConfig` (the merger's `Tunables`) is `Copy`; common/ still clones it.
+#[allow(clippy::clone_on_copy)]
 mod common;
 
 use std::io::Write;

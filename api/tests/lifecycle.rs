@@ -1,6 +1,8 @@
 //! Socket life cycle and TCP: mode 0600, refusing a live socket, replacing a stale
 //! one, removal on shutdown, loopback-only TCP, slow-client timeouts.
 
+// `MergeConfig` (the merger's `Tunables`) is `Copy`; common/ still clones it.
+#[allow(clippy::clone_on_copy)]
 mod common;
 
 use std::io::{Read, Write};

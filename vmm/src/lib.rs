@@ -9,6 +9,7 @@ pub mod control;
 pub mod device_manager;
 pub mod dirty_log;
 pub mod driver;
+pub mod error_kind;
 pub mod guest_ram;
 pub mod host;
 pub mod scenarios;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use api::scenario::Scenario;
+use crate::workload::scenario::{self, Scenario};
 
 /// Errors loading a scenario.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum Error {
         /// The file.
         path: String,
         /// Why.
-        source: api::scenario::Error,
+        source: scenario::Error,
     },
     /// Neither a file nor a built-in name.
     #[error("no scenario file or built-in scenario named `{0}` (built-ins: {names})", names = BUILTIN_NAMES.join(", "))]

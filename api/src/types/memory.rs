@@ -1,19 +1,18 @@
 //! Memory statistics and merge tuning: `GET /memory`, `GET /vms/{vm_id}/memory`,
 //! `GET|PATCH /memory/merge`, `PUT /memory/merge/actions`.
 
+use memory::merge::tunables;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{check_range, Error, Validate};
+use super::{Error, Validate};
 
-/// Largest `pages_to_scan`.
-pub const MAX_PAGES_TO_SCAN: u64 = 1_000_000;
-/// Largest `sleep_ms`.
-pub const MAX_SLEEP_MS: u64 = 60_000;
-/// Smallest `max_page_sharing`.
-pub const MIN_MAX_PAGE_SHARING: u64 = 2;
-/// Largest `max_page_sharing`.
-pub const MAX_MAX_PAGE_SHARING: u64 = 1_000_000;
+/// `GET /memory/merge` is the merger's [`tunables::Tunables`] and the body of
+/// `PATCH /memory/merge` a [`tunables::TunablesPatch`], owned by the memory crate.
+pub use tunables::{
+    ChangeDetection, Tunables as MergeConfig, TunablesPatch as MergeConfigPatch, MAX_MAX_PAGE_SHARING,
+    MAX_PAGES_TO_SCAN, MAX_SLEEP_MS, MIN_MAX_PAGE_SHARING,
+};
 
 /// `GET /vms/{vm_id}/memory`: one VM's memory, in 4 KiB guest pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -77,123 +76,15 @@ pub struct HostMemoryStats {
     pub vcpu_hold_ms: f64,
 }
 
-/// How the merger notices that a page changed between scans.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeDetection {
-    /// KVM dirty logging.
-    DirtyLog,
-    /// Page checksums compared between scans (as KSM does).
-    Checksum,
-}
-
-/// `GET /memory/merge`: the merger's settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MergeConfig {
-    /// Whether the merger runs.
-    pub run: bool,
-    /// Pages scanned per round (1..=1000000).
-    #[schema(minimum = 1, maximum = 1000000)]
-    pub pages_to_scan: u64,
-    /// Sleep between rounds in milliseconds (0..=60000).
-    #[schema(minimum = 0, maximum = 60000)]
-    pub sleep_ms: u64,
-    /// Most guest pages that may map one shared frame (2..=1000000).
-    #[schema(minimum = 2, maximum = 1000000)]
-    pub max_page_sharing: u64,
-    /// Whether zero pages are merged into the zero page.
-    pub merge_zero_pages: bool,
-    /// How page changes are detected.
-    pub change_detection: ChangeDetection,
-    /// Whether a VM's vCPUs are held out of guest mode (a pause of a few
-    /// milliseconds at most) while a chunk of its pages is merged, instead of
-    /// faulting on pages being remapped (default true).
-    #[serde(default = "default_true")]
-    pub hold_vcpus: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl Validate for MergeConfig {
-    fn validate(&self) -> Result<(), Error> {
-        check_range("pages_to_scan", self.pages_to_scan, 1, MAX_PAGES_TO_SCAN)?;
-        check_range("sleep_ms", self.sleep_ms, 0, MAX_SLEEP_MS)?;
-        check_range("max_page_sharing", self.max_page_sharing, MIN_MAX_PAGE_SHARING, MAX_MAX_PAGE_SHARING)
-    }
-}
-
-/// Body of `PATCH /memory/merge`: the settings to change; absent fields keep their value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MergeConfigPatch {
-    /// Whether the merger runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run: Option<bool>,
-    /// Pages scanned per round (1..=1000000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1, maximum = 1000000)]
-    pub pages_to_scan: Option<u64>,
-    /// Sleep between rounds in milliseconds (0..=60000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0, maximum = 60000)]
-    pub sleep_ms: Option<u64>,
-    /// Most guest pages that may map one shared frame (2..=1000000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 2, maximum = 1000000)]
-    pub max_page_sharing: Option<u64>,
-    /// Whether zero pages are merged into the zero page.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub merge_zero_pages: Option<bool>,
-    /// How page changes are detected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub change_detection: Option<ChangeDetection>,
-    /// Whether a VM's vCPUs are held out of guest mode while a chunk of its pages is merged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hold_vcpus: Option<bool>,
-}
-
-impl MergeConfigPatch {
-    /// Applies the patch to `config` (the VMM calls this; the patch is already validated).
-    pub fn apply(&self, config: &mut MergeConfig) {
-        if let Some(v) = self.run {
-            config.run = v;
-        }
-        if let Some(v) = self.pages_to_scan {
-            config.pages_to_scan = v;
-        }
-        if let Some(v) = self.sleep_ms {
-            config.sleep_ms = v;
-        }
-        if let Some(v) = self.max_page_sharing {
-            config.max_page_sharing = v;
-        }
-        if let Some(v) = self.merge_zero_pages {
-            config.merge_zero_pages = v;
-        }
-        if let Some(v) = self.change_detection {
-            config.change_detection = v;
-        }
-        if let Some(v) = self.hold_vcpus {
-            config.hold_vcpus = v;
-        }
-    }
-}
-
 impl Validate for MergeConfigPatch {
+    /// The tunables' own range check ([`tunables::TunablesPatch::validate`]), with the
+    /// API's error shape.
     fn validate(&self) -> Result<(), Error> {
-        if let Some(v) = self.pages_to_scan {
-            check_range("pages_to_scan", v, 1, MAX_PAGES_TO_SCAN)?;
-        }
-        if let Some(v) = self.sleep_ms {
-            check_range("sleep_ms", v, 0, MAX_SLEEP_MS)?;
-        }
-        if let Some(v) = self.max_page_sharing {
-            check_range("max_page_sharing", v, MIN_MAX_PAGE_SHARING, MAX_MAX_PAGE_SHARING)?;
-        }
-        Ok(())
+        MergeConfigPatch::validate(self).map_err(|e| match e {
+            tunables::Error::OutOfRange { name, value, min, max } => {
+                Error::new(name, format!("must be in {min}..={max}, got {value}"))
+            }
+        })
     }
 }
 
@@ -250,5 +141,23 @@ mod tests {
             assert!(p.validate().is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<MergeConfigPatch>(r#"{"change_detection": "x"}"#).is_err());
+    }
+
+    /// The ranges in the OpenAPI document (literals in the schema attributes) are the
+    /// tunables' limits.
+    #[test]
+    fn documented_ranges_are_the_limits() {
+        let doc = serde_json::to_value(crate::openapi::openapi()).unwrap();
+        for schema in ["MergeConfig", "MergeConfigPatch"] {
+            let p = &doc["components"]["schemas"][schema]["properties"];
+            let range = |field: &str| (p[field]["minimum"].as_u64(), p[field]["maximum"].as_u64());
+            assert_eq!(range("pages_to_scan"), (Some(1), Some(u64::from(MAX_PAGES_TO_SCAN))), "{schema}");
+            assert_eq!(range("sleep_ms"), (Some(0), Some(MAX_SLEEP_MS)), "{schema}");
+            assert_eq!(
+                range("max_page_sharing"),
+                (Some(u64::from(MIN_MAX_PAGE_SHARING)), Some(u64::from(MAX_MAX_PAGE_SHARING))),
+                "{schema}"
+            );
+        }
     }
 }

@@ -7,6 +7,9 @@ use utoipa::ToSchema;
 use super::{check_range, Error, Validate};
 use crate::scenario::{self, Scenario};
 
+/// Life-cycle state of a VM: the VMM's [`vmm::vm::VmState`].
+pub use vmm::vm::VmState;
+
 /// Largest number of vCPUs a VM may have.
 pub const MAX_VCPU_COUNT: u32 = 32;
 /// Largest guest memory size (MiB).
@@ -140,38 +143,6 @@ pub struct MergeSettings {
     /// domain). Same character rules as a VM id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
-}
-
-/// Life-cycle state of a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-pub enum VmState {
-    /// Configured, not started yet.
-    Created,
-    /// vCPUs are running.
-    Running,
-    /// vCPUs are paused.
-    Paused,
-    /// Stopped by a `Stop` action.
-    Stopped,
-    /// The guest exited by itself (workload done, guest shutdown or failure).
-    Exited,
-}
-
-impl VmState {
-    /// All states, in declaration order.
-    pub const ALL: [VmState; 5] =
-        [VmState::Created, VmState::Running, VmState::Paused, VmState::Stopped, VmState::Exited];
-
-    /// The state's name as it appears in JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Created => "Created",
-            VmState::Running => "Running",
-            VmState::Paused => "Paused",
-            VmState::Stopped => "Stopped",
-            VmState::Exited => "Exited",
-        }
-    }
 }
 
 /// Phase of the workload guest, as it last reported.

@@ -7,14 +7,15 @@
 //! - `GET /vms/{id}/memory`: `guest_pages` is the RAM size / 4 KiB; `resident_pages`
 //!   is `mincore(2)` over the VM's guest-RAM range (pages whose frame holds host
 //!   memory); the rest is the merger's per-VM [`memory::VmMergeStats`].
-//! - `GET|PATCH /memory/merge` and `UnmergeAll`: the merger's tunables and its
+//! - `GET|PATCH /memory/merge` and `UnmergeAll`: the merger's tunables (the API's
+//!   `MergeConfig` is [`memory::Tunables`], its patch a `TunablesPatch`) and its
 //!   unmerge-all (run on a helper thread: it blocks until every page is private).
 
 use std::sync::Arc;
 
-use api::types::{ChangeDetection, HostMemoryStats, MergeConfig, MergeConfigPatch, VmMemoryStats};
+use api::types::{HostMemoryStats, MergeConfig, MergeConfigPatch, VmMemoryStats};
 use api::{ApiError, ApiReply, ReplySender};
-use memory::{MemoryManager, MemoryStats, Tunables, PAGE_SIZE};
+use memory::{MemoryManager, MemoryStats, PAGE_SIZE};
 
 use vmm::vm::Vm;
 
@@ -79,29 +80,15 @@ fn resident_pages(addr: u64, size: u64) -> Option<u64> {
     (rc == 0).then(|| vec.iter().filter(|b| **b & 1 != 0).count() as u64)
 }
 
-/// The merger's tunables with the API's names.
+/// The merger's tunables.
 pub fn merge_config(mgr: &MemoryManager) -> MergeConfig {
-    to_api(&mgr.merger().tunables())
+    mgr.merger().tunables()
 }
 
-/// Applies `patch` to the merger's tunables (all or nothing); returns the result.
+/// Applies `patch` to the merger's tunables (all or nothing; the merger validates
+/// the result); returns the result.
 pub fn patch_merge_config(mgr: &MemoryManager, patch: &MergeConfigPatch) -> Result<MergeConfig, ApiError> {
-    let mut overflow = None;
-    let t = mgr
-        .merger()
-        .update(|t| {
-            let mut c = to_api(t);
-            patch.apply(&mut c);
-            match from_api(&c) {
-                Ok(next) => *t = next,
-                Err(e) => overflow = Some(e),
-            }
-        })
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    match overflow {
-        Some(e) => Err(e),
-        None => Ok(to_api(&t)),
-    }
+    mgr.merger().update(|t| patch.apply(t)).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 /// Starts unmerge-all on a helper thread (it blocks until every merged page is
@@ -111,7 +98,7 @@ pub fn unmerge_all(mgr: &Arc<MemoryManager>, reply: ReplySender) {
     let spawned = std::thread::Builder::new().name("densevm-unmerge".into()).spawn(move || {
         let result = match mgr.merger().unmerge_all() {
             Ok(n) => {
-                eprintln!("densevm serve: UnmergeAll gave {n} guest pages private frames again");
+                tracing::info!("UnmergeAll gave {n} guest pages private frames again");
                 Ok(ApiReply::Empty)
             }
             Err(e) => Err(ApiError::internal(format!("UnmergeAll: {e}"))),
@@ -119,40 +106,8 @@ pub fn unmerge_all(mgr: &Arc<MemoryManager>, reply: ReplySender) {
         let _ = reply.send(result);
     });
     if let Err(e) = spawned {
-        eprintln!("densevm serve: cannot spawn the unmerge thread: {e}");
+        tracing::error!("cannot spawn the unmerge thread: {e}");
     }
-}
-
-fn to_api(t: &Tunables) -> MergeConfig {
-    MergeConfig {
-        run: t.run,
-        pages_to_scan: u64::from(t.pages_to_scan),
-        sleep_ms: t.sleep_ms,
-        max_page_sharing: u64::from(t.max_page_sharing),
-        merge_zero_pages: t.merge_zero_pages,
-        change_detection: match t.change_detection {
-            memory::ChangeDetection::DirtyLog => ChangeDetection::DirtyLog,
-            memory::ChangeDetection::Checksum => ChangeDetection::Checksum,
-        },
-        hold_vcpus: t.hold_vcpus,
-    }
-}
-
-fn from_api(c: &MergeConfig) -> Result<Tunables, ApiError> {
-    let narrow =
-        |name: &str, v: u64| u32::try_from(v).map_err(|_| ApiError::bad_request(format!("{name}: {v} is too large")));
-    Ok(Tunables {
-        run: c.run,
-        pages_to_scan: narrow("pages_to_scan", c.pages_to_scan)?,
-        sleep_ms: c.sleep_ms,
-        max_page_sharing: narrow("max_page_sharing", c.max_page_sharing)?,
-        merge_zero_pages: c.merge_zero_pages,
-        change_detection: match c.change_detection {
-            ChangeDetection::DirtyLog => memory::ChangeDetection::DirtyLog,
-            ChangeDetection::Checksum => memory::ChangeDetection::Checksum,
-        },
-        hold_vcpus: c.hold_vcpus,
-    })
 }
 
 #[cfg(test)]
@@ -161,7 +116,7 @@ mod tests {
 
     #[test]
     fn tunables_round_trip() {
-        let t = Tunables {
+        let t = memory::Tunables {
             run: true,
             pages_to_scan: 500,
             sleep_ms: 5,
@@ -170,10 +125,12 @@ mod tests {
             change_detection: memory::ChangeDetection::Checksum,
             hold_vcpus: false,
         };
-        assert_eq!(from_api(&to_api(&t)).unwrap(), t);
-        let mut c = to_api(&t);
-        c.pages_to_scan = u64::from(u32::MAX) + 1;
-        assert_eq!(from_api(&c).unwrap_err().kind, api::ErrorKind::BadRequest);
+        // The wire form is the tunables' own serde form.
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<MergeConfig>(&json).unwrap(), t);
+        // A value too large for the tunable is a bad request, not a wrap-around.
+        let too_large = format!(r#"{{"pages_to_scan": {}}}"#, u64::from(u32::MAX) + 1);
+        assert!(serde_json::from_str::<MergeConfigPatch>(&too_large).is_err());
     }
 
     #[test]

@@ -16,14 +16,15 @@ mod report;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use api::types::{BootSource as ApiBoot, MergeActionType, VmActionType, VmConfig, VmInfo, VmState as ApiState};
+use api::types::{BootSource as ApiBoot, MergeActionType, VmActionType, VmConfig, VmInfo};
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender};
 use event_manager::EventOps;
 
 use vmm::boot::linux::LinuxBootConfig;
-use vmm::guest_ram::{self, RamPolicy};
+use vmm::error_kind::ErrorKind;
+use vmm::guest_ram::RamPolicy;
 use vmm::host::{self, Host};
-use vmm::vm::{self, BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState};
+use vmm::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState};
 
 pub use facts::HostFacts;
 
@@ -56,7 +57,7 @@ impl ApiBridge {
         let result = self.answer(host, action, ops);
         if let Err(e) = &result {
             if e.kind == api::ErrorKind::Internal {
-                eprintln!("densevm serve: {name} failed: {}", e.fault_message);
+                tracing::error!("{name} failed: {}", e.fault_message);
             }
         }
         // False when the client gave up; the action was carried out anyway.
@@ -86,12 +87,12 @@ impl ApiBridge {
             ApiAction::DeleteVm(id) => {
                 host.remove_vm(&id, ops).map_err(host_error)?;
                 self.configs.remove(&id);
-                eprintln!("[{id}] deleted");
+                tracing::info!(vm_id = %id, "deleted");
                 Ok(ApiReply::Empty)
             }
             ApiAction::VmAction { vm_id, action } => {
                 vm_action(host.vm_mut(&vm_id).map_err(host_error)?, action)?;
-                eprintln!("[{vm_id}] {action:?}");
+                tracing::info!(vm_id = %vm_id, "{action:?}");
                 Ok(ApiReply::Empty)
             }
             ApiAction::GetVmMemory(id) => {
@@ -102,7 +103,7 @@ impl ApiBridge {
             ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(memory::merge_config(host.memory()))),
             ApiAction::PatchMergeConfig(patch) => {
                 let c = memory::patch_merge_config(host.memory(), &patch)?;
-                eprintln!("densevm serve: merge settings now {c:?}");
+                tracing::info!("merge settings now {c:?}");
                 Ok(ApiReply::MergeConfig(c))
             }
         }
@@ -114,8 +115,9 @@ impl ApiBridge {
         }
         let spec = vm_spec(&vm_id, &config)?;
         host.create_vm(spec).map_err(host_error)?;
-        eprintln!(
-            "[{vm_id}] created: {} vCPU(s), {} MiB, {}",
+        tracing::info!(
+            vm_id = %vm_id,
+            "created: {} vCPU(s), {} MiB, {}",
             config.vcpu_count,
             config.mem_size_mib,
             match &config.boot {
@@ -131,7 +133,7 @@ impl ApiBridge {
         let config = self.configs.get(vm.id()).cloned().unwrap_or_else(|| config_of(vm.spec()));
         VmInfo {
             vm_id: vm.id().to_string(),
-            state: api_state(vm.state()),
+            state: vm.state(),
             config,
             workload: report::workload_report(vm),
             exit_reason: vm.timeline().exit_reason.clone(),
@@ -193,17 +195,6 @@ fn config_of(spec: &VmSpec) -> VmConfig {
     }
 }
 
-/// The API's name of a VM state.
-pub fn api_state(s: VmState) -> ApiState {
-    match s {
-        VmState::Created => ApiState::Created,
-        VmState::Running => ApiState::Running,
-        VmState::Paused => ApiState::Paused,
-        VmState::Stopped => ApiState::Stopped,
-        VmState::Exited => ApiState::Exited,
-    }
-}
-
 /// Carries out a VM action; a state that does not allow it is a conflict (409).
 fn vm_action(vm: &mut Vm, action: VmActionType) -> Result<(), ApiError> {
     let r = match action {
@@ -221,20 +212,14 @@ fn vm_action(vm: &mut Vm, action: VmActionType) -> Result<(), ApiError> {
     r.map_err(|e| host_error(host::Error::Vm(e)))
 }
 
-/// Maps a Host error onto the API's error classes.
+/// Maps a Host error onto the API's error classes (by its [`ErrorKind`]).
 pub fn host_error(e: host::Error) -> ApiError {
-    use ::memory::manager::Error as Mem;
-    use guest_ram::Error as Ram;
     let msg = e.to_string();
-    match e {
-        host::Error::NoSuchVm(_) => ApiError::not_found(msg),
-        host::Error::Exists(_) => ApiError::conflict(msg),
-        host::Error::Vm(vm::Error::State { .. }) => ApiError::conflict(msg),
-        host::Error::Vm(vm::Error::Ram(Ram::Manager(Mem::PoolFull { .. }))) => ApiError::conflict(msg),
-        host::Error::Vm(
-            vm::Error::Config(_) | vm::Error::Workload(_) | vm::Error::Linux(_) | vm::Error::Ram(Ram::Size(_)),
-        ) => ApiError::bad_request(msg),
-        _ => ApiError::internal(msg),
+    match e.kind() {
+        ErrorKind::InvalidInput | ErrorKind::UnbootableKernel => ApiError::bad_request(msg),
+        ErrorKind::NotFound => ApiError::not_found(msg),
+        ErrorKind::Conflict => ApiError::conflict(msg),
+        ErrorKind::Internal => ApiError::internal(msg),
     }
 }
 
@@ -243,6 +228,7 @@ mod tests {
     use super::*;
     use api::scenario::Scenario;
     use api::types::KernelBoot;
+    use vmm::vm;
 
     fn workload(mem: u32) -> VmConfig {
         VmConfig {
@@ -290,8 +276,12 @@ mod tests {
         assert_eq!(host_error(host::Error::Exists("a".into())).kind, api::ErrorKind::Conflict);
         assert_eq!(host_error(host::Error::Vm(vm::Error::Config("x".into()))).kind, api::ErrorKind::BadRequest);
         assert_eq!(host_error(host::Error::Io("x".into())).kind, api::ErrorKind::Internal);
+        let kernel = vmm::boot::linux::Error::UnknownKernelFormat(PathBuf::from("/k"));
+        assert_eq!(host_error(host::Error::Vm(vm::Error::Linux(kernel))).kind, api::ErrorKind::BadRequest);
+        // The API's VM state is the VMM's: its JSON name is the variant's name.
         for s in [VmState::Created, VmState::Running, VmState::Paused, VmState::Stopped, VmState::Exited] {
-            assert_eq!(format!("{:?}", api_state(s)), format!("{s:?}"));
+            assert_eq!(serde_json::to_value(s).unwrap(), format!("{s:?}"));
+            assert_eq!(s.as_str(), format!("{s:?}"));
         }
     }
 }

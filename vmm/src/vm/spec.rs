@@ -3,24 +3,47 @@
 
 use std::path::PathBuf;
 
-use api::scenario::Scenario;
+use serde::{Deserialize, Serialize};
 
 use crate::boot::linux::LinuxBootConfig;
 use crate::guest_ram::RamPolicy;
+use crate::workload::scenario::Scenario;
 
-/// Lifecycle state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// Life-cycle state of a VM.
+///
+/// Also the wire type of a VM's `state` in the HTTP API (the `api` crate
+/// re-exports it; its JSON form is the variant name, see [`VmState::as_str`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(description = "Life-cycle state of a VM."))]
 pub enum VmState {
-    /// Created, not started.
+    /// Configured, not started yet.
     Created,
-    /// vCPUs running.
+    /// vCPUs are running.
     Running,
-    /// vCPUs parked.
+    /// vCPUs are paused.
     Paused,
-    /// Stopped by request.
+    /// Stopped by a `Stop` action.
     Stopped,
-    /// The guest finished or shut down by itself.
+    /// The guest exited by itself (workload done, guest shutdown or failure).
     Exited,
+}
+
+impl VmState {
+    /// All states, in declaration order.
+    pub const ALL: [VmState; 5] =
+        [VmState::Created, VmState::Running, VmState::Paused, VmState::Stopped, VmState::Exited];
+
+    /// The state's name as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Stopped => "Stopped",
+            VmState::Exited => "Exited",
+        }
+    }
 }
 
 /// Where the serial console's output goes.
@@ -66,7 +89,7 @@ pub struct VmSpec {
 }
 
 /// A VM's merge settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MergeSpec {
     /// The merger scans this VM (opt-in).
     pub enabled: bool,
@@ -76,7 +99,7 @@ pub struct MergeSpec {
 }
 
 /// What happened to a VM so far, for reports.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct VmTimeline {
     /// Seconds from creation to start.
     pub start_s: Option<f64>,

@@ -5,8 +5,8 @@
 
 pub mod abi;
 pub mod layout;
+pub mod scenario;
 
-use api::scenario::Scenario;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::arch::cpl3::Cpl3Start;
@@ -14,6 +14,7 @@ use abi::{WorkloadConfig, WorkloadReport, CONFIG_MAGIC};
 use layout::{
     WorkloadLayout, CODE_GPA, CODE_MAX, GDT_ENTRIES, GDT_GPA, PAGE_SIZE, PML4_GPA, TSS_GPA, TSS_SEL, USER_CS, USER_DS,
 };
+use scenario::Scenario;
 
 /// The workload guest program, built from resources/workload by build.rs.
 pub static WORKLOAD_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workload.bin"));

@@ -1,0 +1,76 @@
+//! What kind of failure an error is, for the callers that turn errors into an
+//! outcome: the API bridge (an HTTP status) and the CLI (an exit code). Both map
+//! from [`ErrorKind`], so an error is classified once, here.
+
+use crate::guest_ram;
+use crate::host;
+use crate::vm;
+
+/// The class of a VMM failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request itself is wrong: bad configuration, workload scenario or RAM
+    /// size (HTTP 400, CLI exit 2).
+    InvalidInput,
+    /// The Linux kernel or initrd given cannot be loaded or booted. The API
+    /// answers 400 (its client chose the kernel); `densevm run` reports it as a
+    /// runtime failure (exit 1), as it always has.
+    UnbootableKernel,
+    /// The VM named does not exist (HTTP 404, CLI exit 1).
+    NotFound,
+    /// The request does not fit the current state: the VM exists already, its
+    /// state does not allow the operation, or the frame pool is full (HTTP 409,
+    /// CLI exit 1).
+    Conflict,
+    /// Anything else: KVM, host I/O, the memory manager (HTTP 500, CLI exit 1).
+    Internal,
+}
+
+impl vm::Error {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        use memory::manager::Error as Mem;
+        match self {
+            vm::Error::Config(_) | vm::Error::Workload(_) | vm::Error::Ram(guest_ram::Error::Size(_)) => {
+                ErrorKind::InvalidInput
+            }
+            vm::Error::Linux(_) => ErrorKind::UnbootableKernel,
+            vm::Error::State { .. } | vm::Error::Ram(guest_ram::Error::Manager(Mem::PoolFull { .. })) => {
+                ErrorKind::Conflict
+            }
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+impl host::Error {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            host::Error::NoSuchVm(_) => ErrorKind::NotFound,
+            host::Error::Exists(_) => ErrorKind::Conflict,
+            host::Error::Vm(e) => e.kind(),
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::VmState;
+
+    #[test]
+    fn kinds() {
+        let state = vm::Error::State { id: "a".into(), state: VmState::Running, what: "start" };
+        assert_eq!(host::Error::Vm(state).kind(), ErrorKind::Conflict);
+        assert_eq!(host::Error::NoSuchVm("a".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(host::Error::Exists("a".into()).kind(), ErrorKind::Conflict);
+        assert_eq!(host::Error::Vm(vm::Error::Config("x".into())).kind(), ErrorKind::InvalidInput);
+        assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Size(0))).kind(), ErrorKind::InvalidInput);
+        let full = memory::manager::Error::PoolFull { free: 1, needed: 2 };
+        assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Manager(full))).kind(), ErrorKind::Conflict);
+        assert_eq!(host::Error::Io("x".into()).kind(), ErrorKind::Internal);
+        assert_eq!(host::Error::Vm(vm::Error::Device("x".into())).kind(), ErrorKind::Internal);
+    }
+}
