@@ -2,7 +2,6 @@
 //! requests are still answered promptly.
 
 // `MergeConfig` (the merger's `Tunables`) is `Copy`; common/ still clones it.
-#[allow(clippy::clone_on_copy)]
 mod common;
 
 use std::io::Write;

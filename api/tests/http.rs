@@ -1,7 +1,6 @@
 //! The HTTP layer over the real Unix socket, against a fake VMM.
 
 // `MergeConfig` (the merger's `Tunables`) is `Copy`; common/ still clones it.
-#[allow(clippy::clone_on_copy)]
 mod common;
 
 use std::time::Duration;

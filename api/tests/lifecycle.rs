@@ -2,7 +2,6 @@
 //! one, removal on shutdown, loopback-only TCP, slow-client timeouts.
 
 // `MergeConfig` (the merger's `Tunables`) is `Copy`; common/ still clones it.
-#[allow(clippy::clone_on_copy)]
 mod common;
 
 use std::io::{Read, Write};

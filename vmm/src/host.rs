@@ -338,7 +338,7 @@ mod tests {
     fn a_device_event_reaches_its_vm_through_the_event_loop() {
         use std::sync::Mutex;
 
-        use api::scenario::Scenario;
+        use crate::workload::scenario::Scenario;
         use event_manager::{EventManager, SubscriberOps};
 
         use crate::guest_ram::RamPolicy;

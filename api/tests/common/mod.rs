@@ -87,10 +87,10 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
             fragmentation: 0.5,
             ..Default::default()
         }))),
-        ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(t.merge.clone())),
+        ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(t.merge)),
         ApiAction::PatchMergeConfig(p) => {
             p.apply(&mut t.merge);
-            Ok(ApiReply::MergeConfig(t.merge.clone()))
+            Ok(ApiReply::MergeConfig(t.merge))
         }
         ApiAction::MergeAction(_) => Ok(ApiReply::Empty),
     }
