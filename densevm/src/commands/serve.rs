@@ -70,7 +70,7 @@ impl MutEventSubscriber for Daemon {
     fn init(&mut self, ops: &mut EventOps) {
         self.host.init(ops);
         if let Err(e) = ops.add(Events::with_data(&self.endpoint.wake, API_TOKEN, EventSet::IN)) {
-            tracing::error!("densevm serve: cannot watch the API channel: {e:?}");
+            tracing::error!("cannot watch the API channel: {e:?}");
         }
     }
 }
@@ -110,10 +110,10 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     config.tcp = tcp;
     let server = ApiServer::start(config, chan).map_err(server_error)?;
     tracing::info!(
-        "densevm serve: API on {}{} (pid {})",
+        pid = std::process::id(),
+        "API on {}{}",
         server.socket_path().display(),
         server.tcp_addr().map(|a| format!(" and http://{a}")).unwrap_or_default(),
-        std::process::id()
     );
 
     let result = event_loop(&mut em, &daemon);
@@ -126,7 +126,7 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     lock(&daemon).refuse_pending();
     result?;
     stopped.map_err(|e| CommandError::Runtime(format!("API server: {e}")))?;
-    tracing::info!("densevm serve: every VM stopped; bye");
+    tracing::info!("every VM stopped; bye");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -139,7 +139,7 @@ fn event_loop(em: &mut EventManager<Arc<Mutex<Daemon>>>, daemon: &Mutex<Daemon>)
             log_event(&e, Milestones::Info);
         }
         if d.host().terminating() {
-            tracing::info!("densevm serve: termination signal: stopping every VM");
+            tracing::info!("termination signal: stopping every VM");
             return Ok(());
         }
     }
