@@ -4,13 +4,31 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::logging::{LogFormat, LogLevel};
+
 /// densevm: a KVM microVM monitor that packs guest memory densely.
 #[derive(Debug, Parser)]
 #[command(name = "densevm", version, about, long_about = None)]
 pub struct Cli {
+    /// Logging options (accepted before or after the subcommand).
+    #[command(flatten)]
+    pub log: LogArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Where log lines go and how many: global flags of every subcommand.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Most verbose log level shown on stderr for densevm's own crates (the
+    /// DENSEVM_LOG environment variable, an EnvFilter directive string such as
+    /// `memory=debug,info`, wins when set).
+    #[arg(long, global = true, value_enum, ignore_case = true, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+    /// Format of the log lines on stderr: `human` lines or `json` (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
 }
 
 /// Subcommands.

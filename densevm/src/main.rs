@@ -1,4 +1,4 @@
-//! The `densevm` command: run, demo, bench and host-info.
+//! The `densevm` command: run, demo, bench, host-info and serve.
 
 use std::process::ExitCode;
 
@@ -8,6 +8,7 @@ mod api_bridge;
 mod bench;
 mod cli;
 mod commands;
+mod logging;
 
 use cli::{Cli, Command};
 
@@ -21,6 +22,16 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    match logging::init(cli.log.log_level, cli.log.log_format) {
+        Ok(directives) => {
+            tracing::debug!(version = env!("CARGO_PKG_VERSION"), filter = %directives, "densevm starting")
+        }
+        Err(e) => {
+            // Plain stderr: there is no logger to report through.
+            eprintln!("densevm: error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => commands::run::main(args, started),
         Command::Demo(args) => commands::demo::main(args),
@@ -31,6 +42,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            // The command's failure is the CLI's answer to the user, not a log line: a
+            // plain stderr line whatever the log level or format.
             eprintln!("densevm: error: {e}");
             ExitCode::from(e.exit_code())
         }

@@ -163,7 +163,9 @@ mod tests {
         let mgr = match MemoryManager::new(ManagerConfig::with_capacity(64 << 20)) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("SKIPPED managed_ram_is_the_guest_map: memory manager unavailable: {e}");
+                crate::boot::linux::tests::skip(&format!(
+                    "managed_ram_is_the_guest_map: memory manager unavailable: {e}"
+                ));
                 return;
             }
         };

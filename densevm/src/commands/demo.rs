@@ -49,6 +49,9 @@ fn progress_line(h: &Host, t0: Instant) {
             .unwrap_or_default();
         parts.push(format!("{} {:?} fill {fill:>3}% writes {written:>6} bad {bad}", vm.id(), vm.state()));
     }
+    // Deliberate user output, not a log line: the demo's live progress table (stderr,
+    // so stdout keeps only the final table); a log prefix on every row would break its
+    // columns, and hiding it with the log level would leave the demo silent.
     eprintln!(
         "[{:5.1}s] host {:6.1} MiB, sharing {:6}, zero {:6} | {}",
         t0.elapsed().as_secs_f64(),
@@ -77,6 +80,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             merge,
         })?;
     }
+    // The header of the progress table above (user output, like the table).
     eprintln!(
         "densevm demo: {} workload microVMs, {} MiB each (60% identical across VMs, 10% zero), {} s of rewrites at {}/s",
         args.vms, args.fill_mib, args.duration_s, args.writes_per_s

@@ -110,6 +110,9 @@ pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandEr
         }
         if let Some(at) = h.vm(&id).ok().and_then(Vm::first_report_at) {
             reported = true;
+            // Deliberate user output, not a log line: `densevm bench launch` (bench/mod.rs)
+            // and the e2e tests wait for this exact line on stderr and parse the time
+            // from it, so it must appear whatever the log level, filter or format.
             eprintln!(
                 "densevm: first guest report {:.2} ms after process start",
                 at.duration_since(process_start).as_secs_f64() * 1e3

@@ -16,8 +16,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::CommandError;
 use crate::api_bridge::ApiBridge;
 use crate::cli::ServeArgs;
-use vmm::control::VcpuEvent;
-use vmm::host::{Host, HostConfig, HostEvent};
+use vmm::driver::{log_event, Milestones};
+use vmm::host::{Host, HostConfig};
 
 /// Event data of the API wake-up eventfd (the Host uses small numbers from 0 up).
 const API_TOKEN: u32 = u32::MAX;
@@ -70,7 +70,7 @@ impl MutEventSubscriber for Daemon {
     fn init(&mut self, ops: &mut EventOps) {
         self.host.init(ops);
         if let Err(e) = ops.add(Events::with_data(&self.endpoint.wake, API_TOKEN, EventSet::IN)) {
-            eprintln!("densevm serve: cannot watch the API channel: {e:?}");
+            tracing::error!("cannot watch the API channel: {e:?}");
         }
     }
 }
@@ -78,17 +78,6 @@ impl MutEventSubscriber for Daemon {
 /// Locks the daemon, tolerating a poisoned lock (stopping VMs must still work).
 fn lock(d: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
     d.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn log_event(e: &HostEvent) {
-    let id = &e.vm_id;
-    match &e.event {
-        VcpuEvent::FillDone { vcpu, .. } => eprintln!("[{id}] vcpu{vcpu}: fill done"),
-        VcpuEvent::Done { vcpu } => eprintln!("[{id}] vcpu{vcpu}: workload finished"),
-        VcpuEvent::Mismatch { vcpu, page } => eprintln!("[{id}] vcpu{vcpu}: page {page} did not verify"),
-        VcpuEvent::Shutdown { vcpu, reason } => eprintln!("[{id}] vcpu{vcpu}: {reason}"),
-        VcpuEvent::Error { vcpu, message } => eprintln!("[{id}] vcpu{vcpu}: {message}"),
-    }
 }
 
 fn server_error(e: api::server::Error) -> CommandError {
@@ -120,11 +109,11 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     let mut config = ApiServerConfig::new(&args.api_sock);
     config.tcp = tcp;
     let server = ApiServer::start(config, chan).map_err(server_error)?;
-    eprintln!(
-        "densevm serve: API on {}{} (pid {})",
+    tracing::info!(
+        pid = std::process::id(),
+        "API on {}{}",
         server.socket_path().display(),
         server.tcp_addr().map(|a| format!(" and http://{a}")).unwrap_or_default(),
-        std::process::id()
     );
 
     let result = event_loop(&mut em, &daemon);
@@ -137,7 +126,7 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     lock(&daemon).refuse_pending();
     result?;
     stopped.map_err(|e| CommandError::Runtime(format!("API server: {e}")))?;
-    eprintln!("densevm serve: every VM stopped; bye");
+    tracing::info!("every VM stopped; bye");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -147,10 +136,10 @@ fn event_loop(em: &mut EventManager<Arc<Mutex<Daemon>>>, daemon: &Mutex<Daemon>)
         em.run_with_timeout(LOOP_TIMEOUT_MS).map_err(|e| CommandError::Runtime(format!("event loop: {e:?}")))?;
         let mut d = lock(daemon);
         for e in d.host().take_log() {
-            log_event(&e);
+            log_event(&e, Milestones::Info);
         }
         if d.host().terminating() {
-            eprintln!("densevm serve: termination signal: stopping every VM");
+            tracing::info!("termination signal: stopping every VM");
             return Ok(());
         }
     }

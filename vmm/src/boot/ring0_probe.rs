@@ -88,6 +88,7 @@ pub fn probe() -> Result<Ring0Probe, String> {
             NATIVE_LIMIT.as_millis()
         )
     };
+    tracing::debug!(native, "ring-0 probe: {reason}");
     Ok(Ring0Probe { native, reason, iterations, elapsed })
 }
 
@@ -241,11 +242,12 @@ mod tests {
             return;
         }
         let p = probe().expect("probe runs");
-        eprintln!("ring0 probe: native={} {}", p.native, p.reason);
-        assert!(!p.reason.is_empty());
-        assert!(p.elapsed < BUDGET + Duration::from_secs(5));
+        // What the probe found is in every assertion's message (the probe itself logs
+        // it through `tracing` at debug level).
+        assert!(!p.reason.is_empty(), "{p:?}");
+        assert!(p.elapsed < BUDGET + Duration::from_secs(5), "{p:?}");
         if kvm_modules().contains(&"kvm_pvm") {
-            assert!(!p.native);
+            assert!(!p.native, "{p:?}");
         }
     }
 }

@@ -174,7 +174,7 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
     let managed =
         [("private", Prep::Private), ("wp-only", Prep::Protect), ("copy", Prep::Copy), ("reuse", Prep::Reuse)];
     for (name, prep) in managed {
-        eprintln!("densevm: bench cow: case {name}");
+        tracing::info!("bench cow: case {name}");
         cases.push(guest_case(&mut host, name, prep, p, None)?);
     }
     let mut host_rows = Vec::new();
@@ -188,19 +188,19 @@ pub fn main(quick: bool, json_path: Option<&Path>) -> Result<ExitCode, CommandEr
     match KsmControl::open().and_then(KsmControl::full_speed) {
         Err(why) => skipped = Some(why.to_string()),
         Ok(mut k) => {
-            eprintln!("densevm: bench cow: kernel KSM, host writes");
+            tracing::info!("bench cow: kernel KSM, host writes");
             let res = ksm::time_writes_to_merged_pages(&mut k, p.host_pages, Duration::from_secs(60), &|| {
                 INTERRUPTED.load(Ordering::Relaxed)
             })
             .map_err(rt)
             .and_then(|h| {
                 host_write = Some(h);
-                eprintln!("densevm: bench cow: kernel KSM, guest writes");
+                tracing::info!("bench cow: kernel KSM, guest writes");
                 guest_case(&mut host, "ksm-guest", Prep::Ksm, p, Some(&mut k))
             });
             restore_error = k.restore().err().map(|e| e.to_string());
             if let Some(e) = &restore_error {
-                eprintln!("densevm: warning: {e}");
+                tracing::warn!("{e}");
             }
             cases.push(res?);
         }

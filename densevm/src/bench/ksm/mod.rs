@@ -133,7 +133,7 @@ impl KsmControl {
                 return Err(Error::Busy(path, LOCK_WAIT));
             }
             if !waited {
-                eprintln!("densevm: waiting for another densevm process to release {}", path.display());
+                tracing::info!("waiting for another densevm process to release {}", path.display());
                 waited = true;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -252,7 +252,7 @@ impl KsmControl {
 impl Drop for KsmControl {
     fn drop(&mut self) {
         if let Err(e) = self.restore() {
-            eprintln!("densevm: {e}");
+            tracing::error!("{e}");
         }
     }
 }

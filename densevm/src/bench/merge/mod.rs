@@ -177,7 +177,7 @@ fn run_ksm(host: &mut Host, p: &Params, results: &mut Vec<PolicyResult>, chosen:
         if error.is_some() {
             break;
         }
-        eprintln!("densevm: bench merge: {}", policy.what);
+        tracing::info!("bench merge: {}", policy.what);
         match policy::run(host, policy, p, Some(&mut ksm), &interrupted) {
             Ok(r) => results.push(r),
             Err(e) => error = Some(format!("{}: {e}", policy.name)),
@@ -188,7 +188,7 @@ fn run_ksm(host: &mut Host, p: &Params, results: &mut Vec<PolicyResult>, chosen:
     }
     let restore_error = ksm.restore().err().map(|e| e.to_string());
     if let Some(e) = &restore_error {
-        eprintln!("densevm: warning: {e}");
+        tracing::warn!("{e}");
     }
     json!({
         "available": error.is_none(),
@@ -348,7 +348,7 @@ pub fn main(quick: bool, json_path: Option<&Path>, only: &[String]) -> Result<Ex
     let mut host = Host::new(HostConfig::default())?;
     let mut results = Vec::new();
     for policy in densevm_policies().iter().filter(|p| chosen(p.name)) {
-        eprintln!("densevm: bench merge: {}", policy.what);
+        tracing::info!("bench merge: {}", policy.what);
         results.push(policy::run(&mut host, policy, &p, None, &interrupted)?);
     }
     let kernel = if ksm_policies().iter().any(|p| chosen(p.name)) {

@@ -33,7 +33,7 @@ impl Drop for TempFile {
 }
 
 /// Prints `SKIPPED: <why>` on the real stderr (the harness hides `eprintln!` output of
-/// passing tests).
+/// passing tests, so a skip would go unseen). Every vmm unit test that skips uses it.
 pub(crate) fn skip(why: &str) {
     use std::io::Write;
     let mut err = std::io::stderr().lock();
