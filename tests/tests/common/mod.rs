@@ -32,7 +32,8 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Raw mode, for slow and oversized requests.
+/// Raw mode, for slow and oversized requests (not every test file uses it).
+#[allow(unused_imports)]
 pub use api_client::raw::{connect, read_response, request_bytes};
 /// One HTTP response, as the shared API client parses it.
 pub use api_client::Response;
