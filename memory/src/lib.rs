@@ -34,6 +34,7 @@ pub mod protector;
 pub mod remap;
 pub mod stats;
 pub mod uffd;
+pub mod vcpu_gate;
 pub mod vma_budget;
 pub mod write_retry;
 

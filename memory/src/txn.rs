@@ -10,10 +10,9 @@
 
 use crate::frame_table::Mapper;
 use crate::manager::{Error, Result, State};
-use crate::merge::gate::HeldVcpus;
-use crate::merge::VcpuGate;
 use crate::page_table::{PageEntry, PageFlags};
 use crate::remap::{PendingRemaps, RemapProtocol};
+use crate::vcpu_gate::{HeldVcpus, VcpuGate};
 use crate::{FrameNo, PAGE_SIZE};
 use std::sync::Arc;
 

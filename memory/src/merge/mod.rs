@@ -22,7 +22,6 @@
 pub mod backoff;
 mod decide;
 pub mod domains;
-pub(crate) mod gate;
 pub(crate) mod ops;
 pub(crate) mod pages;
 pub(crate) mod scanner;
@@ -40,8 +39,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use crate::vcpu_gate::VcpuGate;
 pub use domains::{DirtyLog, DomainId, VmMergeConfig};
-pub use gate::VcpuGate;
 pub use stats::{MergeStats, VmMergeStats};
 pub use tunables::{ChangeDetection, Tunables};
 

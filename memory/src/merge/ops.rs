@@ -110,7 +110,7 @@ impl Txn<'_> {
             return Err(Error::VmaBudget);
         }
         // From the first change on, the merging VMs' vCPUs stay out of guest mode
-        // until the chunk ends (see `merge::gate`).
+        // until the chunk ends (see `crate::vcpu_gate`).
         self.hold_vcpus();
         // Protect both sides: the pages moving and every mapper of the targets.
         let mut to_protect: Vec<Mapper> = Vec::with_capacity(2 * candidates);

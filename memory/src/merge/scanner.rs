@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use crate::manager::{Core, Result};
 use crate::txn::Txn;
+use crate::vcpu_gate::HoldBudget;
 use crate::{FrameNo, VmId};
 
 use super::backoff::Idle;
 use super::domains::DomainId;
-use super::gate::HoldBudget;
 use super::pages::{Class, VmScan};
 use super::stable::StableIndex;
 use super::stats::MergeStats;
@@ -41,7 +41,7 @@ use super::unstable::UnstableIndex;
 
 /// Most pages handled under one hold of the manager's lock.
 pub(crate) const CHUNK: u32 = 256;
-/// Most pages of a chunk that holds the vCPUs from its start (see [`super::gate`]).
+/// Most pages of a chunk that holds the vCPUs from its start (see [`crate::vcpu_gate`]).
 const HOT_CHUNK: u32 = 1024;
 
 /// A page that may be merged.
@@ -116,7 +116,7 @@ pub(crate) struct Scanner {
     /// Zeroed pages, newly indexed shared frames and errors (part of the activity).
     pub(super) extra_activity: u64,
     /// The previous chunk merged pages: the next one holds the vCPUs from its
-    /// start (see [`super::gate`]).
+    /// start (see [`crate::vcpu_gate`]).
     pub(super) hot: bool,
     /// The vCPU hold time left to spend (the guests' share of the time).
     pub(super) hold_budget: HoldBudget,

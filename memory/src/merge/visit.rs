@@ -21,7 +21,7 @@ impl Scanner {
     /// Visits pages `start..start+n` of `target`; returns how many had host memory.
     pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
         if tun.hold_vcpus {
-            // The guests' share of the time (see `gate::HoldBudget`).
+            // The guests' share of the time (see `crate::vcpu_gate::HoldBudget`).
             let wait = self.hold_budget.wait(Instant::now());
             if !wait.is_zero() {
                 std::thread::sleep(wait);

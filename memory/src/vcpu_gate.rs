@@ -1,6 +1,9 @@
 //! Holding a VM's vCPUs out of guest mode while the merger remaps a batch of its
 //! pages.
 //!
+//! Sits below the transaction layer (a transaction holds the gates of a merge
+//! chunk from its first change to its end); the merger only decides when.
+//!
 //! Every remap replaces the host mapping behind guest pages (`mmap`, userfaultfd
 //! registration, `mprotect`), and each of those takes the process's `mmap_lock`
 //! for writing. KVM resolves a fault on a write-protected page (every merged
