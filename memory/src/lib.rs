@@ -27,25 +27,24 @@ pub mod buddy;
 pub mod frame_table;
 pub mod guest_map;
 pub mod manager;
+pub mod memory_stats;
 pub mod merge;
 pub mod page_table;
 pub mod pool;
 pub mod protector;
 pub mod remap;
-pub mod stats;
 pub mod uffd;
 pub mod vcpu_gate;
 pub mod vma_budget;
 pub mod write_retry;
 
-mod fault;
-mod ops;
+mod core;
 mod sys;
-mod txn;
 
 pub use buddy::BuddyAllocator;
 pub use guest_map::GuestMap;
 pub use manager::{ManagerConfig, MemoryManager};
+pub use memory_stats::MemoryStats;
 pub use merge::{
     ChangeDetection, DirtyLog, DomainId, MergeStats, Merger, Tunables, VcpuGate, VmMergeConfig, VmMergeStats,
 };
@@ -53,7 +52,6 @@ pub use page_table::PageFlags;
 pub use pool::{FramePool, PoolConfig, ThpStatus};
 pub use protector::Protector;
 pub use remap::RemapProtocol;
-pub use stats::MemoryStats;
 
 /// Index of a 4 KiB frame in the pool memfd (frame `n` is at byte offset `n * PAGE_SIZE`).
 pub type FrameNo = u32;

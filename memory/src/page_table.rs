@@ -78,9 +78,9 @@ pub struct PageTable {
     zero: usize,
     merged_zero: usize,
     /// Write faults on this VM's pages resolved by copying a shared frame.
-    pub(crate) cow_copies: u64,
+    cow_copies: u64,
     /// Write faults on this VM's pages resolved by reusing a merged frame.
-    pub(crate) cow_reuses: u64,
+    cow_reuses: u64,
 }
 
 impl PageTable {
@@ -188,6 +188,16 @@ impl PageTable {
     /// Write faults on this VM's pages resolved by copy and by reuse.
     pub fn cow_counts(&self) -> (u64, u64) {
         (self.cow_copies, self.cow_reuses)
+    }
+
+    /// Counts a write fault on this VM resolved by copying a shared frame.
+    pub(crate) fn count_cow_copy(&mut self) {
+        self.cow_copies += 1;
+    }
+
+    /// Counts a write fault on this VM resolved by reusing a merged frame.
+    pub(crate) fn count_cow_reuse(&mut self) {
+        self.cow_reuses += 1;
     }
 
     fn breaks_around(&self, i: usize) -> usize {

@@ -34,8 +34,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::core::{Result, State};
 use crate::frame_table::Mapper;
-use crate::manager::{Result, State};
 use crate::page_table::PageFlags;
 use crate::VmId;
 
@@ -101,7 +101,7 @@ fn mix(words: &[u64]) -> u64 {
 /// migrations, discards, the VMs (id, address, size) and their merge settings.
 /// The scanner's own merges do not change it.
 pub(crate) fn fingerprint(st: &State) -> u64 {
-    let c = &st.counters;
+    let c = st.counters();
     let mut h = mix(&[
         c.cow_copies,
         c.cow_reuses,
@@ -113,10 +113,10 @@ pub(crate) fn fingerprint(st: &State) -> u64 {
         c.discards,
     ]);
     // Order-independent sums over the (hash) maps.
-    for (&vm, t) in &st.vms {
+    for (vm, t) in st.tables() {
         h = h.wrapping_add(mix(&[u64::from(vm), t.host_addr() as u64, u64::from(t.len())]));
     }
-    for (&vm, cfg) in &st.merge_cfg {
+    for (vm, cfg) in st.merge_configs() {
         h = h.wrapping_add(mix(&[1 << 40 | u64::from(vm), u64::from(cfg.enabled), u64::from(cfg.domain)]));
     }
     h
@@ -261,7 +261,7 @@ impl Scanner {
             let mut device: Vec<(VmId, Vec<u32>)> = Vec::new();
             if walk_due {
                 for t in &targets {
-                    let Some(table) = st.vms.get(&t.vm) else { continue };
+                    let Some(table) = st.table(t.vm) else { continue };
                     let pages: Vec<u32> = (0u32..)
                         .zip(table.entries())
                         .filter(|(_, e)| e.flags.contains(PageFlags::MERGE_DIRTY))

@@ -22,6 +22,7 @@
 pub mod backoff;
 mod decide;
 pub mod domains;
+pub mod error;
 pub(crate) mod ops;
 pub(crate) mod pages;
 pub(crate) mod scanner;
@@ -33,7 +34,6 @@ mod visit;
 pub mod zero;
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -41,29 +41,13 @@ use std::time::{Duration, Instant};
 
 pub use crate::vcpu_gate::VcpuGate;
 pub use domains::{DirtyLog, DomainId, VmMergeConfig};
+pub use error::Error;
 pub use stats::{MergeStats, VmMergeStats};
 pub use tunables::{ChangeDetection, Tunables};
 
-use crate::manager::{self, Core};
+use crate::core::{self, Core};
 use crate::VmId;
 use scanner::Scanner;
-
-/// Errors of the merger.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A tunable is out of range.
-    #[error(transparent)]
-    Tunables(#[from] tunables::Error),
-    /// Spawning the scanner thread failed.
-    #[error("spawning the merge scanner: {0}")]
-    Spawn(io::Error),
-    /// The scanner thread is not running (stopped or panicked).
-    #[error("the merge scanner is not running")]
-    Stopped,
-    /// Unmerging failed.
-    #[error("unmerge-all failed: {0}")]
-    Unmerge(String),
-}
 
 /// Commands to the scanner thread.
 struct Control {
@@ -218,9 +202,9 @@ impl Merger {
         s.run = s.tunables.run;
         s.scanner_tid = self.shared.tid.load(Ordering::Relaxed);
         let st = self.core.lock();
-        s.pages_shared = st.frames.shared_frames();
-        s.pages_sharing = st.frames.shared_mappings() - st.frames.shared_frames();
-        s.zero_pages = st.vms.values().map(|t| t.merged_zero_count() as u64).sum();
+        s.pages_shared = st.frames().shared_frames();
+        s.pages_sharing = st.frames().shared_mappings() - st.frames().shared_frames();
+        s.zero_pages = st.tables().map(|(_, t)| t.merged_zero_count() as u64).sum();
         drop(st);
         let saved = (s.pages_sharing + s.zero_pages) * crate::PAGE_SIZE as u64;
         s.general_profit = saved as i64 - s.metadata_bytes as i64;
@@ -228,13 +212,13 @@ impl Merger {
     }
 
     /// Merge statistics of VM `vm`.
-    pub fn vm_stats(&self, vm: VmId) -> manager::Result<VmMergeStats> {
+    pub fn vm_stats(&self, vm: VmId) -> core::Result<VmMergeStats> {
         let mut s = {
             let st = self.core.lock();
-            let table = st.vms.get(&vm).ok_or(manager::Error::UnknownVm(vm))?;
+            let table = st.table(vm).ok_or(core::Error::UnknownVm(vm))?;
             let cfg = st.merge_config(vm);
             let (cow_copies, cow_reuses) = table.cow_counts();
-            let merged_pages = table.entries().iter().filter(|e| st.frames.refs(e.frame) > 1).count() as u64;
+            let merged_pages = table.entries().iter().filter(|e| st.frames().refs(e.frame) > 1).count() as u64;
             VmMergeStats {
                 vm,
                 enabled: cfg.enabled,

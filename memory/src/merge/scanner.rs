@@ -26,8 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::manager::{Core, Result};
-use crate::txn::Txn;
+use crate::core::{Core, Result, Txn};
 use crate::vcpu_gate::HoldBudget;
 use crate::{FrameNo, VmId};
 
@@ -173,11 +172,10 @@ impl Scanner {
     pub(super) fn targets(&mut self) -> Vec<Target> {
         let st = self.core.lock();
         let mut out: Vec<Target> = st
-            .merge_cfg
-            .iter()
+            .merge_configs()
             .filter(|(_, c)| c.enabled)
-            .filter_map(|(&vm, c)| {
-                let t = st.vms.get(&vm)?;
+            .filter_map(|(vm, c)| {
+                let t = st.table(vm)?;
                 Some(Target { vm, domain: c.domain, host_addr: t.host_addr(), pages: t.len() })
             })
             .collect();

@@ -9,9 +9,11 @@
 //! - only mapping of a discarded (zero) page, or an explicitly protected page:
 //!   remove protection, record the write, wake.
 
-use crate::manager::{Core, Result};
+use super::counters::Counter;
+use super::error::Result;
+use super::txn::Txn;
+use super::Core;
 use crate::page_table::PageFlags;
-use crate::txn::Txn;
 use crate::PAGE_SIZE;
 
 impl Core {
@@ -24,7 +26,7 @@ impl Core {
         let mut txn = Txn::new(&mut guard, self.remap());
         for addr in pages {
             if let Err(e) = resolve_one(&mut txn, addr) {
-                txn.st.counters.fault_errors += 1;
+                txn.st.count(Counter::FaultError);
                 tracing::error!("resolving write fault at {addr:#x}: {e}");
             }
             // Wake even after an error: the writer retries and faults again.
@@ -43,19 +45,19 @@ fn resolve_one(t: &mut Txn<'_>, addr: usize) -> Result<()> {
     if !e.flags.contains(PageFlags::PROTECTED) {
         // Make sure the kernel agrees (idempotent).
         t.remap.unprotect(addr, PAGE_SIZE)?;
-        t.st.counters.spurious_faults += 1;
+        t.st.count(Counter::SpuriousFault);
         return Ok(());
     }
-    if t.st.frames.refs(e.frame) > 1 {
+    if t.st.frames().refs(e.frame) > 1 {
         return t.cow_copy(m);
     }
     if e.flags.contains(PageFlags::SHARED) {
         return t.reuse(m);
     }
     if e.flags.contains(PageFlags::ZERO) {
-        t.st.counters.zero_page_faults += 1;
+        t.st.count(Counter::ZeroPageFault);
     } else {
-        t.st.counters.protect_faults += 1;
+        t.st.count(Counter::ProtectFault);
     }
     t.unprotect_page(m)?;
     let flags = t.entry(m)?.flags.with(PageFlags::WRITE_FAULTED);
