@@ -65,8 +65,7 @@ impl MemoryManager {
         let pool = FramePool::new(&config.pool)?;
         let budget = VmaBudget::new(pool.buddy().total_frames(), config.raise_max_map_count);
         let core = Arc::new(Core::new(pool, budget, uffd.clone()));
-        let resolver_core = core.clone();
-        let protector = Protector::start(uffd, move |addrs| resolver_core.resolve_faults(addrs))?;
+        let protector = Protector::start(uffd, core.fault_resolver())?;
         let merger = Merger::start(core.clone())?;
         Ok(Arc::new(MemoryManager { core, merger, protector }))
     }

@@ -65,6 +65,8 @@ pub struct MemoryStats {
     pub uffd_faults: u64,
     /// Remap events read from the userfaultfd.
     pub uffd_remap_events: u64,
+    /// Wakes of resolved writers that failed (each logged).
+    pub uffd_wake_errors: u64,
     /// Shmem transparent huge pages.
     pub thp: ThpStatus,
     /// Same-page merging (KSM vocabulary).
@@ -108,6 +110,7 @@ impl MemoryStats {
             counters: st.counters().clone(),
             uffd_faults: protector.faults.load(Ordering::Relaxed),
             uffd_remap_events: protector.remap_events.load(Ordering::Relaxed),
+            uffd_wake_errors: protector.wake_errors.load(Ordering::Relaxed),
             thp: st.pool().thp().clone(),
             merge: MergeStats::default(),
         }
