@@ -20,6 +20,40 @@
 //!   remap); a syscall writing into guest RAM that fails with `EFAULT` retries.
 //! - A host thread that does store into the guest range is covered by the
 //!   SIGSEGV retry handler [`write_retry`], installed by default.
+//!
+//! ## Layers
+//!
+//! Each file imports only files of its own layer or below, and the imports
+//! have no cycle (checked by `tests/layering.rs`, which holds the same list;
+//! this file, with the crate-wide constants and the public re-exports, is the
+//! root and outside the layers). Low to high:
+//!
+//! 1. syscalls: `sys.rs`;
+//! 2. leaves: [`uffd`] (the descriptor and its protection ioctls), [`buddy`],
+//!    [`frame_table`], [`page_table`], [`vma_budget`], [`write_retry`],
+//!    [`vcpu_gate`], and the merger's two vocabulary leaves
+//!    [`merge::tunables`] and [`merge::error`] (named by the core's error);
+//! 3. [`pool`] (the memfd and its buddy allocator), [`protector`] (the
+//!    userfaultfd handler thread and the event side of the descriptor);
+//! 4. [`remap`]: the remap protocol;
+//! 5. the core vocabulary: `core/error.rs`, `core/counters.rs`,
+//!    `core/merge_settings.rs`;
+//! 6. `core/state.rs`: `State`, the manager's locked state;
+//! 7. the transaction: `core/txn.rs`, `core/unshare.rs`;
+//! 8. `core/mod.rs`: `Core`, the lock;
+//! 9. the core's operations (every `impl Core`): `core/fault.rs`,
+//!    `core/guests.rs`, `core/page_ops.rs`, `core/registry.rs`;
+//! 10. the merger's indexes and batched operations: [`merge::domains`],
+//!     [`merge::zero`], [`merge::stable`], [`merge::unstable`], `merge/pages.rs`,
+//!     [`merge::stats`], `merge/ops.rs`;
+//! 11. `merge/scanner.rs`, then its parts `merge/backoff.rs`, `merge/visit.rs`,
+//!     `merge/decide.rs`, then [`merge`] itself (`Merger`, the scanner thread);
+//! 12. the facade: [`memory_stats`], [`manager`], [`guest_map`].
+//!
+//! A guest write fault walks `protector.rs` (read the event) →
+//! `core/fault.rs` (lock, resolve) → `core/txn.rs` → `core/state.rs` →
+//! `pool.rs` / `frame_table.rs` / `page_table.rs` → `remap.rs` → `uffd.rs` →
+//! `sys.rs`, and back in `protector.rs` the writer is woken.
 
 #![deny(missing_docs)]
 

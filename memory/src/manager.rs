@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
-pub use crate::core::{Error, MergeOutcome, Result};
+pub use crate::core::page_ops::MergeOutcome;
+pub use crate::core::{Error, Result};
 
 use crate::core::Core;
 use crate::frame_table::Mapper;
-use crate::guest_map::GuestMap;
 use crate::memory_stats::MemoryStats;
 use crate::merge::{DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeStats};
 use crate::page_table::PageFlags;
@@ -121,15 +121,8 @@ impl MemoryManager {
         self.merger.vm_stats(vm)
     }
 
-    /// Creates VM `vm`'s guest RAM of `size_bytes` (all frames allocated up front,
-    /// registered for write protection). The VM lives until the handle drops.
-    pub fn create_guest(self: &Arc<Self>, vm: VmId, size_bytes: u64) -> Result<GuestMap> {
-        let host_addr = self.core.create_guest(vm, size_bytes)?;
-        Ok(GuestMap::new(self.clone(), vm, host_addr, size_bytes as usize))
-    }
-
     /// Destroys VM `vm`: unmaps its RAM and drops its frame references.
-    /// Called by [`GuestMap`]'s `Drop`.
+    /// Called by [`crate::GuestMap`]'s `Drop`.
     pub fn destroy_guest(&self, vm: VmId) -> Result<()> {
         self.core.destroy_guest(vm)
     }

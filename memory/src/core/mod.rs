@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub use counters::Counters;
 pub use error::{Error, Result};
 pub use merge_settings::{DirtyLog, DomainId, VmMergeConfig};
-pub use page_ops::MergeOutcome;
 pub(crate) use state::State;
 pub(crate) use txn::Txn;
 

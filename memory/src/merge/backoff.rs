@@ -39,11 +39,11 @@ use crate::frame_table::Mapper;
 use crate::page_table::PageFlags;
 use crate::VmId;
 
+use super::domains::DomainId;
 use super::pages::{Class, VmScan};
-use super::scanner::{Scanner, CHUNK};
+use super::scanner::{Idle, Scanner, CHUNK};
 use super::stable::Key;
 use super::tunables::{ChangeDetection, Tunables};
-use super::DomainId;
 
 /// Interval between two polls of the dirty logs while idle.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -120,15 +120,6 @@ pub(crate) fn fingerprint(st: &State) -> u64 {
         h = h.wrapping_add(mix(&[1 << 40 | u64::from(vm), u64::from(cfg.enabled), u64::from(cfg.domain)]));
     }
     h
-}
-
-/// State of the idle (dirty-log polling) mode.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Idle {
-    /// [`fingerprint`] when the quiet scan ended.
-    pub fp: u64,
-    /// Last walk of the page flags for device writes.
-    pub last_walk: Instant,
 }
 
 /// What an idle poll did.

@@ -30,7 +30,6 @@ use crate::core::{Core, Result, Txn};
 use crate::vcpu_gate::HoldBudget;
 use crate::{FrameNo, VmId};
 
-use super::backoff::Idle;
 use super::domains::DomainId;
 use super::pages::{Class, VmScan};
 use super::stable::StableIndex;
@@ -60,6 +59,15 @@ pub(super) struct Target {
     pub(super) domain: DomainId,
     pub(super) host_addr: usize,
     pub(super) pages: u32,
+}
+
+/// State of the idle (dirty-log polling) mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Idle {
+    /// [`super::backoff::fingerprint`] when the quiet scan ended.
+    pub fp: u64,
+    /// Last walk of the page flags for device writes.
+    pub last_walk: Instant,
 }
 
 /// Event counters of the scanner.
