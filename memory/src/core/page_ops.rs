@@ -30,6 +30,7 @@ impl Core {
         self.with_txn(|t| t.entry(m))
     }
 
+    /// Merges pages `a` and `b` if equal (same merge domain required).
     pub(crate) fn merge_pages(&self, a: Mapper, b: Mapper) -> Result<MergeOutcome> {
         self.with_txn(|t| {
             let (fa, fb) = (t.entry(a)?.frame, t.entry(b)?.frame);
@@ -39,6 +40,7 @@ impl Core {
         })
     }
 
+    /// Maps page `m` onto `frame` if their contents are equal.
     pub(crate) fn share(&self, m: Mapper, frame: FrameNo) -> Result<MergeOutcome> {
         self.with_txn(|t| {
             let own = t.entry(m)?.frame;
@@ -50,6 +52,7 @@ impl Core {
         })
     }
 
+    /// Breaks sharing of page `m` as a write would; returns whether it changed.
     pub(crate) fn unshare(&self, m: Mapper) -> Result<bool> {
         self.with_txn(|t| {
             let changed = t.break_sharing(m)?;
@@ -60,6 +63,8 @@ impl Core {
         })
     }
 
+    /// Moves `old`'s content to a new frame (`target`, or any free one) and
+    /// remaps every page mapping it; returns the new frame.
     pub(crate) fn migrate(&self, old: FrameNo, target: Option<FrameNo>) -> Result<FrameNo> {
         self.with_txn(|t| {
             let mappers = t.st.frames().mappers(old);
@@ -85,6 +90,7 @@ impl Core {
         })
     }
 
+    /// Drops page `m`'s content and host memory; it reads as zero, protected.
     pub(crate) fn discard(&self, m: Mapper) -> Result<()> {
         self.with_txn(|t| {
             let e = t.entry(m)?;
@@ -116,10 +122,12 @@ impl Core {
         })
     }
 
+    /// Write-protects page `m` (its next write is resolved and recorded).
     pub(crate) fn protect(&self, m: Mapper) -> Result<()> {
         self.with_txn(|t| t.protect_page(m).map(|_| ()))
     }
 
+    /// Removes explicit protection of page `m` (refused for shared pages).
     pub(crate) fn unprotect(&self, m: Mapper) -> Result<()> {
         self.with_txn(|t| {
             let e = t.entry(m)?;
