@@ -21,6 +21,10 @@ pub struct Counters {
     pub spurious_faults: u64,
     /// Faults whose resolution failed (the writer retries; each is logged).
     pub fault_errors: u64,
+    /// Remaps left incomplete (each logged): the new frame was mapped but a
+    /// later step (registration, protection, making it writable) failed. The
+    /// page stays read-only or unprotected-private, never writable-shared.
+    pub remap_errors: u64,
     /// Successful merges (frames merged).
     pub merges: u64,
     /// Merge attempts whose contents differed.
@@ -50,6 +54,8 @@ pub(crate) enum Counter {
     SpuriousFault,
     /// [`Counters::fault_errors`].
     FaultError,
+    /// [`Counters::remap_errors`].
+    RemapError,
     /// [`Counters::merges`].
     Merge,
     /// [`Counters::merge_differs`].
@@ -70,6 +76,7 @@ impl Counters {
             Counter::ProtectFault => &mut self.protect_faults,
             Counter::SpuriousFault => &mut self.spurious_faults,
             Counter::FaultError => &mut self.fault_errors,
+            Counter::RemapError => &mut self.remap_errors,
             Counter::Merge => &mut self.merges,
             Counter::MergeDiffers => &mut self.merge_differs,
             Counter::Unshare => &mut self.unshares,

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use super::counters::Counter;
 use super::error::{Error, Result};
 use super::state::{Cow, State};
 use crate::frame_table::Mapper;
@@ -34,6 +35,7 @@ pub(crate) struct Txn<'a> {
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
         if let Err(e) = self.finish_remaps() {
+            self.st.count(Counter::RemapError);
             tracing::error!("finishing batched remaps: {e}");
         }
         if let Some(held) = self.held.take() {
@@ -138,6 +140,7 @@ impl Txn<'_> {
                 // The old mapping is still in place: nothing to record.
                 return Err(e.into());
             }
+            self.st.count(Counter::RemapError);
             tracing::error!("remap of vm {} page {} incomplete: {e}", m.vm, m.page);
         }
         let flags =

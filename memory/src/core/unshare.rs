@@ -91,6 +91,7 @@ impl Txn<'_> {
                 self.st.free_unmapped_frames(&mut frames)?;
                 return Err(err.into());
             }
+            self.st.count(Counter::RemapError);
             tracing::error!("unmerge remap of VM {vm} pages {page}..+{len} incomplete: {err}");
         }
         let mut to_free = Vec::new();

@@ -113,6 +113,7 @@ pub(crate) fn share_run(
                 tracing::warn!("merging VM {vm} pages {}..{}: {err}", first + s as u32, first + e as u32);
                 continue;
             }
+            t.st.count(Counter::RemapError);
             tracing::error!("remap of VM {vm} pages {}..{} incomplete: {err}", first + s as u32, first + e as u32);
         }
         for i in s..e {
