@@ -50,10 +50,14 @@
 //!     `merge/decide.rs`, then [`merge`] itself (`Merger`, the scanner thread);
 //! 12. the facade: [`memory_stats`], [`manager`], [`guest_map`].
 //!
-//! A guest write fault walks `protector.rs` (read the event) →
-//! `core/fault.rs` (lock, resolve) → `core/txn.rs` → `core/state.rs` →
-//! `pool.rs` / `frame_table.rs` / `page_table.rs` → `remap.rs` → `uffd.rs` →
-//! `sys.rs`, and back in `protector.rs` the writer is woken.
+//! A guest write fault walks down the layers once, never back up into a file
+//! above (the only upward call is the Protector invoking the resolver it was
+//! given): `protector.rs` (poll, read the event) → `core/fault.rs` (resolve) →
+//! `core/mod.rs` (the lock, taken for a fault) → `core/txn.rs` (copy-on-write
+//! or reuse) → `core/state.rs` (allocate, repoint, count) → `pool.rs`,
+//! `buddy.rs`, `frame_table.rs`, `page_table.rs` → `remap.rs` → `sys.rs`
+//! (`mmap`) and `uffd.rs` (register) → back in `protector.rs`, the wake. The
+//! facade (`manager.rs`) is not on the path.
 
 #![deny(missing_docs)]
 
