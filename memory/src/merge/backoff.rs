@@ -5,7 +5,7 @@
 //! page newly changed (a page volatile at two visits in a row, e.g. a page a
 //! guest rewrites all the time, does not count: it never merges anyway), had
 //! no error, and nothing outside the scanner changed the guest maps meanwhile
-//! (the [`fingerprint`]: fault resolutions — copies, reuses, zero-page and
+//! (the `fingerprint`: fault resolutions — copies, reuses, zero-page and
 //! protection faults —, unshares, migrations, discards, and the set of VMs
 //! and their merge settings).
 //!

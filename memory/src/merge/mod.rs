@@ -1,6 +1,6 @@
 //! Same-page merging: densevm's own KSM.
 //!
-//! A scanner thread ([`scanner`]) walks every page of every VM whose merging is
+//! A scanner thread (`scanner.rs`) walks every page of every VM whose merging is
 //! enabled ([`crate::MemoryManager::set_merge`]), `pages_to_scan` pages per
 //! batch with `sleep_ms` between batches ([`Tunables`]), skips pages written
 //! since their last visit (the VM's [`DirtyLog`] and device writes, or content
@@ -8,7 +8,7 @@
 //! through a stable and an unstable index keyed by (domain, xxh3 hash)
 //! ([`stable`], [`unstable`]). Every merge compares the full 4 KiB under write
 //! protection and goes through the remap protocol ([`crate::remap`]); runs of
-//! clone pages are merged with one `mmap` ([`ops`]). Zero pages lose their
+//! clone pages are merged with one `mmap` (`ops.rs`). Zero pages lose their
 //! memory instead ([`zero`]). Statistics use KSM's vocabulary ([`stats`]).
 //! Converged, idle memory costs almost nothing: the scanner backs off
 //! ([`backoff`]: dirty-log polling, or smart scan and longer sleeps with
