@@ -8,6 +8,10 @@
 //! land in a shared frame; it also records the page as device-written (for
 //! change detection). Reads may use [`GuestMap::read_bytes`] (or the range, which
 //! is always readable).
+//!
+//! A handle comes from [`MemoryManager::create_guest`] (defined here, with the
+//! handle it returns: the manager facade does not know this type) and its drop
+//! destroys the VM.
 
 use std::sync::Arc;
 
@@ -23,11 +27,16 @@ pub struct GuestMap {
     size: usize,
 }
 
-impl GuestMap {
-    pub(crate) fn new(manager: Arc<MemoryManager>, vm: VmId, host_addr: usize, size: usize) -> Self {
-        GuestMap { manager, vm, host_addr, size }
+impl MemoryManager {
+    /// Creates VM `vm`'s guest RAM of `size_bytes` (all frames allocated up front,
+    /// registered for write protection). The VM lives until the handle drops.
+    pub fn create_guest(self: &Arc<Self>, vm: VmId, size_bytes: u64) -> Result<GuestMap> {
+        let host_addr = self.core().create_guest(vm, size_bytes)?;
+        Ok(GuestMap { manager: self.clone(), vm, host_addr, size: size_bytes as usize })
     }
+}
 
+impl GuestMap {
     /// The VM's id.
     pub fn vm_id(&self) -> VmId {
         self.vm

@@ -20,6 +20,44 @@
 //!   remap); a syscall writing into guest RAM that fails with `EFAULT` retries.
 //! - A host thread that does store into the guest range is covered by the
 //!   SIGSEGV retry handler [`write_retry`], installed by default.
+//!
+//! ## Layers
+//!
+//! Each file imports only files of its own layer or below, and the imports
+//! have no cycle (checked by `tests/layering.rs`, which holds the same list;
+//! this file, with the crate-wide constants and the public re-exports, is the
+//! root and outside the layers). Low to high:
+//!
+//! 1. syscalls: `sys.rs`;
+//! 2. leaves: [`uffd`] (the descriptor and its protection ioctls), [`buddy`],
+//!    [`frame_table`], [`page_table`], [`vma_budget`], [`write_retry`],
+//!    [`vcpu_gate`], and the merger's two vocabulary leaves
+//!    [`merge::tunables`] and [`merge::error`] (named by the core's error);
+//! 3. [`pool`] (the memfd and its buddy allocator), [`protector`] (the
+//!    userfaultfd handler thread and the event side of the descriptor);
+//! 4. [`remap`]: the remap protocol;
+//! 5. the core vocabulary: `core/error.rs`, `core/counters.rs`,
+//!    `core/merge_settings.rs`;
+//! 6. `core/state.rs`: `State`, the manager's locked state;
+//! 7. the transaction: `core/txn.rs`, `core/unshare.rs`;
+//! 8. `core/mod.rs`: `Core`, the lock;
+//! 9. the core's operations (every `impl Core`): `core/fault.rs`,
+//!    `core/guests.rs`, `core/page_ops.rs`, `core/registry.rs`;
+//! 10. the merger's indexes and batched operations: [`merge::domains`],
+//!     [`merge::zero`], [`merge::stable`], [`merge::unstable`], `merge/pages.rs`,
+//!     [`merge::stats`], `merge/ops.rs`;
+//! 11. `merge/scanner.rs`, then its parts `merge/backoff.rs`, `merge/visit.rs`,
+//!     `merge/decide.rs`, then [`merge`] itself (`Merger`, the scanner thread);
+//! 12. the facade: [`memory_stats`], [`manager`], [`guest_map`].
+//!
+//! A guest write fault walks down the layers once, never back up into a file
+//! above (the only upward call is the Protector invoking the resolver it was
+//! given): `protector.rs` (poll, read the event) → `core/fault.rs` (resolve) →
+//! `core/mod.rs` (the lock, taken for a fault) → `core/txn.rs` (copy-on-write
+//! or reuse) → `core/state.rs` (allocate, repoint, count) → `pool.rs`,
+//! `buddy.rs`, `frame_table.rs`, `page_table.rs` → `remap.rs` → `sys.rs`
+//! (`mmap`) and `uffd.rs` (register) → back in `protector.rs`, the wake. The
+//! facade (`manager.rs`) is not on the path.
 
 #![deny(missing_docs)]
 
@@ -27,24 +65,24 @@ pub mod buddy;
 pub mod frame_table;
 pub mod guest_map;
 pub mod manager;
+pub mod memory_stats;
 pub mod merge;
 pub mod page_table;
 pub mod pool;
 pub mod protector;
 pub mod remap;
-pub mod stats;
 pub mod uffd;
+pub mod vcpu_gate;
 pub mod vma_budget;
 pub mod write_retry;
 
-mod fault;
-mod ops;
+mod core;
 mod sys;
-mod txn;
 
 pub use buddy::BuddyAllocator;
 pub use guest_map::GuestMap;
 pub use manager::{ManagerConfig, MemoryManager};
+pub use memory_stats::MemoryStats;
 pub use merge::{
     ChangeDetection, DirtyLog, DomainId, MergeStats, Merger, Tunables, VcpuGate, VmMergeConfig, VmMergeStats,
 };
@@ -52,7 +90,6 @@ pub use page_table::PageFlags;
 pub use pool::{FramePool, PoolConfig, ThpStatus};
 pub use protector::Protector;
 pub use remap::RemapProtocol;
-pub use stats::MemoryStats;
 
 /// Index of a 4 KiB frame in the pool memfd (frame `n` is at byte offset `n * PAGE_SIZE`).
 pub type FrameNo = u32;

@@ -2,7 +2,87 @@
 //! flags, plus the VMA count the realized mapping needs.
 //!
 //! Pure bookkeeping: the host mappings are changed by [`crate::remap`], and this
-//! table records what they are.
+//! table records what they are. The tables live in the core's `State`, so
+//! every flag below is read and changed only under the manager's lock.
+//!
+//! ## Page states
+//!
+//! | flags                               | state                                             |
+//! |-------------------------------------|---------------------------------------------------|
+//! | `MAPPED`                            | private, writable (the common case)               |
+//! | `MAPPED PROTECTED`                  | private, explicitly protected (next write faults) |
+//! | `MAPPED PROTECTED SHARED`           | maps a merged frame; with one mapper left, the next write reuses it |
+//! | `MAPPED PROTECTED ZERO`             | discarded: no host memory, reads as zero          |
+//! | `MAPPED PROTECTED ZERO MERGED_ZERO` | zeroed by the merger (KSM's zero pages)           |
+//! | `MAPPED PROTECTED SHARED ZERO`      | a zero page merged with others                    |
+//!
+//! `DEVICE_WRITTEN`, `WRITE_FAULTED` and `MERGE_DIRTY` are records that may
+//! accompany any state. Invariants: `SHARED` or `ZERO` implies `PROTECTED`;
+//! a frame with more than one mapper has every mapper `PROTECTED | SHARED`;
+//! `MERGED_ZERO` implies `ZERO` ([`PageTable::set_flags`] enforces it). A page
+//! in the read-only instant of a remap has no flag of its own: the remap
+//! protocol's in-flight mark ([`crate::write_retry`]) covers it.
+//!
+//! ## Who sets and clears each flag (all under the manager's lock)
+//!
+//! - `MAPPED`: set for every page when the VM is created (`core/guests.rs`);
+//!   never cleared.
+//! - `PROTECTED`: set by `Txn::protect_page` (merge, migrate, discard, explicit
+//!   protect: `core/page_ops.rs`), `Txn::protect_group` (the merger's
+//!   `share_run` and `zero_run`, `merge/ops.rs`), `Txn::move_page` ending
+//!   protected, and `share_run` for the pages it remaps. Cleared by
+//!   `Txn::unprotect_page` (fault resolution of a protect or zero fault, reuse,
+//!   `MemoryManager::unprotect`, undo after a failed compare, `unshare_range`
+//!   taking a merged frame over), by `Txn::move_page` ending unprotected
+//!   (copy-on-write, migration of an unprotected page) and by `unshare_range`'s
+//!   copies (`core/unshare.rs`); `zero_run` clears and sets it around the punch.
+//! - `SHARED`: set by `merge_frames` (`core/page_ops.rs`) and `share_run` on
+//!   every mapper of the kept frame. Cleared by `Txn::unprotect_page`,
+//!   copy-on-write (`Txn::cow_copy`), discard and `unshare_range`; the last
+//!   mapper of a formerly shared frame keeps it until its next write (reuse).
+//! - `ZERO`: set by discard (still a hole after the punch), `zero_run`, and
+//!   `merge_frames` when a merged page was zero. Cleared by
+//!   `Txn::unprotect_page`, copy-on-write, device writes (`write_bytes`),
+//!   discard (written between punch and re-protect) and `unshare_range`.
+//! - `MERGED_ZERO`: set by `zero_run`; cleared with `ZERO` and by discard.
+//! - `DEVICE_WRITTEN`: set by device writes (`write_bytes`); cleared by
+//!   [`crate::GuestMap::take_device_written`].
+//! - `WRITE_FAULTED`: set by fault resolution on a protected page that maps
+//!   no shared frame (`core/fault.rs`); cleared by
+//!   [`crate::GuestMap::take_write_faulted`].
+//! - `MERGE_DIRTY`: set by device writes; cleared by the merger's visit of the
+//!   page (`merge/visit.rs`).
+//!
+//! ## Lock order of the crate
+//!
+//! Outer to inner; a thread holding a lock only takes locks below it:
+//!
+//! 1. The merger handle's `Shared::control` (tunables, run, unmerge requests;
+//!    its condvar `wake`), then `Merger::thread` (`unmerge_all` checks the
+//!    thread under `control`). Neither is held while the manager's lock is taken.
+//! 2. The manager's lock, `Core::state` (`Mutex<State>`): API calls, the
+//!    Protector's handler thread (`Core::lock_for_fault`, announced in the
+//!    `fault_waiters` atomic so that the scanner yields between chunks) and the
+//!    merge scanner (one chunk per hold). Nothing done under it waits for the
+//!    handler thread: writers blocked in a userfaultfd fault are woken by the
+//!    handler after it released the lock.
+//! 3. Under the manager's lock only, each a leaf: `Core::dirty_logs` and
+//!    `Core::vcpu_gates` (guest destruction, chunk start), the VMM's
+//!    [`crate::VcpuGate`] (held from a chunk's first change to its end; its
+//!    wait for vCPUs to leave guest mode is bounded), the remap protocol's
+//!    in-flight marks (`write_retry` atomics: set before a read-only mapping,
+//!    cleared once it is writable again; the SIGSEGV handler only spins on
+//!    them), and the kernel's `mmap_lock` (mmap, mprotect, userfaultfd
+//!    register and write-protect). The VMA budget and the counters are fields
+//!    of `State` with no lock of their own.
+//! 4. Leaves taken with no other lock held: the merger's `Shared::stats`
+//!    (condvar `scanned`) and `Shared::vm_counts` (one after the other, never
+//!    nested), `Core::dirty_logs` when the scanner fetches a VM's log, and the
+//!    VMM's `DirtyLog::take_dirty`.
+//!
+//! Lock-free: the Protector's counters, the merger's `generation` and `tid`,
+//! `fault_waiters`, and `write_retry`'s range and in-flight slots (read by
+//! its signal handler).
 
 use crate::{FrameNo, VmId, PAGE_SIZE};
 
@@ -78,9 +158,9 @@ pub struct PageTable {
     zero: usize,
     merged_zero: usize,
     /// Write faults on this VM's pages resolved by copying a shared frame.
-    pub(crate) cow_copies: u64,
+    cow_copies: u64,
     /// Write faults on this VM's pages resolved by reusing a merged frame.
-    pub(crate) cow_reuses: u64,
+    cow_reuses: u64,
 }
 
 impl PageTable {
@@ -188,6 +268,16 @@ impl PageTable {
     /// Write faults on this VM's pages resolved by copy and by reuse.
     pub fn cow_counts(&self) -> (u64, u64) {
         (self.cow_copies, self.cow_reuses)
+    }
+
+    /// Counts a write fault on this VM resolved by copying a shared frame.
+    pub(crate) fn count_cow_copy(&mut self) {
+        self.cow_copies += 1;
+    }
+
+    /// Counts a write fault on this VM resolved by reusing a merged frame.
+    pub(crate) fn count_cow_reuse(&mut self) {
+        self.cow_reuses += 1;
     }
 
     fn breaks_around(&self, i: usize) -> usize {

@@ -2,11 +2,18 @@
 //! VM's guest RAM, and the threads that handle its events.
 //!
 //! One handler thread polls the userfaultfd, reads write-fault events in
-//! batches and hands their addresses to the resolver callback (the memory
-//! manager), which resolves each fault under the manager's lock (copy, reuse,
-//! or simply after an in-flight merge or migration finished) and wakes the
-//! writer. The thread may block on that lock: nothing the lock holder does
-//! waits for this thread (no non-cooperative userfaultfd events are enabled).
+//! batches and hands their pages to the resolver callback (the memory core's
+//! fault resolution), which resolves each fault under the manager's lock (copy,
+//! reuse, or simply after an in-flight merge or migration finished); then the
+//! thread wakes the writers. The thread may block on that lock: nothing the
+//! lock holder does waits for this thread (no non-cooperative userfaultfd
+//! events are enabled).
+//!
+//! This module owns the event side of the userfaultfd: the `uffd_msg` format,
+//! [`Uffd::read_events`] and [`Uffd::wake`] (the descriptor and its protection
+//! ioctls are [`crate::uffd`]'s). So a write fault's walk enters each file
+//! once: here (read), the core (resolve), the remap protocol and
+//! [`crate::uffd`] (protect/register), and back here (wake).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,7 +21,89 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::uffd::{self, Event, Uffd};
+use crate::uffd::{self, Uffd};
+use crate::PAGE_SIZE;
+
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_REMAP: u8 = 0x14;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+/// `struct uffd_msg`: 32 bytes, event byte first, then a 24-byte union at offset 8.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    arg: [u64; 3],
+}
+
+const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+
+/// One event read from the userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A thread faulted at `addr` (page-aligned by the caller as needed).
+    PageFault {
+        /// Faulting address.
+        addr: u64,
+        /// The access was a write.
+        write: bool,
+        /// The fault is a write-protect fault.
+        wp: bool,
+    },
+    /// A registered range moved with `mremap` (the mover waits until this is read).
+    Remap {
+        /// Old start.
+        from: u64,
+        /// New start.
+        to: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Any other event code.
+    Other(u8),
+}
+
+impl Uffd {
+    /// Wakes threads blocked on faults in `addr..addr+len`.
+    pub fn wake(&self, addr: usize, len: usize) -> uffd::Result<()> {
+        let mut r = uffd::range(addr, len);
+        // SAFETY: UFFDIO_WAKE reads exactly one `UffdioRange`.
+        if unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_WAKE, &mut r) } != 0 {
+            return Err(uffd::Error::Wake(addr as u64, len as u64, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Reads the pending events (non-blocking) into `out`; returns how many.
+    pub fn read_events(&self, out: &mut Vec<Event>) -> uffd::Result<usize> {
+        const BATCH: usize = 64;
+        let mut msgs = [UffdMsg { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] }; BATCH];
+        // SAFETY: the buffer is BATCH whole `uffd_msg`s; the kernel writes at most that.
+        let n = unsafe {
+            libc::read(self.as_raw_fd(), msgs.as_mut_ptr() as *mut libc::c_void, std::mem::size_of_val(&msgs))
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return if err.raw_os_error() == Some(libc::EAGAIN) { Ok(0) } else { Err(uffd::Error::Read(err)) };
+        }
+        let count = n as usize / std::mem::size_of::<UffdMsg>();
+        out.extend(msgs[..count].iter().map(|m| match m.event {
+            UFFD_EVENT_PAGEFAULT => Event::PageFault {
+                addr: m.arg[1],
+                write: m.arg[0] & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                wp: m.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0,
+            },
+            UFFD_EVENT_REMAP => Event::Remap { from: m.arg[0], to: m.arg[1], len: m.arg[2] },
+            other => Event::Other(other),
+        }));
+        Ok(count)
+    }
+}
 
 /// Errors of the Protector.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +131,9 @@ pub struct ProtectorCounters {
     pub remap_events: AtomicU64,
     /// Other events read (ignored).
     pub other_events: AtomicU64,
+    /// Wakes of resolved writers that failed (each is logged; the writer
+    /// stays blocked until the next wake of its page).
+    pub wake_errors: AtomicU64,
 }
 
 /// Owns the fault-handling thread of a userfaultfd; stops it on drop.
@@ -54,7 +146,9 @@ pub struct Protector {
 
 impl Protector {
     /// Starts the handler thread. `resolve` is called on it with a batch of
-    /// faulting addresses; it must resolve and wake every one of them.
+    /// faulting pages (page-aligned, sorted, distinct); it must resolve every
+    /// one of them (or count and log why not). The thread then wakes their
+    /// writers (after an error too: the writer retries and faults again).
     pub fn start<F>(uffd: Arc<Uffd>, resolve: F) -> Result<Self>
     where
         F: FnMut(&[u64]) + Send + 'static,
@@ -134,7 +228,7 @@ fn handle_loop<F: FnMut(&[u64])>(uffd: &Uffd, stop_fd: i32, counters: &Protector
             match *event {
                 Event::PageFault { addr, .. } => {
                     counters.faults.fetch_add(1, Ordering::Relaxed);
-                    faults.push(addr);
+                    faults.push(addr & !(PAGE_SIZE as u64 - 1));
                 }
                 Event::Remap { .. } => {
                     counters.remap_events.fetch_add(1, Ordering::Relaxed);
@@ -145,8 +239,17 @@ fn handle_loop<F: FnMut(&[u64])>(uffd: &Uffd, stop_fd: i32, counters: &Protector
                 }
             }
         }
-        if !faults.is_empty() {
-            resolve(&faults);
+        if faults.is_empty() {
+            continue;
+        }
+        faults.sort_unstable();
+        faults.dedup();
+        resolve(&faults);
+        for &page in &faults {
+            if let Err(e) = uffd.wake(page as usize, PAGE_SIZE) {
+                counters.wake_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("waking writers at {page:#x}: {e}");
+            }
         }
     }
 }

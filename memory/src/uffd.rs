@@ -1,6 +1,8 @@
 //! Raw userfaultfd: creation, API handshake, write-protect registration and
-//! the write-protect, wake and read operations (ioctls via libc; the structs
-//! and constants of `linux/userfaultfd.h` are defined here).
+//! the write-protect operation (ioctls via libc; the structs and constants of
+//! `linux/userfaultfd.h` they need are defined here). The event side of the
+//! descriptor (reading fault events, waking the blocked writers) belongs to its
+//! one reader, the Protector ([`crate::protector`]).
 //!
 //! The descriptor is **not** user-mode-only (so faults taken by the kernel on
 //! behalf of the process, e.g. KVM or a `pread` into guest memory, are
@@ -24,13 +26,7 @@ const UFFDIO_WRITEPROTECT_BIT: u64 = 0x06;
 
 const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
 const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
-
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_EVENT_REMAP: u8 = 0x14;
-const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
-const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -40,9 +36,10 @@ struct UffdioApi {
     ioctls: u64,
 }
 
+/// `struct uffdio_range`.
 #[repr(C)]
 #[derive(Default, Clone, Copy)]
-struct UffdioRange {
+pub(crate) struct UffdioRange {
     start: u64,
     len: u64,
 }
@@ -60,17 +57,6 @@ struct UffdioRegister {
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
-}
-
-/// `struct uffd_msg`: 32 bytes, event byte first, then a 24-byte union at offset 8.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    arg: [u64; 3],
 }
 
 /// Errors of the userfaultfd wrapper.
@@ -104,31 +90,6 @@ pub enum Error {
 
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// One event read from the userfaultfd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// A thread faulted at `addr` (page-aligned by the caller as needed).
-    PageFault {
-        /// Faulting address.
-        addr: u64,
-        /// The access was a write.
-        write: bool,
-        /// The fault is a write-protect fault.
-        wp: bool,
-    },
-    /// A registered range moved with `mremap` (the mover waits until this is read).
-    Remap {
-        /// Old start.
-        from: u64,
-        /// New start.
-        to: u64,
-        /// Length.
-        len: u64,
-    },
-    /// Any other event code.
-    Other(u8),
-}
 
 /// A userfaultfd in write-protect mode.
 #[derive(Debug)]
@@ -226,41 +187,6 @@ impl Uffd {
             std::thread::yield_now();
         }
     }
-
-    /// Wakes threads blocked on faults in `addr..addr+len`.
-    pub fn wake(&self, addr: usize, len: usize) -> Result<()> {
-        let mut r = range(addr, len);
-        // SAFETY: UFFDIO_WAKE reads exactly one `UffdioRange`.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) } != 0 {
-            return Err(Error::Wake(addr as u64, len as u64, io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
-    /// Reads the pending events (non-blocking) into `out`; returns how many.
-    pub fn read_events(&self, out: &mut Vec<Event>) -> Result<usize> {
-        const BATCH: usize = 64;
-        let mut msgs = [UffdMsg { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] }; BATCH];
-        // SAFETY: the buffer is BATCH whole `uffd_msg`s; the kernel writes at most that.
-        let n = unsafe {
-            libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr() as *mut libc::c_void, std::mem::size_of_val(&msgs))
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return if err.raw_os_error() == Some(libc::EAGAIN) { Ok(0) } else { Err(Error::Read(err)) };
-        }
-        let count = n as usize / std::mem::size_of::<UffdMsg>();
-        out.extend(msgs[..count].iter().map(|m| match m.event {
-            UFFD_EVENT_PAGEFAULT => Event::PageFault {
-                addr: m.arg[1],
-                write: m.arg[0] & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-                wp: m.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0,
-            },
-            UFFD_EVENT_REMAP => Event::Remap { from: m.arg[0], to: m.arg[1], len: m.arg[2] },
-            other => Event::Other(other),
-        }));
-        Ok(count)
-    }
 }
 
 impl AsRawFd for Uffd {
@@ -269,11 +195,11 @@ impl AsRawFd for Uffd {
     }
 }
 
-fn range(addr: usize, len: usize) -> UffdioRange {
+/// The `uffdio_range` of `addr..addr+len`.
+pub(crate) fn range(addr: usize, len: usize) -> UffdioRange {
     UffdioRange { start: addr as u64, len: len as u64 }
 }
 
-const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);

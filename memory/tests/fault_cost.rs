@@ -34,6 +34,7 @@ fn copy_and_reuse_fault_cost() {
     let a = |i: u32| g.page_addr(2 * i).unwrap();
     let b = |i: u32| g.page_addr(2 * i + 1).unwrap();
     for i in 0..PAIRS {
+        // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
         unsafe {
             fill_page(a(i), u64::from(i));
             fill_page(b(i), u64::from(i));

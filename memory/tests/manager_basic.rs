@@ -25,6 +25,7 @@ fn create_write_destroy_returns_memory() {
     let end = guest.host_addr() + guest.size();
     assert_eq!(maps_in_range(guest.host_addr(), end), 1);
     for p in 0..guest.pages() {
+        // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
         unsafe { fill_page(guest.page_addr(p).unwrap(), u64::from(p)) };
     }
     assert_eq!(mgr.stats().host_bytes, 8 << 20);
@@ -46,6 +47,7 @@ fn merge_copy_then_reuse() {
     mgr.set_merge(1, false, 7).unwrap();
     mgr.set_merge(2, false, 7).unwrap();
     let (pa, pb) = (a.page_addr(3).unwrap(), b.page_addr(7).unwrap());
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe {
         fill_page(pa, 0xabcd);
         fill_page(pb, 0xabcd);
@@ -63,7 +65,9 @@ fn merge_copy_then_reuse() {
 
     // Write to b's page: copy.
     fill_page_from_thread(pb, 0x1111);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(pa, 0xabcd) }, "shared frame unchanged");
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(pb, 0x1111) });
     assert_ne!(b.frame_of(7).unwrap(), frame);
     assert_eq!(mgr.frame_refs(frame), 1);
@@ -71,6 +75,7 @@ fn merge_copy_then_reuse() {
 
     // Write to a's page, now the only mapping of the merged frame: reuse.
     fill_page_from_thread(pa, 0x2222);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(pa, 0x2222) });
     assert_eq!(a.frame_of(3).unwrap(), frame, "reused in place");
     let s = mgr.stats();
@@ -78,6 +83,7 @@ fn merge_copy_then_reuse() {
     assert_eq!(s.protected_pages, 0);
     // Later writes do not fault.
     let faults = s.uffd_faults;
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe { fill_page(pa, 0x3333) };
     assert_eq!(mgr.stats().uffd_faults, faults);
 }
@@ -89,12 +95,14 @@ fn merge_refuses_different_pages() {
     };
     let _w = Watchdog::new("merge_refuses_different_pages", 60);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe {
         fill_page(a.page_addr(0).unwrap(), 1);
         fill_page(a.page_addr(1).unwrap(), 2);
     }
     assert_eq!(mgr.merge_pages((1, 0), (1, 1)).unwrap(), MergeOutcome::Differs);
     assert_eq!(mgr.stats().protected_pages, 0);
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe { fill_page(a.page_addr(0).unwrap(), 5) };
     assert_eq!(mgr.stats().uffd_faults, 0);
 }
@@ -107,6 +115,7 @@ fn pread_into_shared_page_copies() {
     let _w = Watchdog::new("pread_into_shared_page_copies", 60);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
     let (p0, p1) = (a.page_addr(0).unwrap(), a.page_addr(1).unwrap());
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe {
         fill_page(p0, 9);
         fill_page(p1, 9);
@@ -123,7 +132,9 @@ fn pread_into_shared_page_copies() {
     .join()
     .unwrap();
     std::fs::remove_file(&path).unwrap();
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(p0, 9) });
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(p1, 0x5a5a_5a5a_5a5a_5a5a) });
     assert_eq!(mgr.stats().counters.cow_copies, 1);
 }
@@ -136,6 +147,7 @@ fn migrate_shared_and_private_frames() {
     let _w = Watchdog::new("migrate_shared_and_private_frames", 60);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
     for p in 0..3 {
+        // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
         unsafe { fill_page(a.page_addr(p).unwrap(), 77) };
     }
     mgr.merge_pages((1, 0), (1, 1)).unwrap();
@@ -147,20 +159,25 @@ fn migrate_shared_and_private_frames() {
     assert_eq!(mgr.frame_refs(new), 3);
     for p in 0..3 {
         assert_eq!(a.frame_of(p).unwrap(), new);
+        // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
         assert!(unsafe { page_is(a.page_addr(p).unwrap(), 77) });
     }
     // Still protected after migration: a write copies.
     fill_page_from_thread(a.page_addr(1).unwrap(), 78);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(0).unwrap(), 77) });
     assert_eq!(mgr.stats().counters.cow_copies, 1);
 
     // A private page migrates and stays writable without faults.
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe { fill_page(a.page_addr(10).unwrap(), 1010) };
     let old = a.frame_of(10).unwrap();
     let moved = mgr.migrate(old).unwrap();
     assert_ne!(moved, old);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(10).unwrap(), 1010) });
     let faults = mgr.stats().uffd_faults;
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe { fill_page(a.page_addr(10).unwrap(), 1011) };
     assert_eq!(mgr.stats().uffd_faults, faults);
     let mut word = [0u8; 8];
@@ -176,6 +193,7 @@ fn discard_frees_memory_and_reads_zero() {
     let _w = Watchdog::new("discard_frees_memory_and_reads_zero", 60);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
     for p in 0..4 {
+        // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
         unsafe { fill_page(a.page_addr(p).unwrap(), 5) };
     }
     mgr.merge_pages((1, 2), (1, 3)).unwrap();
@@ -183,13 +201,17 @@ fn discard_frees_memory_and_reads_zero() {
     a.discard(0).unwrap();
     assert_eq!(mgr.stats().host_bytes, before - PAGE_SIZE as u64);
     assert!(a.page_flags(0).unwrap().contains(PageFlags::ZERO));
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(0).unwrap(), 0) });
     // Discarding a shared page leaves the other mapper alone.
     a.discard(3).unwrap();
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(3).unwrap(), 0) });
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(2).unwrap(), 5) });
     // First write to a discarded page faults once, then the page is normal.
     fill_page_from_thread(a.page_addr(0).unwrap(), 6);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(0).unwrap(), 6) });
     let s = mgr.stats();
     assert_eq!(s.counters.zero_page_faults, 1);
@@ -203,6 +225,7 @@ fn device_writes_break_sharing() {
     };
     let _w = Watchdog::new("device_writes_break_sharing", 60);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe {
         fill_page(a.page_addr(0).unwrap(), 3);
         fill_page(a.page_addr(1).unwrap(), 3);
@@ -215,6 +238,7 @@ fn device_writes_break_sharing() {
     let mut buf = [0u8; 8];
     a.read_bytes(gpa, &mut buf).unwrap();
     assert_eq!(buf, [0xff; 8]);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert_eq!(unsafe { read_word(a.page_addr(0).unwrap(), 0) }, 3);
     assert_eq!(a.take_device_written().unwrap(), vec![0, 1]);
     assert!(a.take_device_written().unwrap().is_empty());
@@ -231,12 +255,14 @@ fn explicit_protection_records_writes() {
     a.protect(5).unwrap();
     assert_eq!(mgr.stats().protected_pages, 1);
     fill_page_from_thread(a.page_addr(5).unwrap(), 42);
+    // SAFETY: the page belongs to a guest map this test keeps alive (reads are always allowed).
     assert!(unsafe { page_is(a.page_addr(5).unwrap(), 42) });
     assert_eq!(a.take_write_faulted().unwrap(), vec![5]);
     let s = mgr.stats();
     assert_eq!((s.protected_pages, s.counters.protect_faults), (0, 1));
     a.protect(6).unwrap();
     a.unprotect(6).unwrap();
+    // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
     unsafe { fill_page(a.page_addr(6).unwrap(), 1) };
     assert_eq!(mgr.stats().counters.protect_faults, 1);
 }
@@ -249,6 +275,7 @@ fn vma_estimate_matches_kernel() {
     let _w = Watchdog::new("vma_estimate_matches_kernel", 60);
     let a = mgr.create_guest(1, 2 << 20).unwrap();
     for p in 0..64 {
+        // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
         unsafe { fill_page(a.page_addr(p).unwrap(), u64::from(p % 4)) };
     }
     for p in 4..64 {

@@ -40,21 +40,6 @@ fn holds(g: &GuestMap, page: u32, value: u64) -> bool {
     unsafe { page_is(g.page_addr(page).unwrap(), value) }
 }
 
-/// The physical frame number behind `addr` (touching the page first).
-fn pfn(addr: usize) -> u64 {
-    use std::os::unix::fs::FileExt;
-    // SAFETY: `addr` is a readable guest page of a live map.
-    let _ = unsafe { read_word(addr, 0) };
-    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, (addr / PAGE_SIZE * 8) as u64).unwrap();
-    let e = u64::from_ne_bytes(b);
-    assert!(e >> 63 == 1, "page at {addr:#x} not present");
-    let pfn = e & ((1 << 55) - 1);
-    assert_ne!(pfn, 0, "PFNs hidden (not root?)");
-    pfn
-}
-
 /// ksm_tests.c `assert_ksm_pages_count`: expected (pages_shared, pages_sharing).
 fn expected_counts(dupl: u64, mps: u64) -> (u64, u64) {
     if dupl % mps <= 1 {

@@ -5,7 +5,7 @@
 //! page newly changed (a page volatile at two visits in a row, e.g. a page a
 //! guest rewrites all the time, does not count: it never merges anyway), had
 //! no error, and nothing outside the scanner changed the guest maps meanwhile
-//! (the [`fingerprint`]: fault resolutions — copies, reuses, zero-page and
+//! (the `fingerprint`: fault resolutions — copies, reuses, zero-page and
 //! protection faults —, unshares, migrations, discards, and the set of VMs
 //! and their merge settings).
 //!
@@ -34,16 +34,16 @@
 
 use std::time::{Duration, Instant};
 
+use crate::core::{Result, State};
 use crate::frame_table::Mapper;
-use crate::manager::{Result, State};
 use crate::page_table::PageFlags;
 use crate::VmId;
 
+use super::domains::DomainId;
 use super::pages::{Class, VmScan};
-use super::scanner::{Scanner, CHUNK};
+use super::scanner::{Idle, Scanner, CHUNK};
 use super::stable::Key;
 use super::tunables::{ChangeDetection, Tunables};
-use super::DomainId;
 
 /// Interval between two polls of the dirty logs while idle.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -101,7 +101,7 @@ fn mix(words: &[u64]) -> u64 {
 /// migrations, discards, the VMs (id, address, size) and their merge settings.
 /// The scanner's own merges do not change it.
 pub(crate) fn fingerprint(st: &State) -> u64 {
-    let c = &st.counters;
+    let c = st.counters();
     let mut h = mix(&[
         c.cow_copies,
         c.cow_reuses,
@@ -113,22 +113,13 @@ pub(crate) fn fingerprint(st: &State) -> u64 {
         c.discards,
     ]);
     // Order-independent sums over the (hash) maps.
-    for (&vm, t) in &st.vms {
+    for (vm, t) in st.tables() {
         h = h.wrapping_add(mix(&[u64::from(vm), t.host_addr() as u64, u64::from(t.len())]));
     }
-    for (&vm, cfg) in &st.merge_cfg {
+    for (vm, cfg) in st.merge_configs() {
         h = h.wrapping_add(mix(&[1 << 40 | u64::from(vm), u64::from(cfg.enabled), u64::from(cfg.domain)]));
     }
     h
-}
-
-/// State of the idle (dirty-log polling) mode.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Idle {
-    /// [`fingerprint`] when the quiet scan ended.
-    pub fp: u64,
-    /// Last walk of the page flags for device writes.
-    pub last_walk: Instant,
 }
 
 /// What an idle poll did.
@@ -261,7 +252,7 @@ impl Scanner {
             let mut device: Vec<(VmId, Vec<u32>)> = Vec::new();
             if walk_due {
                 for t in &targets {
-                    let Some(table) = st.vms.get(&t.vm) else { continue };
+                    let Some(table) = st.table(t.vm) else { continue };
                     let pages: Vec<u32> = (0u32..)
                         .zip(table.entries())
                         .filter(|(_, e)| e.flags.contains(PageFlags::MERGE_DIRTY))

@@ -3,10 +3,9 @@
 //! occupancy: passive compaction), or become a candidate itself; each extended
 //! into a run of consecutive pages when the clone pattern allows.
 
+use crate::core::{Error, Result, State, Txn};
 use crate::frame_table::Mapper;
-use crate::manager::{Error, Result, State};
 use crate::page_table::PageFlags;
-use crate::txn::Txn;
 use crate::{FrameNo, VmId, HUGE_FRAME_PAGES};
 
 use super::domains::DomainId;
@@ -99,15 +98,15 @@ impl Scanner {
         Ok(k)
     }
 
-    /// [`Txn::share_run`] with the scanner's accounting; refusals count as no merge.
+    /// [`super::ops::share_run`] with the scanner's accounting; refusals count as no merge.
     fn share(&mut self, t: &mut Txn<'_>, vm: VmId, first: u32, target: FrameNo, n: u32, max: u32) -> Result<Vec<bool>> {
-        let differs_before = t.st.counters.merge_differs;
-        match t.share_run(vm, first, target, n, max) {
+        let differs_before = t.st.counters().merge_differs;
+        match super::ops::share_run(t, vm, first, target, n, max) {
             Ok(ok) => {
                 let merged = ok.iter().filter(|&&b| b).count() as u64;
                 self.counters.merges += merged;
                 self.counters.merge_runs += ok.windows(2).filter(|w| w[1] && !w[0]).count() as u64 + u64::from(ok[0]);
-                self.counters.hash_mismatches += t.st.counters.merge_differs - differs_before;
+                self.counters.hash_mismatches += t.st.counters().merge_differs - differs_before;
                 Ok(ok)
             }
             Err(Error::CrossDomain { a, da, b, db }) => {
@@ -123,11 +122,11 @@ impl Scanner {
 
 /// Whether stable frame `f` can take one more page of `domain`.
 fn judge(st: &State, domain: DomainId, max: u32, f: FrameNo) -> Verdict {
-    let refs = st.frames.refs(f);
-    let Some(m) = st.frames.first_mapper(f) else {
+    let refs = st.frames().refs(f);
+    let Some(m) = st.frames().first_mapper(f) else {
         return Verdict::Stale;
     };
-    let Some(e) = st.vms.get(&m.vm).and_then(|t| t.get(m.page)) else {
+    let Some(e) = st.table(m.vm).and_then(|t| t.get(m.page)) else {
         return Verdict::Stale;
     };
     if e.frame != f || !e.flags.contains(PageFlags::SHARED) || st.merge_config(m.vm).domain != domain {
@@ -146,13 +145,13 @@ fn valid_unstable(st: &State, domain: DomainId, u: &Entry, me: Mapper) -> bool {
         return false;
     }
     let cfg = st.merge_config(u.mapper.vm);
-    let Some(e) = st.vms.get(&u.mapper.vm).and_then(|t| t.get(u.mapper.page)) else {
+    let Some(e) = st.table(u.mapper.vm).and_then(|t| t.get(u.mapper.page)) else {
         return false;
     };
     cfg.enabled
         && cfg.domain == domain
         && e.frame == u.frame
-        && st.frames.refs(u.frame) == 1
+        && st.frames().refs(u.frame) == 1
         && !e.flags.contains(PageFlags::SHARED)
         && !e.flags.contains(PageFlags::ZERO)
 }
@@ -162,7 +161,7 @@ fn occupancy(st: &State, first: FrameNo, n: usize) -> u64 {
     (0..n as u32)
         .map(|i| {
             let hf = (first + i) / HUGE_FRAME_PAGES;
-            u64::from(HUGE_FRAME_PAGES) - u64::from(st.pool.buddy().free_in_huge_frame(hf))
+            u64::from(HUGE_FRAME_PAGES) - u64::from(st.pool().buddy().free_in_huge_frame(hf))
         })
         .sum()
 }

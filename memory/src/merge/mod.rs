@@ -1,6 +1,6 @@
 //! Same-page merging: densevm's own KSM.
 //!
-//! A scanner thread ([`scanner`]) walks every page of every VM whose merging is
+//! A scanner thread (`scanner.rs`) walks every page of every VM whose merging is
 //! enabled ([`crate::MemoryManager::set_merge`]), `pages_to_scan` pages per
 //! batch with `sleep_ms` between batches ([`Tunables`]), skips pages written
 //! since their last visit (the VM's [`DirtyLog`] and device writes, or content
@@ -8,7 +8,7 @@
 //! through a stable and an unstable index keyed by (domain, xxh3 hash)
 //! ([`stable`], [`unstable`]). Every merge compares the full 4 KiB under write
 //! protection and goes through the remap protocol ([`crate::remap`]); runs of
-//! clone pages are merged with one `mmap` ([`ops`]). Zero pages lose their
+//! clone pages are merged with one `mmap` (`ops.rs`). Zero pages lose their
 //! memory instead ([`zero`]). Statistics use KSM's vocabulary ([`stats`]).
 //! Converged, idle memory costs almost nothing: the scanner backs off
 //! ([`backoff`]: dirty-log polling, or smart scan and longer sleeps with
@@ -22,7 +22,7 @@
 pub mod backoff;
 mod decide;
 pub mod domains;
-pub(crate) mod gate;
+pub mod error;
 pub(crate) mod ops;
 pub(crate) mod pages;
 pub(crate) mod scanner;
@@ -34,37 +34,20 @@ mod visit;
 pub mod zero;
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use crate::vcpu_gate::VcpuGate;
 pub use domains::{DirtyLog, DomainId, VmMergeConfig};
-pub use gate::VcpuGate;
+pub use error::Error;
 pub use stats::{MergeStats, VmMergeStats};
 pub use tunables::{ChangeDetection, Tunables};
 
-use crate::manager::{self, Core};
+use crate::core::{self, Core};
 use crate::VmId;
 use scanner::Scanner;
-
-/// Errors of the merger.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A tunable is out of range.
-    #[error(transparent)]
-    Tunables(#[from] tunables::Error),
-    /// Spawning the scanner thread failed.
-    #[error("spawning the merge scanner: {0}")]
-    Spawn(io::Error),
-    /// The scanner thread is not running (stopped or panicked).
-    #[error("the merge scanner is not running")]
-    Stopped,
-    /// Unmerging failed.
-    #[error("unmerge-all failed: {0}")]
-    Unmerge(String),
-}
 
 /// Commands to the scanner thread.
 struct Control {
@@ -219,9 +202,9 @@ impl Merger {
         s.run = s.tunables.run;
         s.scanner_tid = self.shared.tid.load(Ordering::Relaxed);
         let st = self.core.lock();
-        s.pages_shared = st.frames.shared_frames();
-        s.pages_sharing = st.frames.shared_mappings() - st.frames.shared_frames();
-        s.zero_pages = st.vms.values().map(|t| t.merged_zero_count() as u64).sum();
+        s.pages_shared = st.frames().shared_frames();
+        s.pages_sharing = st.frames().shared_mappings() - st.frames().shared_frames();
+        s.zero_pages = st.tables().map(|(_, t)| t.merged_zero_count() as u64).sum();
         drop(st);
         let saved = (s.pages_sharing + s.zero_pages) * crate::PAGE_SIZE as u64;
         s.general_profit = saved as i64 - s.metadata_bytes as i64;
@@ -229,13 +212,13 @@ impl Merger {
     }
 
     /// Merge statistics of VM `vm`.
-    pub fn vm_stats(&self, vm: VmId) -> manager::Result<VmMergeStats> {
+    pub fn vm_stats(&self, vm: VmId) -> core::Result<VmMergeStats> {
         let mut s = {
             let st = self.core.lock();
-            let table = st.vms.get(&vm).ok_or(manager::Error::UnknownVm(vm))?;
+            let table = st.table(vm).ok_or(core::Error::UnknownVm(vm))?;
             let cfg = st.merge_config(vm);
             let (cow_copies, cow_reuses) = table.cow_counts();
-            let merged_pages = table.entries().iter().filter(|e| st.frames.refs(e.frame) > 1).count() as u64;
+            let merged_pages = table.entries().iter().filter(|e| st.frames().refs(e.frame) > 1).count() as u64;
             VmMergeStats {
                 vm,
                 enabled: cfg.enabled,

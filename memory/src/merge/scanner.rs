@@ -26,13 +26,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::manager::{Core, Result};
-use crate::txn::Txn;
+use crate::core::{Core, Result, Txn};
+use crate::vcpu_gate::HoldBudget;
 use crate::{FrameNo, VmId};
 
-use super::backoff::Idle;
 use super::domains::DomainId;
-use super::gate::HoldBudget;
 use super::pages::{Class, VmScan};
 use super::stable::StableIndex;
 use super::stats::MergeStats;
@@ -41,7 +39,7 @@ use super::unstable::UnstableIndex;
 
 /// Most pages handled under one hold of the manager's lock.
 pub(crate) const CHUNK: u32 = 256;
-/// Most pages of a chunk that holds the vCPUs from its start (see [`super::gate`]).
+/// Most pages of a chunk that holds the vCPUs from its start (see [`crate::vcpu_gate`]).
 const HOT_CHUNK: u32 = 1024;
 
 /// A page that may be merged.
@@ -61,6 +59,15 @@ pub(super) struct Target {
     pub(super) domain: DomainId,
     pub(super) host_addr: usize,
     pub(super) pages: u32,
+}
+
+/// State of the idle (dirty-log polling) mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Idle {
+    /// [`super::backoff::fingerprint`] when the quiet scan ended.
+    pub fp: u64,
+    /// Last walk of the page flags for device writes.
+    pub last_walk: Instant,
 }
 
 /// Event counters of the scanner.
@@ -116,7 +123,7 @@ pub(crate) struct Scanner {
     /// Zeroed pages, newly indexed shared frames and errors (part of the activity).
     pub(super) extra_activity: u64,
     /// The previous chunk merged pages: the next one holds the vCPUs from its
-    /// start (see [`super::gate`]).
+    /// start (see [`crate::vcpu_gate`]).
     pub(super) hot: bool,
     /// The vCPU hold time left to spend (the guests' share of the time).
     pub(super) hold_budget: HoldBudget,
@@ -173,11 +180,10 @@ impl Scanner {
     pub(super) fn targets(&mut self) -> Vec<Target> {
         let st = self.core.lock();
         let mut out: Vec<Target> = st
-            .merge_cfg
-            .iter()
+            .merge_configs()
             .filter(|(_, c)| c.enabled)
-            .filter_map(|(&vm, c)| {
-                let t = st.vms.get(&vm)?;
+            .filter_map(|(vm, c)| {
+                let t = st.table(vm)?;
                 Some(Target { vm, domain: c.domain, host_addr: t.host_addr(), pages: t.len() })
             })
             .collect();

@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::core::{Error, Result, Txn};
 use crate::frame_table::Mapper;
-use crate::manager::{Error, Result};
 use crate::page_table::PageFlags;
-use crate::txn::Txn;
 use crate::{sys, PAGE_SIZE};
 
 use super::backoff::{skip_age, SMART_MIN_AGE};
@@ -21,7 +20,7 @@ impl Scanner {
     /// Visits pages `start..start+n` of `target`; returns how many had host memory.
     pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
         if tun.hold_vcpus {
-            // The guests' share of the time (see `gate::HoldBudget`).
+            // The guests' share of the time (see `crate::vcpu_gate::HoldBudget`).
             let wait = self.hold_budget.wait(Instant::now());
             if !wait.is_zero() {
                 std::thread::sleep(wait);
@@ -29,7 +28,7 @@ impl Scanner {
         }
         let core = self.core.clone();
         let mut guard = core.lock();
-        let held_before = guard.counters.vcpu_hold_us;
+        let held_before = guard.counters().vcpu_hold_us;
         let mut t = Txn::new(&mut guard, core.remap());
         if tun.hold_vcpus {
             // Held at the chunk's first change, or at once while merging is in full
@@ -46,7 +45,7 @@ impl Scanner {
         let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
         let finished = t.finish_remaps();
         drop(t);
-        let held = Duration::from_micros(guard.counters.vcpu_hold_us - held_before);
+        let held = Duration::from_micros(guard.counters().vcpu_hold_us - held_before);
         drop(guard);
         if !held.is_zero() {
             self.hold_budget.spend(held, Instant::now());
@@ -84,7 +83,7 @@ impl Scanner {
                 t.set_flags(m, e.flags.without(PageFlags::MERGE_DIRTY))?;
             }
             let log_dirty = use_log && vs.take_dirty(p);
-            let refs = t.st.frames.refs(e.frame);
+            let refs = t.st.frames().refs(e.frame);
             if refs > 1 || e.flags.contains(PageFlags::SHARED) {
                 vs.set_class(p, Class::Merged);
                 if refs > 1 && self.stable.key_of(e.frame).is_none() && t.check_domain(vm, e.frame).is_ok() {
@@ -154,7 +153,7 @@ impl Scanner {
             cands.push(Cand { page: p, frame: e.frame, hash, volatile });
         }
         if !zeros.is_empty() {
-            let zeroed = t.zero_run(vm, &zeros)?;
+            let zeroed = super::ops::zero_run(t, vm, &zeros)?;
             self.extra_activity += zeroed.iter().filter(|&&z| z).count() as u64;
             for (&p, &z) in zeros.iter().zip(&zeroed) {
                 vs.set_class(p, if z { Class::Other } else { Class::Volatile });

@@ -10,15 +10,7 @@ use std::sync::OnceLock;
 
 use crate::PAGE_SIZE;
 
-/// Whether every byte of `bytes` is zero.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reinterpreting initialized bytes as u64 words is valid for any
-        // value; align_to only returns the correctly aligned middle part.
-        unsafe { bytes.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
+pub use crate::pool::is_zero;
 
 /// The content hash of an all-zero page.
 pub fn zero_hash() -> u64 {

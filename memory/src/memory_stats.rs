@@ -1,47 +1,18 @@
-//! Statistics of the memory manager.
+//! [`MemoryStats`]: the snapshot of the memory manager's statistics (pool,
+//! 2 MiB frames, VMAs, host bytes, the core's event [`Counters`], the
+//! Protector's counters and the merger's [`MergeStats`]).
 
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::manager::State;
+pub use crate::core::Counters;
+
+use crate::core::State;
 use crate::merge::MergeStats;
 use crate::pool::ThpStatus;
 use crate::protector::ProtectorCounters;
 use crate::{HUGE_FRAME_PAGES, PAGE_SIZE};
-
-/// Event counters kept under the manager's lock.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Counters {
-    /// Write faults resolved by copying a shared frame.
-    pub cow_copies: u64,
-    /// Write faults resolved by taking a merged frame over in place.
-    pub cow_reuses: u64,
-    /// Write faults on discarded (zero) pages.
-    pub zero_page_faults: u64,
-    /// Write faults on explicitly protected pages.
-    pub protect_faults: u64,
-    /// Write faults on pages that were no longer protected.
-    pub spurious_faults: u64,
-    /// Faults whose resolution failed (the writer retries).
-    pub fault_errors: u64,
-    /// Successful merges (frames merged).
-    pub merges: u64,
-    /// Merge attempts whose contents differed.
-    pub merge_differs: u64,
-    /// Explicit unshares that changed something.
-    pub unshares: u64,
-    /// Frames migrated.
-    pub migrations: u64,
-    /// Pages discarded (balloon).
-    pub discards: u64,
-    /// Merge chunks that held the merging VMs' vCPUs out of guest mode.
-    pub vcpu_holds: u64,
-    /// Total time vCPUs were held, in microseconds.
-    pub vcpu_hold_us: u64,
-    /// Holds whose vCPUs did not all leave guest mode in time (merged anyway).
-    pub vcpu_hold_timeouts: u64,
-}
 
 /// A snapshot of the memory manager's statistics.
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +65,8 @@ pub struct MemoryStats {
     pub uffd_faults: u64,
     /// Remap events read from the userfaultfd.
     pub uffd_remap_events: u64,
+    /// Wakes of resolved writers that failed (each logged).
+    pub uffd_wake_errors: u64,
     /// Shmem transparent huge pages.
     pub thp: ThpStatus,
     /// Same-page merging (KSM vocabulary).
@@ -102,7 +75,7 @@ pub struct MemoryStats {
 
 impl MemoryStats {
     pub(crate) fn collect(st: &State, protector: &ProtectorCounters) -> Self {
-        let buddy = st.pool.buddy();
+        let buddy = st.pool().buddy();
         let total = buddy.total_frames();
         let free = buddy.free_frames();
         let hf_total = u64::from(buddy.huge_frames());
@@ -111,32 +84,34 @@ impl MemoryStats {
         let holes = free - hf_empty * u64::from(HUGE_FRAME_PAGES);
         let fragmentation =
             if in_use == 0 { 0.0 } else { holes as f64 / (in_use * u64::from(HUGE_FRAME_PAGES)) as f64 };
-        let guest_pages: u64 = st.vms.values().map(|t| u64::from(t.len())).sum();
+        let guest_pages: u64 = st.tables().map(|(_, t)| u64::from(t.len())).sum();
+        let (frames, budget) = (st.frames(), st.budget());
         MemoryStats {
             frames_total: total,
             frames_used: total - free,
             frames_free: free,
-            frames_live: st.frames.live_frames(),
-            frames_shared: st.frames.shared_frames(),
-            pages_sharing: st.frames.shared_mappings() - st.frames.shared_frames(),
+            frames_live: frames.live_frames(),
+            frames_shared: frames.shared_frames(),
+            pages_sharing: frames.shared_mappings() - frames.shared_frames(),
             guest_pages,
             huge_frames_total: hf_total,
             huge_frames_in_use: in_use,
             huge_frames_empty: hf_empty,
-            huge_frames_returned: st.pool.huge_frames_returned(),
+            huge_frames_returned: st.pool().huge_frames_returned(),
             fragmentation,
-            protected_pages: st.vms.values().map(|t| t.protected_count() as u64).sum(),
-            zero_pages: st.vms.values().map(|t| t.zero_count() as u64).sum(),
+            protected_pages: st.tables().map(|(_, t)| t.protected_count() as u64).sum(),
+            zero_pages: st.tables().map(|(_, t)| t.zero_count() as u64).sum(),
             vma_count: st.guest_vmas() as u64,
-            vma_limit: st.budget.limit as u64,
-            vma_refused: st.budget.refused,
-            vma_limit_raised_to: st.budget.raised_to.map(|v| v as u64),
-            host_bytes: st.pool.host_bytes(),
+            vma_limit: budget.limit as u64,
+            vma_refused: budget.refused,
+            vma_limit_raised_to: budget.raised_to.map(|v| v as u64),
+            host_bytes: st.pool().host_bytes(),
             guest_bytes: guest_pages * PAGE_SIZE as u64,
-            counters: st.counters.clone(),
+            counters: st.counters().clone(),
             uffd_faults: protector.faults.load(Ordering::Relaxed),
             uffd_remap_events: protector.remap_events.load(Ordering::Relaxed),
-            thp: st.pool.thp().clone(),
+            uffd_wake_errors: protector.wake_errors.load(Ordering::Relaxed),
+            thp: st.pool().thp().clone(),
             merge: MergeStats::default(),
         }
     }

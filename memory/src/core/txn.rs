@@ -8,14 +8,16 @@
 //!   frame is dropped, and a frame is freed (punched) only after its last
 //!   mapper has been remapped away from it.
 
+use std::sync::Arc;
+
+use super::counters::Counter;
+use super::error::{Error, Result};
+use super::state::{Cow, State};
 use crate::frame_table::Mapper;
-use crate::manager::{Error, Result, State};
-use crate::merge::gate::HeldVcpus;
-use crate::merge::VcpuGate;
 use crate::page_table::{PageEntry, PageFlags};
 use crate::remap::{PendingRemaps, RemapProtocol};
-use crate::{FrameNo, PAGE_SIZE};
-use std::sync::Arc;
+use crate::vcpu_gate::{HeldVcpus, VcpuGate};
+use crate::{FrameNo, VmId, PAGE_SIZE};
 
 /// The lock-holding context of one operation.
 pub(crate) struct Txn<'a> {
@@ -33,14 +35,12 @@ pub(crate) struct Txn<'a> {
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
         if let Err(e) = self.finish_remaps() {
+            self.st.count(Counter::RemapError);
             tracing::error!("finishing batched remaps: {e}");
         }
         if let Some(held) = self.held.take() {
             let reached = held.reached;
-            let c = &mut self.st.counters;
-            c.vcpu_hold_us += held.release().as_micros() as u64;
-            c.vcpu_holds += 1;
-            c.vcpu_hold_timeouts += u64::from(!reached);
+            self.st.count_vcpu_hold(held.release(), reached);
         }
     }
 }
@@ -68,17 +68,14 @@ impl Txn<'_> {
         Ok(self.remap.finish(&mut self.pending)?)
     }
 
+    /// The entry of page `m`.
     pub(crate) fn entry(&self, m: Mapper) -> Result<PageEntry> {
-        let table = self.st.vms.get(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
-        table.get(m.page).ok_or(Error::OutOfRange(m.vm, u64::from(m.page)))
+        self.st.entry(m)
     }
 
+    /// The host address of page `m`.
     pub(crate) fn addr(&self, m: Mapper) -> Result<usize> {
-        let table = self.st.vms.get(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
-        if m.page >= table.len() {
-            return Err(Error::OutOfRange(m.vm, u64::from(m.page)));
-        }
-        Ok(table.page_addr(m.page))
+        self.st.addr(m)
     }
 
     /// The 4 KiB of page `m` read through its guest mapping (racy if a guest
@@ -99,10 +96,9 @@ impl Txn<'_> {
         Ok(self.page_bytes(a)? == self.page_bytes(b)?)
     }
 
+    /// Sets the flags of page `m` (the mapping already matches them).
     pub(crate) fn set_flags(&mut self, m: Mapper, flags: PageFlags) -> Result<()> {
-        let table = self.st.vms.get_mut(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
-        table.set_flags(m.page, flags);
-        Ok(())
+        self.st.set_flags(m, flags)
     }
 
     /// Write-protects the page if needed; returns whether it was already protected.
@@ -144,17 +140,13 @@ impl Txn<'_> {
                 // The old mapping is still in place: nothing to record.
                 return Err(e.into());
             }
+            self.st.count(Counter::RemapError);
             tracing::error!("remap of vm {} page {} incomplete: {e}", m.vm, m.page);
         }
-        self.st.frames.add(new, m);
-        if let Some(table) = self.st.vms.get_mut(&m.vm) {
-            table.set_frame(m.page, new);
-            let flags =
-                if end_protected { e.flags.with(PageFlags::PROTECTED) } else { e.flags.without(PageFlags::PROTECTED) };
-            table.set_flags(m.page, flags);
-        }
-        if self.st.frames.remove(e.frame, m)? == 0 {
-            self.st.pool.free(e.frame, 0)?;
+        let flags =
+            if end_protected { e.flags.with(PageFlags::PROTECTED) } else { e.flags.without(PageFlags::PROTECTED) };
+        if let Some(old) = self.st.repoint(m, new, flags)? {
+            self.st.free_unmapped(old)?;
         }
         Ok(())
     }
@@ -163,31 +155,25 @@ impl Txn<'_> {
     /// it ends unprotected.
     pub(crate) fn cow_copy(&mut self, m: Mapper) -> Result<()> {
         let e = self.entry(m)?;
-        let new = self.st.pool.alloc(0)?;
+        let new = self.st.alloc(0)?;
         if !e.flags.contains(PageFlags::ZERO) {
-            self.st.pool.copy_frame(e.frame, new)?;
+            self.st.pool().copy_frame(e.frame, new)?;
         }
         let cleared = e.flags.without(PageFlags::SHARED).without(PageFlags::ZERO);
         self.set_flags(m, cleared)?;
         if let Err(err) = self.move_page(m, new, false) {
             self.set_flags(m, e.flags)?;
-            self.st.pool.free(new, 0)?;
+            self.st.free_unmapped(new)?;
             return Err(err);
         }
-        self.st.counters.cow_copies += 1;
-        if let Some(table) = self.st.vms.get_mut(&m.vm) {
-            table.cow_copies += 1;
-        }
+        self.st.count_cow(m.vm, Cow::Copy);
         Ok(())
     }
 
     /// Takes the merged frame over in place: page `m` is its only mapper.
     pub(crate) fn reuse(&mut self, m: Mapper) -> Result<()> {
         self.unprotect_page(m)?;
-        self.st.counters.cow_reuses += 1;
-        if let Some(table) = self.st.vms.get_mut(&m.vm) {
-            table.cow_reuses += 1;
-        }
+        self.st.count_cow(m.vm, Cow::Reuse);
         Ok(())
     }
 
@@ -195,7 +181,7 @@ impl Txn<'_> {
     /// Returns whether anything changed.
     pub(crate) fn break_sharing(&mut self, m: Mapper) -> Result<bool> {
         let e = self.entry(m)?;
-        if self.st.frames.refs(e.frame) > 1 {
+        if self.st.frames().refs(e.frame) > 1 {
             self.cow_copy(m)?;
             Ok(true)
         } else if e.flags.contains(PageFlags::SHARED) {
@@ -203,6 +189,51 @@ impl Txn<'_> {
             Ok(true)
         } else {
             Ok(false)
+        }
+    }
+
+    /// Write-protects every page of `mappers` not yet protected, one ioctl per
+    /// run of consecutive pages; returns the pages it protected.
+    pub(crate) fn protect_group(&mut self, mappers: &[Mapper]) -> Result<Vec<Mapper>> {
+        let mut todo: Vec<Mapper> = Vec::with_capacity(mappers.len());
+        for &m in mappers {
+            if !self.entry(m)?.flags.contains(PageFlags::PROTECTED) {
+                todo.push(m);
+            }
+        }
+        todo.sort_unstable();
+        todo.dedup();
+        let mut i = 0;
+        while i < todo.len() {
+            let mut j = i + 1;
+            while j < todo.len() && todo[j].vm == todo[i].vm && todo[j].page == todo[j - 1].page + 1 {
+                j += 1;
+            }
+            self.remap.protect(self.addr(todo[i])?, (j - i) * PAGE_SIZE)?;
+            for &m in &todo[i..j] {
+                let flags = self.entry(m)?.flags.with(PageFlags::PROTECTED);
+                self.set_flags(m, flags)?;
+            }
+            i = j;
+        }
+        Ok(todo)
+    }
+
+    /// Fails with [`Error::CrossDomain`] unless every guest page mapping `frame`
+    /// belongs to a VM of `vm`'s merge domain (see [`crate::merge::domains`]).
+    pub(crate) fn check_domain(&self, vm: VmId, frame: FrameNo) -> Result<()> {
+        let da = self.st.merge_config(vm).domain;
+        let check = |m: &Mapper| {
+            let db = self.st.merge_config(m.vm).domain;
+            if db == da {
+                Ok(())
+            } else {
+                Err(Error::CrossDomain { a: vm, da, b: m.vm, db })
+            }
+        };
+        match self.st.frames().shared_mappers(frame) {
+            Some(list) => list.iter().try_for_each(check),
+            None => self.st.frames().first_mapper(frame).iter().try_for_each(check),
         }
     }
 }

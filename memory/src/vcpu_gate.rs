@@ -1,6 +1,9 @@
 //! Holding a VM's vCPUs out of guest mode while the merger remaps a batch of its
 //! pages.
 //!
+//! Sits below the transaction layer (a transaction holds the gates of a merge
+//! chunk from its first change to its end); the merger only decides when.
+//!
 //! Every remap replaces the host mapping behind guest pages (`mmap`, userfaultfd
 //! registration, `mprotect`), and each of those takes the process's `mmap_lock`
 //! for writing. KVM resolves a fault on a write-protected page (every merged
@@ -17,9 +20,9 @@
 //! a millisecond for 256 pages, ~3 ms for the larger chunks then) and release them
 //! after: the guests see short pauses instead of faults that queue behind the
 //! merger's `mmap`s. Chunks with nothing to remap (the idle steady state) hold
-//! nothing. A [`HoldBudget`] bounds the guests' loss: holds may take a burst of
-//! [`HOLD_BURST`] (enough to merge a fleet of fresh clones in one go), then at
-//! most [`HOLD_SHARE`] of the time however long merging goes on. The gate is an
+//! nothing. A `HoldBudget` bounds the guests' loss: holds may take a burst of
+//! `HOLD_BURST` (enough to merge a fleet of fresh clones in one go), then at
+//! most `HOLD_SHARE` of the time however long merging goes on. The gate is an
 //! optimization only: if vCPUs do not leave guest mode in time the chunk runs
 //! anyway, as safe as without the gate.
 

@@ -1,126 +1,36 @@
-//! The manager's operations: guest creation and destruction, merging, sharing,
-//! unsharing, migration, discard and protection. Each holds the lock for its
-//! whole duration and goes through the remap protocol.
+//! The core's page operations (`impl Core`): merging, sharing, unsharing,
+//! migration, discard, protection and device reads and writes. Each holds the
+//! lock for its whole duration (one [`Txn`]) and goes through the remap protocol.
 
+use super::counters::Counter;
+use super::error::{Error, Result};
+use super::txn::Txn;
+use super::Core;
 use crate::frame_table::Mapper;
-use crate::manager::{Core, Error, MergeOutcome, Result};
-use crate::page_table::{PageEntry, PageFlags, PageTable};
-use crate::txn::Txn;
-use crate::{sys, FrameNo, VmId, HUGE_FRAME_SIZE, MAX_ORDER, PAGE_SIZE};
+use crate::page_table::{PageEntry, PageFlags};
+use crate::{FrameNo, VmId, PAGE_SIZE};
+
+/// Result of a merge attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// Both pages now map `frame` (write-protected, shared).
+    Merged {
+        /// The frame kept.
+        frame: FrameNo,
+    },
+    /// The pages already mapped the same frame.
+    AlreadyShared,
+    /// The contents differ; nothing changed.
+    Differs,
+}
 
 impl Core {
-    fn with_txn<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
-        let mut guard = self.lock();
-        let mut txn = Txn::new(&mut guard, self.remap());
-        f(&mut txn)
-    }
-
+    /// The entry of page `m`.
     pub(crate) fn entry(&self, m: Mapper) -> Result<PageEntry> {
         self.with_txn(|t| t.entry(m))
     }
 
-    pub(crate) fn create_guest(&self, vm: VmId, size: u64) -> Result<usize> {
-        if size == 0 || size & (PAGE_SIZE as u64 - 1) != 0 {
-            return Err(Error::BadSize(size));
-        }
-        let pages = size / PAGE_SIZE as u64;
-        let mut st = self.lock();
-        if st.vms.contains_key(&vm) {
-            return Err(Error::VmExists(vm));
-        }
-        let free = st.pool.buddy().free_frames();
-        if free < pages || pages > u64::from(u32::MAX) {
-            return Err(Error::PoolFull { free, needed: pages });
-        }
-        // Largest blocks first: 2 MiB frames when available.
-        let mut frames: Vec<FrameNo> = Vec::with_capacity(pages as usize);
-        while (frames.len() as u64) < pages {
-            let remaining = pages - frames.len() as u64;
-            let mut order = (63 - remaining.leading_zeros()).min(u32::from(MAX_ORDER)) as u8;
-            let start = loop {
-                match st.pool.alloc(order) {
-                    Ok(f) => break f,
-                    Err(_) if order > 0 => order -= 1,
-                    Err(e) => {
-                        st.pool.free_frames(&mut frames)?;
-                        return Err(e.into());
-                    }
-                }
-            };
-            frames.extend(start..start + (1 << order));
-        }
-        let len = size as usize;
-        let host = match sys::reserve(len, HUGE_FRAME_SIZE) {
-            Ok(h) => h,
-            Err(e) => {
-                st.pool.free_frames(&mut frames)?;
-                return Err(Error::Mapping(e));
-            }
-        };
-        if let Err(e) = self.realize(host, &frames) {
-            // SAFETY: `host..host+len` is the reservation made above, used by nobody.
-            let _ = unsafe { sys::unmap(host, len) };
-            st.pool.free_frames(&mut frames)?;
-            return Err(e);
-        }
-        let table = PageTable::new(vm, host, &frames);
-        for (page, &frame) in frames.iter().enumerate() {
-            st.frames.add(frame, Mapper { vm, page: page as u32 });
-        }
-        st.vms.insert(vm, table);
-        st.ranges.insert(host, vm);
-        crate::write_retry::add_range(host, len);
-        Ok(host)
-    }
-
-    /// Maps each run of consecutive frames with one call, then registers the range.
-    fn realize(&self, host: usize, frames: &[FrameNo]) -> Result<()> {
-        let mut start = 0;
-        while start < frames.len() {
-            let mut end = start + 1;
-            while end < frames.len() && frames[end] == frames[end - 1] + 1 {
-                end += 1;
-            }
-            let addr = host + start * PAGE_SIZE;
-            let len = (end - start) * PAGE_SIZE;
-            let offset = crate::pool::FramePool::offset_of(frames[start]);
-            let prot = libc::PROT_READ | libc::PROT_WRITE;
-            // SAFETY: `addr..addr+len` lies inside the reservation made by our caller.
-            unsafe { sys::map_shared_fixed(addr, self.memfd, offset, len, prot) }.map_err(Error::Mapping)?;
-            if self.huge_pages {
-                let _ = sys::advise(addr, len, libc::MADV_HUGEPAGE);
-            }
-            start = end;
-        }
-        self.uffd.register_wp(host, frames.len() * PAGE_SIZE).map_err(Error::from)
-    }
-
-    pub(crate) fn destroy_guest(&self, vm: VmId) -> Result<()> {
-        let mut st = self.lock();
-        let table = st.vms.remove(&vm).ok_or(Error::UnknownVm(vm))?;
-        st.merge_cfg.remove(&vm);
-        self.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
-        self.vcpu_gates.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
-        st.ranges.remove(&table.host_addr());
-        crate::write_retry::remove_range(table.host_addr());
-        let len = table.len() as usize * PAGE_SIZE;
-        if let Err(e) = self.uffd.wake(table.host_addr(), len) {
-            tracing::warn!("waking writers of VM {vm}: {e}");
-        }
-        // SAFETY: the range is this VM's guest RAM, now removed from every table;
-        // the VM's owner is dropping its handle.
-        unsafe { sys::unmap(table.host_addr(), len) }.map_err(Error::Mapping)?;
-        let mut to_free = Vec::new();
-        for (page, entry) in table.entries().iter().enumerate() {
-            let m = Mapper { vm, page: page as u32 };
-            if st.frames.remove(entry.frame, m)? == 0 {
-                to_free.push(entry.frame);
-            }
-        }
-        st.pool.free_frames(&mut to_free)?;
-        Ok(())
-    }
-
+    /// Merges pages `a` and `b` if equal (same merge domain required).
     pub(crate) fn merge_pages(&self, a: Mapper, b: Mapper) -> Result<MergeOutcome> {
         self.with_txn(|t| {
             let (fa, fb) = (t.entry(a)?.frame, t.entry(b)?.frame);
@@ -130,92 +40,98 @@ impl Core {
         })
     }
 
+    /// Maps page `m` onto `frame` if their contents are equal.
     pub(crate) fn share(&self, m: Mapper, frame: FrameNo) -> Result<MergeOutcome> {
         self.with_txn(|t| {
             let own = t.entry(m)?.frame;
             t.check_domain(m.vm, frame)?;
-            for other in t.st.frames.mappers(own) {
+            for other in t.st.frames().mappers(own) {
                 t.check_domain(other.vm, frame)?;
             }
             merge_frames(t, frame, own, true)
         })
     }
 
+    /// Breaks sharing of page `m` as a write would; returns whether it changed.
     pub(crate) fn unshare(&self, m: Mapper) -> Result<bool> {
         self.with_txn(|t| {
             let changed = t.break_sharing(m)?;
             if changed {
-                t.st.counters.unshares += 1;
+                t.st.count(Counter::Unshare);
             }
             Ok(changed)
         })
     }
 
+    /// Moves `old`'s content to a new frame (`target`, or any free one) and
+    /// remaps every page mapping it; returns the new frame.
     pub(crate) fn migrate(&self, old: FrameNo, target: Option<FrameNo>) -> Result<FrameNo> {
         self.with_txn(|t| {
-            let mappers = t.st.frames.mappers(old);
+            let mappers = t.st.frames().mappers(old);
             if mappers.is_empty() {
                 return Err(Error::FrameNotLive(old));
             }
-            let shared = t.st.frames.shared_mappings();
-            let guest_vmas = t.st.guest_vmas();
-            if !t.st.budget.admit(guest_vmas, shared, 2 * mappers.len()) {
+            let shared = t.st.frames().shared_mappings();
+            if !t.st.admit_vmas(shared, 2 * mappers.len()) {
                 return Err(Error::VmaBudget);
             }
             let new = match target {
                 Some(f) => {
-                    t.st.pool.alloc_specific(f)?;
+                    t.st.alloc_specific(f)?;
                     f
                 }
-                None => t.st.pool.alloc(0)?,
+                None => t.st.alloc(0)?,
             };
             let result = migrate_mappers(t, old, new, &mappers);
-            if result.is_err() && t.st.frames.refs(new) == 0 {
-                t.st.pool.free(new, 0)?;
+            if result.is_err() && t.st.frames().refs(new) == 0 {
+                t.st.free_unmapped(new)?;
             }
             result.map(|()| new)
         })
     }
 
+    /// Drops page `m`'s content and host memory; it reads as zero, protected.
     pub(crate) fn discard(&self, m: Mapper) -> Result<()> {
         self.with_txn(|t| {
             let e = t.entry(m)?;
             let zero = PageFlags::PROTECTED.with(PageFlags::ZERO);
-            if t.st.frames.refs(e.frame) > 1 {
+            if t.st.frames().refs(e.frame) > 1 {
                 // Leave the shared frame for a fresh (zero) one, protected.
-                let new = t.st.pool.alloc(0)?;
+                let new = t.st.alloc(0)?;
                 t.set_flags(m, e.flags.without(PageFlags::SHARED))?;
                 if let Err(err) = t.move_page(m, new, true) {
                     t.set_flags(m, e.flags)?;
-                    t.st.pool.free(new, 0)?;
+                    t.st.free_unmapped(new)?;
                     return Err(err);
                 }
             } else {
                 t.protect_page(m)?;
-                t.st.pool.punch(e.frame, 1)?;
+                t.st.pool().punch(e.frame, 1)?;
                 // Protection must still hold after the punch zapped the page tables.
                 t.remap.protect(t.addr(m)?, PAGE_SIZE)?;
             }
             let mut flags = t.entry(m)?.flags.without(PageFlags::SHARED).without(PageFlags::MERGED_ZERO).with(zero);
             // Known zero only if nothing was written between punch and re-protect.
             let frame = t.entry(m)?.frame;
-            if !t.st.pool.is_hole(frame, 1).unwrap_or(false) {
+            if !t.st.pool().is_hole(frame, 1).unwrap_or(false) {
                 flags = flags.without(PageFlags::ZERO);
             }
             t.set_flags(m, flags)?;
-            t.st.counters.discards += 1;
+            t.st.count(Counter::Discard);
             Ok(())
         })
     }
 
+    /// Write-protects page `m` (its next write is resolved and recorded).
     pub(crate) fn protect(&self, m: Mapper) -> Result<()> {
         self.with_txn(|t| t.protect_page(m).map(|_| ()))
     }
 
+    /// Removes explicit protection of page `m` (refused for shared pages).
     pub(crate) fn unprotect(&self, m: Mapper) -> Result<()> {
         self.with_txn(|t| {
             let e = t.entry(m)?;
-            if e.flags.contains(PageFlags::SHARED) || t.st.frames.refs(e.frame) > 1 {
+            if e.flags.contains(PageFlags::SHARED) || t.st.frames().refs(e.frame) > 1 {
                 return Err(Error::Shared(m.vm, m.page));
             }
             if e.flags.contains(PageFlags::PROTECTED) {
@@ -233,7 +149,7 @@ impl Core {
                 let m = Mapper { vm, page };
                 t.break_sharing(m)?;
                 let e = t.entry(m)?;
-                t.st.pool.write(e.frame, offset, &data[range])?;
+                t.st.pool().write(e.frame, offset, &data[range])?;
                 let flags = e.flags.with(PageFlags::DEVICE_WRITTEN).with(PageFlags::MERGE_DIRTY);
                 t.set_flags(m, flags.without(PageFlags::ZERO))?;
             }
@@ -246,7 +162,7 @@ impl Core {
         self.with_txn(|t| {
             for (page, offset, range) in page_spans(t, vm, gpa, buf.len())? {
                 let frame = t.entry(Mapper { vm, page })?.frame;
-                t.st.pool.read(frame, offset, &mut buf[range])?;
+                t.st.pool().read(frame, offset, &mut buf[range])?;
             }
             Ok(())
         })
@@ -254,23 +170,13 @@ impl Core {
 
     /// Pages of `vm` flagged with `flag`, clearing the flag.
     pub(crate) fn take_flagged(&self, vm: VmId, flag: PageFlags) -> Result<Vec<u32>> {
-        self.with_txn(|t| {
-            let table = t.st.vms.get_mut(&vm).ok_or(Error::UnknownVm(vm))?;
-            let pages: Vec<u32> =
-                (0..table.len()).filter(|&p| table.get(p).is_some_and(|e| e.flags.contains(flag))).collect();
-            for &p in &pages {
-                if let Some(e) = table.get(p) {
-                    table.set_flags(p, e.flags.without(flag));
-                }
-            }
-            Ok(pages)
-        })
+        self.lock().take_flagged(vm, flag)
     }
 }
 
 /// Splits `len` bytes at `gpa` into (page, offset in page, range of the buffer).
 fn page_spans(t: &Txn<'_>, vm: VmId, gpa: u64, len: usize) -> Result<Vec<(u32, usize, std::ops::Range<usize>)>> {
-    let table = t.st.vms.get(&vm).ok_or(Error::UnknownVm(vm))?;
+    let table = t.st.table(vm).ok_or(Error::UnknownVm(vm))?;
     let size = u64::from(table.len()) * PAGE_SIZE as u64;
     if gpa.checked_add(len as u64).is_none_or(|end| end > size) {
         return Err(Error::OutOfRange(vm, gpa / PAGE_SIZE as u64));
@@ -294,7 +200,7 @@ fn merge_frames(t: &mut Txn<'_>, fa: FrameNo, fb: FrameNo, keep_first: bool) -> 
     if fa == fb {
         return Ok(MergeOutcome::AlreadyShared);
     }
-    let (ma, mb) = (t.st.frames.mappers(fa), t.st.frames.mappers(fb));
+    let (ma, mb) = (t.st.frames().mappers(fa), t.st.frames().mappers(fb));
     if ma.is_empty() {
         return Err(Error::FrameNotLive(fa));
     }
@@ -304,9 +210,8 @@ fn merge_frames(t: &mut Txn<'_>, fa: FrameNo, fb: FrameNo, keep_first: bool) -> 
     let (keep, drop, keep_mappers, drop_mappers) =
         if keep_first || prefer_first(t, fa, fb) { (fa, fb, ma, mb) } else { (fb, fa, mb, ma) };
     let shared_after =
-        t.st.frames.shared_mappings() + if keep_mappers.len() == 1 { 1 } else { 0 } + drop_mappers.len() as u64;
-    let guest_vmas = t.st.guest_vmas();
-    if !t.st.budget.admit(guest_vmas, shared_after, 2 * drop_mappers.len()) {
+        t.st.frames().shared_mappings() + if keep_mappers.len() == 1 { 1 } else { 0 } + drop_mappers.len() as u64;
+    if !t.st.admit_vmas(shared_after, 2 * drop_mappers.len()) {
         return Err(Error::VmaBudget);
     }
     let mut newly_protected = Vec::new();
@@ -315,11 +220,11 @@ fn merge_frames(t: &mut Txn<'_>, fa: FrameNo, fb: FrameNo, keep_first: bool) -> 
             newly_protected.push(m);
         }
     }
-    if !t.st.pool.frames_equal(keep, drop)? {
+    if !t.st.pool().frames_equal(keep, drop)? {
         for m in newly_protected {
             t.unprotect_page(m)?;
         }
-        t.st.counters.merge_differs += 1;
+        t.st.count(Counter::MergeDiffers);
         return Ok(MergeOutcome::Differs);
     }
     let zero =
@@ -337,16 +242,16 @@ fn merge_frames(t: &mut Txn<'_>, fa: FrameNo, fb: FrameNo, keep_first: bool) -> 
         let flags = t.entry(m)?.flags.with(shared);
         t.set_flags(m, flags)?;
     }
-    t.st.counters.merges += 1;
+    t.st.count(Counter::Merge);
     Ok(MergeOutcome::Merged { frame: keep })
 }
 
 fn prefer_first(t: &Txn<'_>, fa: FrameNo, fb: FrameNo) -> bool {
-    let (ra, rb) = (t.st.frames.refs(fa), t.st.frames.refs(fb));
+    let (ra, rb) = (t.st.frames().refs(fa), t.st.frames().refs(fb));
     if ra != rb {
         return ra > rb;
     }
-    let hf = |f: FrameNo| t.st.pool.buddy().free_in_huge_frame(f / crate::HUGE_FRAME_PAGES);
+    let hf = |f: FrameNo| t.st.pool().buddy().free_in_huge_frame(f / crate::HUGE_FRAME_PAGES);
     hf(fa) <= hf(fb)
 }
 
@@ -358,12 +263,12 @@ fn migrate_mappers(t: &mut Txn<'_>, old: FrameNo, new: FrameNo, mappers: &[Mappe
     }
     let all_zero = mappers.iter().all(|&m| t.entry(m).is_ok_and(|e| e.flags.contains(PageFlags::ZERO)));
     if !all_zero {
-        t.st.pool.copy_frame(old, new)?;
+        t.st.pool().copy_frame(old, new)?;
     }
     for (&m, &protected) in mappers.iter().zip(&was_protected) {
         // An unprotected page is the frame's only mapper: it may end private.
         t.move_page(m, new, protected)?;
     }
-    t.st.counters.migrations += 1;
+    t.st.count(Counter::Migration);
     Ok(())
 }
