@@ -18,8 +18,6 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
-
 pub mod client;
 pub mod raw;
 mod response;

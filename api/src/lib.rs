@@ -22,8 +22,6 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
-
 pub mod channel;
 mod error;
 mod extract;

@@ -104,7 +104,11 @@ pub fn install_kick_handler() -> Result<(), String> {
 fn set_in_guest(threads: &mut [(libc::pthread_t, bool)], in_guest: bool) {
     // SAFETY: pthread_self has no preconditions; pthread_equal compares ids.
     let me = unsafe { libc::pthread_self() };
-    if let Some(entry) = threads.iter_mut().find(|(t, _)| unsafe { libc::pthread_equal(*t, me) } != 0) {
+    if let Some(entry) = threads.iter_mut().find(|(t, _)| {
+        // SAFETY: pthread_equal only compares two thread ids; it dereferences nothing.
+        let equal = unsafe { libc::pthread_equal(*t, me) };
+        equal != 0
+    }) {
         entry.1 = in_guest;
     }
 }
