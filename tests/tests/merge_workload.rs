@@ -35,7 +35,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use memory::merge::{ChangeDetection, MergeStats, Tunables};
 use memory::{MemoryManager, PageFlags, VmId};
 use vmm::guest_ram::RamPolicy;
@@ -43,6 +42,7 @@ use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
 use vmm::workload::layout::VERSIONS_GPA;
 use vmm::workload::mem_mib as workload_mem_mib;
+use vmm::workload::scenario::Scenario;
 
 const PAGE: u64 = 4096;
 /// Safety net against hangs (never a timing assertion).

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
 use vmm::workload::mem_mib as workload_mem_mib;
+use vmm::workload::scenario::Scenario;
 
 fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)

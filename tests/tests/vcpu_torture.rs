@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use memory::MemoryManager;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
 use vmm::workload::mem_mib as workload_mem_mib;
+use vmm::workload::scenario::Scenario;
 
 const DOMAIN: u32 = 0xbeef;
 

@@ -226,9 +226,9 @@ pub fn host_error(e: host::Error) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use api::scenario::Scenario;
     use api::types::KernelBoot;
     use vmm::vm;
+    use vmm::workload::scenario::Scenario;
 
     fn workload(mem: u32) -> VmConfig {
         VmConfig {

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use memory::Tunables;
+use vmm::workload::scenario::Scenario;
 
 use super::run::VmSummary;
 use super::CommandError;

@@ -19,9 +19,9 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::workload::scenario::Scenario;
 
 use crate::bench::ksm::{self, KsmControl, MergedWriteTimes};
 use crate::commands::CommandError;

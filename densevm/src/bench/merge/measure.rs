@@ -2,7 +2,7 @@
 //! anonymous guest RAM (from the page map), the kernel's KSM thread, and the
 //! expected merge count of the workload guests.
 
-use api::scenario::Scenario;
+use vmm::workload::scenario::Scenario;
 
 /// `/proc/<task>/schedstat` (nanoseconds on CPU) or, without schedstats,
 /// `/proc/<task>/stat` (utime + stime in clock ticks), in seconds. `task` is a

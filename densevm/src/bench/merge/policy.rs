@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use api::scenario::Scenario;
 use memory::Tunables;
+use vmm::workload::scenario::Scenario;
 
 use super::measure::{ksm_merging_pages, present_and_frames, task_cpu_s};
 use crate::bench::ksm::KsmControl;
