@@ -80,7 +80,7 @@ mod sys;
 pub use buddy::BuddyAllocator;
 pub use guest_map::GuestMap;
 pub use manager::{ManagerConfig, MemoryManager};
-pub use memory_stats::MemoryStats;
+pub use memory_stats::{HostMemoryStats, MemoryStats, VmMemoryStats};
 pub use merge::{
     ChangeDetection, DirtyLog, DomainId, MergeStats, Merger, Tunables, VcpuGate, VmMergeConfig, VmMergeStats,
 };

@@ -11,7 +11,7 @@ pub use crate::core::{Error, Result};
 
 use crate::core::Core;
 use crate::frame_table::Mapper;
-use crate::memory_stats::MemoryStats;
+use crate::memory_stats::{MemoryStats, VmMemoryStats};
 use crate::merge::{DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeStats};
 use crate::page_table::PageFlags;
 use crate::pool::{FramePool, PoolConfig};
@@ -119,6 +119,13 @@ impl MemoryManager {
     /// Merge statistics of one VM.
     pub fn vm_merge_stats(&self, vm: VmId) -> Result<VmMergeStats> {
         self.merger.vm_stats(vm)
+    }
+
+    /// VM `vm`'s memory: size, residency and merge counts (the API's
+    /// `GET /vms/{vm_id}/memory`).
+    pub fn vm_memory_stats(&self, vm: VmId) -> Result<VmMemoryStats> {
+        let host_addr = self.core.lock().table(vm).map(|t| t.host_addr()).ok_or(Error::UnknownVm(vm))?;
+        Ok(VmMemoryStats::managed(host_addr, &self.merger.vm_stats(vm)?))
     }
 
     /// Destroys VM `vm`: unmaps its RAM and drops its frame references.

@@ -1,18 +1,29 @@
-//! [`MemoryStats`]: the snapshot of the memory manager's statistics (pool,
-//! 2 MiB frames, VMAs, host bytes, the core's event [`Counters`], the
-//! Protector's counters and the merger's [`MergeStats`]).
+//! The memory manager's statistics.
+//!
+//! - [`MemoryStats`]: the detailed snapshot (pool, 2 MiB frames, VMAs, host
+//!   bytes, the core's event [`Counters`], the Protector's counters and the
+//!   merger's [`MergeStats`]).
+//! - [`HostMemoryStats`]: the selection of it the HTTP API serves as
+//!   `GET /memory` (KSM-style names), made by [`MemoryStats::host`].
+//! - [`VmMemoryStats`]: one VM's memory as `GET /vms/{vm_id}/memory` serves it,
+//!   from [`crate::MemoryManager::vm_memory_stats`] (managed RAM) or
+//!   [`VmMemoryStats::unmanaged`] (RAM the manager does not hold).
+//!
+//! [`HostMemoryStats`] and [`VmMemoryStats`] are wire types: the `api` crate
+//! re-exports them, and with the `openapi` feature they describe themselves to
+//! utoipa. Their field comments are the API's descriptions.
 
 use std::sync::atomic::Ordering;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::core::Counters;
 
 use crate::core::State;
-use crate::merge::MergeStats;
+use crate::merge::{MergeStats, VmMergeStats};
 use crate::pool::ThpStatus;
 use crate::protector::ProtectorCounters;
-use crate::{HUGE_FRAME_PAGES, PAGE_SIZE};
+use crate::{sys, HUGE_FRAME_PAGES, PAGE_SIZE};
 
 /// A snapshot of the memory manager's statistics.
 #[derive(Debug, Clone, Serialize)]
@@ -114,5 +125,282 @@ impl MemoryStats {
             thp: st.pool().thp().clone(),
             merge: MergeStats::default(),
         }
+    }
+
+    /// The host-wide statistics the API serves (`GET /memory`).
+    pub fn host(&self) -> HostMemoryStats {
+        let (m, c) = (&self.merge, &self.counters);
+        HostMemoryStats {
+            pages_shared: m.pages_shared,
+            pages_sharing: m.pages_sharing,
+            pages_unshared: m.pages_unshared,
+            pages_volatile: m.pages_volatile,
+            pages_scanned: m.pages_scanned,
+            full_scans: m.full_scans,
+            zero_pages: m.zero_pages,
+            general_profit: m.general_profit,
+            frames_2m_total: self.huge_frames_total,
+            frames_2m_in_use: self.huge_frames_in_use,
+            frames_2m_returned: self.huge_frames_returned,
+            fragmentation: self.fragmentation,
+            host_bytes_used: self.host_bytes,
+            vma_count: self.vma_count,
+            cow_copies: c.cow_copies,
+            cow_reuses: c.cow_reuses,
+            vcpu_holds: c.vcpu_holds,
+            vcpu_hold_ms: c.vcpu_hold_us as f64 / 1000.0,
+        }
+    }
+}
+
+/// Host-wide memory and merging statistics with KSM-style names: the merger's
+/// counters ([`MergeStats`]), the pool's 2 MiB frames, host memory, VMAs and
+/// copy-on-write counters. Made by [`MemoryStats::host`]; the `api` crate
+/// serves it as `GET /memory`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(
+        as = HostMemoryStats,
+        description = "`GET /memory`: host-wide memory and merging statistics (KSM-style names)."
+    )
+)]
+#[serde(deny_unknown_fields)]
+pub struct HostMemoryStats {
+    /// Shared frames in use (each mapped by at least two guest pages).
+    pub pages_shared: u64,
+    /// Guest pages mapping a shared frame, beyond the first mapping of each.
+    pub pages_sharing: u64,
+    /// Pages checked by the merger that are unique so far.
+    pub pages_unshared: u64,
+    /// Pages changing too fast to be merged.
+    pub pages_volatile: u64,
+    /// Pages scanned since start.
+    pub pages_scanned: u64,
+    /// Completed full scans of all mergeable memory.
+    pub full_scans: u64,
+    /// Guest pages mapping the zero page.
+    pub zero_pages: u64,
+    /// Bytes saved by merging minus the merger's own metadata (may be negative).
+    pub general_profit: i64,
+    /// 2 MiB host frames in the frame pool.
+    pub frames_2m_total: u64,
+    /// 2 MiB host frames holding at least one live 4 KiB frame.
+    pub frames_2m_in_use: u64,
+    /// 2 MiB host frames given back to the host.
+    pub frames_2m_returned: u64,
+    /// Fragmentation of the in-use 2 MiB frames (0 = packed, 1 = fully scattered).
+    pub fragmentation: f64,
+    /// Host memory used for guest memory, in bytes.
+    pub host_bytes_used: u64,
+    /// Mappings (VMAs) densevm holds.
+    pub vma_count: u64,
+    /// Copy-on-write copies, all VMs.
+    pub cow_copies: u64,
+    /// Copy-on-write reuses in place, all VMs.
+    pub cow_reuses: u64,
+    /// Merge chunks that held the merging VMs' vCPUs out of guest mode (`hold_vcpus`).
+    #[serde(default)]
+    pub vcpu_holds: u64,
+    /// Total time those vCPUs were held, in milliseconds.
+    #[serde(default)]
+    pub vcpu_hold_ms: f64,
+}
+
+/// One VM's memory in 4 KiB guest pages: its size, its residency (`mincore(2)`
+/// over its guest RAM: pages whose frame holds host memory) and, for RAM the
+/// manager holds, the merger's per-VM counts ([`VmMergeStats`]). The `api`
+/// crate serves it as `GET /vms/{vm_id}/memory`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(as = VmMemoryStats, description = "`GET /vms/{vm_id}/memory`: one VM's memory, in 4 KiB guest pages.")
+)]
+#[serde(deny_unknown_fields)]
+pub struct VmMemoryStats {
+    /// Guest memory size in pages.
+    pub guest_pages: u64,
+    /// Guest pages backed by a host frame.
+    pub resident_pages: u64,
+    /// Guest pages mapping a merged (shared) frame.
+    pub merged_pages: u64,
+    /// Guest pages mapping the zero page.
+    pub zero_pages: u64,
+    /// Writes to merged pages that copied the frame.
+    pub cow_copies: u64,
+    /// Writes to merged pages that took the frame over in place (single mapping left).
+    pub cow_reuses: u64,
+}
+
+impl VmMemoryStats {
+    /// Statistics of managed guest RAM realized at `host_addr`, whose merge
+    /// statistics are `merge` (its size is `merge.guest_pages`).
+    pub(crate) fn managed(host_addr: usize, merge: &VmMergeStats) -> Self {
+        VmMemoryStats {
+            guest_pages: merge.guest_pages,
+            resident_pages: resident_pages(host_addr, merge.guest_pages.saturating_mul(PAGE_SIZE as u64)),
+            merged_pages: merge.merged_pages,
+            zero_pages: merge.zero_pages,
+            cow_copies: merge.cow_copies,
+            cow_reuses: merge.cow_reuses,
+        }
+    }
+
+    /// Statistics of guest RAM the manager does not hold (e.g. private
+    /// anonymous memory), `size` bytes at `host_addr`: its size and residency;
+    /// nothing is merged.
+    pub fn unmanaged(host_addr: u64, size: u64) -> Self {
+        let resident_pages = usize::try_from(host_addr).map_or(0, |addr| resident_pages(addr, size));
+        VmMemoryStats { guest_pages: size / PAGE_SIZE as u64, resident_pages, ..VmMemoryStats::default() }
+    }
+}
+
+/// Pages of `addr..addr+size` that hold host memory (`mincore`); 0 (logged)
+/// if the range cannot be inspected.
+fn resident_pages(addr: usize, size: u64) -> u64 {
+    let mut residency = Vec::new();
+    let result = usize::try_from(size)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+        .and_then(|len| sys::mincore(addr, len, &mut residency));
+    match result {
+        Ok(()) => residency.iter().filter(|b| **b & 1 != 0).count() as u64,
+        Err(e) => {
+            tracing::warn!("mincore of guest RAM at {addr:#x} ({size} bytes): {e}");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> MemoryStats {
+        MemoryStats {
+            frames_total: 1024,
+            frames_used: 600,
+            frames_free: 424,
+            frames_live: 590,
+            frames_shared: 10,
+            pages_sharing: 30,
+            guest_pages: 640,
+            huge_frames_total: 2,
+            huge_frames_in_use: 2,
+            huge_frames_empty: 0,
+            huge_frames_returned: 7,
+            fragmentation: 0.25,
+            protected_pages: 40,
+            zero_pages: 3,
+            vma_count: 12,
+            vma_limit: 65530,
+            vma_refused: 0,
+            vma_limit_raised_to: None,
+            host_bytes: 4 << 20,
+            guest_bytes: 640 * PAGE_SIZE as u64,
+            counters: Counters {
+                cow_copies: 5,
+                cow_reuses: 6,
+                vcpu_holds: 2,
+                vcpu_hold_us: 1500,
+                ..Counters::default()
+            },
+            uffd_faults: 11,
+            uffd_remap_events: 0,
+            uffd_wake_errors: 0,
+            thp: ThpStatus { requested: false, honoured: false, shmem_enabled: "never".into() },
+            merge: MergeStats {
+                pages_shared: 10,
+                pages_sharing: 30,
+                pages_unshared: 100,
+                pages_volatile: 4,
+                pages_scanned: 5000,
+                full_scans: 3,
+                zero_pages: 2,
+                general_profit: -4096,
+                ..MergeStats::default()
+            },
+        }
+    }
+
+    #[test]
+    fn host_is_the_api_selection() {
+        let h = snapshot().host();
+        assert_eq!(
+            h,
+            HostMemoryStats {
+                pages_shared: 10,
+                pages_sharing: 30,
+                pages_unshared: 100,
+                pages_volatile: 4,
+                pages_scanned: 5000,
+                full_scans: 3,
+                zero_pages: 2,
+                general_profit: -4096,
+                frames_2m_total: 2,
+                frames_2m_in_use: 2,
+                frames_2m_returned: 7,
+                fragmentation: 0.25,
+                host_bytes_used: 4 << 20,
+                vma_count: 12,
+                cow_copies: 5,
+                cow_reuses: 6,
+                vcpu_holds: 2,
+                vcpu_hold_ms: 1.5,
+            }
+        );
+        // Older clients' documents without the vCPU-hold fields still parse.
+        let mut json = serde_json::to_value(&h).unwrap();
+        let obj = json.as_object_mut().unwrap();
+        obj.remove("vcpu_holds");
+        obj.remove("vcpu_hold_ms");
+        let parsed: HostMemoryStats = serde_json::from_value(json).unwrap();
+        assert_eq!((parsed.vcpu_holds, parsed.vcpu_hold_ms), (0, 0.0));
+    }
+
+    #[test]
+    fn vm_stats_of_merge_stats_and_unmanaged_ram() {
+        let merge = VmMergeStats {
+            guest_pages: 4,
+            merged_pages: 2,
+            zero_pages: 1,
+            cow_copies: 3,
+            cow_reuses: 4,
+            ..Default::default()
+        };
+        let len = 4 * PAGE_SIZE;
+        // SAFETY: a new private anonymous mapping, unmapped below; the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: the second page of the mapping above.
+        unsafe { *addr.cast::<u8>().add(PAGE_SIZE) = 1 };
+        let managed = VmMemoryStats::managed(addr as usize, &merge);
+        assert_eq!(
+            managed,
+            VmMemoryStats {
+                guest_pages: 4,
+                resident_pages: 1,
+                merged_pages: 2,
+                zero_pages: 1,
+                cow_copies: 3,
+                cow_reuses: 4
+            }
+        );
+        let unmanaged = VmMemoryStats::unmanaged(addr as u64, len as u64);
+        assert_eq!(unmanaged, VmMemoryStats { guest_pages: 4, resident_pages: 1, ..VmMemoryStats::default() });
+        // SAFETY: the mapping above, no longer used.
+        assert_eq!(unsafe { libc::munmap(addr, len) }, 0);
+        // A range that is not mapped reads as nothing resident, not as an error.
+        assert_eq!(VmMemoryStats::unmanaged(addr as u64, len as u64).resident_pages, 0);
     }
 }

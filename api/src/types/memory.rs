@@ -1,6 +1,7 @@
 //! Memory statistics and merge tuning: `GET /memory`, `GET /vms/{vm_id}/memory`,
 //! `GET|PATCH /memory/merge`, `PUT /memory/merge/actions`.
 
+use memory::memory_stats;
 use memory::merge::tunables;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,67 +15,10 @@ pub use tunables::{
     MAX_PAGES_TO_SCAN, MAX_SLEEP_MS, MIN_MAX_PAGE_SHARING,
 };
 
-/// `GET /vms/{vm_id}/memory`: one VM's memory, in 4 KiB guest pages.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VmMemoryStats {
-    /// Guest memory size in pages.
-    pub guest_pages: u64,
-    /// Guest pages backed by a host frame.
-    pub resident_pages: u64,
-    /// Guest pages mapping a merged (shared) frame.
-    pub merged_pages: u64,
-    /// Guest pages mapping the zero page.
-    pub zero_pages: u64,
-    /// Writes to merged pages that copied the frame.
-    pub cow_copies: u64,
-    /// Writes to merged pages that took the frame over in place (single mapping left).
-    pub cow_reuses: u64,
-}
-
-/// `GET /memory`: host-wide memory and merging statistics (KSM-style names).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct HostMemoryStats {
-    /// Shared frames in use (each mapped by at least two guest pages).
-    pub pages_shared: u64,
-    /// Guest pages mapping a shared frame, beyond the first mapping of each.
-    pub pages_sharing: u64,
-    /// Pages checked by the merger that are unique so far.
-    pub pages_unshared: u64,
-    /// Pages changing too fast to be merged.
-    pub pages_volatile: u64,
-    /// Pages scanned since start.
-    pub pages_scanned: u64,
-    /// Completed full scans of all mergeable memory.
-    pub full_scans: u64,
-    /// Guest pages mapping the zero page.
-    pub zero_pages: u64,
-    /// Bytes saved by merging minus the merger's own metadata (may be negative).
-    pub general_profit: i64,
-    /// 2 MiB host frames in the frame pool.
-    pub frames_2m_total: u64,
-    /// 2 MiB host frames holding at least one live 4 KiB frame.
-    pub frames_2m_in_use: u64,
-    /// 2 MiB host frames given back to the host.
-    pub frames_2m_returned: u64,
-    /// Fragmentation of the in-use 2 MiB frames (0 = packed, 1 = fully scattered).
-    pub fragmentation: f64,
-    /// Host memory used for guest memory, in bytes.
-    pub host_bytes_used: u64,
-    /// Mappings (VMAs) densevm holds.
-    pub vma_count: u64,
-    /// Copy-on-write copies, all VMs.
-    pub cow_copies: u64,
-    /// Copy-on-write reuses in place, all VMs.
-    pub cow_reuses: u64,
-    /// Merge chunks that held the merging VMs' vCPUs out of guest mode (`hold_vcpus`).
-    #[serde(default)]
-    pub vcpu_holds: u64,
-    /// Total time those vCPUs were held, in milliseconds.
-    #[serde(default)]
-    pub vcpu_hold_ms: f64,
-}
+/// `GET /memory` is the memory crate's [`memory_stats::HostMemoryStats`] (made from
+/// the manager's statistics snapshot) and `GET /vms/{vm_id}/memory` its
+/// [`memory_stats::VmMemoryStats`].
+pub use memory_stats::{HostMemoryStats, VmMemoryStats};
 
 impl Validate for MergeConfigPatch {
     /// The tunables' own range check ([`tunables::TunablesPatch::validate`]), with the

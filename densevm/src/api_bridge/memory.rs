@@ -1,12 +1,13 @@
 //! Memory statistics and merge control for the API, from the memory manager and its
 //! merger.
 //!
-//! Where the numbers come from:
-//! - `GET /memory`: [`memory::MemoryStats`] (pool, 2 MiB frames, VMAs, host bytes,
-//!   copy-on-write counters) and its [`memory::MergeStats`] (KSM's counters).
-//! - `GET /vms/{id}/memory`: `guest_pages` is the RAM size / 4 KiB; `resident_pages`
-//!   is `mincore(2)` over the VM's guest-RAM range (pages whose frame holds host
-//!   memory); the rest is the merger's per-VM [`memory::VmMergeStats`].
+//! Where the numbers come from (the wire types are the memory crate's):
+//! - `GET /memory`: [`memory::HostMemoryStats`], the API's selection of the manager's
+//!   [`memory::MemoryStats`] snapshot ([`memory::MemoryStats::host`]).
+//! - `GET /vms/{id}/memory`: [`memory::VmMemoryStats`], from
+//!   [`memory::MemoryManager::vm_memory_stats`] when the VM's RAM is managed (size,
+//!   `mincore(2)` residency and the merger's per-VM counts), else
+//!   [`memory::VmMemoryStats::unmanaged`] (size and residency only).
 //! - `GET|PATCH /memory/merge` and `UnmergeAll`: the merger's tunables (the API's
 //!   `MergeConfig` is [`memory::Tunables`], its patch a `TunablesPatch`) and its
 //!   unmerge-all (run on a helper thread: it blocks until every page is private).
@@ -15,69 +16,25 @@ use std::sync::Arc;
 
 use api::types::{HostMemoryStats, MergeConfig, MergeConfigPatch, VmMemoryStats};
 use api::{ApiError, ApiReply, ReplySender};
-use memory::{MemoryManager, MemoryStats, PAGE_SIZE};
+use memory::MemoryManager;
 
 use vmm::vm::Vm;
 
 /// Host-wide statistics with the API's (KSM-style) names.
 pub fn host_stats(mgr: &MemoryManager) -> HostMemoryStats {
-    map_host_stats(&mgr.stats())
+    mgr.stats().host()
 }
 
-fn map_host_stats(s: &MemoryStats) -> HostMemoryStats {
-    let m = &s.merge;
-    HostMemoryStats {
-        pages_shared: m.pages_shared,
-        pages_sharing: m.pages_sharing,
-        pages_unshared: m.pages_unshared,
-        pages_volatile: m.pages_volatile,
-        pages_scanned: m.pages_scanned,
-        full_scans: m.full_scans,
-        zero_pages: m.zero_pages,
-        general_profit: m.general_profit,
-        frames_2m_total: s.huge_frames_total,
-        frames_2m_in_use: s.huge_frames_in_use,
-        // 2 MiB frames punched because they became empty, since start.
-        frames_2m_returned: s.huge_frames_returned,
-        fragmentation: s.fragmentation,
-        host_bytes_used: s.host_bytes,
-        vma_count: s.vma_count,
-        cow_copies: s.counters.cow_copies,
-        cow_reuses: s.counters.cow_reuses,
-        vcpu_holds: s.counters.vcpu_holds,
-        vcpu_hold_ms: s.counters.vcpu_hold_us as f64 / 1000.0,
-    }
-}
-
-/// One VM's memory statistics.
+/// One VM's memory statistics: the memory manager's for managed RAM; size and
+/// residency only for RAM it does not hold.
 pub fn vm_stats(mgr: &MemoryManager, vm: &Vm) -> Result<VmMemoryStats, ApiError> {
     let ram = vm.ram();
-    let mut out = VmMemoryStats {
-        guest_pages: ram.size() / PAGE_SIZE as u64,
-        resident_pages: resident_pages(ram.host_addr(), ram.size()).unwrap_or(0),
-        ..VmMemoryStats::default()
-    };
-    if let Some(map) = ram.guest_map() {
-        let m = mgr
-            .vm_merge_stats(map.vm_id())
-            .map_err(|e| ApiError::internal(format!("VM {}: merge statistics: {e}", vm.id())))?;
-        out.merged_pages = m.merged_pages;
-        out.zero_pages = m.zero_pages;
-        out.cow_copies = m.cow_copies;
-        out.cow_reuses = m.cow_reuses;
+    match ram.guest_map() {
+        Some(map) => mgr
+            .vm_memory_stats(map.vm_id())
+            .map_err(|e| ApiError::internal(format!("VM {}: merge statistics: {e}", vm.id()))),
+        None => Ok(VmMemoryStats::unmanaged(ram.host_addr(), ram.size())),
     }
-    Ok(out)
-}
-
-/// Pages of `[addr, addr+size)` that are resident (`mincore`); `None` if the call fails.
-fn resident_pages(addr: u64, size: u64) -> Option<u64> {
-    let pages = usize::try_from(size.div_ceil(PAGE_SIZE as u64)).ok()?;
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `addr..addr+size` is the VM's guest-RAM mapping, alive while the caller
-    // holds `&Vm`; mincore only inspects the page tables and writes one byte per page
-    // into `vec`, which holds exactly that many bytes.
-    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, size as usize, vec.as_mut_ptr()) };
-    (rc == 0).then(|| vec.iter().filter(|b| **b & 1 != 0).count() as u64)
 }
 
 /// The merger's tunables.
@@ -133,16 +90,19 @@ mod tests {
         assert!(serde_json::from_str::<MergeConfigPatch>(&too_large).is_err());
     }
 
+    /// RAM the manager does not hold (anonymous) counts the pages it touched.
     #[test]
     fn resident_pages_follow_touches() {
+        use memory::PAGE_SIZE;
         let len = 16 * PAGE_SIZE;
         let mem = vm_memory::MmapRegion::<()>::new(len).unwrap();
         let p = mem.as_ptr();
-        assert_eq!(resident_pages(p as u64, len as u64), Some(0));
+        let stats = || VmMemoryStats::unmanaged(p as u64, len as u64);
+        assert_eq!(stats().resident_pages, 0);
         for i in [0, 3, 15] {
             // SAFETY: inside the mapping above.
             unsafe { *p.add(i * PAGE_SIZE) = 1 };
         }
-        assert_eq!(resident_pages(p as u64, len as u64), Some(3));
+        assert_eq!(stats(), VmMemoryStats { guest_pages: 16, resident_pages: 3, ..VmMemoryStats::default() });
     }
 }
