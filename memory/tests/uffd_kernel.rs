@@ -28,7 +28,7 @@ fn uffd_or_skip(test: &str, features: u64) -> Option<Uffd> {
     match Uffd::new(features, UFFD_FEATURE_WP_HUGETLBFS_SHMEM) {
         Ok(u) => Some(u),
         Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
+            common::skip(test, &e.to_string());
             None
         }
     }

@@ -34,12 +34,21 @@ pub fn last_json_line(stdout: &[u8]) -> Option<serde_json::Value> {
         .find_map(|l| serde_json::from_str(l).ok())
 }
 
+/// Prints `SKIPPED <test>: <why>` on the real stderr: not through `eprintln!`,
+/// which the test harness captures (and hides) for passing tests.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "SKIPPED {test}: {why}");
+    let _ = err.flush();
+}
+
 /// True when /dev/kvm can be opened; otherwise prints why the caller skips.
 pub fn kvm_available(test: &str) -> bool {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm cannot be opened: {e}");
+            skip(test, &format!("/dev/kvm cannot be opened: {e}"));
             false
         }
     }

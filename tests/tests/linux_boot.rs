@@ -4,9 +4,9 @@
 //!
 //! A stock Linux kernel boots under KVM only where ring-0 guest code runs natively
 //! (VMX/SVM). Where it does not (a software-assisted KVM such as kvm_pvm), the test
-//! prints `SKIPPED: <reason>` to stderr and returns.
+//! prints `SKIPPED linux_guest_boots_to_marker: <reason>` on the real stderr and returns.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -63,20 +63,12 @@ fn build_guest() -> (PathBuf, PathBuf) {
     (kernel, initrd)
 }
 
-/// Prints `SKIPPED: <why>` on the real stderr: not through `eprintln!`, which the test
-/// harness captures (and hides) for passing tests.
-fn skip(why: &str) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "SKIPPED: {why}");
-    let _ = err.flush();
-}
-
 #[test]
 fn linux_guest_boots_to_marker() {
     let bin = densevm_binary();
     let (native, reason) = ring0_native(&bin);
     if !native {
-        skip(&format!("linux_guest_boots_to_marker: {reason}"));
+        e2e::skip("linux_guest_boots_to_marker", &reason);
         return;
     }
     eprintln!("ring-0 guests run natively: {reason}");

@@ -118,7 +118,7 @@ impl Fleet {
         let mut host = match Host::new(HostConfig { pool_bytes: 1 << 30 }) {
             Ok(h) => h,
             Err(e) => {
-                eprintln!("SKIPPED {name}: cannot create the host: {e}");
+                e2e::skip(name, &format!("cannot create the host: {e}"));
                 return None;
             }
         };
@@ -858,7 +858,7 @@ fn domains_never_share_physical_frames() {
     let mut pfns: Vec<HashMap<u32, u64>> = Vec::new();
     for i in 0..3 {
         let Some(map) = pfn_map(&f, i, &pagemap) else {
-            eprintln!("SKIPPED {name}: /proc/self/pagemap hides PFNs (needs CAP_SYS_ADMIN)");
+            e2e::skip(name, "/proc/self/pagemap hides PFNs (needs CAP_SYS_ADMIN)");
             return;
         };
         pfns.push(map);

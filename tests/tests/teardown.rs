@@ -36,7 +36,7 @@ fn stopping_vms_returns_fds_threads_and_frames() {
     let mut host = match Host::new(HostConfig { pool_bytes: 1 << 30 }) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("SKIPPED stopping_vms_returns_fds_threads_and_frames: cannot create the host: {e}");
+            e2e::skip("stopping_vms_returns_fds_threads_and_frames", &format!("cannot create the host: {e}"));
             return;
         }
     };

@@ -115,7 +115,7 @@ fn guests_verify_every_page_while_pages_are_merged_migrated_and_discarded() {
     let mut host = match Host::new(HostConfig { pool_bytes: 1 << 30 }) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("SKIPPED vcpu_torture: cannot create the host: {e}");
+            e2e::skip("vcpu_torture", &format!("cannot create the host: {e}"));
             return;
         }
     };
@@ -217,7 +217,7 @@ fn guests_run_on_merged_page_tables() {
     let mut host = match Host::new(HostConfig { pool_bytes: 1 << 30 }) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("SKIPPED guests_run_on_merged_page_tables: cannot create the host: {e}");
+            e2e::skip("guests_run_on_merged_page_tables", &format!("cannot create the host: {e}"));
             return;
         }
     };

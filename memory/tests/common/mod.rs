@@ -6,11 +6,20 @@ use std::sync::{Arc, Mutex};
 use memory::uffd::Uffd;
 use memory::{DirtyLog, ManagerConfig, MemoryManager, PAGE_SIZE};
 
+/// Prints `SKIPPED <test>: <why>` on the real stderr: not through `eprintln!`,
+/// which the test harness captures (and hides) for passing tests.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "SKIPPED {test}: {why}");
+    let _ = err.flush();
+}
+
 /// A manager with a pool of `mib` MiB, or `None` (with the reason printed) when
 /// write-protect userfaultfd is not available here.
 pub fn manager_or_skip(test: &str, mib: u64) -> Option<Arc<MemoryManager>> {
     if let Err(e) = Uffd::probe() {
-        eprintln!("SKIPPED {test}: userfaultfd write protection unavailable: {e}");
+        skip(test, &format!("userfaultfd write protection unavailable: {e}"));
         return None;
     }
     let mut config = ManagerConfig::with_capacity(mib << 20);
