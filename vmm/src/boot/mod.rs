@@ -1,4 +1,5 @@
 //! Boot sources.
 
+pub mod boot_file;
 pub mod linux;
 pub mod ring0_probe;

@@ -28,6 +28,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use super::boot_file;
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::bootparam::{boot_params, setup_header, XLF_KERNEL_64};
@@ -110,6 +111,9 @@ pub struct LinuxBootSetup {
 /// Errors of the Linux boot path.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The kernel or initrd path is refused or cannot be opened ([`boot_file`]).
+    #[error(transparent)]
+    File(#[from] boot_file::Error),
     /// The kernel or initrd file cannot be opened or read.
     #[error("cannot read {what} {path}: {source}")]
     Io {
@@ -212,8 +216,13 @@ pub fn load_linux<M: GuestMemoryBackend>(
     cfg: &LinuxBootConfig,
 ) -> Result<LinuxBootSetup, Error> {
     let e820_map = e820::build_e820(ram_size)?;
-    let path = cfg.kernel.as_path();
-    let mut file = File::open(path).map_err(io_err("kernel", path))?;
+    // Both files are checked before either is read.
+    let kernel = boot_file::open("kernel", &cfg.kernel, boot_file::MAX_KERNEL_BYTES)?;
+    // No cap on the initrd here: place_initrd refuses one that does not fit in guest
+    // RAM, with where it would have to go, before a byte of it is read.
+    let initrd_file = cfg.initrd.as_deref().map(|p| boot_file::open("initrd", p, u64::MAX)).transpose()?;
+    let path = kernel.path.as_path();
+    let mut file = kernel.file;
     let format = detect_format(&mut file, path)?;
     let highmem = Some(GuestAddress(e820::HIGH_RAM_START));
     let load_err = |source| Error::LoadKernel { path: path.to_path_buf(), source };
@@ -260,10 +269,9 @@ pub fn load_linux<M: GuestMemoryBackend>(
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = bytes.len() as u32;
 
-    let initrd = match &cfg.initrd {
-        Some(p) => {
-            let mut f = File::open(p).map_err(io_err("initrd", p))?;
-            let size = f.metadata().map_err(io_err("initrd", p))?.len();
+    let initrd = match initrd_file {
+        Some(initrd) => {
+            let (mut f, size) = (initrd.file, initrd.size);
             let addr = place_initrd(size, kernel_end, initrd_addr_max, ram_size)?;
             let len = usize::try_from(size).map_err(|_| Error::InitrdTooBig {
                 size,
