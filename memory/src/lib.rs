@@ -60,6 +60,7 @@
 //! facade (`manager.rs`) is not on the path.
 
 pub mod buddy;
+pub mod compact;
 pub mod frame_table;
 pub mod guest_map;
 pub mod manager;
@@ -78,6 +79,9 @@ mod core;
 mod sys;
 
 pub use buddy::BuddyAllocator;
+pub use compact::{
+    CompactionFailures, CompactionReport, CompactionStats, CompactionTunables, CompactionTunablesPatch, Compactor,
+};
 pub use guest_map::GuestMap;
 pub use manager::{ManagerConfig, MemoryManager};
 pub use memory_stats::{HostMemoryStats, MemoryStats, VmMemoryStats};
