@@ -236,3 +236,60 @@ fn merging_after_compaction_keeps_the_fuller_frame() {
     assert!(merged > 0);
     check_model(&guests, &model);
 }
+
+#[test]
+fn proactive_compaction_follows_its_tunables() {
+    let _serial = serial();
+    let Some(mgr) = manager_or_skip("proactive_compaction_follows_its_tunables", 128) else {
+        return;
+    };
+    let off = memory::CompactionTunablesPatch { enabled: Some(false), ..Default::default() };
+    assert!(!mgr.update_compaction(&off).unwrap().enabled);
+    let bad = memory::CompactionTunablesPatch { proactiveness: Some(101), enabled: Some(true), ..Default::default() };
+    assert!(mgr.update_compaction(&bad).is_err());
+    assert!(!mgr.compaction_tunables().enabled, "an invalid patch changed something");
+    let guests = scatter(&mgr, 20_000, 1500, 32, 0x77);
+    let start = mgr.compaction_stats();
+    assert!(start.fragmentation > 0.2 && start.ideal_frames_2m > 0, "{start:?}");
+    let in_use = mgr.stats().huge_frames_in_use;
+    // Disabled: no proactive pass.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(mgr.compaction_stats().proactive_passes, 0);
+    assert_eq!(mgr.stats().huge_frames_in_use, in_use);
+    // Enabled at 2000 pages/s: the pass is paced.
+    let rate = 2000;
+    let t0 = std::time::Instant::now();
+    mgr.update_compaction(&memory::CompactionTunablesPatch {
+        enabled: Some(true),
+        proactiveness: Some(20),
+        max_pages_per_s: Some(rate),
+    })
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let paced = mgr.compaction_stats().pages_migrated;
+    let bound = (rate as f64 * t0.elapsed().as_secs_f64()) as u64 + 64;
+    assert!(paced > 0 && paced <= bound, "migrated {paced} in {:?} at {rate}/s", t0.elapsed());
+    // Full rate: it reaches the packing.
+    mgr.update_compaction(&memory::CompactionTunablesPatch {
+        max_pages_per_s: Some(100_000_000),
+        ..Default::default()
+    })
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = mgr.compaction_stats();
+        let in_use = mgr.stats().huge_frames_in_use;
+        if in_use <= s.ideal_frames_2m + 2 {
+            assert!(s.proactive_passes >= 1 && s.passes == s.proactive_passes, "{s:?}");
+            assert!(s.frames_2m_returned > 0 && s.fragmentation < 0.2, "{s:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "proactive compaction did not pack: {s:?}, in use {in_use}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    check_contents(&guests);
+    // Packed: later checks start no pass that moves anything.
+    let settled = mgr.compaction_stats().pages_migrated;
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(mgr.compaction_stats().pages_migrated, settled);
+}

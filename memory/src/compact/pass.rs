@@ -27,6 +27,9 @@ pub(crate) struct PassLimits<'a> {
     pub(crate) max_pages_per_s: Option<u64>,
     /// Polled between batches: true stops the pass.
     pub(crate) interrupted: &'a dyn Fn() -> bool,
+    /// Called after each batch with the pages it migrated and the 2 MiB
+    /// frames it returned (for running totals).
+    pub(crate) on_batch: &'a dyn Fn(u64, u64),
 }
 
 /// The pool's 2 MiB frames as compaction counts them (under the lock).
@@ -115,6 +118,7 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
             (done, migrated, guard.pool().huge_frames_returned() - returned_before)
         };
         next += done;
+        (limits.on_batch)(migrated, returned);
         report.pages_migrated += migrated;
         report.frames_2m_returned += returned;
         core.yield_to_faults();
