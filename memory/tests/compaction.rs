@@ -293,3 +293,62 @@ fn proactive_compaction_follows_its_tunables() {
     std::thread::sleep(std::time::Duration::from_millis(1200));
     assert_eq!(mgr.compaction_stats().pages_migrated, settled);
 }
+
+/// Measurement (run by hand: `cargo test --release -p memory --test compaction
+/// -- --ignored --nocapture`): the pace of a writer thread standing in for a
+/// guest (random page writes over the surviving VMs) while proactive
+/// compaction runs at several rates, relative to its pace without compaction.
+/// Chooses the default `max_pages_per_s`.
+#[test]
+#[ignore]
+fn measure_writer_pace_under_proactive_compaction() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let _serial = serial();
+    for rate in [0u64, 1_000, 2_000, 3_000, 5_000, 20_000, 100_000_000] {
+        let Some(mgr) = manager_or_skip("measure_writer_pace_under_proactive_compaction", 512) else {
+            return;
+        };
+        mgr.update_compaction(&memory::CompactionTunablesPatch { enabled: Some(false), ..Default::default() }).unwrap();
+        let guests = scatter(&mgr, 1, 6000, 32, 0x5eed);
+        let pages: Vec<usize> =
+            guests.iter().flat_map(|g| (0..g.pages()).map(move |p| g.page_addr(p).unwrap_or(0))).collect();
+        let pages = Arc::new(pages);
+        let (stop, writes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let writer = {
+            let (pages, stop, writes) = (pages.clone(), stop.clone(), writes.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(1);
+                while !stop.load(Ordering::Relaxed) {
+                    let addr = pages[rng.below(pages.len() as u64) as usize];
+                    // SAFETY: a page of a live guest map (kept until the join);
+                    // one word, as a guest store would.
+                    unsafe { std::ptr::write_volatile((addr + 8 * rng.below(512) as usize) as *mut u64, 1) };
+                    writes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let window = std::time::Duration::from_millis(1500);
+        std::thread::sleep(window);
+        let base = writes.swap(0, Ordering::Relaxed) as f64 / window.as_secs_f64();
+        let t0 = std::time::Instant::now();
+        if rate > 0 {
+            mgr.update_compaction(&memory::CompactionTunablesPatch {
+                enabled: Some(true),
+                proactiveness: Some(1),
+                max_pages_per_s: Some(rate),
+            })
+            .unwrap();
+        }
+        std::thread::sleep(window);
+        let during = writes.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+        let migrated = mgr.compaction_stats().pages_migrated;
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        eprintln!(
+            "rate {rate:>9}/s: migrated {migrated:>6} in {:.2} s, writer {base:.0} -> {during:.0} writes/s, pace {:.3}",
+            t0.elapsed().as_secs_f64(),
+            during / base
+        );
+    }
+}
