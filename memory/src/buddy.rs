@@ -168,6 +168,41 @@ impl BuddyAllocator {
         out
     }
 
+    /// The free blocks of 2 MiB frame `hf` as (offset inside it, order), by
+    /// ascending order then offset (empty if `hf` is outside the pool).
+    pub fn free_blocks_in(&self, hf: u32) -> Vec<(u16, u8)> {
+        let Some(state) = self.huge.get(hf as usize) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for order in 0..=MAX_ORDER {
+            let start = BITMAP_OFFSET[order as usize];
+            let words = ((HUGE_FRAME_PAGES >> order) as usize).div_ceil(64);
+            for (w, &word) in state.bits[start..start + words].iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let index = (w * 64) as u32 + bits.trailing_zeros();
+                    bits &= bits - 1;
+                    out.push(((index << order) as u16, order));
+                }
+            }
+        }
+        out
+    }
+
+    /// The allocated frames' offsets (0..512) inside 2 MiB frame `hf`, ascending.
+    pub fn used_in(&self, hf: u32) -> Vec<u16> {
+        if hf as usize >= self.huge.len() {
+            return Vec::new();
+        }
+        let mut free = [false; HUGE_FRAME_PAGES as usize];
+        for (offset, order) in self.free_blocks_in(hf) {
+            let n = 1usize << order;
+            free[offset as usize..offset as usize + n].iter_mut().for_each(|f| *f = true);
+        }
+        (0..HUGE_FRAME_PAGES as u16).filter(|&o| !free[o as usize]).collect()
+    }
+
     /// Whether `frame` is currently free.
     pub fn is_free(&self, frame: FrameNo) -> bool {
         let (hf, offset) = split(frame);
@@ -358,5 +393,17 @@ mod tests {
         assert_eq!(buddy.free_frames(), 511);
         assert_eq!(buddy.alloc_specific(77), Err(Error::NotFree(77)));
         assert_eq!(buddy.free(77, 0), Ok(FreeOutcome::HugeFrameEmptied(0)));
+    }
+
+    #[test]
+    fn free_blocks_and_used_of_one_huge_frame() {
+        let mut buddy = BuddyAllocator::new(2);
+        buddy.alloc_specific(3).unwrap();
+        assert_eq!(buddy.used_in(0), vec![3]);
+        let blocks = buddy.free_blocks_in(0);
+        assert_eq!(blocks.iter().map(|&(_, k)| 1u32 << k).sum::<u32>(), 511);
+        assert!(blocks.contains(&(2, 0)) && blocks.contains(&(0, 1)) && blocks.contains(&(256, 8)));
+        assert_eq!(buddy.free_blocks_in(1), vec![(0, 9)]);
+        assert!(buddy.used_in(1).is_empty());
     }
 }

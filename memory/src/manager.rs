@@ -9,6 +9,7 @@ use std::sync::Arc;
 pub use crate::core::page_ops::MergeOutcome;
 pub use crate::core::{Error, Result};
 
+use crate::compact::{CompactionReport, CompactionStats, CompactionTunables, CompactionTunablesPatch, Compactor};
 use crate::core::Core;
 use crate::frame_table::Mapper;
 use crate::memory_stats::{MemoryStats, VmMemoryStats};
@@ -47,6 +48,7 @@ impl ManagerConfig {
 pub struct MemoryManager {
     core: Arc<Core>,
     merger: Merger,
+    compactor: Compactor,
     protector: Protector,
 }
 
@@ -67,7 +69,14 @@ impl MemoryManager {
         let core = Arc::new(Core::new(pool, budget, uffd.clone()));
         let protector = Protector::start(uffd, core.fault_resolver())?;
         let merger = Merger::start(core.clone())?;
-        Ok(Arc::new(MemoryManager { core, merger, protector }))
+        let compactor = match Compactor::start(core.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                merger.shutdown();
+                return Err(Error::CompactionThread(e));
+            }
+        };
+        Ok(Arc::new(MemoryManager { core, merger, compactor, protector }))
     }
 
     pub(crate) fn core(&self) -> &Core {
@@ -194,10 +203,41 @@ impl MemoryManager {
         self.core.lock().frames().refs(frame)
     }
 
+    /// Free 4 KiB frames in 2 MiB frame `hf` (frames `hf * 512..(hf + 1) * 512`;
+    /// 0 outside the pool).
+    pub fn huge_frame_free(&self, hf: u32) -> u32 {
+        self.core.lock().pool().buddy().free_in_huge_frame(hf)
+    }
+
     /// The guest pages mapping `frame`, as (vm, page).
     pub fn frame_mappers(&self, frame: FrameNo) -> Vec<(VmId, u32)> {
         let st = self.core.lock();
         st.frames().mappers(frame).into_iter().map(|m| (m.vm, m.page)).collect()
+    }
+
+    /// Runs one compaction pass now, at full rate: empties the least occupied
+    /// 2 MiB frames into the holes of the fullest ones and returns the emptied
+    /// ones to the host (see [`crate::compact`]). Waits for a proactive pass in
+    /// progress to end first.
+    pub fn compact(&self) -> Result<CompactionReport> {
+        Ok(self.compactor.compact())
+    }
+
+    /// The compaction tunables in force.
+    pub fn compaction_tunables(&self) -> CompactionTunables {
+        self.compactor.tunables()
+    }
+
+    /// Validates `patch` (one range check), applies it to the compaction
+    /// tunables and wakes the background compactor; returns the tunables now
+    /// in force. An invalid patch changes nothing.
+    pub fn update_compaction(&self, patch: &CompactionTunablesPatch) -> Result<CompactionTunables> {
+        Ok(self.compactor.update(patch)?)
+    }
+
+    /// The pool's fragmentation and the compactor's totals.
+    pub fn compaction_stats(&self) -> CompactionStats {
+        self.compactor.stats()
     }
 
     /// A snapshot of the statistics.
@@ -207,6 +247,7 @@ impl MemoryManager {
             MemoryStats::collect(&st, self.protector.counters())
         };
         stats.merge = self.merger.stats();
+        stats.compaction = self.compactor.stats();
         stats
     }
 
@@ -218,7 +259,9 @@ impl MemoryManager {
 
 impl Drop for MemoryManager {
     fn drop(&mut self) {
-        // The scanner thread holds the core: stop it before the Protector goes.
+        // The scanner and compaction threads hold the core: stop them before
+        // the Protector goes.
+        self.compactor.shutdown();
         self.merger.shutdown();
     }
 }

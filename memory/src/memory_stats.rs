@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::core::Counters;
 
+use crate::compact::CompactionStats;
 use crate::core::State;
 use crate::merge::{MergeStats, VmMergeStats};
 use crate::pool::ThpStatus;
@@ -82,6 +83,8 @@ pub struct MemoryStats {
     pub thp: ThpStatus,
     /// Same-page merging (KSM vocabulary).
     pub merge: MergeStats,
+    /// Compaction: fragmentation and the compactor's totals.
+    pub compaction: CompactionStats,
 }
 
 impl MemoryStats {
@@ -124,6 +127,7 @@ impl MemoryStats {
             uffd_wake_errors: protector.wake_errors.load(Ordering::Relaxed),
             thp: st.pool().thp().clone(),
             merge: MergeStats::default(),
+            compaction: CompactionStats::default(),
         }
     }
 
@@ -149,6 +153,7 @@ impl MemoryStats {
             cow_reuses: c.cow_reuses,
             vcpu_holds: c.vcpu_holds,
             vcpu_hold_ms: c.vcpu_hold_us as f64 / 1000.0,
+            compaction: self.compaction,
         }
     }
 }
@@ -206,6 +211,9 @@ pub struct HostMemoryStats {
     /// Total time those vCPUs were held, in milliseconds.
     #[serde(default)]
     pub vcpu_hold_ms: f64,
+    /// Compaction: fragmentation of the 2 MiB frames and the compactor's totals.
+    #[serde(default)]
+    pub compaction: CompactionStats,
 }
 
 /// One VM's memory in 4 KiB guest pages: its size, its residency (`mincore(2)`
@@ -321,6 +329,7 @@ mod tests {
                 general_profit: -4096,
                 ..MergeStats::default()
             },
+            compaction: CompactionStats { passes: 2, pages_migrated: 900, ..CompactionStats::default() },
         }
     }
 
@@ -348,6 +357,7 @@ mod tests {
                 cow_reuses: 6,
                 vcpu_holds: 2,
                 vcpu_hold_ms: 1.5,
+                compaction: CompactionStats { passes: 2, pages_migrated: 900, ..CompactionStats::default() },
             }
         );
         // Older clients' documents without the vCPU-hold fields still parse.
@@ -355,8 +365,10 @@ mod tests {
         let obj = json.as_object_mut().unwrap();
         obj.remove("vcpu_holds");
         obj.remove("vcpu_hold_ms");
+        obj.remove("compaction");
         let parsed: HostMemoryStats = serde_json::from_value(json).unwrap();
         assert_eq!((parsed.vcpu_holds, parsed.vcpu_hold_ms), (0, 0.0));
+        assert_eq!(parsed.compaction, CompactionStats::default());
     }
 
     #[test]

@@ -25,6 +25,9 @@ const LAYERS: &[(&str, &[&str])] = &[
             "vcpu_gate.rs",
             "merge/tunables.rs",
             "merge/error.rs",
+            "compact/tunables.rs",
+            "compact/stats.rs",
+            "compact/plan.rs",
         ],
     ),
     ("pool and protector", &["pool.rs", "protector.rs"]),
@@ -49,6 +52,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("merge scanner", &["merge/scanner.rs"]),
     ("merge scanner parts", &["merge/backoff.rs", "merge/visit.rs", "merge/decide.rs"]),
     ("merger", &["merge/mod.rs"]),
+    ("compactor", &["compact/pass.rs", "compact/mod.rs"]),
     ("facade", &["memory_stats.rs", "manager.rs", "guest_map.rs"]),
 ];
 

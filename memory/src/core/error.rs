@@ -4,6 +4,7 @@
 use std::io;
 
 use super::merge_settings::DomainId;
+use crate::compact::tunables as compact_tunables;
 use crate::merge::error as merge_error;
 use crate::{frame_table, pool, protector, remap, uffd};
 use crate::{FrameNo, VmId};
@@ -73,6 +74,12 @@ pub enum Error {
     /// The merger failed.
     #[error(transparent)]
     Merge(#[from] merge_error::Error),
+    /// A compaction tunable is out of range.
+    #[error(transparent)]
+    Compaction(#[from] compact_tunables::Error),
+    /// Starting the compaction thread failed.
+    #[error("starting the compaction thread: {0}")]
+    CompactionThread(io::Error),
 }
 
 /// Result type of the memory core.

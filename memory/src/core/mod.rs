@@ -95,6 +95,12 @@ impl Core {
         guard
     }
 
+    /// Whether a fault resolver waits for the lock (long lock holders end
+    /// their batch early).
+    pub(crate) fn faults_waiting(&self) -> bool {
+        self.fault_waiters.load(Ordering::Acquire) > 0
+    }
+
     /// Lets waiting fault resolvers take the lock first (called between chunks
     /// of long work, with the lock released).
     pub(crate) fn yield_to_faults(&self) {

@@ -66,28 +66,7 @@ impl Core {
     /// Moves `old`'s content to a new frame (`target`, or any free one) and
     /// remaps every page mapping it; returns the new frame.
     pub(crate) fn migrate(&self, old: FrameNo, target: Option<FrameNo>) -> Result<FrameNo> {
-        self.with_txn(|t| {
-            let mappers = t.st.frames().mappers(old);
-            if mappers.is_empty() {
-                return Err(Error::FrameNotLive(old));
-            }
-            let shared = t.st.frames().shared_mappings();
-            if !t.st.admit_vmas(shared, 2 * mappers.len()) {
-                return Err(Error::VmaBudget);
-            }
-            let new = match target {
-                Some(f) => {
-                    t.st.alloc_specific(f)?;
-                    f
-                }
-                None => t.st.alloc(0)?,
-            };
-            let result = migrate_mappers(t, old, new, &mappers);
-            if result.is_err() && t.st.frames().refs(new) == 0 {
-                t.st.free_unmapped(new)?;
-            }
-            result.map(|()| new)
-        })
+        self.with_txn(|t| migrate_frame(t, old, target))
     }
 
     /// Drops page `m`'s content and host memory; it reads as zero, protected.
@@ -255,11 +234,46 @@ fn prefer_first(t: &Txn<'_>, fa: FrameNo, fb: FrameNo) -> bool {
     hf(fa) <= hf(fb)
 }
 
+/// Moves frame `old`'s content to `target` (a free frame), or to any free frame,
+/// and remaps every guest page mapping it, in one step of transaction `t`;
+/// returns the new frame. On failure nothing moved unless a later mapper of a
+/// shared frame failed (then the pages already moved map an equal copy, all
+/// protected): every page maps a frame with its content, and a page that was
+/// writable before is writable again.
+pub(crate) fn migrate_frame(t: &mut Txn<'_>, old: FrameNo, target: Option<FrameNo>) -> Result<FrameNo> {
+    let mappers = t.st.frames().mappers(old);
+    if mappers.is_empty() {
+        return Err(Error::FrameNotLive(old));
+    }
+    let shared = t.st.frames().shared_mappings();
+    if !t.st.admit_vmas(shared, 2 * mappers.len()) {
+        return Err(Error::VmaBudget);
+    }
+    let new = match target {
+        Some(f) => {
+            t.st.alloc_specific(f)?;
+            f
+        }
+        None => t.st.alloc(0)?,
+    };
+    let result = migrate_mappers(t, old, new, &mappers);
+    if result.is_err() && t.st.frames().refs(new) == 0 {
+        t.st.free_unmapped(new)?;
+    }
+    result.map(|()| new)
+}
+
 /// Copies `old` to `new` under protection and remaps every mapper.
 fn migrate_mappers(t: &mut Txn<'_>, old: FrameNo, new: FrameNo, mappers: &[Mapper]) -> Result<()> {
     let mut was_protected = Vec::with_capacity(mappers.len());
     for &m in mappers {
-        was_protected.push(t.protect_page(m)?);
+        match t.protect_page(m) {
+            Ok(p) => was_protected.push(p),
+            Err(e) => {
+                undo_protection(t, mappers, &was_protected, old);
+                return Err(e);
+            }
+        }
     }
     let all_zero = mappers.iter().all(|&m| t.entry(m).is_ok_and(|e| e.flags.contains(PageFlags::ZERO)));
     if !all_zero {
@@ -267,8 +281,23 @@ fn migrate_mappers(t: &mut Txn<'_>, old: FrameNo, new: FrameNo, mappers: &[Mappe
     }
     for (&m, &protected) in mappers.iter().zip(&was_protected) {
         // An unprotected page is the frame's only mapper: it may end private.
-        t.move_page(m, new, protected)?;
+        if let Err(e) = t.move_page(m, new, protected) {
+            undo_protection(t, mappers, &was_protected, old);
+            return Err(e);
+        }
     }
     t.st.count(Counter::Migration);
     Ok(())
+}
+
+/// After a failed migration: makes the pages that were writable before, and
+/// still map `old`, writable again (such a page is its frame's only mapper).
+fn undo_protection(t: &mut Txn<'_>, mappers: &[Mapper], was_protected: &[bool], old: FrameNo) {
+    for (&m, &protected) in mappers.iter().zip(was_protected) {
+        if !protected && t.entry(m).is_ok_and(|e| e.frame == old) {
+            if let Err(e) = t.unprotect_page(m) {
+                tracing::warn!("undoing the protection of vm {} page {}: {e}", m.vm, m.page);
+            }
+        }
+    }
 }

@@ -1,0 +1,216 @@
+//! densevm's own compaction: moves live 4 KiB frames out of sparse 2 MiB
+//! frames into the holes of fuller ones and punches the emptied 2 MiB frames.
+//!
+//! - Selection and placement ([`plan`]): the least occupied 2 MiB frames are
+//!   emptied into the free slots of the fullest ones, never into a source or an
+//!   empty 2 MiB frame, runs of consecutive frames into free blocks of their
+//!   buddy order; a pass ends at `ceil(live / 512)` 2 MiB frames in use.
+//! - Migration (`pass.rs`): each frame moves with the remap protocol's
+//!   migration (every guest page mapping it is remapped in one protected step
+//!   under the manager's lock), [`pass::BATCH`] frames per lock hold; a 2 MiB
+//!   frame whose last frame leaves is freed and punched by the pool.
+//! - Triggers: [`crate::MemoryManager::compact`] (on demand, full rate), and a
+//!   background thread (`densevm-compact`) that runs a rate-limited pass when
+//!   the fragmentation exceeds `proactiveness` ([`CompactionTunables`]).
+//!
+//! [`Compactor`] is the handle (owned by the manager): tunables, on-demand
+//! passes, statistics. Its thread stops and is joined when the manager drops.
+
+pub mod pass;
+pub mod plan;
+pub mod stats;
+pub mod tunables;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use stats::{CompactionFailures, CompactionReport, CompactionStats};
+pub use tunables::{
+    CompactionTunables, CompactionTunablesPatch, MAX_MAX_PAGES_PER_S, MAX_PROACTIVENESS, MIN_MAX_PAGES_PER_S,
+};
+
+use crate::core::Core;
+use pass::{Occupancy, PassLimits};
+
+/// How often the background thread checks the fragmentation.
+const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Totals since start.
+#[derive(Debug, Default)]
+struct Totals {
+    pages_migrated: u64,
+    frames_2m_returned: u64,
+    passes: u64,
+    proactive_passes: u64,
+    failures: CompactionFailures,
+}
+
+/// State shared between the handle and the background thread.
+struct Shared {
+    tunables: Mutex<CompactionTunables>,
+    wake: Condvar,
+    /// Bumped on every change of the tunables (a proactive pass polls it).
+    generation: AtomicU64,
+    stop: AtomicBool,
+    totals: Mutex<Totals>,
+    /// One pass at a time (taken before the manager's lock).
+    pass: Mutex<()>,
+}
+
+impl Shared {
+    fn tunables(&self) -> MutexGuard<'_, CompactionTunables> {
+        self.tunables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn totals(&self) -> MutexGuard<'_, Totals> {
+        self.totals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds one batch's migrations to the totals.
+    fn record_batch(&self, pages: u64, returned: u64) {
+        let mut t = self.totals();
+        t.pages_migrated += pages;
+        t.frames_2m_returned += returned;
+    }
+
+    /// Counts a finished pass (its migrations were added batch by batch).
+    fn record(&self, report: &CompactionReport, proactive: bool) {
+        let mut t = self.totals();
+        t.passes += 1;
+        t.proactive_passes += u64::from(proactive);
+        t.failures.add(&report.failures);
+    }
+}
+
+/// Handle of the compactor.
+pub struct Compactor {
+    core: Arc<Core>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Compactor {
+    /// Starts the background thread over `core` with the default tunables.
+    pub(crate) fn start(core: Arc<Core>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            tunables: Mutex::new(CompactionTunables::default()),
+            wake: Condvar::new(),
+            generation: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            totals: Mutex::new(Totals::default()),
+            pass: Mutex::new(()),
+        });
+        let thread = {
+            let (core, shared) = (core.clone(), shared.clone());
+            std::thread::Builder::new().name("densevm-compact".into()).spawn(move || run_loop(&core, &shared))?
+        };
+        Ok(Compactor { core, shared, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The tunables in force.
+    pub fn tunables(&self) -> CompactionTunables {
+        *self.shared.tunables()
+    }
+
+    /// Validates `patch`, applies it and wakes the background thread; returns
+    /// the tunables now in force.
+    pub fn update(&self, patch: &CompactionTunablesPatch) -> Result<CompactionTunables, tunables::Error> {
+        patch.validate()?;
+        let mut t = self.shared.tunables();
+        patch.apply(&mut t);
+        let now = *t;
+        drop(t);
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.shared.wake.notify_all();
+        Ok(now)
+    }
+
+    /// Runs one pass at full rate (waiting for a proactive pass in progress).
+    pub fn compact(&self) -> CompactionReport {
+        let _pass = self.shared.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let on_batch = |pages, returned| self.shared.record_batch(pages, returned);
+        let limits = PassLimits { max_pages_per_s: None, interrupted: &|| false, on_batch: &on_batch };
+        let report = pass::run(&self.core, &limits);
+        self.shared.record(&report, false);
+        report
+    }
+
+    /// The pool's fragmentation and the totals since start.
+    pub fn stats(&self) -> CompactionStats {
+        let occ = Occupancy::of(&self.core.lock());
+        let t = self.shared.totals();
+        CompactionStats {
+            free_frames: occ.free_frames,
+            free_frames_in_partial_2m: occ.free_in_partial,
+            free_frames_2m: occ.free_huge,
+            frames_2m_returned: t.frames_2m_returned,
+            ideal_frames_2m: occ.ideal,
+            fragmentation: occ.fragmentation(),
+            pages_migrated: t.pages_migrated,
+            passes: t.passes,
+            proactive_passes: t.proactive_passes,
+            failures: t.failures,
+        }
+    }
+
+    /// Stops the background thread and waits for it.
+    pub(crate) fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            // Notify under the lock so that the thread cannot miss the wake.
+            let _t = self.shared.tunables();
+            self.shared.wake.notify_all();
+        }
+        if let Some(handle) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if handle.join().is_err() {
+                tracing::error!("the compaction thread panicked");
+            }
+        }
+    }
+}
+
+/// Whether a proactive pass is due: fragmentation above `proactiveness`
+/// percent and at least one 2 MiB frame could be returned.
+fn due(occ: &Occupancy, proactiveness: u32) -> bool {
+    occ.in_use > occ.ideal && occ.fragmentation() * 100.0 > f64::from(proactiveness)
+}
+
+fn run_loop(core: &Core, shared: &Shared) {
+    // The occupancy after a pass that returned nothing: not retried until it changes.
+    let mut fruitless: Option<Occupancy> = None;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let tun = *shared.tunables();
+        let generation = shared.generation.load(Ordering::Acquire);
+        if tun.enabled {
+            let occ = Occupancy::of(&core.lock());
+            if due(&occ, tun.proactiveness) && fruitless != Some(occ) {
+                let interrupted =
+                    || shared.stop.load(Ordering::Acquire) || shared.generation.load(Ordering::Acquire) != generation;
+                let on_batch = |pages, returned| shared.record_batch(pages, returned);
+                let limits = PassLimits {
+                    max_pages_per_s: Some(tun.max_pages_per_s),
+                    interrupted: &interrupted,
+                    on_batch: &on_batch,
+                };
+                let report = {
+                    let _pass = shared.pass.lock().unwrap_or_else(|e| e.into_inner());
+                    pass::run(core, &limits)
+                };
+                shared.record(&report, true);
+                tracing::debug!("proactive compaction: {report:?}");
+                // An interrupted pass is not fruitless: it runs again with the new tunables.
+                let stopped_early = interrupted();
+                fruitless = (report.frames_2m_returned == 0 && !stopped_early).then(|| Occupancy::of(&core.lock()));
+            }
+        }
+        let guard = shared.tunables();
+        let _unused = shared.wake.wait_timeout_while(guard, CHECK_INTERVAL, |_| {
+            !shared.stop.load(Ordering::Acquire) && shared.generation.load(Ordering::Acquire) == generation
+        });
+    }
+}

@@ -1,0 +1,183 @@
+//! One compaction pass over the manager's state: snapshot the 2 MiB frames in
+//! use under the lock, plan it ([`super::plan`]), then migrate the planned
+//! frames in batches, each batch one hold of the manager's lock (one `Txn`),
+//! released between batches so that waiting write faults are served.
+//!
+//! Every migration is `core::page_ops::migrate_frame`: the remap protocol's migration of a
+//! frame and every guest page mapping it, in one protected step. Because the
+//! lock is released between batches, each planned move is checked again when
+//! its batch runs: a frame freed meanwhile is passed over, a target slot taken
+//! meanwhile is counted as `no_target` (the frame stays where it is).
+
+use std::time::{Duration, Instant};
+
+use super::plan::{self, FreeLists, HugeFrameUse};
+use super::stats::{CompactionFailures, CompactionReport};
+use crate::core::error::Error;
+use crate::core::page_ops::migrate_frame;
+use crate::core::{Core, State, Txn};
+use crate::{FrameNo, HUGE_FRAME_PAGES};
+
+/// Most frames migrated in one hold of the manager's lock.
+pub const BATCH: usize = 64;
+
+/// How a pass runs.
+pub(crate) struct PassLimits<'a> {
+    /// Pages per second at most (`None`: full rate).
+    pub(crate) max_pages_per_s: Option<u64>,
+    /// Polled between batches: true stops the pass.
+    pub(crate) interrupted: &'a dyn Fn() -> bool,
+    /// Called after each batch with the pages it migrated and the 2 MiB
+    /// frames it returned (for running totals).
+    pub(crate) on_batch: &'a dyn Fn(u64, u64),
+}
+
+/// The pool's 2 MiB frames as compaction counts them (under the lock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Occupancy {
+    /// Free 4 KiB frames.
+    pub(crate) free_frames: u64,
+    /// Free 4 KiB frames inside 2 MiB frames holding allocated frames.
+    pub(crate) free_in_partial: u64,
+    /// Whole free 2 MiB frames.
+    pub(crate) free_huge: u64,
+    /// 2 MiB frames holding allocated frames.
+    pub(crate) in_use: u64,
+    /// ceil(allocated frames / 512).
+    pub(crate) ideal: u64,
+}
+
+impl Occupancy {
+    /// Counts the pool of `st`.
+    pub(crate) fn of(st: &State) -> Self {
+        let buddy = st.pool().buddy();
+        let free_frames = buddy.free_frames();
+        let free_huge = u64::from(buddy.empty_huge_frames());
+        let in_use = u64::from(buddy.huge_frames()) - free_huge;
+        Occupancy {
+            free_frames,
+            free_in_partial: free_frames - free_huge * u64::from(HUGE_FRAME_PAGES),
+            free_huge,
+            in_use,
+            ideal: plan::ideal_huge_frames(buddy.total_frames() - free_frames),
+        }
+    }
+
+    /// Free frames inside in-use 2 MiB frames / their frames (0 when none is in use).
+    pub(crate) fn fragmentation(&self) -> f64 {
+        if self.in_use == 0 {
+            0.0
+        } else {
+            self.free_in_partial as f64 / (self.in_use * u64::from(HUGE_FRAME_PAGES)) as f64
+        }
+    }
+}
+
+/// The planner's input: every 2 MiB frame holding allocated frames.
+fn snapshot(st: &State) -> Vec<HugeFrameUse> {
+    let buddy = st.pool().buddy();
+    (0..buddy.huge_frames())
+        .filter(|&hf| buddy.free_in_huge_frame(hf) < HUGE_FRAME_PAGES)
+        .map(|hf| HugeFrameUse { index: hf, used: buddy.used_in(hf), free_blocks: buddy.free_blocks_in(hf) })
+        .collect()
+}
+
+/// Runs one pass over `core`.
+pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
+    let start = Instant::now();
+    let (before, mut plan) = {
+        let st = core.lock();
+        (Occupancy::of(&st), plan::plan(&snapshot(&st)))
+    };
+    let mut report = CompactionReport {
+        frames_2m_in_use_before: before.in_use,
+        ideal_frames_2m: before.ideal,
+        ..CompactionReport::default()
+    };
+    report.failures.no_target += plan.unplaced.len() as u64;
+    let batch = match limits.max_pages_per_s {
+        Some(rate) => (rate / 100).clamp(1, BATCH as u64) as usize,
+        None => BATCH,
+    };
+    let mut next = 0;
+    while next < plan.moves.len() && !(limits.interrupted)() {
+        let (done, migrated, returned) = {
+            let mut guard = core.lock();
+            let returned_before = guard.pool().huge_frames_returned();
+            let mut txn = Txn::new(&mut guard, core.remap());
+            let mut done = 0;
+            let mut migrated = 0;
+            for &(from, to) in &plan.moves[next..(next + batch).min(plan.moves.len())] {
+                done += 1;
+                let to = target(&txn, to, &mut plan.spare);
+                migrated += u64::from(move_one(&mut txn, from, to, &mut report.failures));
+                if core.faults_waiting() && done >= 8 {
+                    break;
+                }
+            }
+            drop(txn);
+            (done, migrated, guard.pool().huge_frames_returned() - returned_before)
+        };
+        next += done;
+        (limits.on_batch)(migrated, returned);
+        report.pages_migrated += migrated;
+        report.frames_2m_returned += returned;
+        core.yield_to_faults();
+        if let Some(rate) = limits.max_pages_per_s {
+            pace(start, report.pages_migrated, rate, limits.interrupted);
+        }
+    }
+    report.frames_2m_in_use_after = Occupancy::of(&core.lock()).in_use;
+    report.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+    report
+}
+
+/// The planned target `to` if it is still free, else a spare slot of the
+/// targets that still is (`to` if none is: the move then counts `no_target`).
+fn target(t: &Txn<'_>, to: FrameNo, spare: &mut FreeLists) -> FrameNo {
+    let buddy = t.st.pool().buddy();
+    if buddy.is_free(to) {
+        return to;
+    }
+    while let Some(f) = spare.take(0) {
+        if buddy.is_free(f) {
+            return f;
+        }
+    }
+    to
+}
+
+/// Migrates `from` to `to` if both are still what the plan saw; returns
+/// whether it moved, counting a failure by reason.
+fn move_one(t: &mut Txn<'_>, from: FrameNo, to: FrameNo, failures: &mut CompactionFailures) -> bool {
+    if t.st.frames().refs(from) == 0 {
+        // Freed since the plan: nothing to move.
+        return false;
+    }
+    if !t.st.pool().buddy().is_free(to) {
+        failures.no_target += 1;
+        return false;
+    }
+    match migrate_frame(t, from, Some(to)) {
+        Ok(_) => true,
+        Err(e) => {
+            match e {
+                Error::VmaBudget => failures.vma_budget += 1,
+                Error::Pool(_) => failures.no_target += 1,
+                Error::FrameNotLive(_) => return false,
+                _ => failures.remap_failed += 1,
+            }
+            tracing::debug!("compaction: frame {from} stays: {e}");
+            false
+        }
+    }
+}
+
+/// Sleeps until `pages` migrations since `start` are within `rate` per second
+/// (in slices, stopping early when interrupted).
+fn pace(start: Instant, pages: u64, rate: u64, interrupted: &dyn Fn() -> bool) {
+    let due = Duration::from_secs_f64(pages as f64 / rate.max(1) as f64);
+    while start.elapsed() < due && !interrupted() {
+        std::thread::sleep((due - start.elapsed()).min(Duration::from_millis(20)));
+    }
+}
