@@ -267,3 +267,35 @@ fn scattered_frames_are_compacted_while_the_guest_verifies() {
 fn merged_frames_among_the_scattered_ones_stay_shared() {
     scatter_and_compact("merged_frames_among_the_scattered_ones_stay_shared", false);
 }
+
+/// The real daemon checks compaction requests: ranges, unknown fields and
+/// methods; a pass over an empty pool moves nothing.
+#[test]
+fn compaction_requests_are_checked() {
+    let name = "compaction_requests_are_checked";
+    if !kvm_available(name) {
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let defaults = json!({"enabled": true, "proactiveness": 20, "max_pages_per_s": 20000});
+    assert_eq!(d.get("/memory/compaction"), defaults);
+    for (method, path, body, status, needle) in [
+        ("PATCH", "/memory/compaction", r#"{"proactiveness": 101}"#, 400, "proactiveness: must be in 0..=100"),
+        ("PATCH", "/memory/compaction", r#"{"max_pages_per_s": 0}"#, 400, "max_pages_per_s: must be in 1..=100000000"),
+        ("PATCH", "/memory/compaction", r#"{"enabled": true, "eager": 1}"#, 400, "unknown field `eager`"),
+        ("PUT", "/memory/compaction/actions", r#"{"action_type": "Defrag"}"#, 400, "unknown variant"),
+        ("GET", "/memory/compaction/actions", "", 405, "allowed: PUT"),
+        ("PUT", "/memory/compaction", "{}", 405, "PATCH"),
+    ] {
+        let r = d.req(method, path, (!body.is_empty()).then_some(body));
+        assert_eq!(r.status, status, "{name}: {method} {path} {body}: {}", r.text());
+        assert!(r.fault().contains(needle), "{name}: {method} {path}: {:?} lacks {needle:?}", r.fault());
+    }
+    // Nothing changed.
+    assert_eq!(d.get("/memory/compaction"), defaults);
+    let r = d.req("PUT", "/memory/compaction/actions", Some(r#"{"action_type": "Compact"}"#));
+    assert_eq!(r.status, 200, "{name}: {}", r.text());
+    let rep = r.json();
+    assert_eq!((u(&rep, "pages_migrated"), u(&rep, "frames_2m_returned")), (0, 0), "{name}: {rep}");
+    assert!(u(&d.get("/memory")["compaction"], "passes") >= 1);
+}
