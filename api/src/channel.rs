@@ -9,8 +9,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::types::{
-    HostMemoryStats, InfoReply, MergeActionType, MergeConfig, MergeConfigPatch, VmActionType, VmConfig, VmInfo,
-    VmMemoryStats,
+    CompactionActionType, CompactionConfig, CompactionConfigPatch, CompactionReport, HostMemoryStats, InfoReply,
+    MergeActionType, MergeConfig, MergeConfigPatch, VmActionType, VmConfig, VmInfo, VmMemoryStats,
 };
 
 /// What the HTTP API asks the VMM to do. Every id and body is already validated
@@ -52,6 +52,14 @@ pub enum ApiAction {
     PatchMergeConfig(MergeConfigPatch),
     /// `PUT /memory/merge/actions`: reply [`ApiReply::Empty`].
     MergeAction(MergeActionType),
+    /// `GET /memory/compaction`: reply [`ApiReply::CompactionConfig`].
+    GetCompactionConfig,
+    /// `PATCH /memory/compaction`: apply (the patch is validated) and reply
+    /// [`ApiReply::CompactionConfig`] with the resulting settings.
+    PatchCompactionConfig(CompactionConfigPatch),
+    /// `PUT /memory/compaction/actions`: reply [`ApiReply::CompactionReport`], or
+    /// [`ErrorKind::Conflict`] while another pass requested over the API runs.
+    CompactionAction(CompactionActionType),
 }
 
 impl ApiAction {
@@ -69,6 +77,9 @@ impl ApiAction {
             ApiAction::GetMergeConfig => "GetMergeConfig",
             ApiAction::PatchMergeConfig(_) => "PatchMergeConfig",
             ApiAction::MergeAction(_) => "MergeAction",
+            ApiAction::GetCompactionConfig => "GetCompactionConfig",
+            ApiAction::PatchCompactionConfig(_) => "PatchCompactionConfig",
+            ApiAction::CompactionAction(_) => "CompactionAction",
         }
     }
 }
@@ -90,6 +101,10 @@ pub enum ApiReply {
     Memory(Box<HostMemoryStats>),
     /// Answer to [`ApiAction::GetMergeConfig`] and [`ApiAction::PatchMergeConfig`].
     MergeConfig(MergeConfig),
+    /// Answer to [`ApiAction::GetCompactionConfig`] and [`ApiAction::PatchCompactionConfig`].
+    CompactionConfig(CompactionConfig),
+    /// Answer to [`ApiAction::CompactionAction`]: what the pass did.
+    CompactionReport(CompactionReport),
 }
 
 /// Class of a VMM-side failure; decides the HTTP status.

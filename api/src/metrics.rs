@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::types::{HostMemoryStats, VmInfo, VmMemoryStats, VmState};
+use crate::types::{CompactionStats, HostMemoryStats, VmInfo, VmMemoryStats, VmState};
 
 /// `Content-Type` of the rendered text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -67,6 +67,54 @@ fn float(v: f64) -> String {
     }
 }
 
+/// The compactor's fragmentation gauges and totals (`densevm_memory_compaction_*`).
+fn compaction(w: &mut Writer, c: &CompactionStats) {
+    use Kind::{Counter, Gauge};
+    let gauges = [
+        ("free_frames", "Free 4 KiB frames in the frame pool.", c.free_frames),
+        (
+            "free_frames_in_partial_2m",
+            "Free 4 KiB frames inside 2 MiB frames that hold live frames (the holes compaction fills).",
+            c.free_frames_in_partial_2m,
+        ),
+        ("free_frames_2m", "Whole free 2 MiB frames.", c.free_frames_2m),
+        ("ideal_frames_2m", "Fewest 2 MiB frames the live frames fit in.", c.ideal_frames_2m),
+    ];
+    for (name, help, v) in gauges {
+        w.single(&format!("densevm_memory_compaction_{name}"), Gauge, help, v);
+    }
+    w.single(
+        "densevm_memory_compaction_fragmentation_ratio",
+        Gauge,
+        "Free share of the 2 MiB frames holding live frames (0 packed, near 1 mostly holes).",
+        float(c.fragmentation),
+    );
+    let counters = [
+        (
+            "frames_2m_returned_total",
+            "2 MiB frames emptied by compaction and given back to the host.",
+            c.frames_2m_returned,
+        ),
+        ("pages_migrated_total", "4 KiB frames migrated by compaction.", c.pages_migrated),
+        ("passes_total", "Compaction passes (on demand and proactive).", c.passes),
+        ("proactive_passes_total", "Proactive (background) compaction passes.", c.proactive_passes),
+    ];
+    for (name, help, v) in counters {
+        w.single(&format!("densevm_memory_compaction_{name}"), Counter, help, v);
+    }
+    let name = "densevm_memory_compaction_migration_failures_total";
+    w.family(name, Counter, "Frames compaction could not move, by reason.");
+    let f = &c.failures;
+    for (reason, v) in [
+        ("vma_budget", f.vma_budget),
+        ("remap_failed", f.remap_failed),
+        ("no_target", f.no_target),
+        ("pinned", f.pinned),
+    ] {
+        w.sample(name, &[("reason", reason)], v);
+    }
+}
+
 /// Renders host statistics and every VM (with its memory statistics when known).
 pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -> String {
     use Kind::{Counter, Gauge};
@@ -116,6 +164,7 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
     for (name, help, v) in host_counters {
         w.single(&format!("densevm_memory_{name}"), Counter, help, v);
     }
+    compaction(&mut w, &h.compaction);
 
     w.family("densevm_vm_state", Gauge, "1 for the VM's current state.");
     for (vm, _) in vms {
@@ -155,7 +204,7 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
 mod tests {
     use super::*;
     use crate::scenario::Scenario;
-    use crate::types::{BootSource, VmConfig};
+    use crate::types::{BootSource, CompactionFailures, VmConfig};
 
     fn vm(id: &str, state: VmState) -> VmInfo {
         VmInfo {
@@ -210,6 +259,57 @@ mod tests {
                 assert_eq!(name, family, "{l}");
             }
         }
+    }
+
+    #[test]
+    fn renders_compaction() {
+        let host = HostMemoryStats {
+            compaction: CompactionStats {
+                free_frames: 1000,
+                free_frames_in_partial_2m: 600,
+                free_frames_2m: 3,
+                frames_2m_returned: 4,
+                ideal_frames_2m: 2,
+                fragmentation: 0.5,
+                pages_migrated: 900,
+                passes: 2,
+                proactive_passes: 1,
+                failures: CompactionFailures { vma_budget: 1, remap_failed: 2, no_target: 3, pinned: 0 },
+            },
+            ..Default::default()
+        };
+        let text = render(&host, &[]);
+        for line in [
+            "# HELP densevm_memory_compaction_free_frames Free 4 KiB frames in the frame pool.",
+            "# TYPE densevm_memory_compaction_free_frames gauge",
+            "densevm_memory_compaction_free_frames 1000",
+            "densevm_memory_compaction_free_frames_in_partial_2m 600",
+            "densevm_memory_compaction_free_frames_2m 3",
+            "densevm_memory_compaction_ideal_frames_2m 2",
+            "densevm_memory_compaction_fragmentation_ratio 0.5",
+            "# TYPE densevm_memory_compaction_frames_2m_returned_total counter",
+            "densevm_memory_compaction_frames_2m_returned_total 4",
+            "densevm_memory_compaction_pages_migrated_total 900",
+            "densevm_memory_compaction_passes_total 2",
+            "densevm_memory_compaction_proactive_passes_total 1",
+            "# TYPE densevm_memory_compaction_migration_failures_total counter",
+            "densevm_memory_compaction_migration_failures_total{reason=\"vma_budget\"} 1",
+            "densevm_memory_compaction_migration_failures_total{reason=\"remap_failed\"} 2",
+            "densevm_memory_compaction_migration_failures_total{reason=\"no_target\"} 3",
+            "densevm_memory_compaction_migration_failures_total{reason=\"pinned\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // Each family is declared once, with HELP before TYPE.
+        let helps: Vec<_> = text.lines().filter_map(|l| l.strip_prefix("# HELP ")).collect();
+        let types: Vec<_> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
+        assert_eq!(helps.len(), types.len());
+        let mut names: Vec<_> = types.iter().map(|t| t.split(' ').next().unwrap()).collect();
+        let n = names.len();
+        names.dedup();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n, "a family is declared twice");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::types::FaultResponse;
     tags(
         (name = "host", description = "Version, host facts, metrics, this document"),
         (name = "vms", description = "microVM life cycle"),
-        (name = "memory", description = "Memory statistics and merge tuning"),
+        (name = "memory", description = "Memory statistics, merge and compaction tuning"),
     )
 )]
 pub struct ApiDoc;
@@ -69,7 +69,17 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
         let schemas = doc["components"]["schemas"].as_object().unwrap();
-        for s in ["VmConfig", "Scenario", "HostMemoryStats", "MergeConfigPatch", "FaultResponse"] {
+        for s in [
+            "VmConfig",
+            "Scenario",
+            "HostMemoryStats",
+            "MergeConfigPatch",
+            "CompactionConfig",
+            "CompactionConfigPatch",
+            "CompactionReport",
+            "CompactionStats",
+            "FaultResponse",
+        ] {
             assert!(schemas.contains_key(s), "schema {s} missing");
         }
         // VmConfig's required fields and ranges come from the types.
@@ -111,6 +121,8 @@ mod tests {
             [
                 "/",
                 "/memory",
+                "/memory/compaction",
+                "/memory/compaction/actions",
                 "/memory/merge",
                 "/memory/merge/actions",
                 "/metrics",
@@ -138,7 +150,7 @@ mod tests {
             }
         }
         assert_eq!(routed, documented, "router (left) vs OpenAPI document (right)");
-        for uri in ["/nope", "/vms/a/b/c", "/memory/merge/x"] {
+        for uri in ["/nope", "/vms/a/b/c", "/memory/merge/x", "/memory/compaction/x"] {
             let req = Request::get(uri).body(Body::empty()).unwrap();
             let status = app.clone().oneshot(req).await.unwrap().status();
             assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");

@@ -17,8 +17,9 @@ use crate::metrics;
 use crate::openapi::ApiDoc;
 use crate::state::{unexpected, AppState};
 use crate::types::{
-    FaultResponse, HostMemoryStats, InfoReply, MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest,
-    VmConfig, VmInfo, VmList, VmMemoryStats,
+    CompactionActionRequest, CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse, HostMemoryStats,
+    InfoReply, MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo, VmList,
+    VmMemoryStats,
 };
 
 /// Number of per-VM memory requests `GET /metrics` keeps in flight at once.
@@ -199,6 +200,57 @@ async fn merge_action(
     empty(&s, ApiAction::MergeAction(req.action_type)).await
 }
 
+/// The compactor's settings.
+#[utoipa::path(get, path = "/memory/compaction", tag = "memory",
+    responses(
+        (status = 200, description = "Compaction settings", body = CompactionConfig),
+        (status = 503, description = "VMM unavailable", body = FaultResponse),
+    ))]
+async fn get_compaction_config(State(s): State<AppState>) -> Result<Json<CompactionConfig>, Error> {
+    match s.call(ApiAction::GetCompactionConfig).await? {
+        ApiReply::CompactionConfig(c) => Ok(Json(c)),
+        other => Err(unexpected("GetCompactionConfig", &other)),
+    }
+}
+
+/// Changes some of the compactor's settings; answers with the resulting settings.
+#[utoipa::path(patch, path = "/memory/compaction", tag = "memory",
+    request_body = CompactionConfigPatch,
+    responses(
+        (status = 200, description = "Settings after the change", body = CompactionConfig),
+        (status = 400, description = "Invalid body", body = FaultResponse),
+    ))]
+async fn patch_compaction_config(
+    State(s): State<AppState>,
+    JsonBody(patch): JsonBody<CompactionConfigPatch>,
+) -> Result<Json<CompactionConfig>, Error> {
+    match s.call(ApiAction::PatchCompactionConfig(patch)).await? {
+        ApiReply::CompactionConfig(c) => Ok(Json(c)),
+        other => Err(unexpected("PatchCompactionConfig", &other)),
+    }
+}
+
+/// Host-wide compaction actions (`Compact`: one pass at full rate; answers with its
+/// report). One pass requested over the API at a time.
+#[utoipa::path(put, path = "/memory/compaction/actions", tag = "memory",
+    request_body = CompactionActionRequest,
+    responses(
+        (status = 200, description = "What the pass did", body = CompactionReport),
+        (status = 400, description = "Invalid body", body = FaultResponse),
+        (status = 409, description = "A pass requested over the API is running", body = FaultResponse),
+        (status = 503, description = "VMM unavailable, or the pass outlasted the VMM timeout \
+            (it goes on; its totals show in GET /memory)", body = FaultResponse),
+    ))]
+async fn compaction_action(
+    State(s): State<AppState>,
+    JsonBody(req): JsonBody<CompactionActionRequest>,
+) -> Result<Json<CompactionReport>, Error> {
+    match s.call(ApiAction::CompactionAction(req.action_type)).await? {
+        ApiReply::CompactionReport(r) => Ok(Json(r)),
+        other => Err(unexpected("CompactionAction", &other)),
+    }
+}
+
 /// Statistics in Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "host",
     responses(
@@ -257,6 +309,8 @@ pub fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_memory))
         .routes(routes!(get_merge_config, patch_merge_config))
         .routes(routes!(merge_action))
+        .routes(routes!(get_compaction_config, patch_compaction_config))
+        .routes(routes!(compaction_action))
         .routes(routes!(get_metrics))
         .routes(routes!(get_openapi))
         .split_for_parts()

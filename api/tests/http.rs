@@ -55,7 +55,9 @@ fn every_endpoint_happy_path() {
     let m = r.json();
     assert_eq!(m["pages_sharing"], 33);
     assert_eq!(m["fragmentation"], 0.5);
-    assert_eq!(m.as_object().unwrap().len(), 18);
+    // 18 fields and `compaction` (the compactor's statistics).
+    assert_eq!(m.as_object().unwrap().len(), 19);
+    assert!(m["compaction"].is_object(), "{m}");
 
     let r = h.req("GET", "/memory/merge", None);
     assert_eq!(r.status, 200);
@@ -72,6 +74,23 @@ fn every_endpoint_happy_path() {
     assert_eq!(h.req("GET", "/memory/merge", None).json()["run"], true);
     let r = h.req("PUT", "/memory/merge/actions", Some(r#"{"action_type": "UnmergeAll"}"#));
     assert_eq!(r.status, 204);
+
+    assert_eq!(m["compaction"]["passes"], 3);
+    let r = h.req("GET", "/memory/compaction", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), serde_json::json!({"enabled": true, "proactiveness": 20, "max_pages_per_s": 20000}));
+    let r = h.req("PATCH", "/memory/compaction", Some(r#"{"proactiveness": 0, "max_pages_per_s": 100000000}"#));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), serde_json::json!({"enabled": true, "proactiveness": 0, "max_pages_per_s": 100000000}));
+    assert_eq!(h.req("PATCH", "/memory/compaction", Some(r#"{"enabled": false}"#)).json()["proactiveness"], 0);
+    assert_eq!(h.req("GET", "/memory/compaction", None).json()["enabled"], false);
+    let r = h.req("PUT", "/memory/compaction/actions", Some(r#"{"action_type": "Compact"}"#));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let report = r.json();
+    assert_eq!(report["pages_migrated"], 700);
+    assert_eq!(report["frames_2m_returned"], 2);
+    assert_eq!(report["failures"]["vma_budget"], 0);
 
     let r = h.req("GET", "/metrics", None);
     assert_eq!(r.status, 200);
@@ -178,6 +197,21 @@ fn bad_requests_are_400_with_a_fault_message() {
         ("PATCH", "/memory/merge", r#"{"change_detection": "magic"}"#, "unknown variant"),
         ("PATCH", "/memory/merge", r#"{"scan": 1}"#, "unknown field"),
         ("PUT", "/memory/merge/actions", r#"{"action_type": "MergeAll"}"#, "unknown variant"),
+        ("PATCH", "/memory/compaction", r#"{"proactiveness": 101}"#, "proactiveness: must be in 0..=100, got 101"),
+        ("PATCH", "/memory/compaction", r#"{"proactiveness": -1}"#, "proactiveness: invalid value"),
+        ("PATCH", "/memory/compaction", r#"{"max_pages_per_s": 0}"#, "max_pages_per_s: must be in 1..=100000000"),
+        (
+            "PATCH",
+            "/memory/compaction",
+            r#"{"max_pages_per_s": 100000001}"#,
+            "max_pages_per_s: must be in 1..=100000000",
+        ),
+        ("PATCH", "/memory/compaction", r#"{"enabled": "yes"}"#, "enabled: invalid type"),
+        ("PATCH", "/memory/compaction", r#"{"eager": true}"#, "unknown field `eager`"),
+        ("PATCH", "/memory/compaction", "5", "invalid request body: invalid type: integer"),
+        ("PUT", "/memory/compaction/actions", r#"{"action_type": "Defrag"}"#, "unknown variant `Defrag`"),
+        ("PUT", "/memory/compaction/actions", r#"{"action_type": "Compact", "now": 1}"#, "unknown field `now`"),
+        ("PUT", "/memory/compaction/actions", r#"{}"#, "missing field `action_type`"),
     ];
     for (method, path, body, expect) in cases {
         let body = if body.is_empty() && *method == "GET" { None } else { Some(*body) };
@@ -188,12 +222,13 @@ fn bad_requests_are_400_with_a_fault_message() {
     }
     // Nothing reached the VMM.
     assert_eq!(h.req("GET", "/vms", None).json()["vms"], serde_json::json!([]));
+    assert_eq!(h.req("GET", "/memory/compaction", None).json()["proactiveness"], 20);
 }
 
 #[test]
 fn unknown_route_404_and_wrong_method_405_are_json() {
     let h = Harness::new();
-    for path in ["/nope", "/vms/a/b/c", "/vms/", "/memory/merge/x"] {
+    for path in ["/nope", "/vms/a/b/c", "/vms/", "/memory/merge/x", "/memory/compaction/x"] {
         let r = h.req("GET", path, None);
         assert_eq!(r.status, 404, "{path}");
         assert!(r.fault().contains(path), "{path}");
@@ -203,6 +238,10 @@ fn unknown_route_404_and_wrong_method_405_are_json() {
         ("DELETE", "/memory", "GET"),
         ("GET", "/vms/a/actions", "PUT"),
         ("PUT", "/memory/merge", "PATCH"),
+        ("PUT", "/memory/compaction", "PATCH"),
+        ("DELETE", "/memory/compaction", "GET"),
+        ("GET", "/memory/compaction/actions", "PUT"),
+        ("POST", "/memory/compaction/actions", "PUT"),
         ("PATCH", "/", "GET"),
     ] {
         let r = h.req(m, p, Some("{}"));

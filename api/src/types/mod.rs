@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use memory::{
-    ChangeDetection, HostMemoryStats, MergeActionRequest, MergeActionType, MergeConfig, MergeConfigPatch,
-    VmMemoryStats, MAX_MAX_PAGE_SHARING, MAX_PAGES_TO_SCAN, MAX_SLEEP_MS, MIN_MAX_PAGE_SHARING,
+    ChangeDetection, CompactionActionRequest, CompactionActionType, CompactionConfig, CompactionConfigPatch,
+    CompactionFailures, CompactionReport, CompactionStats, HostMemoryStats, MergeActionRequest, MergeActionType,
+    MergeConfig, MergeConfigPatch, VmMemoryStats, MAX_MAX_PAGES_PER_S, MAX_MAX_PAGE_SHARING, MAX_PAGES_TO_SCAN,
+    MAX_PROACTIVENESS, MAX_SLEEP_MS, MIN_MAX_PAGES_PER_S, MIN_MAX_PAGE_SHARING,
 };
 pub use vm::{
     validate_vm_id, BootSource, KernelBoot, MergeSettings, VmActionRequest, VmActionType, VmConfig, VmInfo, VmList,

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use api::types::{
-    ChangeDetection, HostMemoryStats, InfoReply, MergeConfig, VmActionType, VmInfo, VmMemoryStats, VmState,
+    ChangeDetection, CompactionConfig, CompactionReport, CompactionStats, HostMemoryStats, InfoReply, MergeConfig,
+    VmActionType, VmInfo, VmMemoryStats, VmState,
 };
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender, VmmEndpoint};
 use api::{ApiServer, ApiServerConfig};
@@ -31,6 +32,7 @@ pub struct FakeVmm {
 struct Table {
     vms: BTreeMap<String, VmInfo>,
     merge: MergeConfig,
+    compaction: CompactionConfig,
 }
 
 fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
@@ -85,6 +87,7 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
             pages_sharing: 33,
             general_profit: 1 << 20,
             fragmentation: 0.5,
+            compaction: CompactionStats { passes: 3, frames_2m_returned: 12, ..Default::default() },
             ..Default::default()
         }))),
         ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(t.merge)),
@@ -93,6 +96,19 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
             Ok(ApiReply::MergeConfig(t.merge))
         }
         ApiAction::MergeAction(_) => Ok(ApiReply::Empty),
+        ApiAction::GetCompactionConfig => Ok(ApiReply::CompactionConfig(t.compaction)),
+        ApiAction::PatchCompactionConfig(p) => {
+            p.apply(&mut t.compaction);
+            Ok(ApiReply::CompactionConfig(t.compaction))
+        }
+        ApiAction::CompactionAction(_) => Ok(ApiReply::CompactionReport(CompactionReport {
+            pages_migrated: 700,
+            frames_2m_returned: 2,
+            frames_2m_in_use_before: 5,
+            frames_2m_in_use_after: 3,
+            ideal_frames_2m: 3,
+            ..Default::default()
+        })),
     }
 }
 
@@ -119,6 +135,7 @@ impl FakeVmm {
                     change_detection: ChangeDetection::DirtyLog,
                     hold_vcpus: true,
                 },
+                compaction: CompactionConfig::default(),
             };
             let epoll = Epoll::new().unwrap();
             epoll.ctl(ControlOperation::Add, end.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1)).unwrap();

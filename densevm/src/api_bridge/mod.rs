@@ -3,12 +3,14 @@
 //!
 //! It runs on the VMM's event-loop thread (see `commands::serve`), so it may touch the
 //! Host freely; it never waits for an HTTP client (replies go through the non-blocking
-//! [`ReplySender`]); the two slow requests are answered from helper threads: `GET /`
-//! (host facts gathered once in the background, [`facts`]) and `UnmergeAll` (the
-//! merger's unmerge-all waits until every page is private, [`memory`]).
+//! [`ReplySender`]); the slow requests are answered from helper threads: `GET /`
+//! (host facts gathered once in the background, [`facts`]), `UnmergeAll` (the
+//! merger's unmerge-all waits until every page is private, [`memory`]) and `Compact`
+//! (one compaction pass, one at a time, [`compaction`]).
 //! What the Host does not keep lives here: the API configuration each VM was created
 //! with (`GET /vms/{id}` returns it).
 
+mod compaction;
 mod facts;
 mod memory;
 mod report;
@@ -16,7 +18,7 @@ mod report;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use api::types::{BootSource as ApiBoot, MergeActionType, VmActionType, VmConfig, VmInfo};
+use api::types::{BootSource as ApiBoot, CompactionActionType, MergeActionType, VmActionType, VmConfig, VmInfo};
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender};
 use event_manager::EventOps;
 
@@ -32,6 +34,7 @@ pub use facts::HostFacts;
 pub struct ApiBridge {
     facts: HostFacts,
     configs: BTreeMap<String, VmConfig>,
+    compaction: compaction::OnDemand,
 }
 
 impl Default for ApiBridge {
@@ -44,7 +47,11 @@ impl ApiBridge {
     /// A bridge with no VMs; starts gathering the host facts of `GET /` in the background
     /// (the ring-0 probe takes a while on some hosts).
     pub fn new() -> Self {
-        ApiBridge { facts: HostFacts::gather_in_background(), configs: BTreeMap::new() }
+        ApiBridge {
+            facts: HostFacts::gather_in_background(),
+            configs: BTreeMap::new(),
+            compaction: compaction::OnDemand::default(),
+        }
     }
 
     /// Carries out `req` and sends its answer. State-changing requests are carried out
@@ -71,6 +78,7 @@ impl ApiBridge {
             // Answered now if the facts are ready, else by the gathering thread.
             ApiAction::GetInfo => self.facts.reply(reply),
             ApiAction::MergeAction(MergeActionType::UnmergeAll) => memory::unmerge_all(host.memory(), reply),
+            ApiAction::CompactionAction(CompactionActionType::Compact) => self.compaction.compact(host.memory(), reply),
             _ => return Some(reply),
         }
         None
@@ -78,7 +86,7 @@ impl ApiBridge {
 
     fn answer(&mut self, host: &mut Host, action: ApiAction, ops: Option<&mut EventOps>) -> Result<ApiReply, ApiError> {
         match action {
-            ApiAction::GetInfo | ApiAction::MergeAction(_) => {
+            ApiAction::GetInfo | ApiAction::MergeAction(_) | ApiAction::CompactionAction(_) => {
                 Err(ApiError::internal("this request is answered by a helper thread"))
             }
             ApiAction::PutVm { vm_id, config } => self.create_vm(host, vm_id, config),
@@ -105,6 +113,14 @@ impl ApiBridge {
                 let c = memory::patch_merge_config(host.memory(), &patch)?;
                 tracing::info!("merge settings now {c:?}");
                 Ok(ApiReply::MergeConfig(c))
+            }
+            ApiAction::GetCompactionConfig => {
+                Ok(ApiReply::CompactionConfig(compaction::compaction_config(host.memory())))
+            }
+            ApiAction::PatchCompactionConfig(patch) => {
+                let c = compaction::patch_compaction_config(host.memory(), &patch)?;
+                tracing::info!("compaction settings now {c:?}");
+                Ok(ApiReply::CompactionConfig(c))
             }
         }
     }
