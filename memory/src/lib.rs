@@ -31,8 +31,10 @@
 //! 1. syscalls: `sys.rs`;
 //! 2. leaves: [`uffd`] (the descriptor and its protection ioctls), [`buddy`],
 //!    [`frame_table`], [`page_table`], [`vma_budget`], [`write_retry`],
-//!    [`vcpu_gate`], and the merger's two vocabulary leaves
-//!    [`merge::tunables`] and [`merge::error`] (named by the core's error);
+//!    [`vcpu_gate`], the merger's two vocabulary leaves
+//!    [`merge::tunables`] and [`merge::error`] (named by the core's error),
+//!    and the compactor's leaves [`compact::tunables`], [`compact::stats`]
+//!    and [`compact::plan`] (its pure source/target planning);
 //! 3. [`pool`] (the memfd and its buddy allocator), [`protector`] (the
 //!    userfaultfd handler thread and the event side of the descriptor);
 //! 4. [`remap`]: the remap protocol;
@@ -48,7 +50,10 @@
 //!     [`merge::stats`], `merge/ops.rs`;
 //! 11. `merge/scanner.rs`, then its parts `merge/backoff.rs`, `merge/visit.rs`,
 //!     `merge/decide.rs`, then [`merge`] itself (`Merger`, the scanner thread);
-//! 12. the facade: [`memory_stats`], [`manager`], [`guest_map`].
+//! 12. the compactor: [`compact::pass`] (one pass: plan, batched migrations
+//!     under the lock), then [`compact`] itself (`Compactor`, the proactive
+//!     thread);
+//! 13. the facade: [`memory_stats`], [`manager`], [`guest_map`].
 //!
 //! A guest write fault walks down the layers once, never back up into a file
 //! above (the only upward call is the Protector invoking the resolver it was

@@ -203,6 +203,12 @@ impl MemoryManager {
         self.core.lock().frames().refs(frame)
     }
 
+    /// Free 4 KiB frames in 2 MiB frame `hf` (frames `hf * 512..(hf + 1) * 512`;
+    /// 0 outside the pool).
+    pub fn huge_frame_free(&self, hf: u32) -> u32 {
+        self.core.lock().pool().buddy().free_in_huge_frame(hf)
+    }
+
     /// The guest pages mapping `frame`, as (vm, page).
     pub fn frame_mappers(&self, frame: FrameNo) -> Vec<(VmId, u32)> {
         let st = self.core.lock();

@@ -60,10 +60,16 @@
 //! 1. The merger handle's `Shared::control` (tunables, run, unmerge requests;
 //!    its condvar `wake`), then `Merger::thread` (`unmerge_all` checks the
 //!    thread under `control`). Neither is held while the manager's lock is taken.
+//!    Beside them, never nested with them: the compactor's `Shared::pass` (one
+//!    pass at a time: held by `MemoryManager::compact` and by a proactive
+//!    pass for the whole pass, around many holds of the manager's lock), and
+//!    `Compactor::thread` (taken alone, at shutdown).
 //! 2. The manager's lock, `Core::state` (`Mutex<State>`): API calls, the
 //!    Protector's handler thread (`Core::lock_for_fault`, announced in the
-//!    `fault_waiters` atomic so that the scanner yields between chunks) and the
-//!    merge scanner (one chunk per hold). Nothing done under it waits for the
+//!    `fault_waiters` atomic so that the scanner and the compactor yield
+//!    between chunks), the merge scanner (one chunk per hold) and a compaction
+//!    pass (one batch of at most 64 migrations per hold, ended early when a
+//!    fault waits). Nothing done under it waits for the
 //!    handler thread: writers blocked in a userfaultfd fault are woken by the
 //!    handler after it released the lock.
 //! 3. Under the manager's lock only, each a leaf: `Core::dirty_logs` and
@@ -77,10 +83,13 @@
 //!    of `State` with no lock of their own.
 //! 4. Leaves taken with no other lock held: the merger's `Shared::stats`
 //!    (condvar `scanned`) and `Shared::vm_counts` (one after the other, never
-//!    nested), `Core::dirty_logs` when the scanner fetches a VM's log, and the
-//!    VMM's `DirtyLog::take_dirty`.
+//!    nested), `Core::dirty_logs` when the scanner fetches a VM's log, the
+//!    VMM's `DirtyLog::take_dirty`, and the compactor's `Shared::tunables`
+//!    (condvar `wake`) and `Shared::totals` (under `Shared::pass` at most,
+//!    never with the manager's lock).
 //!
 //! Lock-free: the Protector's counters, the merger's `generation` and `tid`,
+//! the compactor's `generation` and `stop`,
 //! `fault_waiters`, and `write_retry`'s range and in-flight slots (read by
 //! its signal handler).
 

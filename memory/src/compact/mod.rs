@@ -68,10 +68,16 @@ impl Shared {
         self.totals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Adds one batch's migrations to the totals.
+    fn record_batch(&self, pages: u64, returned: u64) {
+        let mut t = self.totals();
+        t.pages_migrated += pages;
+        t.frames_2m_returned += returned;
+    }
+
+    /// Counts a finished pass (its migrations were added batch by batch).
     fn record(&self, report: &CompactionReport, proactive: bool) {
         let mut t = self.totals();
-        t.pages_migrated += report.pages_migrated;
-        t.frames_2m_returned += report.frames_2m_returned;
         t.passes += 1;
         t.proactive_passes += u64::from(proactive);
         t.failures.add(&report.failures);
@@ -124,7 +130,9 @@ impl Compactor {
     /// Runs one pass at full rate (waiting for a proactive pass in progress).
     pub fn compact(&self) -> CompactionReport {
         let _pass = self.shared.pass.lock().unwrap_or_else(|e| e.into_inner());
-        let report = pass::run(&self.core, &PassLimits { max_pages_per_s: None, interrupted: &|| false });
+        let on_batch = |pages, returned| self.shared.record_batch(pages, returned);
+        let limits = PassLimits { max_pages_per_s: None, interrupted: &|| false, on_batch: &on_batch };
+        let report = pass::run(&self.core, &limits);
         self.shared.record(&report, false);
         report
     }
@@ -183,12 +191,15 @@ fn run_loop(core: &Core, shared: &Shared) {
             if due(&occ, tun.proactiveness) && fruitless != Some(occ) {
                 let interrupted =
                     || shared.stop.load(Ordering::Acquire) || shared.generation.load(Ordering::Acquire) != generation;
+                let on_batch = |pages, returned| shared.record_batch(pages, returned);
+                let limits = PassLimits {
+                    max_pages_per_s: Some(tun.max_pages_per_s),
+                    interrupted: &interrupted,
+                    on_batch: &on_batch,
+                };
                 let report = {
                     let _pass = shared.pass.lock().unwrap_or_else(|e| e.into_inner());
-                    pass::run(
-                        core,
-                        &PassLimits { max_pages_per_s: Some(tun.max_pages_per_s), interrupted: &interrupted },
-                    )
+                    pass::run(core, &limits)
                 };
                 shared.record(&report, true);
                 tracing::debug!("proactive compaction: {report:?}");

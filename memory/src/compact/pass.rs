@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::plan::{self, HugeFrameUse};
+use super::plan::{self, FreeLists, HugeFrameUse};
 use super::stats::{CompactionFailures, CompactionReport};
 use crate::core::error::Error;
 use crate::core::page_ops::migrate_frame;
@@ -27,6 +27,9 @@ pub(crate) struct PassLimits<'a> {
     pub(crate) max_pages_per_s: Option<u64>,
     /// Polled between batches: true stops the pass.
     pub(crate) interrupted: &'a dyn Fn() -> bool,
+    /// Called after each batch with the pages it migrated and the 2 MiB
+    /// frames it returned (for running totals).
+    pub(crate) on_batch: &'a dyn Fn(u64, u64),
 }
 
 /// The pool's 2 MiB frames as compaction counts them (under the lock).
@@ -82,7 +85,7 @@ fn snapshot(st: &State) -> Vec<HugeFrameUse> {
 /// Runs one pass over `core`.
 pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
     let start = Instant::now();
-    let (before, plan) = {
+    let (before, mut plan) = {
         let st = core.lock();
         (Occupancy::of(&st), plan::plan(&snapshot(&st)))
     };
@@ -106,6 +109,7 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
             let mut migrated = 0;
             for &(from, to) in &plan.moves[next..(next + batch).min(plan.moves.len())] {
                 done += 1;
+                let to = target(&txn, to, &mut plan.spare);
                 migrated += u64::from(move_one(&mut txn, from, to, &mut report.failures));
                 if core.faults_waiting() && done >= 8 {
                     break;
@@ -115,6 +119,7 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
             (done, migrated, guard.pool().huge_frames_returned() - returned_before)
         };
         next += done;
+        (limits.on_batch)(migrated, returned);
         report.pages_migrated += migrated;
         report.frames_2m_returned += returned;
         core.yield_to_faults();
@@ -125,6 +130,21 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
     report.frames_2m_in_use_after = Occupancy::of(&core.lock()).in_use;
     report.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
     report
+}
+
+/// The planned target `to` if it is still free, else a spare slot of the
+/// targets that still is (`to` if none is: the move then counts `no_target`).
+fn target(t: &Txn<'_>, to: FrameNo, spare: &mut FreeLists) -> FrameNo {
+    let buddy = t.st.pool().buddy();
+    if buddy.is_free(to) {
+        return to;
+    }
+    while let Some(f) = spare.take(0) {
+        if buddy.is_free(f) {
+            return f;
+        }
+    }
+    to
 }
 
 /// Migrates `from` to `to` if both are still what the plan saw; returns

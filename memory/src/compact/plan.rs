@@ -40,7 +40,7 @@ pub struct HugeFrameUse {
 }
 
 /// A planned pass.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Plan {
     /// 2 MiB frames to empty, least occupied first.
     pub sources: Vec<u32>,
@@ -53,6 +53,9 @@ pub struct Plan {
     pub in_use: u64,
     /// ceil(allocated frames / 512).
     pub ideal: u64,
+    /// The targets' free blocks no move was planned into: spare slots for a
+    /// frame whose planned slot was taken before its move ran.
+    pub spare: FreeLists,
 }
 
 /// Fewest 2 MiB frames `frames` 4 KiB frames fit in.
@@ -97,6 +100,7 @@ pub fn plan(in_use: &[HugeFrameUse]) -> Plan {
         unplaced,
         in_use: in_use.iter().filter(|h| !h.used.is_empty()).count() as u64,
         ideal: ideal_huge_frames(live),
+        spare: lists,
     }
 }
 
