@@ -53,10 +53,38 @@ pub struct PassResult {
     pub guest_verify_rate_pass: f64,
     /// `guest_verify_rate_pass / guest_verify_rate_idle`.
     pub guest_pace: Option<f64>,
+    /// vCPU holds during the pass (the guests' stalls).
+    pub holds: Holds,
     /// Guest pages that did not verify (must be 0).
     pub mismatches: u64,
     /// Every guest completed a full verify pass after the compaction.
     pub verified_after: bool,
+}
+
+/// The guests' vCPU holds over a window (the memory manager's counters).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Holds {
+    /// Holds of the guests' vCPUs.
+    pub count: u64,
+    /// Seconds the vCPUs were held.
+    pub held_s: f64,
+    /// Holds whose vCPUs did not leave guest mode in time.
+    pub timeouts: u64,
+    /// `held_s` over the window: the share of the time the guests were stopped.
+    pub held_share: Option<f64>,
+}
+
+impl Holds {
+    fn since(host: &Host, c0: &memory::memory_stats::Counters, window_s: f64) -> Self {
+        let c1 = host.memory().stats().counters;
+        let held_s = c1.vcpu_hold_us.saturating_sub(c0.vcpu_hold_us) as f64 / 1e6;
+        Holds {
+            count: c1.vcpu_holds.saturating_sub(c0.vcpu_holds),
+            held_s,
+            timeouts: c1.vcpu_hold_timeouts.saturating_sub(c0.vcpu_hold_timeouts),
+            held_share: (window_s > 0.0).then(|| held_s / window_s),
+        }
+    }
 }
 
 /// The proactive compactor on a fresh scatter.
@@ -98,6 +126,8 @@ pub struct ProactiveResult {
     pub guest_verify_rate: Option<f64>,
     /// `guest_verify_rate / guest_verify_rate_idle`.
     pub guest_pace: Option<f64>,
+    /// vCPU holds until it settled (the guests' stalls).
+    pub holds: Holds,
     /// Guest pages that did not verify (must be 0).
     pub mismatches: u64,
     /// Every guest completed a full verify pass after the compaction.
@@ -156,6 +186,7 @@ fn measure_pass(
     r.guest_verify_rate_idle = idle_rate(host, p, ids, intr)?;
     (r.host_bytes_before, r.rss_before) = (host.memory().stats().host_bytes, rss());
     let mem = host.memory().clone();
+    let c0 = mem.stats().counters;
     let (v0, t0) = (scatter::verified(host, ids)?, Instant::now());
     let worker = std::thread::Builder::new()
         .name("bench-compact".into())
@@ -175,6 +206,7 @@ fn measure_pass(
     }
     let wall = t0.elapsed().as_secs_f64();
     let v1 = scatter::verified(host, ids)?;
+    r.holds = Holds::since(host, &c0, wall);
     let (report, cpu) = worker.join().map_err(|_| rt("the compaction thread panicked"))?;
     tended?;
     r.report = report.map_err(rt)?;
@@ -234,6 +266,7 @@ fn measure_proactive(
         proactiveness: Some(DEFAULT_PROACTIVENESS),
         max_pages_per_s: Some(p.proactive_rate),
     };
+    let c0 = host.memory().stats().counters;
     let v0 = scatter::verified(host, ids)?;
     let t0 = Instant::now();
     host.memory().update_compaction(&on).map_err(rt)?;
@@ -254,6 +287,7 @@ fn measure_proactive(
             break;
         }
     }
+    r.holds = Holds::since(host, &c0, (last_change - t0).as_secs_f64());
     let (s, mem) = (host.memory().compaction_stats(), host.memory().stats());
     r.pages_migrated = s.pages_migrated - stats0.pages_migrated;
     r.passes = s.proactive_passes - stats0.proactive_passes;
@@ -270,4 +304,19 @@ fn measure_proactive(
     }
     (r.mismatches, r.verified_after) = scatter::finish(host, ids, intr)?;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fraction_returned_of_the_freeable() {
+        assert_eq!(fraction_returned(152, 76, 76), Some(1.0));
+        assert_eq!(fraction_returned(10, 8, 6), Some(0.5));
+        assert_eq!(fraction_returned(10, 10, 6), Some(0.0));
+        assert_eq!(fraction_returned(6, 6, 6), None);
+        // More frames in use after than before: nothing returned, never negative.
+        assert_eq!(fraction_returned(6, 7, 5), Some(0.0));
+    }
 }

@@ -19,6 +19,10 @@ pub struct RepNumbers {
     pub pass_pace: Option<f64>,
     /// Guest pace under proactive compaction.
     pub proactive_pace: Option<f64>,
+    /// Share of the full-rate pass the guests' vCPUs were held.
+    pub pass_held_share: Option<f64>,
+    /// Share of the proactive window the guests' vCPUs were held.
+    pub proactive_held_share: Option<f64>,
     /// Seconds until proactive compaction settled.
     pub proactive_settle_s: Option<f64>,
     /// Share of the freeable 2 MiB frames proactive compaction returned.
@@ -69,14 +73,16 @@ fn say(met: Option<bool>) -> &'static str {
 /// Prints the spreads and the targets; returns them as JSON.
 pub fn summarize(reps: &[RepNumbers]) -> Value {
     type Metric = (&'static str, &'static str, fn(&RepNumbers) -> Option<f64>, usize);
-    let metrics: [Metric; 9] = [
+    let metrics: [Metric; 11] = [
         ("densevm_pages_per_s", "densevm pages migrated/s (full-rate pass)", |r| r.densevm_pages_per_s, 0),
         ("kernel_pages_per_s", "kernel pages migrated/s (compact_memory)", |r| r.kernel_pages_per_s, 0),
         ("ratio_densevm_to_kernel", "ratio densevm / kernel", RepNumbers::ratio, 2),
         ("fraction_returned", "fraction of freeable 2 MiB frames returned", |r| r.fraction_returned, 3),
         ("frames_over_ideal", "2 MiB frames in use beyond ideal", |r| r.frames_over_ideal, 0),
         ("pass_guest_pace", "guest pace during the full-rate pass", |r| r.pass_pace, 2),
+        ("pass_held_share", "share of the full-rate pass the vCPUs were held", |r| r.pass_held_share, 3),
         ("proactive_guest_pace", "guest pace under proactive compaction", |r| r.proactive_pace, 2),
+        ("proactive_held_share", "share of the proactive window the vCPUs were held", |r| r.proactive_held_share, 3),
         ("proactive_settle_s", "proactive compaction: seconds to settle", |r| r.proactive_settle_s, 2),
         (
             "proactive_fraction_returned",

@@ -195,3 +195,19 @@ pub fn remove(host: &mut Host, ids: &[String]) {
         let _ = host.remove_vm(id, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_the_clones_frees_the_chosen_share() {
+        for vms in [4, 8, 16] {
+            let s = shared_fraction(vms);
+            let freed = s * f64::from(vms - 1) / f64::from(vms);
+            assert!((freed - FREED_FRACTION).abs() < 1e-9, "{vms}: {s}");
+        }
+        // Too few clones to free 60%: capped, never above a valid fraction.
+        assert!(shared_fraction(2) <= 0.95 && shared_fraction(0) <= 0.95);
+    }
+}
