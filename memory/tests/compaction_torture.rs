@@ -273,6 +273,7 @@ fn torture_compaction_under_concurrent_writers() {
         (0..IDLE_FIRST).map(|p| (1, p)).chain(idle_model.iter().map(|&(page, _)| page)).collect();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut ops = [0u64; 7];
+    let mut raced = 0u64;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(secs) {
         let pick = |rng: &mut Rng| all_pages[rng.below(all_pages.len() as u64) as usize];
@@ -314,6 +315,13 @@ fn torture_compaction_under_concurrent_writers() {
         };
         match result {
             Ok(k) => ops[k] += 1,
+            // Share and migrate name a frame read in an earlier lock hold; the
+            // compactor may have moved it since (freed: the operation changes
+            // nothing; reused by a churn VM of another merge domain: share refuses).
+            Err(memory::manager::Error::FrameNotLive(_)) if (40..50).contains(&kind) || (60..75).contains(&kind) => {
+                raced += 1
+            }
+            Err(memory::manager::Error::CrossDomain { .. }) if (40..50).contains(&kind) => raced += 1,
             Err(e) => failures.lock().unwrap().push(format!("operation failed: {e}")),
         }
     }
@@ -396,7 +404,7 @@ fn torture_compaction_under_concurrent_writers() {
     );
     let cs = mgr.compaction_stats();
     eprintln!(
-        "compaction torture: {passes} on-demand passes ({:.1}/s), {migrated} pages migrated ({:.0}/s), {returned} 2 MiB frames returned; proactive passes {}, total pages migrated {}, failures {:?}; churn VMs created {created}, destroyed {destroyed}",
+        "compaction torture: {passes} on-demand passes ({:.1}/s), {migrated} pages migrated ({:.0}/s), {returned} 2 MiB frames returned; proactive passes {}, total pages migrated {}, failures {:?}; churn VMs created {created}, destroyed {destroyed}; share/migrate of a frame compaction had moved: {raced}",
         passes as f64 / elapsed,
         migrated as f64 / elapsed,
         cs.proactive_passes,

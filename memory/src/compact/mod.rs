@@ -203,7 +203,9 @@ fn run_loop(core: &Core, shared: &Shared) {
                 };
                 shared.record(&report, true);
                 tracing::debug!("proactive compaction: {report:?}");
-                fruitless = (report.frames_2m_returned == 0).then(|| Occupancy::of(&core.lock()));
+                // An interrupted pass is not fruitless: it runs again with the new tunables.
+                let stopped_early = interrupted();
+                fruitless = (report.frames_2m_returned == 0 && !stopped_early).then(|| Occupancy::of(&core.lock()));
             }
         }
         let guard = shared.tunables();

@@ -1,9 +1,9 @@
 //! One compaction pass over the manager's state: snapshot the 2 MiB frames in
 //! use under the lock, plan it ([`super::plan`]), then migrate the planned
-//! frames in batches, each batch one hold of the manager's lock (one [`Txn`]),
+//! frames in batches, each batch one hold of the manager's lock (one `Txn`),
 //! released between batches so that waiting write faults are served.
 //!
-//! Every migration is [`migrate_frame`]: the remap protocol's migration of a
+//! Every migration is `core::page_ops::migrate_frame`: the remap protocol's migration of a
 //! frame and every guest page mapping it, in one protected step. Because the
 //! lock is released between batches, each planned move is checked again when
 //! its batch runs: a frame freed meanwhile is passed over, a target slot taken

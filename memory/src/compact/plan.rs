@@ -26,6 +26,8 @@
 //! at its orders), else it is halved. Order-0 chunks always fit while the
 //! targets have free slots, so every planned source empties.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::{FrameNo, HUGE_FRAME_PAGES, MAX_ORDER};
 
 /// One 2 MiB frame holding live frames, as the planner sees it.
@@ -78,8 +80,10 @@ pub fn select_sources(in_use: &[HugeFrameUse]) -> Vec<u32> {
 pub fn plan(in_use: &[HugeFrameUse]) -> Plan {
     let live: u64 = in_use.iter().map(|h| h.used.len() as u64).sum();
     let sources = select_sources(in_use);
+    let is_source: HashSet<u32> = sources.iter().copied().collect();
+    let by_index: HashMap<u32, &HugeFrameUse> = in_use.iter().map(|h| (h.index, h)).collect();
     let mut lists = FreeLists::default();
-    for h in in_use.iter().filter(|h| !h.used.is_empty() && !sources.contains(&h.index)) {
+    for h in in_use.iter().filter(|h| !h.used.is_empty() && !is_source.contains(&h.index)) {
         let free = HUGE_FRAME_PAGES as usize - h.used.len();
         for &(offset, order) in &h.free_blocks {
             lists.push(free as u32, h.index * HUGE_FRAME_PAGES + u32::from(offset), order);
@@ -88,7 +92,7 @@ pub fn plan(in_use: &[HugeFrameUse]) -> Plan {
     let mut moves = Vec::new();
     let mut unplaced = Vec::new();
     for &src in &sources {
-        let Some(h) = in_use.iter().find(|h| h.index == src) else { continue };
+        let Some(h) = by_index.get(&src) else { continue };
         for (start, len) in runs(&h.used) {
             let first = src * HUGE_FRAME_PAGES + u32::from(start);
             place_run(&mut lists, first, u32::from(len), &mut moves, &mut unplaced);
