@@ -41,10 +41,10 @@ const PROACTIVE_RATE: u64 = memory::compact::tunables::DEFAULT_MAX_PAGES_PER_S;
 
 /// What the guest pace means here (printed and in the JSON).
 const PACE_NOTE: &str = "guest pace = pages the guests verified per second during the window / their idle pace just \
-     before (as bench merge measures it). The idle workload guests are sleep-limited (64 pages per 5 ms sleep) and a \
-     vCPU hold ends a sleep early, so compaction can push the pace above 1; it drops below 1 only when holds stall \
-     the guests for longer than they would sleep. The held share (vCPU hold time / window) is the direct measure of \
-     the guests' stall.";
+     before (as bench merge measures it), after one full verify pass since the scatter. The idle workload guests are \
+     sleep-limited (64 pages per 5 ms sleep), so the pace shows stalls longer than their sleeps, not CPU taken from \
+     them; held share = vCPU hold time / window (compaction does not hold vCPUs: its migrations write-protect the \
+     pages they move instead).";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

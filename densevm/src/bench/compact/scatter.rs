@@ -112,7 +112,8 @@ pub fn verified(host: &Host, ids: &[String]) -> Result<u64, CommandError> {
 
 /// Creates `p.vms` VMs named `<tag>-<i>`, lets them fill their memory and frees
 /// 60% of their data frames (see the module doc). The merger is stopped when
-/// this returns; the VMs run (idle, verifying). On failure the VMs created so
+/// this returns, and every guest verified all its pages once since merging; the
+/// VMs run (idle, verifying). On failure the VMs created so
 /// far are in `ids` for the caller to remove.
 pub fn create(
     host: &mut Host,
@@ -156,6 +157,12 @@ pub fn create(
     host.memory().merger().set_run(false);
     merged?;
     info.merge_s = t1.elapsed().as_secs_f64();
+    // Steady state before anything is measured: merging remapped most pages, so
+    // the guests' first reads of them fault them back into the guest's page
+    // tables (slow under nested KVM); one full verify pass takes them all.
+    if !full_verify_pass(host, ids, interrupted)? {
+        return Err(rt(format!("the guests did not complete a verify pass within {VERIFY_TIMEOUT:?} after merging")));
+    }
     let stats = host.memory().stats();
     info.frames_used_after = stats.frames_used;
     let data_frames = u64::from(p.vms) * u64::from(p.fill_mib) * 256;
@@ -167,20 +174,25 @@ pub fn create(
     Ok(info)
 }
 
-/// Waits until every guest completed a full verify pass after this call began,
-/// then returns (the guests' mismatches, whether every guest verified again).
-pub fn finish(host: &mut Host, ids: &[String], interrupted: &dyn Fn() -> bool) -> Result<(u64, bool), CommandError> {
+/// Waits until every guest completed a full verify pass after this call began
+/// (at most [`VERIFY_TIMEOUT`]); returns whether they all did.
+fn full_verify_pass(host: &mut Host, ids: &[String], interrupted: &dyn Fn() -> bool) -> Result<bool, CommandError> {
     let before: Vec<u64> = reports(host, ids)?.iter().map(|r| r.full_verifies).collect();
     let deadline = Instant::now() + VERIFY_TIMEOUT;
-    let mut verified_again = false;
     while Instant::now() < deadline {
         let now: Vec<u64> = reports(host, ids)?.iter().map(|r| r.full_verifies).collect();
         if now.iter().zip(&before).all(|(n, b)| n > b) {
-            verified_again = true;
-            break;
+            return Ok(true);
         }
         idle_for(host, ids, Duration::from_millis(20), interrupted)?;
     }
+    Ok(false)
+}
+
+/// Waits until every guest completed a full verify pass after this call began,
+/// then returns (the guests' mismatches, whether every guest verified again).
+pub fn finish(host: &mut Host, ids: &[String], interrupted: &dyn Fn() -> bool) -> Result<(u64, bool), CommandError> {
+    let verified_again = full_verify_pass(host, ids, interrupted)?;
     tend(host, ids)?;
     let mut mismatches = 0;
     for (id, rep) in ids.iter().zip(reports(host, ids)?) {
