@@ -181,4 +181,18 @@ pub enum BenchKind {
         )]
         policies: Vec<String>,
     },
+    /// Compaction: densevm's compactor (one full-rate pass and proactive
+    /// compaction, guests running) against the kernel's compact_memory on the
+    /// same amount of fragmented memory, interleaved, min / median / max.
+    Compact {
+        /// One repetition of smaller VMs (for tests).
+        #[arg(long)]
+        quick: bool,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Repetitions (default 5; 1 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: Option<u32>,
+    },
 }

@@ -3,6 +3,7 @@
 //! kernel-KSM harness they share in [`ksm`]).
 
 pub mod api_latency;
+pub mod compact;
 pub mod cow;
 pub mod ksm;
 pub mod merge;
@@ -71,6 +72,7 @@ fn launch_once(exe: &std::path::Path, i: u32) -> Result<(f64, f64), CommandError
 pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
     match args.which {
         BenchKind::Api { requests, load_clients, json } => api_latency::main(requests, load_clients, json.as_deref()),
+        BenchKind::Compact { quick, json, repeat } => compact::main(quick, json.as_deref(), repeat),
         BenchKind::Cow { quick, json } => cow::main(quick, json.as_deref()),
         BenchKind::Merge { quick, json, policies } => merge::main(quick, json.as_deref(), &policies),
         BenchKind::Launch { launches, json } => {

@@ -19,8 +19,8 @@
 //! same run, and the targets (≥ 5× faster merging of clones at equal
 //! CPU, idle CPU ≤ 1/10 of the kernel's), reported as met or not.
 
-mod measure;
-mod policy;
+pub(crate) mod measure;
+pub(crate) mod policy;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -203,7 +203,7 @@ pub fn run(
 }
 
 /// Processes every VM's events; fails if one stopped.
-fn tend(host: &mut Host, ids: &[String]) -> Result<(), CommandError> {
+pub(crate) fn tend(host: &mut Host, ids: &[String]) -> Result<(), CommandError> {
     for id in ids {
         let vm = host.vm_mut(id)?;
         vm.handle_events();
@@ -215,7 +215,12 @@ fn tend(host: &mut Host, ids: &[String]) -> Result<(), CommandError> {
 }
 
 /// Sleeps `d` while tending the VMs.
-fn idle_for(host: &mut Host, ids: &[String], d: Duration, interrupted: &dyn Fn() -> bool) -> Result<(), CommandError> {
+pub(crate) fn idle_for(
+    host: &mut Host,
+    ids: &[String],
+    d: Duration,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<(), CommandError> {
     let end = Instant::now() + d;
     while Instant::now() < end {
         if interrupted() {
@@ -227,7 +232,8 @@ fn idle_for(host: &mut Host, ids: &[String], d: Duration, interrupted: &dyn Fn()
     Ok(())
 }
 
-fn reports(host: &Host, ids: &[String]) -> Result<Vec<vmm::workload::abi::WorkloadReport>, CommandError> {
+/// The workload report of every VM of `ids`.
+pub(crate) fn reports(host: &Host, ids: &[String]) -> Result<Vec<vmm::workload::abi::WorkloadReport>, CommandError> {
     ids.iter().map(|id| host.vm(id)?.workload_report().ok_or_else(|| rt(format!("{id}: no workload report")))).collect()
 }
 
