@@ -78,7 +78,10 @@ fn every_endpoint_happy_path() {
     assert_eq!(m["compaction"]["passes"], 3);
     let r = h.req("GET", "/memory/compaction", None);
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.json(), serde_json::json!({"enabled": true, "proactiveness": 20, "max_pages_per_s": 20000}));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"enabled": true, "proactiveness": 20, "max_pages_per_s": memory::compact::tunables::DEFAULT_MAX_PAGES_PER_S})
+    );
     let r = h.req("PATCH", "/memory/compaction", Some(r#"{"proactiveness": 0, "max_pages_per_s": 100000000}"#));
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json(), serde_json::json!({"enabled": true, "proactiveness": 0, "max_pages_per_s": 100000000}));

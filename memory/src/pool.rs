@@ -71,7 +71,9 @@ pub struct ThpStatus {
 }
 
 impl ThpStatus {
-    fn probe(requested: bool) -> Self {
+    /// Reads the host's shmem THP policy; `requested` says whether the pool asks
+    /// for huge pages (`honoured` is false when it does not).
+    pub fn probe(requested: bool) -> Self {
         let raw = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").unwrap_or_default();
         let selected = raw
             .split_whitespace()

@@ -277,7 +277,7 @@ fn compaction_requests_are_checked() {
         return;
     }
     let d = Daemon::start(&[]);
-    let defaults = json!({"enabled": true, "proactiveness": 20, "max_pages_per_s": 20000});
+    let defaults = json!({"enabled": true, "proactiveness": 20, "max_pages_per_s": memory::compact::tunables::DEFAULT_MAX_PAGES_PER_S});
     assert_eq!(d.get("/memory/compaction"), defaults);
     for (method, path, body, status, needle) in [
         ("PATCH", "/memory/compaction", r#"{"proactiveness": 101}"#, 400, "proactiveness: must be in 0..=100"),

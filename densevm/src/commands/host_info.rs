@@ -23,6 +23,12 @@ pub struct HostInfo {
     pub ring0_native: bool,
     /// Why (the probe's measurement or the reason it could not run).
     pub ring0_reason: String,
+    /// The host's shmem transparent-huge-page policy
+    /// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`).
+    pub shmem_thp: String,
+    /// Whether a pool backed by huge pages is possible here (the policy honours
+    /// `MADV_HUGEPAGE` on shmem).
+    pub shmem_thp_usable: bool,
 }
 
 /// Gathers the host facts (runs the ring-0 probe: a few milliseconds natively).
@@ -32,7 +38,10 @@ pub fn gather() -> HostInfo {
         Ok(p) => (p.native, p.reason),
         Err(e) => (false, e),
     };
+    let thp = memory::ThpStatus::probe(true);
     HostInfo {
+        shmem_thp: thp.shmem_enabled,
+        shmem_thp_usable: thp.honoured,
         version: env!("CARGO_PKG_VERSION"),
         kvm_api_version: kvm.as_ref().map(|k| k.get_api_version()).unwrap_or(-1),
         kvm: kvm.is_ok(),
@@ -53,6 +62,13 @@ pub fn main(args: HostInfoArgs) -> Result<ExitCode, CommandError> {
         println!("kvm: {} (api {})", info.kvm, info.kvm_api_version);
         println!("kvm modules: {}", info.kvm_modules.join(", "));
         println!("ring-0 guests native: {} ({})", info.ring0_native, info.ring0_reason);
+        let thp = if info.shmem_thp_usable {
+            "a huge-page-backed pool is possible: whole 2 MiB frames compaction frees are host huge pages again"
+        } else {
+            "no huge-page-backed pool here: the pool returns host memory 4 KiB at a time, and compaction \
+             frees whole 2 MiB frames of the pool without changing host memory"
+        };
+        println!("shmem THP: {} ({thp})", info.shmem_thp);
     }
     Ok(ExitCode::SUCCESS)
 }
