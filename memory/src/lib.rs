@@ -31,7 +31,9 @@
 //! 1. syscalls: `sys.rs`;
 //! 2. leaves: [`uffd`] (the descriptor and its protection ioctls), [`buddy`],
 //!    [`frame_table`], [`page_table`], [`vma_budget`], [`write_retry`],
-//!    [`vcpu_gate`], the merger's two vocabulary leaves
+//!    [`vcpu_gate`], [`tunable_range`] (the tunables' range check and its
+//!    error, shared by the merger's and the compactor's tunables), the
+//!    merger's two vocabulary leaves
 //!    [`merge::tunables`] and [`merge::error`] (named by the core's error),
 //!    and the compactor's leaves [`compact::tunables`], [`compact::stats`]
 //!    and [`compact::plan`] (its pure source/target planning);
@@ -75,6 +77,7 @@ pub mod page_table;
 pub mod pool;
 pub mod protector;
 pub mod remap;
+pub mod tunable_range;
 pub mod uffd;
 pub mod vcpu_gate;
 pub mod vma_budget;

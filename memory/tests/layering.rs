@@ -23,6 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "vma_budget.rs",
             "write_retry.rs",
             "vcpu_gate.rs",
+            "tunable_range.rs",
             "merge/tunables.rs",
             "merge/error.rs",
             "compact/tunables.rs",

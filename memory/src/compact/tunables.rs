@@ -14,6 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tunable_range::check;
+
 /// Largest `proactiveness` (percent).
 pub const MAX_PROACTIVENESS: u32 = 100;
 /// Smallest `max_pages_per_s`.
@@ -30,22 +32,9 @@ pub const DEFAULT_PROACTIVENESS: u32 = 20;
 /// 20000 and full rate (~40000 pages/s on one core).
 pub const DEFAULT_MAX_PAGES_PER_S: u64 = 2_000;
 
-/// Errors of compaction tunable validation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
-    /// A value is outside its allowed range.
-    #[error("{name} = {value} is outside {min}..={max}")]
-    OutOfRange {
-        /// The tunable.
-        name: &'static str,
-        /// The value given.
-        value: u64,
-        /// Smallest allowed value.
-        min: u64,
-        /// Largest allowed value.
-        max: u64,
-    },
-}
+/// Errors of compaction tunable validation (the shared range error of
+/// [`crate::tunable_range`]).
+pub use crate::tunable_range::Error;
 
 /// The compactor's settings, changeable at run time.
 ///
@@ -157,13 +146,6 @@ impl From<CompactionTunables> for CompactionTunablesPatch {
             max_pages_per_s: Some(max_pages_per_s),
         }
     }
-}
-
-fn check(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), Error> {
-    if value < min || value > max {
-        return Err(Error::OutOfRange { name, value, min, max });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tunable_range::check;
+
 /// Largest `pages_to_scan`.
 pub const MAX_PAGES_TO_SCAN: u32 = 1_000_000;
 /// Largest `sleep_ms`.
@@ -23,22 +25,9 @@ pub const MIN_MAX_PAGE_SHARING: u32 = 2;
 /// Largest `max_page_sharing`.
 pub const MAX_MAX_PAGE_SHARING: u32 = 1_000_000;
 
-/// Errors of tunable validation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
-    /// A value is outside its allowed range.
-    #[error("{name} = {value} is outside {min}..={max}")]
-    OutOfRange {
-        /// The tunable.
-        name: &'static str,
-        /// The value given.
-        value: u64,
-        /// Smallest allowed value.
-        min: u64,
-        /// Largest allowed value.
-        max: u64,
-    },
-}
+/// Errors of tunable validation (the shared range error of
+/// [`crate::tunable_range`]).
+pub use crate::tunable_range::Error;
 
 /// How the merger notices that a page changed between scans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -222,13 +211,6 @@ impl From<Tunables> for TunablesPatch {
             hold_vcpus: Some(hold_vcpus),
         }
     }
-}
-
-fn check(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), Error> {
-    if value < min || value > max {
-        return Err(Error::OutOfRange { name, value, min, max });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
