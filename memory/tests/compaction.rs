@@ -14,19 +14,6 @@ use std::collections::HashMap;
 use common::*;
 use memory::{GuestMap, MemoryManager, VmId, HUGE_FRAME_PAGES, PAGE_SIZE};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The tests measure the process's RSS and host memory: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -1,10 +1,30 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod torture;
+
 use std::sync::{Arc, Mutex};
 
 use memory::uffd::Uffd;
 use memory::{DirtyLog, ManagerConfig, MemoryManager, PAGE_SIZE};
+
+/// A xorshift64 generator: reproducible pseudo-random choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
 
 /// Prints `SKIPPED <test>: <why>` on the real stderr: not through `eprintln!`,
 /// which the test harness captures (and hides) for passing tests.
