@@ -15,6 +15,26 @@ use std::time::Instant;
 use crate::cli::{BenchArgs, BenchKind};
 use crate::commands::CommandError;
 
+/// Ends a benchmark: writes `result` as pretty JSON to `json_path` (when given),
+/// then exits 1 with a FAILED line when `mismatches` of the guests' `pages` did not
+/// verify, 0 otherwise.
+pub(crate) fn finish(
+    result: &serde_json::Value,
+    json_path: Option<&std::path::Path>,
+    mismatches: u64,
+    pages: &str,
+) -> Result<ExitCode, CommandError> {
+    if let Some(path) = json_path {
+        let text = serde_json::to_string_pretty(result).map_err(|e| CommandError::Runtime(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| CommandError::Runtime(format!("writing {}: {e}", path.display())))?;
+    }
+    if mismatches > 0 {
+        println!("result: FAILED: {mismatches} {pages} did not verify");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();

@@ -385,13 +385,5 @@ pub fn main(quick: bool, json_path: Option<&Path>, only: &[String]) -> Result<Ex
         "ratios": ratios,
         "mismatches": mismatches,
     });
-    if let Some(path) = json_path {
-        std::fs::write(path, serde_json::to_string_pretty(&result).map_err(rt)?)
-            .map_err(|e| rt(format!("writing {}: {e}", path.display())))?;
-    }
-    if mismatches > 0 {
-        println!("result: FAILED: {mismatches} guest pages did not verify");
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
+    super::finish(&result, json_path, mismatches, "guest pages")
 }
