@@ -34,7 +34,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::core::{Result, State};
+use crate::core::{Error, Result, State};
 use crate::frame_table::Mapper;
 use crate::page_table::PageFlags;
 use crate::VmId;
@@ -317,11 +317,19 @@ impl Scanner {
                     more = true;
                     break;
                 }
-                if let Err(e) = self.chunk(*t, start, n, tun) {
-                    tracing::warn!("merging VM {} pages {start}..+{n}: {e}", t.vm);
-                    self.extra_activity += 1;
-                    self.leave_idle();
-                    return Ok(resumed);
+                match self.chunk(*t, start, n, tun) {
+                    Ok(_) => {}
+                    Err(Error::UnknownVm(_)) => {
+                        // Destroyed since this batch listed it: nothing more to visit.
+                        tracing::debug!(vm = t.vm, "VM gone while merging it; its remaining pages are skipped");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("merging VM {} pages {start}..+{n}: {e}", t.vm);
+                        self.extra_activity += 1;
+                        self.leave_idle();
+                        return Ok(resumed);
+                    }
                 }
                 done += n as usize;
                 self.core.yield_to_faults();

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::core::{Core, Result, Txn};
+use crate::core::{Core, Error, Result, Txn};
 use crate::vcpu_gate::HoldBudget;
 use crate::{FrameNo, VmId};
 
@@ -255,6 +255,17 @@ impl Scanner {
             let n = (target.pages - start).min(chunk).min(budget as u32);
             let charged = match self.chunk(target, start, n, tun) {
                 Ok(resident) => resident,
+                Err(Error::UnknownVm(_)) => {
+                    // Destroyed since this batch listed it: skip the rest of it
+                    // (one chunk error per remaining chunk would only flood the log).
+                    tracing::debug!(vm = target.vm, "VM gone while merging it; its remaining pages are skipped");
+                    lap = lap.saturating_sub(u64::from(target.pages - start));
+                    self.cursor = (target.vm.saturating_add(1), 0);
+                    if target.vm == VmId::MAX {
+                        self.end_full_scan(&vms, tun);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!("merging VM {} pages {start}..+{n}: {e}", target.vm);
                     self.extra_activity += 1;
