@@ -17,6 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
+use vm_memory::MmapRegion;
 
 /// The kernel's compaction trigger.
 pub const COMPACT_MEMORY: &str = "/proc/sys/vm/compact_memory";
@@ -99,29 +100,17 @@ fn vmstat() -> BTreeMap<String, i64> {
         .collect()
 }
 
-/// A private anonymous mapping, unmapped on drop.
+/// A private anonymous mapping (vm-memory's `MmapRegion`, as the KSM harness
+/// uses), unmapped on drop.
 struct Region {
-    addr: *mut u8,
+    mem: MmapRegion<()>,
     len: usize,
 }
 
 impl Region {
     fn new(len: usize) -> Result<Self, Error> {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(sys("mmap")(std::io::Error::last_os_error()));
-        }
-        let region = Region { addr: addr.cast(), len };
+        let mem = MmapRegion::<()>::new(len).map_err(|e| sys("mmap")(std::io::Error::other(e.to_string())))?;
+        let region = Region { mem, len };
         region.advise(0, len / PAGE, libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)")?;
         Ok(region)
     }
@@ -129,7 +118,7 @@ impl Region {
     fn advise(&self, page: usize, pages: usize, advice: libc::c_int, what: &'static str) -> Result<(), Error> {
         // SAFETY: the range lies inside our mapping (callers pass pages < len / PAGE);
         // the advice only drops or re-describes its memory.
-        let rc = unsafe { libc::madvise(self.addr.add(page * PAGE).cast(), pages * PAGE, advice) };
+        let rc = unsafe { libc::madvise(self.mem.as_ptr().add(page * PAGE).cast(), pages * PAGE, advice) };
         if rc != 0 {
             return Err(sys(what)(std::io::Error::last_os_error()));
         }
@@ -138,7 +127,7 @@ impl Region {
 
     fn word(&self, page: usize) -> *mut u64 {
         // SAFETY: page < len / PAGE (callers iterate the region's pages): inside the mapping.
-        unsafe { self.addr.add(page * PAGE).cast() }
+        unsafe { self.mem.as_ptr().add(page * PAGE).cast() }
     }
 
     /// Physical frame numbers of the region's pages (0: absent or hidden).
@@ -146,7 +135,8 @@ impl Region {
         use std::os::unix::fs::FileExt;
         let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(sys("opening /proc/self/pagemap"))?;
         let mut buf = vec![0u8; self.len / PAGE * 8];
-        pagemap.read_exact_at(&mut buf, self.addr as u64 / PAGE as u64 * 8).map_err(sys("reading the page map"))?;
+        let offset = self.mem.as_ptr() as u64 / PAGE as u64 * 8;
+        pagemap.read_exact_at(&mut buf, offset).map_err(sys("reading the page map"))?;
         Ok(buf
             .chunks_exact(8)
             .map(|e| {
@@ -158,15 +148,6 @@ impl Region {
                 }
             })
             .collect())
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, used by nothing after this.
-        unsafe {
-            libc::munmap(self.addr.cast(), self.len);
-        }
     }
 }
 
