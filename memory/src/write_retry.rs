@@ -19,16 +19,20 @@ use std::sync::OnceLock;
 
 use crate::PAGE_SIZE;
 
-const SLOTS: usize = 256;
+/// Most live guest ranges (VMs) at once: [`add_range`] refuses more, so every
+/// guest range is always known to the handler.
+pub const RANGE_SLOTS: usize = 4096;
+/// Most remaps in flight at once ([`InFlight::begin`] waits for a slot).
+const IN_FLIGHT_SLOTS: usize = 256;
 /// Consecutive faults on one address with no remap seen before giving up.
 const MAX_BLIND_RETRIES: u32 = 1_000_000;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicUsize = AtomicUsize::new(0);
-static RANGE_START: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
-static RANGE_END: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
-static IN_FLIGHT: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
-static IN_FLIGHT_END: [AtomicUsize; SLOTS] = [ZERO; SLOTS];
+static RANGE_START: [AtomicUsize; RANGE_SLOTS] = [ZERO; RANGE_SLOTS];
+static RANGE_END: [AtomicUsize; RANGE_SLOTS] = [ZERO; RANGE_SLOTS];
+static IN_FLIGHT: [AtomicUsize; IN_FLIGHT_SLOTS] = [ZERO; IN_FLIGHT_SLOTS];
+static IN_FLIGHT_END: [AtomicUsize; IN_FLIGHT_SLOTS] = [ZERO; IN_FLIGHT_SLOTS];
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 struct PreviousAction(libc::sigaction);
@@ -74,22 +78,31 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::Acquire)
 }
 
+/// The range table is full: [`RANGE_SLOTS`] guest ranges are live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{RANGE_SLOTS} guest ranges are live, the most the write-retry table holds")]
+pub struct RangeTableFull;
+
 /// Declares `start..start+len` a live guest range (faults there are retried).
-pub(crate) fn add_range(start: usize, len: usize) {
-    for i in 0..SLOTS {
+///
+/// Refused when the table is full: a guest range the handler does not know
+/// would turn a host thread's store in a remap's read-only instant into a
+/// crash of the process, so such a guest must not exist.
+pub(crate) fn add_range(start: usize, len: usize) -> Result<(), RangeTableFull> {
+    for i in 0..RANGE_SLOTS {
         if RANGE_END[i].load(Ordering::Acquire) == 0
             && RANGE_START[i].compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire).is_ok()
         {
             RANGE_END[i].store(start + len, Ordering::Release);
-            return;
+            return Ok(());
         }
     }
-    tracing::warn!("write-retry range table full; stores into {start:#x} are not retried");
+    Err(RangeTableFull)
 }
 
 /// Removes a range added with [`add_range`].
 pub(crate) fn remove_range(start: usize) {
-    for i in 0..SLOTS {
+    for i in 0..RANGE_SLOTS {
         if RANGE_START[i].load(Ordering::Acquire) == start && start != 0 {
             RANGE_END[i].store(0, Ordering::Release);
             RANGE_START[i].store(0, Ordering::Release);
@@ -125,7 +138,7 @@ impl Drop for InFlight {
 }
 
 fn in_guest_range(addr: usize) -> bool {
-    (0..SLOTS).any(|i| {
+    (0..RANGE_SLOTS).any(|i| {
         let start = RANGE_START[i].load(Ordering::Acquire);
         start != 0 && addr >= start && addr < RANGE_END[i].load(Ordering::Acquire)
     })

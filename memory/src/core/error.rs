@@ -36,6 +36,9 @@ pub enum Error {
     /// A VM with this id exists already.
     #[error("VM {0} exists already")]
     VmExists(VmId),
+    /// As many guests exist as the write-retry table can protect.
+    #[error("too many guests: {0}")]
+    TooManyGuests(#[from] crate::write_retry::RangeTableFull),
     /// Guest size zero or not a multiple of 4 KiB.
     #[error("guest size {0} is not a positive multiple of 4 KiB")]
     BadSize(u64),

@@ -65,8 +65,13 @@ impl Core {
             st.free_unmapped_frames(&mut frames)?;
             return Err(e);
         }
+        if let Err(e) = crate::write_retry::add_range(host, len) {
+            // SAFETY: `host..host+len` is the reservation made above, known to no table.
+            let _ = unsafe { sys::unmap(host, len) };
+            st.free_unmapped_frames(&mut frames)?;
+            return Err(Error::TooManyGuests(e));
+        }
         st.add_guest(PageTable::new(vm, host, &frames));
-        crate::write_retry::add_range(host, len);
         Ok(host)
     }
 
