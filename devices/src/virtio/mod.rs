@@ -18,6 +18,8 @@ pub mod chain;
 pub mod mmio;
 pub mod notify;
 pub mod ratelimit;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 use std::io;
 
