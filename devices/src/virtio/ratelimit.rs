@@ -9,7 +9,7 @@ const BURST: u32 = 10;
 /// Length of a window.
 const WINDOW: Duration = Duration::from_secs(5);
 
-/// Allows [`BURST`] log lines per [`WINDOW`] and counts the lines it suppressed.
+/// Allows 10 log lines per 5 s window and counts the lines it suppressed.
 #[derive(Debug)]
 pub struct LogLimiter {
     window_start: Option<Instant>,

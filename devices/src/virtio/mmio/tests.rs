@@ -12,6 +12,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::bus::BusDevice;
 use crate::virtio::notify::QueueEvent;
 use crate::virtio::test_utils::{Driver, Ring, DATA, MEM_SIZE, WRITE};
 
