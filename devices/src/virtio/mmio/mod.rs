@@ -252,7 +252,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 VIRTIO_CONFIG_S_FEATURES_OK if !self.features_ok() => return,
                 VIRTIO_CONFIG_S_DRIVER_OK => {
                     self.status |= bit;
-                    self.activate();
+                    // A device that needs a reset stays down until the driver resets it.
+                    if self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+                        self.activate();
+                    }
                 }
                 _ => self.status |= bit,
             }

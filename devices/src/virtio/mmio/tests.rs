@@ -218,9 +218,10 @@ fn queue_ready_on_an_invalid_ring_needs_reset() {
     ring.desc += 2;
     d.setup_ring(0, ring);
     assert!(d.needs_reset());
-    // The device serves nothing once it needs a reset.
+    // The device serves nothing once it needs a reset, and is not activated.
     d.add_status(VIRTIO_CONFIG_S_DRIVER_OK);
     assert!(!d.t.is_active());
+    assert_eq!(d.t.device().activated_with, None);
 }
 
 #[test]
@@ -393,4 +394,47 @@ fn invalid_device_queue_sizes_are_refused() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
     let trigger = crate::virtio::test_utils::CountingTrigger::default();
     assert!(MmioTransport::new(Bad, mem, Box::new(trigger)).is_err());
+}
+
+#[test]
+fn sits_on_the_mmio_bus_as_a_shared_device() {
+    use std::sync::Mutex;
+
+    use crate::bus::{MmioBus, SharedDevice};
+
+    let d = driver();
+    let transport = Arc::new(Mutex::new(d.t));
+    // The VMM keeps the typed handle (for ioeventfds, targets, stats) and gives
+    // the bus the same device.
+    let shared: SharedDevice = transport.clone();
+    let mut bus = MmioBus::new();
+    let base = 0xd000_0000;
+    bus.insert(shared, base, MMIO_LEN).expect("insert");
+    let mut b = [0u8; 4];
+    assert!(bus.read(base + u64::from(VIRTIO_MMIO_DEVICE_ID), &mut b));
+    assert_eq!(u32::from_le_bytes(b), ECHO_ID);
+    assert!(bus.write(base + u64::from(VIRTIO_MMIO_STATUS), &VIRTIO_CONFIG_S_ACKNOWLEDGE.to_le_bytes()));
+    assert_eq!(transport.lock().expect("transport").status(), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+}
+
+#[test]
+fn interrupts_go_through_an_eventfd_trigger() {
+    let trigger = crate::trigger::EventFdTrigger::new().expect("eventfd");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("memory");
+    let mut t = MmioTransport::new(Echo::default(), mem, Box::new(trigger.clone())).expect("transport");
+    t.write(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
+    for bit in [VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER] {
+        let s = t.status();
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &(s | bit).to_le_bytes());
+    }
+    t.write(u64::from(VIRTIO_MMIO_DRIVER_FEATURES_SEL), &1u32.to_le_bytes());
+    t.write(u64::from(VIRTIO_MMIO_DRIVER_FEATURES), &1u32.to_le_bytes());
+    for bit in [VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER_OK] {
+        let s = t.status();
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &(s | bit).to_le_bytes());
+    }
+    assert!(t.is_active());
+    assert!(trigger.event_fd().read().is_err(), "no interrupt yet");
+    t.config_changed();
+    assert_eq!(trigger.event_fd().read().expect("interrupt"), 1);
 }
