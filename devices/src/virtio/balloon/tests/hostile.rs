@@ -112,3 +112,72 @@ fn bad_statistics_buffers_are_returned_and_counted() {
     assert_eq!(used(&d, STATS), 4);
     assert!(d.t.is_active());
 }
+
+/// One step of a hostile driver.
+#[derive(Clone, Debug)]
+enum Step {
+    /// A register or config access of any width at any offset below 0x120.
+    Write(u64, usize, u64),
+    Read(u64, usize),
+    Kick(u32),
+    /// Garbage into the rings or the data buffers.
+    Scribble(u64, u64),
+    Target(u32),
+    PollStats,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let width = prop_oneof![Just(1usize), Just(2), Just(4), Just(8)];
+    prop_oneof![
+        (0u64..0x120, width.clone(), any::<u64>()).prop_map(|(o, w, v)| Step::Write(o, w, v)),
+        (0u64..0x120, width).prop_map(|(o, w)| Step::Read(o, w)),
+        (0u32..6).prop_map(Step::Kick),
+        (0x10000u64..0x60000, any::<u64>()).prop_map(|(a, v)| Step::Scribble(a, v)),
+        (DATA..DATA + 0x2000, any::<u64>()).prop_map(|(a, v)| Step::Scribble(a, v)),
+        any::<u32>().prop_map(Step::Target),
+        Just(Step::PollStats),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever a driver writes, the device never panics, never runs without
+    /// FEATURES_OK, and never hands the backend a range outside guest memory.
+    #[test]
+    fn a_hostile_driver_never_panics_the_device(from_live: bool, steps in proptest::collection::vec(step(), 1..300)) {
+        use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK};
+
+        let (mut d, rec) = if from_live {
+            live()
+        } else {
+            let rec = Recorder::default();
+            (Driver::new(Balloon::new(ALL, Box::new(rec.clone()))), rec)
+        };
+        let mem = d.mem.clone();
+        if from_live {
+            // Something real to chew on.
+            send_pfns(&mut d, INFLATE, &[1, 2, 3]);
+        }
+        for s in steps {
+            match s {
+                Step::Write(o, w, v) => d.t.write(o, &v.to_le_bytes()[..w]),
+                Step::Read(o, w) => d.t.read(o, &mut [0u8; 8][..w]),
+                Step::Kick(q) => d.kick(q),
+                Step::Scribble(a, v) => mem.write_obj(v, GuestAddress(a)).expect("scribble"),
+                Step::Target(p) => d.t.set_balloon_target(p),
+                Step::PollStats => {
+                    d.t.poll_balloon_stats(Instant::now() + Duration::from_secs(5));
+                }
+            }
+            let st = d.t.status();
+            proptest::prop_assert!(st & VIRTIO_CONFIG_S_DRIVER_OK == 0 || st & VIRTIO_CONFIG_S_FEATURES_OK != 0);
+        }
+        for (_, ranges) in rec.take() {
+            for (start, len) in ranges {
+                proptest::prop_assert!(start.0 + len <= MEM_SIZE && len > 0);
+            }
+        }
+    }
+}
