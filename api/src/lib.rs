@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod channel;
 mod error;
 mod extract;
