@@ -28,6 +28,7 @@ mod error;
 mod extract;
 pub mod metrics;
 pub mod openapi;
+mod openapi_rules;
 mod routes;
 pub mod scenario;
 pub mod server;
