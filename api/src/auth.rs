@@ -142,22 +142,22 @@ impl TcpGuard {
 
     fn host_ok(&self, host: &str) -> bool {
         let host = host.trim().to_ascii_lowercase();
-        self.hosts.iter().any(|h| *h == host)
+        self.hosts.contains(&host)
     }
 
     /// Checks a request's `Host` (and an absolute URI's authority) and its token.
-    fn check(&self, req: &Request) -> Result<(), Response> {
+    fn check(&self, req: &Request) -> Result<(), HttpError> {
         let host = match req.headers().get(header::HOST).map(|v| v.to_str()) {
-            None => return Err(HttpError::bad_request("the Host header is missing").into_response()),
-            Some(Err(_)) => return Err(misdirected("the Host header is not valid text")),
+            None => return Err(HttpError::bad_request("the Host header is missing")),
+            Some(Err(_)) => return Err(misdirected("the Host header is not valid text".into())),
             Some(Ok(h)) => h,
         };
         if !self.host_ok(host) {
-            return Err(misdirected(&format!("Host {host:?} does not name this server")));
+            return Err(misdirected(format!("Host {host:?} does not name this server")));
         }
         if let Some(authority) = req.uri().authority() {
             if !self.host_ok(authority.as_str()) {
-                return Err(misdirected(&format!("{authority} does not name this server")));
+                return Err(misdirected(format!("{authority} does not name this server")));
             }
         }
         let presented = req
@@ -175,14 +175,12 @@ impl TcpGuard {
     }
 }
 
-fn misdirected(message: &str) -> Response {
-    HttpError::new(StatusCode::MISDIRECTED_REQUEST, message).into_response()
+fn misdirected(message: String) -> HttpError {
+    HttpError::new(StatusCode::MISDIRECTED_REQUEST, message)
 }
 
-fn unauthorized(message: &str) -> Response {
-    let mut r = HttpError::new(StatusCode::UNAUTHORIZED, message).into_response();
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"densevm\""));
-    r
+fn unauthorized(message: &str) -> HttpError {
+    HttpError::new(StatusCode::UNAUTHORIZED, message)
 }
 
 /// Middleware of the TCP endpoint: 400 without `Host`, 421 for a `Host` that does not
@@ -190,7 +188,14 @@ fn unauthorized(message: &str) -> Response {
 pub async fn tcp_guard(State(guard): State<TcpGuard>, req: Request, next: Next) -> Response {
     match guard.check(&req) {
         Ok(()) => next.run(req).await,
-        Err(r) => r,
+        Err(e) => {
+            let challenge = e.status == StatusCode::UNAUTHORIZED;
+            let mut r = e.into_response();
+            if challenge {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"densevm\""));
+            }
+            r
+        }
     }
 }
 
