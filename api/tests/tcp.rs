@@ -196,4 +196,15 @@ fn connection_limits_are_per_endpoint_and_idle_connections_are_closed() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let mut c = api_client::Client::tcp(addr).unwrap().with_token(TOKEN);
     assert_eq!(c.request("GET", "/", None).unwrap().status, 200);
+    drop(c);
+    // A keep-alive connection idle after its answer is closed too.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").as_bytes())
+        .unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("the server closes the idle keep-alive connection");
+    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 }
