@@ -73,12 +73,14 @@ log "densevm serve (pid $daemon) on $addr; fuzzing for up to ${secs}s"
 curl -fsS --max-time 10 -H "Authorization: Bearer $token" "$addr/openapi.json" -o "$work/openapi.json"
 
 status=0
-timeout --signal=INT --kill-after=30 $((secs + 60)) \
+# From the scratch directory: schemathesis leaves its cache (.schemathesis/) in the
+# current one.
+(cd "$work" && timeout --signal=INT --kill-after=30 $((secs + 60)) \
     "$venv/bin/schemathesis" run "$work/openapi.json" --url "$addr" \
     -H "Authorization: Bearer $token" \
     --checks all --exclude-checks "$exclude_checks" \
     --max-time "$secs" --workers 2 --request-timeout 20 --no-color \
-    --report junit --report-dir "$root/target/schemathesis" || status=$?
+    --report junit --report-dir "$root/target/schemathesis") || status=$?
 
 if ! kill -0 "$daemon" 2>/dev/null; then
     tail -50 "$work/daemon.log" >&2
