@@ -9,7 +9,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -64,6 +64,7 @@ pub struct Client {
     runtime: Runtime,
     sender: SendRequest<Full<Bytes>>,
     timeout: Duration,
+    token: Option<String>,
 }
 
 impl Client {
@@ -74,7 +75,7 @@ impl Client {
         Self::connect(to, async move { tokio::net::UnixStream::connect(path).await })
     }
 
-    /// Connects to the server's (loopback) TCP endpoint.
+    /// Connects to the server's TCP endpoint (add its token with [`Client::with_token`]).
     pub fn tcp(addr: SocketAddr) -> Result<Client, Error> {
         Self::connect(addr.to_string(), async move { tokio::net::TcpStream::connect(addr).await })
     }
@@ -102,7 +103,14 @@ impl Client {
             });
             Ok::<_, Error>(sender)
         })?;
-        Ok(Client { runtime, sender, timeout })
+        Ok(Client { runtime, sender, timeout, token: None })
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (the TCP endpoint
+    /// needs it; the Unix socket ignores it).
+    pub fn with_token(mut self, token: impl Into<String>) -> Client {
+        self.token = Some(token.into());
+        self
     }
 
     /// Sets how long one exchange may take (default [`DEFAULT_TIMEOUT`]).
@@ -116,6 +124,9 @@ impl Client {
     /// (also when empty); without one, neither header is sent.
     pub fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> Result<Response, Error> {
         let mut builder = Request::builder().method(method).uri(path).header(HOST, "localhost");
+        if let Some(t) = &self.token {
+            builder = builder.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
         if let Some(b) = body {
             builder = builder.header(CONTENT_TYPE, "application/json").header(CONTENT_LENGTH, b.len());
         }

@@ -22,11 +22,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod channel;
 mod error;
 mod extract;
 pub mod metrics;
 pub mod openapi;
+mod openapi_rules;
 mod routes;
 pub mod scenario;
 pub mod server;

@@ -11,7 +11,15 @@ use crate::types::FaultResponse;
     info(
         title = "densevm",
         description = "KVM microVM monitor with VMM-side memory merging and compaction. \
-                       Errors are `{\"fault_message\": \"...\"}`.",
+                       Errors are `{\"fault_message\": \"...\"}`.\n\n\
+                       Served on a Unix socket (mode 0600: its permissions are the access \
+                       control; no token) and optionally on TCP, where every request needs \
+                       `Authorization: Bearer <token>` (401 otherwise) and a `Host` naming \
+                       the server (421 otherwise).\n\n\
+                       Request bodies are JSON objects (arrays are refused where objects are \
+                       expected) sent with `Content-Type: application/json` (415 otherwise); \
+                       unknown fields are refused. An integer may be written with a zero \
+                       fraction (`16252.0`), as JSON Schema's `integer` allows.",
         license(name = "Apache-2.0"),
     ),
     components(schemas(FaultResponse)),
@@ -25,7 +33,9 @@ pub struct ApiDoc;
 
 /// The complete OpenAPI document of the server.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    crate::routes::router_parts().1
+    let mut doc = crate::routes::router_parts().1;
+    crate::openapi_rules::complete(&mut doc);
+    doc
 }
 
 /// The document as pretty-printed JSON with a trailing newline (the form of
@@ -87,6 +97,119 @@ mod tests {
         assert_eq!(vm["properties"]["vcpu_count"]["maximum"], 32);
         let req: Vec<_> = vm["required"].as_array().unwrap().iter().collect();
         assert_eq!(req.len(), 3, "{req:?}");
+    }
+
+    /// Statuses each operation can answer: its own, plus those of the layers around it
+    /// (400/401/421 from the TCP guard, 408/413/415 from the body extractor, 500/503 from
+    /// the round trip to the VMM).
+    #[test]
+    fn every_operation_lists_the_statuses_it_can_answer() {
+        const GUARD: &[u16] = &[400, 401, 421];
+        const VMM: &[u16] = &[500, 503];
+        const BODY: &[u16] = &[408, 413, 415];
+        let table: &[(&str, &str, &[u16], bool, bool)] = &[
+            // (method, path, own statuses, asks the VMM, takes a body)
+            ("get", "/", &[200], true, false),
+            ("get", "/vms", &[200], true, false),
+            ("put", "/vms/{vm_id}", &[204, 409], true, true),
+            ("get", "/vms/{vm_id}", &[200, 404], true, false),
+            ("delete", "/vms/{vm_id}", &[204, 404, 409], true, false),
+            ("put", "/vms/{vm_id}/actions", &[204, 404, 409], true, true),
+            ("get", "/vms/{vm_id}/memory", &[200, 404], true, false),
+            ("get", "/memory", &[200], true, false),
+            ("get", "/memory/merge", &[200], true, false),
+            ("patch", "/memory/merge", &[200, 409], true, true),
+            ("put", "/memory/merge/actions", &[204, 409], true, true),
+            ("get", "/memory/compaction", &[200], true, false),
+            ("patch", "/memory/compaction", &[200], true, true),
+            ("put", "/memory/compaction/actions", &[200, 409], true, true),
+            ("get", "/metrics", &[200], true, false),
+            ("get", "/openapi.json", &[200], false, false),
+        ];
+        let doc: serde_json::Value = serde_json::to_value(openapi()).unwrap();
+        let mut seen = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let Some((_, _, own, vmm, body)) = table.iter().find(|(m, p, ..)| m == method && p == path) else {
+                    panic!("{method} {path} is not in the table");
+                };
+                seen += 1;
+                let mut want: BTreeSet<u16> = own.iter().chain(GUARD).copied().collect();
+                if *vmm {
+                    want.extend(VMM);
+                }
+                if *body {
+                    want.extend(BODY);
+                }
+                let documented: BTreeSet<u16> =
+                    op["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+                assert_eq!(documented, want, "{method} {path}: documented (left) vs table (right)");
+                for (status, r) in op["responses"].as_object().unwrap() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let schema = &r["content"]["application/json"]["schema"]["$ref"];
+                        assert_eq!(schema, "#/components/schemas/FaultResponse", "{method} {path} {status}");
+                    }
+                }
+                assert!(
+                    op["responses"]["401"]["headers"].get("WWW-Authenticate").is_some(),
+                    "{method} {path}: 401 without its challenge header"
+                );
+            }
+        }
+        assert_eq!(seen, table.len(), "operations in the table but not in the document");
+        assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+        assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
+    }
+
+    /// Every field the server validates carries its range in the document, with the
+    /// owners' limits.
+    #[test]
+    fn every_validated_field_has_its_range() {
+        use crate::scenario::{MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
+        use crate::types::{MAX_BOOT_ARGS_LEN, MAX_MEM_SIZE_MIB, MAX_PATH_LEN, MAX_VCPU_COUNT, MAX_VM_ID_LEN};
+        let doc: serde_json::Value = serde_json::to_value(openapi()).unwrap();
+        let prop = |s: &str, f: &str| doc["components"]["schemas"][s]["properties"][f].clone();
+        let range = |s: &str, f: &str| {
+            let p = prop(s, f);
+            (p["minimum"].as_f64(), p["maximum"].as_f64())
+        };
+        let num = |v: u64| Some(v as f64);
+        for (s, f, min, max) in [
+            ("VmConfig", "vcpu_count", 1, u64::from(MAX_VCPU_COUNT)),
+            ("VmConfig", "mem_size_mib", 1, u64::from(MAX_MEM_SIZE_MIB)),
+            ("Scenario", "fill_mib", 1, u64::from(MAX_FILL_MIB)),
+            ("Scenario", "zero_fraction", 0, 1),
+            ("Scenario", "shared_fraction", 0, 1),
+            ("Scenario", "write_fraction", 0, 1),
+            ("Scenario", "writes_per_s", 0, MAX_WRITES_PER_S),
+            ("Scenario", "duration_s", 0, MAX_DURATION_S),
+        ] {
+            assert_eq!(range(s, f), (num(min), num(max)), "{s}.{f}");
+        }
+        for (s, f, min, max) in [
+            ("KernelBoot", "kernel_image_path", 1, MAX_PATH_LEN),
+            ("KernelBoot", "initrd_path", 1, MAX_PATH_LEN),
+            ("KernelBoot", "boot_args", 0, MAX_BOOT_ARGS_LEN),
+            ("VmConfig", "memory_image_path", 1, MAX_PATH_LEN),
+            ("MergeSettings", "domain", 1, MAX_VM_ID_LEN),
+        ] {
+            let p = prop(s, f);
+            assert_eq!(
+                (p["minLength"].as_u64(), p["maxLength"].as_u64()),
+                (Some(min as u64), Some(max as u64)),
+                "{s}.{f}"
+            );
+            assert!(p["pattern"].is_string(), "{s}.{f}");
+        }
+        // The vm_id path parameter of every operation that has one.
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for param in op["parameters"].as_array().into_iter().flatten() {
+                    assert_eq!(param["schema"]["pattern"], "^[A-Za-z0-9_-]{1,64}$", "{method} {path}");
+                }
+            }
+        }
+        // (The merge and compaction tunables' ranges: types::memory's tests.)
     }
 
     fn documented_routes() -> BTreeSet<(String, Method)> {

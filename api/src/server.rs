@@ -1,5 +1,6 @@
 //! The API server: its own thread with a small tokio runtime, serving HTTP/1.1 on the
-//! Unix socket and, optionally, a loopback TCP port.
+//! Unix socket and, optionally, a TCP port guarded by a bearer token and a `Host`
+//! check (loopback only unless remote access is allowed explicitly).
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::auth::{self, TcpGuard, Token};
 use crate::channel::VmmChannel;
 use crate::socket::{self, SocketFile};
 use crate::state::{AppState, Limits};
@@ -27,8 +29,12 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_VMM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a client has to send a request's headers, and then its body.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most connections served at once; further ones are closed at once.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Default for the most connections served at once on the Unix socket; further ones
+/// are closed at once.
+pub const DEFAULT_MAX_CONNECTIONS_UNIX: usize = 512;
+/// Default for the most connections served at once on the TCP port (a limit of its
+/// own, so that TCP clients cannot lock the Unix socket out).
+pub const DEFAULT_MAX_CONNECTIONS_TCP: usize = 128;
 /// Worker threads of the server's runtime.
 const WORKER_THREADS: usize = 2;
 /// How long shutdown waits for in-flight requests.
@@ -49,6 +55,12 @@ pub enum Error {
     /// The server thread panicked.
     #[error("the API server thread panicked")]
     Panicked,
+    /// TCP was asked for without a bearer token.
+    #[error("the TCP endpoint needs a bearer token: give --api-token-file PATH (a file only its owner can read)")]
+    NoToken,
+    /// A connection limit of 0.
+    #[error("the {0} connection limit must be at least 1")]
+    NoConnections(&'static str),
 }
 
 /// How to run the server.
@@ -56,8 +68,20 @@ pub enum Error {
 pub struct ApiServerConfig {
     /// Unix socket path (created with mode 0600).
     pub socket_path: PathBuf,
-    /// Optional loopback TCP address (`127.0.0.1:PORT` or `[::1]:PORT`; port 0 picks one).
+    /// Optional TCP address (`127.0.0.1:PORT` or `[::1]:PORT`; port 0 picks one); needs
+    /// `tcp_token`, and a loopback address unless `tcp_allow_remote`.
     pub tcp: Option<SocketAddr>,
+    /// The bearer token every TCP request must carry (`Authorization: Bearer ...`).
+    pub tcp_token: Option<Token>,
+    /// Whether `tcp` may be a non-loopback address.
+    pub tcp_allow_remote: bool,
+    /// Further names TCP requests may give as `Host` (besides the bound address and
+    /// `localhost`), with or without a port.
+    pub tcp_hosts: Vec<String>,
+    /// Most connections open at once on the Unix socket.
+    pub max_connections_unix: usize,
+    /// Most connections open at once on the TCP port.
+    pub max_connections_tcp: usize,
     /// Largest request body (413 above).
     pub max_body_bytes: usize,
     /// Longest wait for the VMM's answer (503 after).
@@ -72,6 +96,11 @@ impl ApiServerConfig {
         ApiServerConfig {
             socket_path: socket_path.into(),
             tcp: None,
+            tcp_token: None,
+            tcp_allow_remote: false,
+            tcp_hosts: Vec::new(),
+            max_connections_unix: DEFAULT_MAX_CONNECTIONS_UNIX,
+            max_connections_tcp: DEFAULT_MAX_CONNECTIONS_TCP,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             vmm_timeout: DEFAULT_VMM_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -92,10 +121,20 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds the endpoints and starts serving on a new thread. Requests go to the VMM
-    /// over `vmm`. Every setup error (socket in use, non-loopback TCP, ...) is
-    /// reported here.
+    /// over `vmm`. Every setup error (socket in use, non-loopback TCP, TCP without a
+    /// token, ...) is reported here.
     pub fn start(config: ApiServerConfig, vmm: VmmChannel) -> Result<ApiServer, Error> {
-        let std_tcp = config.tcp.map(socket::bind_tcp).transpose()?;
+        if config.max_connections_unix == 0 {
+            return Err(Error::NoConnections("Unix socket"));
+        }
+        if config.tcp.is_some() && config.max_connections_tcp == 0 {
+            return Err(Error::NoConnections("TCP"));
+        }
+        let token = match (config.tcp, &config.tcp_token) {
+            (Some(_), None) => return Err(Error::NoToken),
+            (_, t) => t.clone(),
+        };
+        let std_tcp = config.tcp.map(|a| socket::bind_tcp(a, config.tcp_allow_remote)).transpose()?;
         let tcp_addr = std_tcp.as_ref().map(|l| l.local_addr()).transpose().map_err(Error::Runtime)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
@@ -116,12 +155,22 @@ impl ApiServer {
             vmm_timeout: config.vmm_timeout,
         };
         let app = crate::routes::app(AppState::new(vmm, limits, crate::openapi::openapi_json()));
+        let tcp = match (tcp, tcp_addr, token) {
+            (Some(l), Some(addr), Some(token)) => {
+                let guard = TcpGuard::new(token, addr, &config.tcp_hosts);
+                tracing::debug!("TCP Host names accepted: {:?}", guard.hosts());
+                let app = app.clone().layer(axum::middleware::from_fn_with_state(guard, auth::tcp_guard));
+                Some(Endpoint { listener: l, app, slots: Arc::new(Semaphore::new(config.max_connections_tcp)) })
+            }
+            _ => None,
+        };
+        let unix = Endpoint { listener: unix, app, slots: Arc::new(Semaphore::new(config.max_connections_unix)) };
         let (stop_tx, stop_rx) = oneshot::channel();
         let header_timeout = config.request_timeout;
         let thread = std::thread::Builder::new()
             .name("densevm-api".into())
             .spawn(move || {
-                rt.block_on(accept_loop(unix, tcp, app, header_timeout, stop_rx));
+                rt.block_on(accept_loop(unix, tcp, header_timeout, stop_rx));
                 rt.shutdown_timeout(SHUTDOWN_GRACE);
             })
             .map_err(Error::Thread)?;
@@ -177,33 +226,40 @@ impl Drop for ApiServer {
     }
 }
 
-async fn accept_tcp(l: Option<&TcpListener>) -> io::Result<tokio::net::TcpStream> {
+/// One listening endpoint: its application (the TCP one behind the guard) and its own
+/// connection slots.
+struct Endpoint<L> {
+    listener: L,
+    app: Router,
+    slots: Arc<Semaphore>,
+}
+
+async fn accept_tcp(l: Option<&Endpoint<TcpListener>>) -> io::Result<tokio::net::TcpStream> {
     match l {
-        Some(l) => l.accept().await.map(|(s, _)| s),
+        Some(e) => e.listener.accept().await.map(|(s, _)| s),
         None => std::future::pending().await,
     }
 }
 
 /// Accepts connections until `stop` fires, then shuts the open ones down gracefully.
 async fn accept_loop(
-    unix: UnixListener,
-    tcp: Option<TcpListener>,
-    app: Router,
+    unix: Endpoint<UnixListener>,
+    tcp: Option<Endpoint<TcpListener>>,
     header_timeout: Duration,
     mut stop: oneshot::Receiver<()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            r = unix.accept() => match r {
-                Ok((s, _)) => serve(s, &app, &graceful, &slots, header_timeout),
+            r = unix.listener.accept() => match r {
+                Ok((s, _)) => serve(s, "Unix socket", &unix.app, &graceful, &unix.slots, header_timeout),
                 Err(e) => accept_failed(e).await,
             },
-            r = accept_tcp(tcp.as_ref()) => match r {
-                Ok(s) => serve(s, &app, &graceful, &slots, header_timeout),
-                Err(e) => accept_failed(e).await,
+            r = accept_tcp(tcp.as_ref()) => match (r, &tcp) {
+                (Ok(s), Some(t)) => serve(s, "TCP", &t.app, &graceful, &t.slots, header_timeout),
+                (Ok(_), None) => {}
+                (Err(e), _) => accept_failed(e).await,
             },
         }
     }
@@ -220,13 +276,21 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Serves one connection on its own task.
-fn serve<T>(io: T, app: &Router, graceful: &GracefulShutdown, slots: &Arc<Semaphore>, header_timeout: Duration)
-where
+/// Serves one connection on its own task, if its endpoint has a free slot. A client
+/// that sends no request head within `header_timeout` (including one idle between
+/// requests) is disconnected, so idle connections cannot hold slots for long.
+fn serve<T>(
+    io: T,
+    endpoint: &str,
+    app: &Router,
+    graceful: &GracefulShutdown,
+    slots: &Arc<Semaphore>,
+    header_timeout: Duration,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Ok(slot) = slots.clone().try_acquire_owned() else {
-        tracing::warn!("API: {MAX_CONNECTIONS} connections open; closing a new one");
+        tracing::warn!("API: the {endpoint} has its most connections open; closing a new one");
         return;
     };
     let conn = http1::Builder::new()

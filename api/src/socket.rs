@@ -41,8 +41,8 @@ pub enum Error {
     },
     /// The TCP address is not a loopback address.
     #[error(
-        "TCP address {0} is not a loopback address: the API has no authentication, so only \
-         127.0.0.0/8 and [::1] are allowed"
+        "TCP address {0} is not a loopback address: only 127.0.0.0/8 and [::1] are served unless \
+         remote access is allowed explicitly (--api-tcp-allow-remote)"
     )]
     NotLoopback(SocketAddr),
     /// The TCP address does not parse.
@@ -71,17 +71,23 @@ pub fn check_loopback(addr: SocketAddr) -> Result<SocketAddr, Error> {
 /// Parses `IP:PORT` (e.g. `127.0.0.1:8080`, `[::1]:8080`, `localhost:8080`) and checks
 /// that it is a loopback address.
 pub fn parse_tcp_addr(text: &str) -> Result<SocketAddr, Error> {
-    let addr = match text.strip_prefix("localhost:") {
+    check_loopback(parse_any_tcp_addr(text)?)
+}
+
+/// Parses `IP:PORT` like [`parse_tcp_addr`], any address (for `--api-tcp-allow-remote`).
+pub fn parse_any_tcp_addr(text: &str) -> Result<SocketAddr, Error> {
+    match text.strip_prefix("localhost:") {
         Some(port) => format!("127.0.0.1:{port}").parse(),
         None => text.parse::<SocketAddr>(),
     }
-    .map_err(|_| Error::BadTcpAddress(text.to_string()))?;
-    check_loopback(addr)
+    .map_err(|_| Error::BadTcpAddress(text.to_string()))
 }
 
-/// Binds a loopback TCP listener (non-blocking).
-pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
-    check_loopback(addr)?;
+/// Binds a TCP listener (non-blocking): a loopback address unless `allow_remote`.
+pub(crate) fn bind_tcp(addr: SocketAddr, allow_remote: bool) -> Result<std::net::TcpListener, Error> {
+    if !allow_remote {
+        check_loopback(addr)?;
+    }
     let l = std::net::TcpListener::bind(addr).map_err(|source| Error::BindTcp { addr, source })?;
     l.set_nonblocking(true).map_err(|source| Error::BindTcp { addr, source })?;
     Ok(l)

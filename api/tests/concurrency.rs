@@ -34,7 +34,7 @@ fn fifty_clients_slow_ones_do_not_delay_fast_ones() {
                 let mut s = connect(&sock);
                 let head = format!(
                     "PUT /vms/slow-{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-                     Content-Length: {}\r\n\r\n",
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                     BODY.len()
                 );
                 start.wait();

@@ -266,7 +266,7 @@ fn body_over_the_cap_is_413() {
     assert!(r.fault().contains("1024"));
     // Chunked (no Content-Length): cut off while reading.
     let mut raw = b"PATCH /memory/merge HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-                    Transfer-Encoding: chunked\r\n\r\n"
+                    Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         .to_vec();
     for _ in 0..4 {
         raw.extend_from_slice(format!("200\r\n{}\r\n", " ".repeat(0x200)).as_bytes());
@@ -302,4 +302,50 @@ fn vmm_gone_is_503() {
     let r = h.req("GET", "/memory", None);
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.fault().contains("not running"));
+}
+
+/// Finding 7 of issue 15: arrays were accepted where objects are expected.
+#[test]
+fn bodies_must_be_json_objects() {
+    let h = Harness::new();
+    let r = h.req("PUT", "/vms/x", Some(r#"[1, 8, {"workload": {"fill_mib": 8}}]"#));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("expected a JSON object"), "{r:?}");
+    let r = h.req("PATCH", "/memory/merge", Some("[null, null]"));
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = h.req("PUT", "/vms/x", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "boot": {"workload": [8, 0.5]}}"#));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("boot.workload: invalid type: sequence"), "{r:?}");
+    assert_eq!(h.req("GET", "/vms", None).json()["vms"], serde_json::json!([]));
+    // An integer may be written with a zero fraction.
+    let r = h.req("PUT", "/vms/x", Some(r#"{"vcpu_count": 1.0, "mem_size_mib": 16252.0, "boot": {"workload": {}}}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(h.req("GET", "/vms/x", None).json()["config"]["mem_size_mib"], 16252);
+}
+
+/// Finding 7 of issue 15: the Content-Type was not checked.
+#[test]
+fn bodies_must_be_sent_as_json() {
+    let h = Harness::new();
+    let body = r#"{"action_type": "UnmergeAll"}"#;
+    for ct in [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/jsonx"), None] {
+        let ct_line = ct.map(|c| format!("Content-Type: {c}\r\n")).unwrap_or_default();
+        let raw = format!(
+            "PUT /memory/merge/actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{ct_line}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = common::exchange(common::connect(&h.sock), raw.as_bytes());
+        assert_eq!(r.status, 415, "{ct:?}: {r:?}");
+        assert!(r.fault().contains("application/json"), "{r:?}");
+    }
+    let raw = format!(
+        "PUT /memory/merge/actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: Application/JSON; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(common::exchange(common::connect(&h.sock), raw.as_bytes()).status, 204);
+    // No body expected: no Content-Type needed.
+    let r = common::exchange(common::connect(&h.sock), b"GET /vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(h.req("DELETE", "/vms/nope", None).status, 404);
 }

@@ -64,10 +64,14 @@ fn stale_socket_is_replaced_and_other_files_are_not() {
 
 #[test]
 fn loopback_tcp_works_and_other_addresses_are_refused() {
-    let h = Harness::with(|c| c.tcp = Some("127.0.0.1:0".parse().unwrap()));
+    let h = Harness::with(|c| {
+        c.tcp = Some("127.0.0.1:0".parse().unwrap());
+        c.tcp_token = api::auth::Token::new(common::TOKEN);
+    });
     let addr = h.server.as_ref().unwrap().tcp_addr().unwrap();
     assert!(addr.ip().is_loopback() && addr.port() != 0);
-    let r = api_client::Client::tcp(addr).unwrap().request("GET", "/memory/merge", None).unwrap();
+    let mut client = api_client::Client::tcp(addr).unwrap().with_token(common::TOKEN);
+    let r = client.request("GET", "/memory/merge", None).unwrap();
     assert_eq!(r.status, 200);
 
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +79,7 @@ fn loopback_tcp_works_and_other_addresses_are_refused() {
     for bad in ["0.0.0.0:0", "[::]:0", "192.0.2.1:8080"] {
         let mut config = ApiServerConfig::new(&sock);
         config.tcp = Some(bad.parse().unwrap());
+        config.tcp_token = api::auth::Token::new(common::TOKEN);
         let (chan, _end) = api::channel().unwrap();
         let e = ApiServer::start(config, chan).unwrap_err();
         assert!(e.to_string().contains("not a loopback address"), "{bad}: {e}");
@@ -86,7 +91,11 @@ fn loopback_tcp_works_and_other_addresses_are_refused() {
 fn stalled_body_gets_408_and_keep_alive_works() {
     let h = Harness::with(|c| c.request_timeout = Duration::from_millis(400));
     let mut s = common::connect(&h.sock);
-    s.write_all(b"PATCH /memory/merge HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"run\":").unwrap();
+    s.write_all(
+        b"PATCH /memory/merge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 20\r\n\r\n{\"run\":",
+    )
+    .unwrap();
     let t = Instant::now();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).unwrap();

@@ -53,9 +53,32 @@ pub struct ServeArgs {
     /// another process listens on it).
     #[arg(long)]
     pub api_sock: PathBuf,
-    /// Also serve the API on this loopback TCP address (e.g. 127.0.0.1:8080).
+    /// Also serve the API on this TCP address (e.g. 127.0.0.1:8080): loopback only unless
+    /// --api-tcp-allow-remote; needs --api-token-file.
     #[arg(long)]
     pub api_tcp: Option<String>,
+    /// File holding the bearer token every TCP request must send
+    /// (`Authorization: Bearer TOKEN`): 16..=4096 visible ASCII characters; the file
+    /// must not be accessible by other users (e.g. mode 0600).
+    #[arg(long, requires = "api_tcp")]
+    pub api_token_file: Option<PathBuf>,
+    /// Allow --api-tcp to be a non-loopback address (the token is then sent over the
+    /// network in clear text: put a TLS proxy in front).
+    #[arg(long, requires = "api_tcp")]
+    pub api_tcp_allow_remote: bool,
+    /// A further name (with or without a port) TCP requests may give as `Host`, besides
+    /// the bound address and `localhost`; repeatable.
+    #[arg(long = "api-tcp-host", requires = "api_tcp")]
+    pub api_tcp_hosts: Vec<String>,
+    /// Most connections open at once on the Unix socket.
+    #[arg(long, default_value_t = api::server::DEFAULT_MAX_CONNECTIONS_UNIX,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub api_max_connections_unix: usize,
+    /// Most connections open at once on the TCP port (a limit of its own: TCP clients
+    /// cannot lock the Unix socket out).
+    #[arg(long, default_value_t = api::server::DEFAULT_MAX_CONNECTIONS_TCP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub api_max_connections_tcp: usize,
 }
 
 /// `densevm run`.

@@ -68,6 +68,14 @@ fn wait_writing(d: &Daemon, id: &str) {
     });
 }
 
+/// A bearer-token file (mode 0600) in a fresh scratch directory.
+fn token_file(token: &str) -> std::path::PathBuf {
+    let path = common::scratch_dir("token").join("api.token");
+    std::fs::write(&path, format!("{token}\n")).expect("write token");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod token");
+    path
+}
+
 fn u(v: &Value, field: &str) -> u64 {
     v[field].as_u64().unwrap_or_else(|| panic!("no {field} in {v}"))
 }
@@ -345,7 +353,10 @@ fn sigterm_stops_vms_and_removes_the_socket() {
     if !kvm_available("sigterm_stops_vms_and_removes_the_socket") {
         return;
     }
-    let mut d = Daemon::start(&["--api-tcp", "127.0.0.1:0"]);
+    const TOKEN: &str = "e2e-token-0123456789abcdef";
+    let token = token_file(TOKEN);
+    let token = token.to_str().expect("token path");
+    let mut d = Daemon::start(&["--api-tcp", "127.0.0.1:0", "--api-token-file", token]);
     let mode = std::fs::metadata(&d.sock).expect("socket").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
 
@@ -360,10 +371,11 @@ fn sigterm_stops_vms_and_removes_the_socket() {
         .arg("serve")
         .arg("--api-sock")
         .arg(&sock2)
-        .args(["--api-tcp", "0.0.0.0:0"])
+        .args(["--api-tcp", "0.0.0.0:0", "--api-token-file", token])
         .output()
         .expect("spawn");
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!sock2.exists());
 
     // The loopback TCP endpoint serves the same API.
@@ -375,7 +387,7 @@ fn sigterm_stops_vms_and_removes_the_socket() {
         .unwrap_or_else(|| panic!("no TCP address in the log:\n{log}"))
         .to_string();
     let addr = addr.parse().unwrap_or_else(|e| panic!("TCP address {addr:?}: {e}"));
-    let mut tcp = api_client::Client::tcp(addr).expect("connect TCP");
+    let mut tcp = api_client::Client::tcp(addr).expect("connect TCP").with_token(TOKEN);
     let r = tcp.request("GET", "/vms", None).expect("TCP response");
     assert_eq!((r.status, r.json()), (200, json!({"vms": []})));
 

@@ -18,7 +18,8 @@ pub use memory::{
 };
 pub use vm::{
     validate_vm_id, BootSource, KernelBoot, MergeSettings, VmActionRequest, VmActionType, VmConfig, VmInfo, VmList,
-    VmState, WorkloadPhase, WorkloadReport, MAX_MEM_SIZE_MIB, MAX_VCPU_COUNT, MAX_VM_ID_LEN,
+    VmState, WorkloadPhase, WorkloadReport, MAX_BOOT_ARGS_LEN, MAX_MEM_SIZE_MIB, MAX_PATH_LEN, MAX_VCPU_COUNT,
+    MAX_VM_ID_LEN,
 };
 
 /// A value that is out of its allowed range (or otherwise semantically invalid).

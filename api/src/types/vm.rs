@@ -16,8 +16,10 @@ pub const MAX_VCPU_COUNT: u32 = 32;
 pub const MAX_MEM_SIZE_MIB: u32 = 65536;
 /// Longest VM id (and merge domain name).
 pub const MAX_VM_ID_LEN: usize = 64;
-/// Longest kernel command line accepted (x86 `COMMAND_LINE_SIZE`).
-const MAX_BOOT_ARGS_LEN: usize = 2048;
+/// Longest kernel command line accepted, in bytes (x86 `COMMAND_LINE_SIZE`).
+pub const MAX_BOOT_ARGS_LEN: usize = 2048;
+/// Longest host path accepted, in bytes (Linux `PATH_MAX`).
+pub const MAX_PATH_LEN: usize = 4096;
 
 /// Checks a VM id (or merge domain name): 1..=64 characters of `[A-Za-z0-9_-]`.
 pub fn validate_vm_id(field: &str, id: &str) -> Result<(), Error> {
@@ -36,6 +38,9 @@ fn validate_path(field: &str, path: &str) -> Result<(), Error> {
     }
     if path.contains('\0') {
         return Err(Error::new(field, "must not contain a NUL character"));
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(Error::new(field, format!("must be at most {MAX_PATH_LEN} bytes long")));
     }
     Ok(())
 }

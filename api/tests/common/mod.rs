@@ -170,6 +170,9 @@ impl Drop for FakeVmm {
     }
 }
 
+/// The bearer token of the tests' TCP endpoints.
+pub const TOKEN: &str = "test-token-0123456789";
+
 /// A response, as the shared API client parses it.
 pub use api_client::Response as Resp;
 

@@ -86,16 +86,22 @@ fn server_error(e: api::server::Error) -> CommandError {
         api::server::Error::Socket(s @ (S::InUse(_) | S::NotASocket(_) | S::NotLoopback(_) | S::BadTcpAddress(_))) => {
             CommandError::Input(s.to_string())
         }
+        e @ (api::server::Error::NoToken | api::server::Error::NoConnections(_)) => CommandError::Input(e.to_string()),
         other => CommandError::Runtime(other.to_string()),
     }
 }
 
 /// Runs `densevm serve`.
 pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
-    let tcp = args
-        .api_tcp
+    let parse = if args.api_tcp_allow_remote { api::socket::parse_any_tcp_addr } else { api::socket::parse_tcp_addr };
+    let tcp = args.api_tcp.as_deref().map(parse).transpose().map_err(|e| CommandError::Input(e.to_string()))?;
+    if tcp.is_some() && args.api_token_file.is_none() {
+        return Err(CommandError::Input(api::server::Error::NoToken.to_string()));
+    }
+    let token = args
+        .api_token_file
         .as_deref()
-        .map(api::socket::parse_tcp_addr)
+        .map(api::auth::Token::from_file)
         .transpose()
         .map_err(|e| CommandError::Input(e.to_string()))?;
     let host = Host::new(HostConfig::default())?;
@@ -108,6 +114,11 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
 
     let mut config = ApiServerConfig::new(&args.api_sock);
     config.tcp = tcp;
+    config.tcp_token = token;
+    config.tcp_allow_remote = args.api_tcp_allow_remote;
+    config.tcp_hosts = args.api_tcp_hosts;
+    config.max_connections_unix = args.api_max_connections_unix;
+    config.max_connections_tcp = args.api_max_connections_tcp;
     let server = ApiServer::start(config, chan).map_err(server_error)?;
     tracing::info!(
         pid = std::process::id(),
