@@ -180,7 +180,7 @@ mod tests {
         let Some(mgr) = manager("content_round_trips_and_zero_pages_cost_nothing") else { return };
         // 1200 pages (not a multiple of the chunk): every third page zero.
         let pages = 1200u32;
-        let content = |p: u32| if p % 3 == 0 { 0 } else { 0x1000 + u64::from(p) };
+        let content = |p: u32| if p.is_multiple_of(3) { 0 } else { 0x1000 + u64::from(p) };
         let (path, file) = image("roundtrip", pages, content);
         let g = mgr.create_guest(1, u64::from(pages) * PAGE_SIZE as u64).unwrap();
         let before = mgr.stats().host_bytes;
