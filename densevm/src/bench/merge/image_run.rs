@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use super::images::{self, ImageSet};
-use super::kernel::Kernel;
+use super::kernel::KernelRuns;
 use super::{fmt, interrupted, rank, rt, summary, Options};
 use crate::commands::CommandError;
 
@@ -51,9 +51,8 @@ fn print_images(rows: &[images::ImageResult]) {
 
 /// Runs the image scenario `set` `repeat` times.
 pub fn run(o: &Options, set: &ImageSet, repeat: u32, chosen: &dyn Fn(&str) -> bool) -> Result<ExitCode, CommandError> {
-    let mut kernel =
-        if chosen("ksm-full") { Kernel::take(&interrupted) } else { Kernel::skipped("not chosen (--policy)") };
-    let ideal = images::ideal(set, kernel.max_page_sharing())?;
+    let mut kernel = KernelRuns::new(chosen("ksm-full"));
+    let ideal = images::ideal(set, super::kernel::max_page_sharing())?;
     println!(
         "densevm bench merge {}: {} VMs x {} MiB real guest RAM images ({}), memory only (no vCPU runs: the images \
          are loaded into densevm guests and into anonymous memory for KSM); {} data pages, {} all-zero pages \
@@ -72,13 +71,15 @@ pub fn run(o: &Options, set: &ImageSet, repeat: u32, chosen: &dyn Fn(&str) -> bo
         let ksm_first = rep % 2 == 1;
         let mut rows = Vec::new();
         for side in if ksm_first { [true, false] } else { [false, true] } {
-            if side && chosen("ksm-full") && kernel.usable().is_some() {
-                tracing::info!("bench merge {}: kernel KSM, full speed", set.scenario);
-                match images::ksm(set, &ideal, &mut kernel, &interrupted) {
-                    Ok(r) => rows.push(r),
-                    Err(e) => kernel.failed("ksm-full", e),
-                }
-                kernel.flush_after("ksm-full");
+            if side {
+                kernel.with(&interrupted, |kernel| {
+                    tracing::info!("bench merge {}: kernel KSM, full speed", set.scenario);
+                    match images::ksm(set, &ideal, kernel, &interrupted) {
+                        Ok(r) => rows.push(r),
+                        Err(e) => kernel.failed("ksm-full", e),
+                    }
+                    kernel.flush_after("ksm-full");
+                });
             } else if !side && chosen("densevm-full") {
                 tracing::info!("bench merge {}: densevm merger, full speed", set.scenario);
                 rows.push(images::densevm(set, &ideal, &interrupted)?);

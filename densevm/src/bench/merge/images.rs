@@ -9,6 +9,8 @@
 //! pages. Both leave the images' all-zero pages without host memory, so neither
 //! scans them. The ideal is computed from the images' contents: every group of
 //! equal non-zero pages merged, `max_page_sharing` mappings per shared page.
+//! densevm's merger thread runs at ksmd's nice value (5): on a shared machine
+//! both then get the same share of a CPU, and the times compare.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,7 +23,7 @@ use memory::{ManagerConfig, MemoryManager, Tunables, PAGE_SIZE};
 use vm_memory::MmapRegion;
 
 use super::kernel::Kernel;
-use super::measure::{ksmd_pid, present_and_frames, task_cpu_s};
+use super::measure::{ksmd_pid, present_and_frames, set_thread_nice, task_cpu_s, task_nice};
 use crate::commands::CommandError;
 
 /// Interval between samples of the merge counters.
@@ -95,6 +97,9 @@ pub struct ImageResult {
     pub host_bytes: u64,
     /// Guest pages whose content differs from their image afterwards (must be 0).
     pub mismatches: u64,
+    /// densevm: the merger thread's nice value for the run (ksmd's, so that on a
+    /// shared machine both get the same share of a CPU).
+    pub merger_nice: Option<i32>,
 }
 
 /// Reads every distinct image once and computes the ideal.
@@ -232,7 +237,15 @@ pub fn densevm(set: &ImageSet, ideal: &Ideal, interrupted: &dyn Fn() -> bool) ->
         mgr.set_merge(vm, true, 1).map_err(rt)?;
     }
     let mut r = ImageResult { name: "densevm-full", host_bytes_before: mgr.stats().host_bytes, ..Default::default() };
-    let task = format!("/proc/self/task/{}", mgr.merger().scanner_tid());
+    let tid = mgr.merger().scanner_tid();
+    let task = format!("/proc/self/task/{tid}");
+    // ksmd runs at nice 5: the merger gets the same weight against other load.
+    if let Some(nice) = ksmd_pid().and_then(|pid| task_nice(&format!("/proc/{pid}"))) {
+        match set_thread_nice(tid, nice) {
+            Ok(()) => r.merger_nice = Some(nice),
+            Err(e) => tracing::warn!("setting the merger thread's nice value to ksmd's ({nice}): {e}"),
+        }
+    }
     let tunables = Tunables {
         merge_zero_pages: true,
         change_detection: ChangeDetection::Checksum,

@@ -113,11 +113,6 @@ impl Kernel {
         Kernel { ksm: Some(ksm), error, found, stale }
     }
 
-    /// KSM left alone: `why`.
-    pub fn skipped(why: &str) -> Kernel {
-        Kernel { ksm: None, error: Some(why.into()), found: Value::Null, stale: 0 }
-    }
-
     /// The guard when KSM is usable (no error so far).
     pub fn usable(&mut self) -> Option<&mut KsmControl> {
         if self.error.is_some() {
@@ -140,11 +135,6 @@ impl Kernel {
         }
     }
 
-    /// The configured `max_page_sharing` (256 when unreadable).
-    pub fn max_page_sharing(&self) -> u64 {
-        self.ksm.as_ref().and_then(|k| k.get_u64("max_page_sharing").ok()).unwrap_or(256)
-    }
-
     /// Restores every knob; returns the JSON account of the kernel's side.
     pub fn finish(mut self) -> Value {
         let restore_error = self.ksm.as_mut().and_then(|k| k.restore().err()).map(|e| e.to_string());
@@ -162,4 +152,52 @@ impl Kernel {
             "restore_error": restore_error,
         })
     }
+}
+
+/// The kernel's side over the repetitions of a run: KSM is taken for each
+/// repetition's kernel contenders only (other densevm processes waiting for the
+/// KSM lock get their turn in between), and the first failure ends it.
+pub(crate) struct KernelRuns {
+    report: Option<Value>,
+    error: Option<String>,
+}
+
+impl KernelRuns {
+    /// The kernel's side, or none when its contenders were not chosen.
+    pub fn new(chosen: bool) -> Self {
+        KernelRuns { report: None, error: (!chosen).then(|| "not chosen (--policy)".to_string()) }
+    }
+
+    /// Takes KSM, runs `f` with it unless it is unusable, and restores it.
+    pub fn with(&mut self, interrupted: &dyn Fn() -> bool, f: impl FnOnce(&mut Kernel)) {
+        if self.error.is_some() {
+            return;
+        }
+        let mut kernel = Kernel::take(interrupted);
+        if kernel.error.is_none() {
+            f(&mut kernel);
+        }
+        let report = kernel.finish();
+        if let Some(why) = report["skipped_reason"].as_str() {
+            self.error = Some(why.to_string());
+        }
+        self.report.get_or_insert(report);
+    }
+
+    /// The JSON account (the first repetition's settings; available only if no
+    /// repetition failed).
+    pub fn finish(self) -> Value {
+        let mut report = self.report.unwrap_or_else(|| json!({}));
+        report["available"] = json!(self.error.is_none());
+        report["skipped_reason"] = json!(self.error);
+        report
+    }
+}
+
+/// KSM's `max_page_sharing` (256 when unreadable).
+pub(crate) fn max_page_sharing() -> u64 {
+    std::fs::read_to_string(Path::new(KSM_SYSFS).join("max_page_sharing"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(256)
 }

@@ -42,7 +42,7 @@ use memory::Tunables;
 use serde_json::json;
 
 use crate::commands::CommandError;
-use kernel::Kernel;
+use kernel::KernelRuns;
 use policy::{Merging, Params, Policy, PolicyResult};
 use vmm::host::{Host, HostConfig};
 
@@ -229,26 +229,24 @@ fn run_synthetic(o: &Options, repeat: u32, chosen: &dyn Fn(&str) -> bool) -> Res
     };
     p.target = measure::shared_data_pages(&policy::scenario_of(&p)) * u64::from(p.vms - 1);
     let mut host = Host::new(HostConfig::default())?;
-    let mut kernel = if ksm_policies().iter().any(|p| chosen(p.name)) {
-        Kernel::take(&interrupted)
-    } else {
-        Kernel::skipped("not chosen (--policy)")
-    };
+    let mut kernel = KernelRuns::new(ksm_policies().iter().any(|p| chosen(p.name)));
     let (mut reps, mut rep_json, mut all) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..repeat {
         let ksm_first = rep % 2 == 1;
         let mut results = Vec::new();
         for side in if ksm_first { [true, false] } else { [false, true] } {
             if side {
-                for policy in ksm_policies().iter().filter(|p| chosen(p.name)) {
-                    let Some(k) = kernel.usable() else { break };
-                    tracing::info!("bench merge: {}", policy.what);
-                    match policy::run(&mut host, policy, &p, Some(k), &interrupted) {
-                        Ok(r) => results.push(r),
-                        Err(e) => kernel.failed(policy.name, e),
+                kernel.with(&interrupted, |kernel| {
+                    for policy in ksm_policies().iter().filter(|p| chosen(p.name)) {
+                        let Some(k) = kernel.usable() else { break };
+                        tracing::info!("bench merge: {}", policy.what);
+                        match policy::run(&mut host, policy, &p, Some(k), &interrupted) {
+                            Ok(r) => results.push(r),
+                            Err(e) => kernel.failed(policy.name, e),
+                        }
+                        kernel.flush_after(policy.name);
                     }
-                    kernel.flush_after(policy.name);
-                }
+                });
             } else {
                 for policy in densevm_policies().iter().filter(|p| chosen(p.name)) {
                     tracing::info!("bench merge: {}", policy.what);
