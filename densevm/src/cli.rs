@@ -203,6 +203,19 @@ pub enum BenchKind {
             value_parser = ["none", "densevm-full", "densevm-full-nohold", "densevm-default", "ksm-full", "ksm-default"]
         )]
         policies: Vec<String>,
+        /// Repetitions of every pair of contenders, interleaved (default 5; 1 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: Option<u32>,
+        /// Two VMs holding these two guest RAM images (memory only, no vCPU;
+        /// resources/images/build-ram-images.sh builds them): densevm-full vs ksm-full.
+        #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with = "image_clones")]
+        image_pair: Option<Vec<PathBuf>>,
+        /// --clones VMs holding this guest RAM image (memory only, no vCPU).
+        #[arg(long, value_name = "A")]
+        image_clones: Option<PathBuf>,
+        /// Number of VMs of --image-clones.
+        #[arg(long, default_value_t = 8, requires = "image_clones", value_parser = clap::value_parser!(u32).range(2..=64))]
+        clones: u32,
     },
     /// Compaction: densevm's compactor (one full-rate pass and proactive
     /// compaction, guests running) against the kernel's compact_memory on the

@@ -55,7 +55,8 @@
 //! 12. the compactor: [`compact::pass`] (one pass: plan, batched migrations
 //!     under the lock), then [`compact`] itself (`Compactor`, the proactive
 //!     thread);
-//! 13. the facade: [`memory_stats`], [`manager`], [`guest_map`].
+//! 13. the facade: [`memory_stats`], [`manager`], [`guest_map`], [`image_load`]
+//!     (bulk loading of a RAM image before a VM starts).
 //!
 //! A guest write fault walks down the layers once, never back up into a file
 //! above (the only upward call is the Protector invoking the resolver it was
@@ -70,6 +71,7 @@ pub mod buddy;
 pub mod compact;
 pub mod frame_table;
 pub mod guest_map;
+pub mod image_load;
 pub mod manager;
 pub mod memory_stats;
 pub mod merge;
@@ -91,6 +93,7 @@ pub use compact::{
     CompactionFailures, CompactionReport, CompactionStats, CompactionTunables, CompactionTunablesPatch, Compactor,
 };
 pub use guest_map::GuestMap;
+pub use image_load::ImageLoad;
 pub use manager::{ManagerConfig, MemoryManager};
 pub use memory_stats::{HostMemoryStats, MemoryStats, VmMemoryStats};
 pub use merge::{

@@ -12,6 +12,7 @@ pub use crate::core::{Error, Result};
 use crate::compact::{CompactionReport, CompactionStats, CompactionTunables, CompactionTunablesPatch, Compactor};
 use crate::core::Core;
 use crate::frame_table::Mapper;
+use crate::image_load::{self, ImageLoad};
 use crate::memory_stats::{MemoryStats, VmMemoryStats};
 use crate::merge::{DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeStats};
 use crate::page_table::PageFlags;
@@ -170,6 +171,13 @@ impl MemoryManager {
     /// Like [`MemoryManager::migrate`] to the free frame `target` (compaction).
     pub fn migrate_to(&self, frame: FrameNo, target: FrameNo) -> Result<FrameNo> {
         self.core.migrate(frame, Some(target))
+    }
+
+    /// Loads the RAM image `file` (byte `n` = guest-physical address `n`, exactly
+    /// the guest's size) into VM `vm`'s guest RAM, before the VM starts: all-zero
+    /// pages are left without host memory (see [`crate::image_load`]).
+    pub fn load_image(&self, vm: VmId, file: &std::fs::File) -> image_load::Result<ImageLoad> {
+        image_load::load(&self.core, vm, file)
     }
 
     /// Balloon: drops the page's content and host memory; it reads as zero after.

@@ -94,7 +94,9 @@ pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
         BenchKind::Api { requests, load_clients, json } => api_latency::main(requests, load_clients, json.as_deref()),
         BenchKind::Compact { quick, json, repeat } => compact::main(quick, json.as_deref(), repeat),
         BenchKind::Cow { quick, json } => cow::main(quick, json.as_deref()),
-        BenchKind::Merge { quick, json, policies } => merge::main(quick, json.as_deref(), &policies),
+        BenchKind::Merge { quick, json, policies, repeat, image_pair, image_clones, clones } => {
+            merge::main(&merge::Options { quick, json, policies, repeat, image_pair, image_clones, clones })
+        }
         BenchKind::Launch { launches, json } => {
             let exe = std::env::current_exe().map_err(|e| CommandError::Runtime(e.to_string()))?;
             let mut walls = Vec::new();

@@ -20,7 +20,7 @@
 
 mod kernel;
 mod ours;
-mod report;
+pub(crate) mod report;
 mod scatter;
 
 use std::path::Path;

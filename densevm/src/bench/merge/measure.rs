@@ -24,6 +24,23 @@ pub fn task_cpu_s(task: &str) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// The nice value of a task (`/proc/<task>/stat` field 19); `task` as for
+/// [`task_cpu_s`].
+pub fn task_nice(task: &str) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("{task}/stat")).ok()?;
+    // After the command name, field 3 is at index 0: nice (19) is at index 16.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()
+}
+
+/// Sets the nice value of thread `tid` of this process.
+pub fn set_thread_nice(tid: i32, nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority on a thread id; no memory is involved.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Process id of the kernel's `ksmd` thread.
 pub fn ksmd_pid() -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
@@ -121,6 +138,12 @@ mod tests {
         assert_eq!(shared_data_pages(&none), 0);
         let all = Scenario { fill_mib: 4, shared_fraction: 1.0, ..Scenario::default() };
         assert_eq!(shared_data_pages(&all), 1024);
+    }
+
+    #[test]
+    fn own_nice_is_readable() {
+        let tid = std::process::id();
+        assert!(task_nice(&format!("/proc/self/task/{tid}")).is_some_and(|n| (-20..=19).contains(&n)));
     }
 
     #[test]

@@ -15,28 +15,36 @@
 //! merging thread's CPU seconds until then (densevm's scanner thread, or
 //! `ksmd`; from schedstat), its CPU per second over a steady window with idle
 //! guests after convergence, host memory behind guest RAM, and the guests'
-//! verify mismatches (must be 0). Ratios against the kernel measured in the
-//! same run, and the issue's targets (≥ 5× faster merging of clones at equal
-//! CPU, idle CPU ≤ 1/10 of the kernel's), reported as met or not.
+//! verify mismatches (must be 0).
+//!
+//! With `--image-pair A B` or `--image-clones A --clones N` the VMs hold real
+//! Linux guest RAM images instead, memory only ([`images`]): densevm-full
+//! against ksm-full.
+//!
+//! Every pair of contenders runs `--repeat` times (default 5), interleaved,
+//! the order alternating between repetitions; the ratios against the kernel
+//! are reported as min / median / max, and the issue's targets judged at the
+//! median ([`summary`]).
 
+pub(crate) mod image_run;
+pub(crate) mod images;
+pub(crate) mod kernel;
 pub(crate) mod measure;
 pub(crate) mod policy;
+pub(crate) mod summary;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use memory::Tunables;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::bench::ksm::{KsmControl, KSM_SYSFS};
 use crate::commands::CommandError;
+use kernel::KernelRuns;
 use policy::{Merging, Params, Policy, PolicyResult};
 use vmm::host::{Host, HostConfig};
-
-/// How long to wait for another user of KSM to finish.
-const KSM_BUSY_WAIT: Duration = Duration::from_secs(180);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -44,11 +52,11 @@ extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
-fn interrupted() -> bool {
+pub(crate) fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-fn rt(e: impl std::fmt::Display) -> CommandError {
+pub(crate) fn rt(e: impl std::fmt::Display) -> CommandError {
     CommandError::Runtime(e.to_string())
 }
 
@@ -90,127 +98,11 @@ fn ksm_policies() -> [Policy; 2] {
     ]
 }
 
-/// Whether some process maps KSM pages (`/proc/<pid>/ksm_merging_pages` > 0).
-fn someone_merging() -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return true };
-    dir.flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("ksm_merging_pages"))
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|n| n > 0)
-    })
-}
-
-/// Waits until nobody uses KSM: `run` 0 and no KSM page in use, or only stale
-/// counts (pages_shared > 0 but no process maps a KSM page: left by processes
-/// that exited while ksmd was stopped). Returns the stale pages_shared seen.
-fn wait_ksm_free(ksm: &KsmControl) -> Result<u64, String> {
-    let deadline = Instant::now() + KSM_BUSY_WAIT;
-    loop {
-        let (run, shared) = (ksm.get_u64("run"), ksm.get_u64("pages_shared"));
-        match (run, shared) {
-            (Ok(0), Ok(0)) => return Ok(0),
-            (Ok(0), Ok(n)) if !someone_merging() => return Ok(n),
-            (Err(e), _) | (_, Err(e)) => return Err(e.to_string()),
-            (Ok(run), Ok(shared)) if Instant::now() >= deadline => {
-                return Err(format!(
-                    "KSM stayed in use for {KSM_BUSY_WAIT:?} (run={run}, pages_shared={shared}); not touching it"
-                ))
-            }
-            _ => {}
-        }
-        if interrupted() {
-            return Err("interrupted".into());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Unmerges whatever KSM still counts (only our own, now unmapped, guests or
-/// stale counts: checked by [`wait_ksm_free`]) and stops ksmd.
-fn flush_ksm(ksm: &mut KsmControl) -> Result<(), CommandError> {
-    ksm.set("run", "2").map_err(rt)?;
-    let res = ksm.wait_until("drop its merged pages", Duration::from_secs(60), |k| {
-        Ok::<_, crate::bench::ksm::Error>(k.get_u64("pages_shared")? == 0)
-    });
-    ksm.set("run", "0").map_err(rt)?;
-    res.map_err(rt)
-}
-
-/// Runs the KSM policies (or says why not).
-fn run_ksm(host: &mut Host, p: &Params, results: &mut Vec<PolicyResult>, chosen: &dyn Fn(&str) -> bool) -> Value {
-    if !Path::new(KSM_SYSFS).join("run").exists() {
-        return json!({ "available": false, "skipped_reason": format!("{KSM_SYSFS} is absent") });
-    }
-    let mut ksm = match KsmControl::open() {
-        Ok(k) => k,
-        Err(e) => return json!({ "available": false, "skipped_reason": e.to_string() }),
-    };
-    let stale = match wait_ksm_free(&ksm) {
-        Ok(n) => n,
-        Err(why) => return json!({ "available": false, "skipped_reason": why }),
-    };
-    let knob = |k: &KsmControl, n: &str| k.get(n).ok();
-    let found = json!({
-        "smart_scan": knob(&ksm, "smart_scan"),
-        "use_zero_pages": knob(&ksm, "use_zero_pages"),
-        "max_page_sharing": knob(&ksm, "max_page_sharing"),
-        "advisor_mode": knob(&ksm, "advisor_mode"),
-    });
-    let mut error = None;
-    let mut prepared = flush_ksm(&mut ksm);
-    if prepared.is_ok() {
-        prepared = ksm
-            .set("run", "0")
-            .and_then(|_| {
-                if ksm.has("advisor_mode") && ksm.get("advisor_mode")? != "none" {
-                    ksm.set("advisor_mode", "none")?;
-                }
-                Ok(())
-            })
-            .map_err(rt);
-    }
-    if let Err(e) = prepared {
-        error = Some(e.to_string());
-    }
-    for policy in ksm_policies().iter().filter(|p| chosen(p.name)) {
-        if error.is_some() {
-            break;
-        }
-        tracing::info!("bench merge: {}", policy.what);
-        match policy::run(host, policy, p, Some(&mut ksm), &interrupted) {
-            Ok(r) => results.push(r),
-            Err(e) => error = Some(format!("{}: {e}", policy.name)),
-        }
-        if let Err(e) = flush_ksm(&mut ksm) {
-            error.get_or_insert(format!("after {}: {e}", policy.name));
-        }
-    }
-    let restore_error = ksm.restore().err().map(|e| e.to_string());
-    if let Some(e) = &restore_error {
-        tracing::warn!("{e}");
-    }
-    json!({
-        "available": error.is_none(),
-        "skipped_reason": error,
-        "stale_pages_shared_at_start": stale,
-        "settings_found": found,
-        "settings": "advisor_mode none; smart_scan, use_zero_pages and max_page_sharing as found; \
-                     pages_to_scan/sleep_millisecs per policy; run=2 between policies to drop merged pages; \
-                     every knob restored afterwards",
-        "restore_error": restore_error,
-    })
-}
-
-fn find<'a>(results: &'a [PolicyResult], name: &str) -> Option<&'a PolicyResult> {
-    results.iter().find(|r| r.name == name)
-}
-
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     a.zip(b).filter(|&(a, b)| b > 0.0 && a.is_finite() && b.is_finite()).map(|(a, b)| a / b)
 }
 
-fn fmt(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
@@ -258,72 +150,63 @@ fn print_table(results: &[PolicyResult], p: &Params) {
     println!("guest pace: pages the guests verified per second while merging, relative to their idle pace");
 }
 
-/// Ratios against the kernel in the same run, and whether the issue's targets hold.
-fn ratios(results: &[PolicyResult]) -> Value {
-    let mut out = serde_json::Map::new();
-    for (d, k) in [("densevm-full", "ksm-full"), ("densevm-default", "ksm-default")] {
-        let (Some(d), Some(k)) = (find(results, d), find(results, k)) else { continue };
-        let speedup = ratio(k.converge_s, d.converge_s);
-        let cpu = ratio(d.cpu_s_to_converge, k.cpu_s_to_converge);
-        let idle = ratio(d.steady_cpu_per_s, k.steady_cpu_per_s);
-        // At equal CPU: the CPU seconds each needs to merge the clones.
-        let per_cpu = ratio(k.cpu_s_to_converge, d.cpu_s_to_converge);
-        let line = format!(
-            "{} vs {}: converges {}x faster, using {}x the CPU ({}x less CPU to merge); idle CPU {}x the kernel's",
-            d.name,
-            k.name,
-            fmt(speedup, 2),
-            fmt(cpu, 2),
-            fmt(per_cpu, 2),
-            fmt(idle, 4)
-        );
-        println!("{line}");
-        out.insert(
-            format!("{}_vs_{}", d.name, k.name),
-            json!({
-                "converge_speedup": speedup,
-                "cpu_to_converge_ratio": cpu,
-                "cpu_efficiency": per_cpu,
-                "idle_cpu_ratio": idle,
-                "host_bytes_ratio": ratio(Some(d.host_bytes as f64), Some(k.host_bytes as f64)),
-            }),
-        );
-    }
-    let full = out.get("densevm-full_vs_ksm-full").cloned().unwrap_or(Value::Null);
-    let speed = full["converge_speedup"].as_f64();
-    let cpu = full["cpu_to_converge_ratio"].as_f64();
-    let idle = full["idle_cpu_ratio"].as_f64();
-    let speed_met = speed.zip(cpu).map(|(s, c)| s >= 5.0 && c <= 1.05);
-    let idle_met = idle.map(|i| i <= 0.1);
-    let say = |m: Option<bool>| match m {
-        Some(true) => "met",
-        Some(false) => "NOT met",
-        None => "not measured",
-    };
-    println!(
-        "targets (full speed, same run): clones merge >= 5x faster than the kernel at no more CPU: {}; \
-         idle CPU <= 1/10 of the kernel's: {}",
-        say(speed_met),
-        say(idle_met)
-    );
-    json!({
-        "pairs": out,
-        "targets": {
-            "clone_merge_speedup_min": 5.0,
-            "clone_merge_speedup_met": speed_met,
-            "idle_cpu_ratio_max": 0.1,
-            "idle_cpu_ratio_met": idle_met,
-        },
-    })
+/// What `densevm bench merge` runs.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Fewer, smaller VMs, shorter windows and one repetition.
+    pub quick: bool,
+    /// Where to write the JSON.
+    pub json: Option<PathBuf>,
+    /// Only these policies (all when empty).
+    pub policies: Vec<String>,
+    /// Repetitions (default 5; 1 with `quick`).
+    pub repeat: Option<u32>,
+    /// The two images of `--image-pair`.
+    pub image_pair: Option<Vec<PathBuf>>,
+    /// The image of `--image-clones`.
+    pub image_clones: Option<PathBuf>,
+    /// VMs of `--image-clones`.
+    pub clones: u32,
 }
 
-/// Runs `densevm bench merge` (only the policies named in `only`, or all).
-pub fn main(quick: bool, json_path: Option<&Path>, only: &[String]) -> Result<ExitCode, CommandError> {
-    let chosen = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+/// Runs `densevm bench merge`.
+pub fn main(o: &Options) -> Result<ExitCode, CommandError> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal).map_err(rt)?;
     }
-    let mut p = if quick {
+    let repeat = o.repeat.unwrap_or(if o.quick { 1 } else { 5 });
+    let chosen = |name: &str| o.policies.is_empty() || o.policies.iter().any(|p| p == name);
+    let set = match (&o.image_pair, &o.image_clones) {
+        (Some(pair), _) => Some(("image-pair", pair.clone())),
+        (None, Some(a)) => Some(("image-clones", vec![a.clone(); o.clones as usize])),
+        (None, None) => None,
+    };
+    match set {
+        Some(_) if !chosen("densevm-full") && !chosen("ksm-full") => {
+            Err(rt("the image scenarios run only densevm-full and ksm-full: choose one of them with --policy"))
+        }
+        Some((scenario, vms)) => {
+            let (settle, timeout) = if o.quick { (0.3, 60) } else { (1.0, 300) };
+            let set = images::ImageSet {
+                scenario,
+                vms,
+                settle: Duration::from_secs_f64(settle),
+                timeout: Duration::from_secs(timeout),
+            };
+            image_run::run(o, &set, repeat, &chosen)
+        }
+        None => run_synthetic(o, repeat, &chosen),
+    }
+}
+
+/// Canonical order of the policies in the output.
+pub(crate) fn rank(name: &str) -> usize {
+    let names = ["none", "densevm-full", "densevm-full-nohold", "densevm-default", "ksm-full", "ksm-default"];
+    names.iter().position(|n| *n == name).unwrap_or(names.len())
+}
+
+fn run_synthetic(o: &Options, repeat: u32, chosen: &dyn Fn(&str) -> bool) -> Result<ExitCode, CommandError> {
+    let mut p = if o.quick {
         Params {
             vms: 4,
             fill_mib: 8,
@@ -346,29 +229,54 @@ pub fn main(quick: bool, json_path: Option<&Path>, only: &[String]) -> Result<Ex
     };
     p.target = measure::shared_data_pages(&policy::scenario_of(&p)) * u64::from(p.vms - 1);
     let mut host = Host::new(HostConfig::default())?;
-    let mut results = Vec::new();
-    for policy in densevm_policies().iter().filter(|p| chosen(p.name)) {
-        tracing::info!("bench merge: {}", policy.what);
-        results.push(policy::run(&mut host, policy, &p, None, &interrupted)?);
+    let mut kernel = KernelRuns::new(ksm_policies().iter().any(|p| chosen(p.name)));
+    let (mut reps, mut rep_json, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..repeat {
+        let ksm_first = rep % 2 == 1;
+        let mut results = Vec::new();
+        for side in if ksm_first { [true, false] } else { [false, true] } {
+            if side {
+                kernel.with(&interrupted, |kernel| {
+                    for policy in ksm_policies().iter().filter(|p| chosen(p.name)) {
+                        let Some(k) = kernel.usable() else { break };
+                        tracing::info!("bench merge: {}", policy.what);
+                        match policy::run(&mut host, policy, &p, Some(k), &interrupted) {
+                            Ok(r) => results.push(r),
+                            Err(e) => kernel.failed(policy.name, e),
+                        }
+                        kernel.flush_after(policy.name);
+                    }
+                });
+            } else {
+                for policy in densevm_policies().iter().filter(|p| chosen(p.name)) {
+                    tracing::info!("bench merge: {}", policy.what);
+                    results.push(policy::run(&mut host, policy, &p, None, &interrupted)?);
+                }
+            }
+            if interrupted() {
+                return Err(rt("interrupted"));
+            }
+        }
+        results.sort_by_key(|r| rank(r.name));
+        println!("repetition {}/{repeat} ({} first)", rep + 1, if ksm_first { "kernel" } else { "densevm" });
+        print_table(&results, &p);
+        let ratios = summary::synthetic_rep(&results);
+        rep_json.push(json!({ "kernel_first": ksm_first, "policies": results, "ratios": ratios }));
+        reps.push(ratios);
+        all.push(results);
     }
-    let kernel = if ksm_policies().iter().any(|p| chosen(p.name)) {
-        run_ksm(&mut host, &p, &mut results, &chosen)
-    } else {
-        json!({ "available": false, "skipped_reason": "not chosen (--policy)" })
-    };
-    if interrupted() {
-        return Err(rt("interrupted"));
-    }
-    print_table(&results, &p);
+    let kernel = kernel.finish();
     if let Some(why) = kernel["skipped_reason"].as_str() {
         println!("kernel KSM rows skipped: {why}");
     }
-    let ratios = ratios(&results);
-    let mismatches: u64 = results.iter().map(|r| r.mismatches).sum();
+    let ratios = summary::synthetic(&reps);
+    let mismatches: u64 = all.iter().flatten().map(|r| r.mismatches).sum();
     let result = json!({
         "benchmark": "merge",
-        "quick": quick,
-        "policies_chosen": only,
+        "scenario": "synthetic-clones",
+        "quick": o.quick,
+        "repeat": repeat,
+        "policies_chosen": o.policies,
         "vms": p.vms,
         "fill_mib": p.fill_mib,
         "shared_fraction": p.shared_fraction,
@@ -379,11 +287,13 @@ pub fn main(quick: bool, json_path: Option<&Path>, only: &[String]) -> Result<Ex
                    target_pages_sharing (the clone image); settle_s: last change of pages_sharing; CPU from \
                    /proc/.../schedstat of the merger thread or ksmd; steady: CPU per second over steady_window_s \
                    of idle guests, beginning two full scans after the count settled; anonymous host bytes = distinct \
-                   physical frames behind the guest ranges (/proc/self/pagemap)",
-        "policies": results,
+                   physical frames behind the guest ranges (/proc/self/pagemap); each repetition runs every policy, \
+                   densevm's and the kernel's in alternating order; ratios: min/median/max over the repetitions",
+        "policies": all.first().cloned().unwrap_or_default(),
+        "repetitions": rep_json,
         "kernel_ksm": kernel,
         "ratios": ratios,
         "mismatches": mismatches,
     });
-    super::finish(&result, json_path, mismatches, "guest pages")
+    super::finish(&result, o.json.as_deref(), mismatches, "guest pages")
 }
