@@ -158,7 +158,7 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
     w.single(
         "densevm_memory_vmas_per_shared_page",
         Gauge,
-        "Guest memory mappings beyond one per VM, per guest page mapping a shared frame.",
+        "Guest memory mappings beyond one per VM, per page saved by sharing (pages_sharing).",
         float(h.vmas_per_shared_page),
     );
     let host_counters = [

@@ -66,9 +66,10 @@ pub struct MemoryStats {
     /// Mappings of the whole process (lines of /proc/self/maps: guest memory,
     /// the pool alias, libraries, thread stacks); 0 if unreadable.
     pub process_vma_count: u64,
-    /// Guest VMAs beyond one per VM, per guest page mapping a shared frame (0
-    /// when nothing is shared): what sharing costs in host mappings, about 2
-    /// for isolated shared pages, near 0 for long runs of clone pages
+    /// Guest VMAs beyond one per VM, per page saved by sharing
+    /// (`pages_sharing`; 0 when nothing is shared): what sharing costs in host
+    /// mappings, about 2 for isolated shared pages (each splits the mapping of
+    /// the VM whose page moved), near 0 for long runs of clone pages
     /// (compaction's moves of private pages add to it too).
     pub vmas_per_shared_page: f64,
     /// Holes punched in the pool memfd (`fallocate(PUNCH_HOLE)` calls) since start.
@@ -114,15 +115,15 @@ impl MemoryStats {
         let (frames, budget) = (st.frames(), st.budget());
         let vma_count = st.guest_vmas() as u64;
         let extra_vmas = vma_count.saturating_sub(st.tables().count() as u64);
-        let shared_mappings = frames.shared_mappings();
-        let vmas_per_shared_page = if shared_mappings == 0 { 0.0 } else { extra_vmas as f64 / shared_mappings as f64 };
+        let pages_sharing = frames.shared_mappings() - frames.shared_frames();
+        let vmas_per_shared_page = if pages_sharing == 0 { 0.0 } else { extra_vmas as f64 / pages_sharing as f64 };
         MemoryStats {
             frames_total: total,
             frames_used: total - free,
             frames_free: free,
             frames_live: frames.live_frames(),
             frames_shared: frames.shared_frames(),
-            pages_sharing: frames.shared_mappings() - frames.shared_frames(),
+            pages_sharing,
             guest_pages,
             huge_frames_total: hf_total,
             huge_frames_in_use: in_use,
@@ -235,9 +236,10 @@ pub struct HostMemoryStats {
     /// guest memory included.
     #[serde(default)]
     pub process_vma_count: u64,
-    /// Guest memory mappings beyond one per VM, per guest page mapping a shared
-    /// frame (0 when nothing is shared): about 2 when shared pages are isolated
-    /// (each splits its VM's mapping), near 0 for long runs of shared pages.
+    /// Guest memory mappings beyond one per VM, per page saved by sharing
+    /// (`pages_sharing`; 0 when nothing is shared): about 2 when shared pages
+    /// are isolated (each splits the mapping of its VM), near 0 for long runs
+    /// of shared pages.
     #[serde(default)]
     pub vmas_per_shared_page: f64,
     /// Holes punched in the frame pool (`fallocate(PUNCH_HOLE)` calls) since start.
