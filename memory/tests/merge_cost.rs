@@ -290,3 +290,47 @@ fn cost_curve() {
         }
     }
 }
+
+#[test]
+#[ignore = "measurement: zero pages dropped while the pool has ~16 K mappings"]
+fn zero_punch_cost_with_many_mappings() {
+    const PAGES: u32 = 16384;
+    const STRIDE: u32 = 64;
+    if let Err(e) = memory::uffd::Uffd::probe() {
+        skip("zero_punch_cost_with_many_mappings", &format!("userfaultfd write protection unavailable: {e}"));
+        return;
+    }
+    for rep in 0..3 {
+        let mut config = ManagerConfig::with_capacity(512 << 20);
+        config.raise_max_map_count = true;
+        let mgr = MemoryManager::new(config).expect("manager");
+        let pair = build_pair(&mgr, PAGES, 0.9, true, 5 + rep);
+        let row = measure(&mgr, &pair);
+        let g = mgr.create_guest(3, u64::from(PAGES) * PAGE_SIZE as u64).unwrap();
+        for p in 0..PAGES {
+            fill(&g, p, if p % STRIDE == 0 { unique(3, p) } else { 0 });
+        }
+        let zero_pages = u64::from(PAGES - PAGES / STRIDE);
+        mgr.set_merge(1, false, 1).unwrap();
+        mgr.set_merge(2, false, 1).unwrap();
+        mgr.set_merge(3, true, 3).unwrap();
+        let punches0 = mgr.stats().punch_calls;
+        let cpu0 = thread_cpu_s(mgr.merger().scanner_tid());
+        let started = Instant::now();
+        mgr.merger().set_tunables(tunables(true)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while mgr.merger().stats().zero_pages < zero_pages && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let cpu = thread_cpu_s(mgr.merger().scanner_tid()) - cpu0;
+        mgr.merger().set_run(false);
+        let s = mgr.stats();
+        assert_eq!(s.merge.zero_pages, zero_pages);
+        print_line(&format!(
+            "{} mappings of guest memory: {zero_pages} zero pages dropped with {} punch calls in {wall:.3} s, merger CPU {cpu:.3} s",
+            row.kernel_vmas,
+            s.punch_calls - punches0
+        ));
+    }
+}
