@@ -127,7 +127,7 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
     }
 
     let h = host;
-    let host_gauges: [(&str, &str, u64); 10] = [
+    let host_gauges: [(&str, &str, u64); 11] = [
         ("pages_shared", "Shared frames in use.", h.pages_shared),
         ("pages_sharing", "Guest pages mapping a shared frame beyond the first.", h.pages_sharing),
         ("pages_unshared", "Scanned pages that are unique so far.", h.pages_unshared),
@@ -137,7 +137,8 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
         ("frames_2m_in_use", "2 MiB host frames with a live 4 KiB frame.", h.frames_2m_in_use),
         ("frames_2m_returned", "2 MiB host frames given back to the host.", h.frames_2m_returned),
         ("host_used_bytes", "Host memory used for guest memory.", h.host_bytes_used),
-        ("vma_count", "Mappings (VMAs) held by densevm.", h.vma_count),
+        ("vma_count", "Host mappings (VMAs) of guest memory.", h.vma_count),
+        ("process_vma_count", "Host mappings (VMAs) of the whole densevm process.", h.process_vma_count),
     ];
     for (name, help, v) in host_gauges {
         w.single(&format!("densevm_memory_{name}"), Gauge, help, v);
@@ -154,12 +155,19 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
         "Fragmentation of in-use 2 MiB frames (0 packed, 1 scattered).",
         float(h.fragmentation),
     );
+    w.single(
+        "densevm_memory_vmas_per_shared_page",
+        Gauge,
+        "Guest memory mappings beyond one per VM, per page saved by sharing (pages_sharing).",
+        float(h.vmas_per_shared_page),
+    );
     let host_counters = [
         ("pages_scanned_total", "Pages scanned by the merger.", h.pages_scanned),
         ("full_scans_total", "Completed full scans.", h.full_scans),
         ("cow_copies_total", "Copy-on-write copies.", h.cow_copies),
         ("cow_reuses_total", "Copy-on-write reuses in place.", h.cow_reuses),
         ("vcpu_holds_total", "Merge chunks that held the merging VMs' vCPUs out of guest mode.", h.vcpu_holds),
+        ("punch_calls_total", "Holes punched in the frame pool (fallocate calls).", h.punch_calls),
     ];
     for (name, help, v) in host_counters {
         w.single(&format!("densevm_memory_{name}"), Counter, help, v);
@@ -180,11 +188,12 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
         w.sample("densevm_vm_memory_size_bytes", &[("vm_id", &vm.vm_id)], bytes);
     }
     type Field = fn(&VmMemoryStats) -> u64;
-    let per_vm: [(&str, Kind, &str, Field); 6] = [
+    let per_vm: [(&str, Kind, &str, Field); 7] = [
         ("guest_pages", Gauge, "Guest memory size in pages.", |m| m.guest_pages),
         ("resident_pages", Gauge, "Guest pages backed by a frame.", |m| m.resident_pages),
         ("merged_pages", Gauge, "Guest pages mapping a merged frame.", |m| m.merged_pages),
         ("zero_pages", Gauge, "Guest pages mapping the zero page.", |m| m.zero_pages),
+        ("vma_count", Gauge, "Host mappings (VMAs) of the guest memory.", |m| m.vma_count),
         ("cow_copies_total", Counter, "Copy-on-write copies.", |m| m.cow_copies),
         ("cow_reuses_total", Counter, "Copy-on-write reuses in place.", |m| m.cow_reuses),
     ];
@@ -229,9 +238,13 @@ mod tests {
             general_profit: -4096,
             fragmentation: 0.25,
             cow_copies: 9,
+            vma_count: 40,
+            process_vma_count: 120,
+            vmas_per_shared_page: 1.5,
+            punch_calls: 7,
             ..Default::default()
         };
-        let mem = VmMemoryStats { guest_pages: 32768, merged_pages: 7, ..Default::default() };
+        let mem = VmMemoryStats { guest_pages: 32768, merged_pages: 7, vma_count: 3, ..Default::default() };
         let text = render(&host, &[(vm("a", VmState::Running), Some(mem)), (vm("b", VmState::Created), None)]);
         for line in [
             "densevm_vms{state=\"Running\"} 1",
@@ -241,10 +254,16 @@ mod tests {
             "densevm_memory_fragmentation_ratio 0.25",
             "# TYPE densevm_memory_cow_copies_total counter",
             "densevm_memory_cow_copies_total 9",
+            "densevm_memory_vma_count 40",
+            "densevm_memory_process_vma_count 120",
+            "densevm_memory_vmas_per_shared_page 1.5",
+            "# TYPE densevm_memory_punch_calls_total counter",
+            "densevm_memory_punch_calls_total 7",
             "densevm_vm_state{vm_id=\"a\",state=\"Running\"} 1",
             "densevm_vm_memory_size_bytes{vm_id=\"b\"} 134217728",
             "densevm_vm_guest_pages{vm_id=\"a\"} 32768",
             "densevm_vm_merged_pages{vm_id=\"a\"} 7",
+            "densevm_vm_vma_count{vm_id=\"a\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

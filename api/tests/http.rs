@@ -55,8 +55,8 @@ fn every_endpoint_happy_path() {
     let m = r.json();
     assert_eq!(m["pages_sharing"], 33);
     assert_eq!(m["fragmentation"], 0.5);
-    // 18 fields and `compaction` (the compactor's statistics).
-    assert_eq!(m.as_object().unwrap().len(), 19);
+    // 21 fields and `compaction` (the compactor's statistics).
+    assert_eq!(m.as_object().unwrap().len(), 22);
     assert!(m["compaction"].is_object(), "{m}");
 
     let r = h.req("GET", "/memory/merge", None);

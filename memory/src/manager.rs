@@ -254,6 +254,7 @@ impl MemoryManager {
             let st = self.core.lock();
             MemoryStats::collect(&st, self.protector.counters())
         };
+        stats.count_process_vmas();
         stats.merge = self.merger.stats();
         stats.compaction = self.compactor.stats();
         stats

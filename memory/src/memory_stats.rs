@@ -59,8 +59,21 @@ pub struct MemoryStats {
     pub protected_pages: u64,
     /// Guest pages known to be zero (discarded, not written since).
     pub zero_pages: u64,
-    /// VMAs the guest maps use (runs of consecutive frames).
+    /// VMAs of guest memory: every VM's runs of consecutive frames (each run
+    /// is one host mapping of the pool memfd once the kernel merged adjacent
+    /// mappings).
     pub vma_count: u64,
+    /// Mappings of the whole process (lines of /proc/self/maps: guest memory,
+    /// the pool alias, libraries, thread stacks); 0 if unreadable.
+    pub process_vma_count: u64,
+    /// Guest VMAs beyond one per VM, per page saved by sharing
+    /// (`pages_sharing`; 0 when nothing is shared): what sharing costs in host
+    /// mappings, about 2 for isolated shared pages (each splits the mapping of
+    /// the VM whose page moved), near 0 for long runs of clone pages
+    /// (compaction's moves of private pages add to it too).
+    pub vmas_per_shared_page: f64,
+    /// Holes punched in the pool memfd (`fallocate(PUNCH_HOLE)` calls) since start.
+    pub punch_calls: u64,
     /// `vm.max_map_count` in force.
     pub vma_limit: u64,
     /// Requests refused because of the VMA budget.
@@ -100,13 +113,17 @@ impl MemoryStats {
             if in_use == 0 { 0.0 } else { holes as f64 / (in_use * u64::from(HUGE_FRAME_PAGES)) as f64 };
         let guest_pages: u64 = st.tables().map(|(_, t)| u64::from(t.len())).sum();
         let (frames, budget) = (st.frames(), st.budget());
+        let vma_count = st.guest_vmas() as u64;
+        let extra_vmas = vma_count.saturating_sub(st.tables().count() as u64);
+        let pages_sharing = frames.shared_mappings() - frames.shared_frames();
+        let vmas_per_shared_page = if pages_sharing == 0 { 0.0 } else { extra_vmas as f64 / pages_sharing as f64 };
         MemoryStats {
             frames_total: total,
             frames_used: total - free,
             frames_free: free,
             frames_live: frames.live_frames(),
             frames_shared: frames.shared_frames(),
-            pages_sharing: frames.shared_mappings() - frames.shared_frames(),
+            pages_sharing,
             guest_pages,
             huge_frames_total: hf_total,
             huge_frames_in_use: in_use,
@@ -115,7 +132,11 @@ impl MemoryStats {
             fragmentation,
             protected_pages: st.tables().map(|(_, t)| t.protected_count() as u64).sum(),
             zero_pages: st.tables().map(|(_, t)| t.zero_count() as u64).sum(),
-            vma_count: st.guest_vmas() as u64,
+            vma_count,
+            // Filled without the manager's lock ([`MemoryStats::count_process_vmas`]).
+            process_vma_count: 0,
+            vmas_per_shared_page,
+            punch_calls: st.pool().punch_calls(),
             vma_limit: budget.limit as u64,
             vma_refused: budget.refused,
             vma_limit_raised_to: budget.raised_to.map(|v| v as u64),
@@ -129,6 +150,12 @@ impl MemoryStats {
             merge: MergeStats::default(),
             compaction: CompactionStats::default(),
         }
+    }
+
+    /// Sets [`MemoryStats::process_vma_count`] from /proc/self/maps (a read
+    /// that grows with the number of mappings: done without the manager's lock).
+    pub(crate) fn count_process_vmas(&mut self) {
+        self.process_vma_count = sys::process_map_count().unwrap_or(0) as u64;
     }
 
     /// The host-wide statistics the API serves (`GET /memory`).
@@ -149,6 +176,9 @@ impl MemoryStats {
             fragmentation: self.fragmentation,
             host_bytes_used: self.host_bytes,
             vma_count: self.vma_count,
+            process_vma_count: self.process_vma_count,
+            vmas_per_shared_page: self.vmas_per_shared_page,
+            punch_calls: self.punch_calls,
             cow_copies: c.cow_copies,
             cow_reuses: c.cow_reuses,
             vcpu_holds: c.vcpu_holds,
@@ -199,8 +229,22 @@ pub struct HostMemoryStats {
     pub fragmentation: f64,
     /// Host memory used for guest memory, in bytes.
     pub host_bytes_used: u64,
-    /// Mappings (VMAs) densevm holds.
+    /// Host mappings (VMAs) of guest memory: every VM's runs of consecutive
+    /// frames of the frame pool.
     pub vma_count: u64,
+    /// Host mappings (VMAs) of the whole densevm process (/proc/self/maps),
+    /// guest memory included.
+    #[serde(default)]
+    pub process_vma_count: u64,
+    /// Guest memory mappings beyond one per VM, per page saved by sharing
+    /// (`pages_sharing`; 0 when nothing is shared): about 2 when shared pages
+    /// are isolated (each splits the mapping of its VM), near 0 for long runs
+    /// of shared pages.
+    #[serde(default)]
+    pub vmas_per_shared_page: f64,
+    /// Holes punched in the frame pool (`fallocate(PUNCH_HOLE)` calls) since start.
+    #[serde(default)]
+    pub punch_calls: u64,
     /// Copy-on-write copies, all VMs.
     pub cow_copies: u64,
     /// Copy-on-write reuses in place, all VMs.
@@ -236,6 +280,10 @@ pub struct VmMemoryStats {
     pub merged_pages: u64,
     /// Guest pages mapping the zero page.
     pub zero_pages: u64,
+    /// Host mappings (VMAs) of its guest memory (runs of consecutive frames;
+    /// 1 when nothing is remapped, 0 for RAM the manager does not hold).
+    #[serde(default)]
+    pub vma_count: u64,
     /// Writes to merged pages that copied the frame.
     pub cow_copies: u64,
     /// Writes to merged pages that took the frame over in place (single mapping left).
@@ -251,6 +299,7 @@ impl VmMemoryStats {
             resident_pages: resident_pages(host_addr, merge.guest_pages.saturating_mul(PAGE_SIZE as u64)),
             merged_pages: merge.merged_pages,
             zero_pages: merge.zero_pages,
+            vma_count: merge.vma_count,
             cow_copies: merge.cow_copies,
             cow_reuses: merge.cow_reuses,
         }
@@ -302,6 +351,9 @@ mod tests {
             protected_pages: 40,
             zero_pages: 3,
             vma_count: 12,
+            process_vma_count: 90,
+            vmas_per_shared_page: 0.5,
+            punch_calls: 33,
             vma_limit: 65530,
             vma_refused: 0,
             vma_limit_raised_to: None,
@@ -353,6 +405,9 @@ mod tests {
                 fragmentation: 0.25,
                 host_bytes_used: 4 << 20,
                 vma_count: 12,
+                process_vma_count: 90,
+                vmas_per_shared_page: 0.5,
+                punch_calls: 33,
                 cow_copies: 5,
                 cow_reuses: 6,
                 vcpu_holds: 2,
@@ -366,8 +421,12 @@ mod tests {
         obj.remove("vcpu_holds");
         obj.remove("vcpu_hold_ms");
         obj.remove("compaction");
+        obj.remove("process_vma_count");
+        obj.remove("vmas_per_shared_page");
+        obj.remove("punch_calls");
         let parsed: HostMemoryStats = serde_json::from_value(json).unwrap();
         assert_eq!((parsed.vcpu_holds, parsed.vcpu_hold_ms), (0, 0.0));
+        assert_eq!((parsed.process_vma_count, parsed.vmas_per_shared_page, parsed.punch_calls), (0, 0.0, 0));
         assert_eq!(parsed.compaction, CompactionStats::default());
     }
 
@@ -377,6 +436,7 @@ mod tests {
             guest_pages: 4,
             merged_pages: 2,
             zero_pages: 1,
+            vma_count: 3,
             cow_copies: 3,
             cow_reuses: 4,
             ..Default::default()
@@ -404,6 +464,7 @@ mod tests {
                 resident_pages: 1,
                 merged_pages: 2,
                 zero_pages: 1,
+                vma_count: 3,
                 cow_copies: 3,
                 cow_reuses: 4
             }

@@ -6,6 +6,10 @@
 //! (`FALLOC_FL_PUNCH_HOLE`), so a freed frame gives its memory back and a newly
 //! allocated frame always reads as zero. When the last live frame of a 2 MiB
 //! host frame is freed the whole 2 MiB frame is punched and counted as returned.
+//! Many frames are punched with one `fallocate` per run of consecutive frames
+//! ([`FramePool::free_frames`], [`FramePool::punch_frames`]), never one per
+//! frame: a punch walks every mapping of the memfd (the kernel's
+//! `unmap_mapping_range`), so its cost grows with the number of guest VMAs.
 //!
 //! The **alias** is a `MAP_SHARED` mapping of the whole memfd that is never
 //! registered with userfaultfd: densevm reads, compares and copies frames only
@@ -14,6 +18,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -93,6 +98,7 @@ pub struct FramePool {
     buddy: BuddyAllocator,
     thp: ThpStatus,
     huge_frames_returned: u64,
+    punch_calls: AtomicU64,
 }
 
 // SAFETY: the alias is a process-wide shared mapping owned by this struct; the
@@ -129,7 +135,15 @@ impl FramePool {
             }
         }
         let huge_frames = (capacity / HUGE_FRAME_SIZE as u64) as u32;
-        Ok(FramePool { memfd, alias, capacity, buddy: BuddyAllocator::new(huge_frames), thp, huge_frames_returned: 0 })
+        Ok(FramePool {
+            memfd,
+            alias,
+            capacity,
+            buddy: BuddyAllocator::new(huge_frames),
+            thp,
+            huge_frames_returned: 0,
+            punch_calls: AtomicU64::new(0),
+        })
     }
 
     /// The memfd.
@@ -195,29 +209,58 @@ impl FramePool {
         self.punch(start, count)
     }
 
-    /// Frees many single frames, punching each contiguous freed run once.
+    /// Frees many single frames (sorted in place), punching each run of
+    /// consecutive freed frames once (a 2 MiB frame emptied by the batch is
+    /// punched whole, as [`FramePool::free`] does). Frames freed before an error
+    /// are punched all the same.
+    ///
+    /// No mapping other than the alias may still map the frames.
     pub fn free_frames(&mut self, frames: &mut [FrameNo]) -> Result<()> {
         frames.sort_unstable();
-        let mut runs: Vec<(FrameNo, u64)> = Vec::new();
+        let mut ranges: Vec<(FrameNo, u64)> = Vec::with_capacity(frames.len().min(64));
+        let mut failed = None;
         for &frame in frames.iter() {
-            if let FreeOutcome::HugeFrameEmptied(_) = self.buddy.free(frame, 0)? {
-                self.huge_frames_returned += 1;
-            }
-            match runs.last_mut() {
-                Some((start, len)) if u64::from(*start) + *len == u64::from(frame) => *len += 1,
-                _ => runs.push((frame, 1)),
+            match self.buddy.free(frame, 0) {
+                Ok(FreeOutcome::HugeFrameEmptied(hf)) => {
+                    self.huge_frames_returned += 1;
+                    ranges.push((hf * HUGE_FRAME_PAGES, u64::from(HUGE_FRAME_PAGES)));
+                }
+                Ok(FreeOutcome::PartlyUsed) => ranges.push((frame, 1)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
-        for (start, len) in runs {
+        for (start, len) in coalesce(ranges) {
             self.punch(start, len)?;
         }
-        Ok(())
+        failed.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Frees the host memory of every frame of `frames` (sorted and deduplicated
+    /// in place; the frames stay allocated and read as zero after), one punch per
+    /// run of consecutive frames. Returns the number of punches.
+    pub fn punch_frames(&self, frames: &mut Vec<FrameNo>) -> Result<usize> {
+        frames.sort_unstable();
+        frames.dedup();
+        let runs = coalesce(frames.iter().map(|&f| (f, 1)).collect());
+        for &(start, len) in &runs {
+            self.punch(start, len)?;
+        }
+        Ok(runs.len())
     }
 
     /// Frees the host memory of `count` frames from `frame`; they read as zero after.
     pub fn punch(&self, frame: FrameNo, count: u64) -> Result<()> {
+        self.punch_calls.fetch_add(1, Ordering::Relaxed);
         sys::punch_hole(self.fd(), Self::offset_of(frame), count * PAGE_SIZE as u64)
             .map_err(|e| Error::Punch(frame, count, e))
+    }
+
+    /// Holes punched (`fallocate(PUNCH_HOLE)` calls) since creation.
+    pub fn punch_calls(&self) -> u64 {
+        self.punch_calls.load(Ordering::Relaxed)
     }
 
     /// Whether `count` frames from `frame` hold no host memory.
@@ -288,6 +331,21 @@ impl FramePool {
     }
 }
 
+/// Sorts `ranges` (start, length) and merges the overlapping and adjacent ones.
+fn coalesce(mut ranges: Vec<(FrameNo, u64)>) -> Vec<(FrameNo, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(FrameNo, u64)> = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        match out.last_mut() {
+            Some((s, l)) if u64::from(*s) + *l >= u64::from(start) => {
+                *l = (*l).max(u64::from(start) + len - u64::from(*s));
+            }
+            _ => out.push((start, len)),
+        }
+    }
+    out
+}
+
 /// Whether every byte of `bytes` is zero.
 pub fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = {
@@ -305,5 +363,65 @@ impl Drop for FramePool {
         if let Err(e) = unsafe { sys::unmap(self.alias, self.capacity as usize) } {
             tracing::warn!("unmapping the pool alias: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> FramePool {
+        FramePool::new(&PoolConfig { capacity_bytes: 2 * HUGE_FRAME_SIZE as u64, transparent_huge_pages: false })
+            .expect("pool")
+    }
+
+    fn fill(pool: &FramePool, frame: FrameNo) {
+        pool.write(frame, 0, &[0xA5; PAGE_SIZE]).expect("write");
+    }
+
+    #[test]
+    fn coalesce_merges_adjacent_and_overlapping_runs() {
+        assert_eq!(coalesce(vec![(9, 1), (3, 1), (4, 2), (10, 1), (20, 1)]), vec![(3, 3), (9, 2), (20, 1)]);
+        assert_eq!(coalesce(vec![(0, 512), (5, 1), (511, 1), (512, 1)]), vec![(0, 513)]);
+        assert_eq!(coalesce(Vec::new()), Vec::new());
+    }
+
+    #[test]
+    fn punch_frames_punches_once_per_run() {
+        let pool = pool();
+        let mut frames = vec![9, 3, 4, 5, 10, 20, 3];
+        for &f in &frames {
+            fill(&pool, f);
+        }
+        fill(&pool, 6);
+        let before = pool.punch_calls();
+        assert_eq!(pool.punch_frames(&mut frames).unwrap(), 3);
+        assert_eq!(pool.punch_calls() - before, 3, "one fallocate per run, not per frame");
+        assert!(pool.is_hole(3, 3).unwrap() && pool.is_hole(9, 2).unwrap() && pool.is_hole(20, 1).unwrap());
+        assert!(!pool.is_hole(6, 1).unwrap(), "a frame outside the runs keeps its memory");
+        assert!(pool.frame_is_zero(4).unwrap());
+    }
+
+    #[test]
+    fn free_frames_punches_once_per_freed_run() {
+        let mut pool = pool();
+        // Frames 0..8 allocated and written; 0 stays allocated.
+        for f in 0..8 {
+            pool.alloc_specific(f).unwrap();
+            fill(&pool, f);
+        }
+        let before = pool.punch_calls();
+        pool.free_frames(&mut [6, 2, 3, 1, 5]).unwrap();
+        assert_eq!(pool.punch_calls() - before, 2, "frames 1..4 and 5..7: one punch each");
+        assert!(pool.is_hole(1, 3).unwrap() && pool.is_hole(5, 2).unwrap());
+        assert!(!pool.is_hole(0, 1).unwrap() && !pool.is_hole(4, 1).unwrap() && !pool.is_hole(7, 1).unwrap());
+        // The rest empties the 2 MiB frame: one punch of all of it.
+        let before = pool.punch_calls();
+        pool.free_frames(&mut [7, 0, 4]).unwrap();
+        assert_eq!(pool.punch_calls() - before, 1);
+        assert_eq!(pool.huge_frames_returned(), 1);
+        assert!(pool.is_hole(0, u64::from(HUGE_FRAME_PAGES)).unwrap());
+        // A double free fails, changing nothing else.
+        assert!(pool.free_frames(&mut [3]).is_err());
     }
 }

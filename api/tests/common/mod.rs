@@ -78,6 +78,7 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
                 resident_pages: 100,
                 merged_pages: 40,
                 zero_pages: 10,
+                vma_count: 5,
                 cow_copies: 3,
                 cow_reuses: 2,
             }))

@@ -66,9 +66,17 @@ impl Scanner {
             }
             k += 1;
         }
-        // Passive compaction: keep the frames whose 2 MiB host frames are fuller.
+        // Which side keeps its frames: the one whose moving side then extends a
+        // neighbouring mapping (adjacent guest pages on adjacent frames coalesce
+        // into one VMA); otherwise passive compaction: keep the frames whose
+        // 2 MiB host frames are fuller.
         let mine_contiguous = (0..k).all(|i| cands[i].frame == c.frame + i as u32);
-        let flip = mine_contiguous && occupancy(t.st, c.frame, k) > occupancy(t.st, u.frame, k);
+        let k32 = k as u32;
+        let flip = match (joins(t.st, me, u.frame, k32), mine_contiguous && joins(t.st, u.mapper, c.frame, k32)) {
+            (false, true) => true,
+            (true, _) => false,
+            (false, false) => mine_contiguous && occupancy(t.st, c.frame, k) > occupancy(t.st, u.frame, k),
+        };
         let ok = if flip {
             self.share(t, u.mapper.vm, u.mapper.page, c.frame, k as u32, max)?
         } else {
@@ -154,6 +162,18 @@ fn valid_unstable(st: &State, domain: DomainId, u: &Entry, me: Mapper) -> bool {
         && st.frames().refs(u.frame) == 1
         && !e.flags.contains(PageFlags::SHARED)
         && !e.flags.contains(PageFlags::ZERO)
+}
+
+/// Whether mapping pages `m..m+n` onto frames `first..first+n` makes them
+/// continue the mapping of a guest neighbour: page `m - 1` maps `first - 1` or
+/// page `m + n` maps `first + n` (the kernel then merges the two VMAs).
+fn joins(st: &State, m: Mapper, first: FrameNo, n: u32) -> bool {
+    let Some(table) = st.table(m.vm) else {
+        return false;
+    };
+    let before = m.page.checked_sub(1).zip(first.checked_sub(1));
+    let after = m.page.checked_add(n).zip(first.checked_add(n));
+    [before, after].into_iter().flatten().any(|(page, frame)| table.get(page).is_some_and(|e| e.frame == frame))
 }
 
 /// Live frames in the 2 MiB host frames of frames `first..first+n`, summed per page.

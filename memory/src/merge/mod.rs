@@ -226,6 +226,7 @@ impl Merger {
                 guest_pages: u64::from(table.len()),
                 merged_pages,
                 zero_pages: table.merged_zero_count() as u64,
+                vma_count: table.vma_count() as u64,
                 cow_copies,
                 cow_reuses,
                 ..VmMergeStats::default()

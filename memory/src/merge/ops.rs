@@ -6,7 +6,8 @@
 //!   one `mmap` per contiguous matching stretch (clones of one image end as few
 //!   VMAs, not one per page);
 //! - [`zero_run`]: drop the host memory of zero pages (verified zero under
-//!   write protection), leaving them protected.
+//!   write protection), leaving them protected, with one punch per run of
+//!   consecutive frames and one protection ioctl per run of consecutive pages.
 //!
 //! (Giving pages private frames again is the core's `Txn::unshare_range`.)
 
@@ -153,26 +154,29 @@ pub(crate) fn zero_run(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<Vec<b
         return Ok(ok);
     }
     let newly = t.protect_group(&cands)?;
-    let mut zeroed = Vec::with_capacity(cands.len());
+    // Zero pages in page order (`pages` is sorted), and their frames.
+    let mut mappers = Vec::with_capacity(cands.len());
+    let mut frames = Vec::with_capacity(cands.len());
     for (i, &p) in pages.iter().enumerate() {
         if ok[i] {
             let frame = t.entry(Mapper { vm, page: p })?.frame;
             ok[i] = t.st.pool().frame_is_zero(frame)?;
             if ok[i] {
-                zeroed.push((Mapper { vm, page: p }, frame));
+                mappers.push(Mapper { vm, page: p });
+                frames.push(frame);
             }
         }
     }
+    mappers.sort_unstable(); // already sorted when `pages` is: for the searches below
     for m in newly {
-        if !zeroed.iter().any(|&(z, _)| z == m) {
+        if mappers.binary_search(&m).is_err() {
             t.unprotect_page(m)?;
         }
     }
-    for &(_, frame) in &zeroed {
-        t.st.pool().punch(frame, 1)?;
-    }
+    // One punch per run of consecutive frames (a VM's pages usually map
+    // consecutive frames, so a run of zero pages is one punch).
+    t.st.pool().punch_frames(&mut frames)?;
     // Protection must hold after the punch zapped the page tables.
-    let mappers: Vec<Mapper> = zeroed.iter().map(|&(m, _)| m).collect();
     for &m in &mappers {
         let flags = t.entry(m)?.flags.without(PageFlags::PROTECTED);
         t.set_flags(m, flags)?;

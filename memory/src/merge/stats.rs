@@ -102,6 +102,8 @@ pub struct VmMergeStats {
     pub merged_pages: u64,
     /// Guest pages whose zero content was dropped by the merger.
     pub zero_pages: u64,
+    /// Host mappings (VMAs) of its guest memory: runs of consecutive frames.
+    pub vma_count: u64,
     /// Write faults resolved by copying a shared frame.
     pub cow_copies: u64,
     /// Write faults resolved by taking a merged frame over in place.

@@ -2,9 +2,11 @@
 //!
 //! With `merge_zero_pages` the merger does not share a zero frame (every
 //! scattered remapped page would cost a VMA): it drops the page's host memory
-//! (punches its frame) and keeps it write-protected, so it reads as zero at no
-//! cost and its first write is seen. Such pages are counted as `zero_pages`
-//! (KSM's `ksm_zero_pages`) and, sharing nothing, are allowed in every domain.
+//! (punches its frame, one punch per run of consecutive frames) and keeps it
+//! write-protected, so it reads as zero and its first write is seen. A read
+//! does fault host memory back in (shmem maps no shared zero page: see
+//! docs/MERGE_COST.md). Such pages are counted as `zero_pages` (KSM's
+//! `ksm_zero_pages`) and, sharing nothing, are allowed in every domain.
 
 use std::sync::OnceLock;
 
