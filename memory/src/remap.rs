@@ -4,7 +4,7 @@
 //! shared frame or be lost.
 //!
 //! Every remap starts with the guest page write-protected (callers use
-//! [`RemapProtocol::protect`] before comparing or copying through the alias), so
+//! [`RemapProtocol::protect`] before comparing or copying), so
 //! writers block in the userfaultfd handler until the manager's lock is free.
 //! Then one of two endings:
 //!
@@ -22,6 +22,17 @@
 //!   `KVM_RUN` (the vCPU loop re-enters), a syscall writing the page gets
 //!   `EFAULT` (callers retry), and a host thread's store gets SIGSEGV, which
 //!   [`crate::write_retry`] turns into a wait-and-retry.
+//!
+//! Batched forms for many ranges under one hold of the manager's lock (the
+//! merger's runs, compaction's runs): [`RemapProtocol::map_read_only`] (the
+//! first half of `remap_protected`) and [`RemapProtocol::map_private`]
+//! (`remap_private` with its registration deferred), then one
+//! [`RemapProtocol::finish`] that registers each VM's span once, write-protects
+//! the read-only ranges and makes them writable with one `mprotect`. Deferring a
+//! private range's registration is safe for the same reason `remap_private` is:
+//! its frame is the page's alone and already final, so a write before the
+//! registration lands where it belongs; the caller only must not try to
+//! write-protect the range before `finish` (nothing in the same lock hold does).
 //!
 //! Why not the alternative without a read-only instant (prepare the mapping at
 //! a scratch address, registered and protected, and `mremap` it into place with

@@ -3,8 +3,13 @@
 //! frames in batches, each batch one hold of the manager's lock (one `Txn`),
 //! released between batches so that waiting write faults are served.
 //!
-//! Every migration is `core::page_ops::migrate_frame`: the remap protocol's migration of a
-//! frame and every guest page mapping it, in one protected step. Because the
+//! A run of moves of private frames (one mapper each) backing consecutive guest
+//! pages of one VM into consecutive targets moves in one step with
+//! `core::page_ops::migrate_run` (one protect, copy and `mmap` per stretch,
+//! registration and protection batched per VM until the batch's `Txn` drops);
+//! any other frame (shared) with `core::page_ops::migrate_frame`, the remap
+//! protocol's migration of a frame and every guest page mapping it, in one
+//! protected step. Because the
 //! lock is released between batches, each planned move is checked again when
 //! its batch runs: a frame freed meanwhile is passed over, a target slot taken
 //! meanwhile is counted as `no_target` (the frame stays where it is).
