@@ -144,6 +144,7 @@ fn densevm_side(host: &mut Host, p: &Params, i: u32, nums: &mut RepNumbers) -> R
         pro.holds.count,
     );
     nums.densevm_pages_per_s = pass.pages_per_s;
+    nums.densevm_pages_per_cpu_s = pass.cpu_s.filter(|&c| c > 0.0).map(|c| pass.report.pages_migrated as f64 / c);
     nums.fraction_returned = pass.fraction_returned;
     nums.frames_over_ideal = Some(pass.frames_over_ideal as f64);
     nums.pass_pace = pass.guest_pace;

@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 pub struct RepNumbers {
     /// densevm's on-demand pass, pages migrated per second.
     pub densevm_pages_per_s: Option<f64>,
+    /// densevm's on-demand pass, pages migrated per CPU second of its thread
+    /// (less sensitive to a busy host than the wall-clock rate).
+    pub densevm_pages_per_cpu_s: Option<f64>,
     /// The kernel's compaction, pages migrated per second (machine-wide).
     pub kernel_pages_per_s: Option<f64>,
     /// The kernel's compaction, pages of its own region moved per second.
@@ -81,8 +84,14 @@ fn say(met: Option<bool>) -> &'static str {
 /// Prints the spreads and the targets; returns them as JSON.
 pub fn summarize(reps: &[RepNumbers]) -> Value {
     type Metric = (&'static str, &'static str, fn(&RepNumbers) -> Option<f64>, usize);
-    let metrics: [Metric; 13] = [
+    let metrics: [Metric; 14] = [
         ("densevm_pages_per_s", "densevm pages migrated/s (full-rate pass)", |r| r.densevm_pages_per_s, 0),
+        (
+            "densevm_pages_per_cpu_s",
+            "densevm pages migrated per CPU second of the pass",
+            |r| r.densevm_pages_per_cpu_s,
+            0,
+        ),
         ("kernel_pages_per_s", "kernel pages migrated/s (compact_memory, machine-wide)", |r| r.kernel_pages_per_s, 0),
         ("ratio_densevm_to_kernel", "ratio densevm / kernel (machine-wide)", RepNumbers::ratio, 2),
         ("kernel_region_pages_per_s", "kernel pages of its own region moved/s", |r| r.kernel_region_pages_per_s, 0),
