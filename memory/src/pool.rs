@@ -49,6 +49,9 @@ pub enum Error {
     /// A frame number is outside the pool.
     #[error("frame {0} outside the pool")]
     OutOfRange(FrameNo),
+    /// Writing frames through the memfd failed.
+    #[error("writing frames from {0} through the memfd: {1}")]
+    Write(FrameNo, io::Error),
 }
 
 /// Result type of this module.
@@ -268,13 +271,45 @@ impl FramePool {
         sys::is_hole(self.fd(), Self::offset_of(frame), count * PAGE_SIZE as u64)
     }
 
-    /// Copies frame `src` to frame `dst` through the alias.
+    /// Copies frame `src` to frame `dst`: read through the alias, written with
+    /// [`FramePool::write_frames`] (no alias mapping of `dst` is left behind).
     pub fn copy_frame(&self, src: FrameNo, dst: FrameNo) -> Result<()> {
-        let (s, d) = (self.alias_addr(src)?, self.alias_addr(dst)?);
-        if s != d {
-            // SAFETY: both are distinct whole frames inside the alias mapping,
-            // which lives as long as `self`.
-            unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, PAGE_SIZE) };
+        if src == dst {
+            return Ok(());
+        }
+        let bytes = self.frame_bytes(src)?;
+        self.write_frames(dst, bytes)
+    }
+
+    /// Writes `data` (whole frames) into the frames from `dst` with `pwrite` on
+    /// the memfd, not through the alias: a store through the alias would leave
+    /// a page-table entry for every written frame there, and shared memory
+    /// mapped twice (alias and guest view) counts twice in the process's RSS
+    /// until the frame is punched. `data` must not lie in the frames written.
+    pub fn write_frames(&self, dst: FrameNo, data: &[u8]) -> Result<()> {
+        let end = Self::offset_of(dst).checked_add(data.len() as u64);
+        if !data.len().is_multiple_of(PAGE_SIZE) || end.is_none_or(|end| end > self.capacity) {
+            return Err(Error::OutOfRange(dst));
+        }
+        let mut done = 0;
+        while done < data.len() {
+            let rest = &data[done..];
+            let offset = Self::offset_of(dst) + done as u64;
+            // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes; pwrite
+            // only reads it and writes the memfd's pages at `offset` (checked above
+            // to lie inside the pool).
+            let n = unsafe { libc::pwrite(self.fd(), rest.as_ptr().cast(), rest.len(), offset as libc::off_t) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Write(dst, err));
+            }
+            if n == 0 {
+                return Err(Error::Write(dst, io::ErrorKind::WriteZero.into()));
+            }
+            done += n as usize;
         }
         Ok(())
     }

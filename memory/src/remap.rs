@@ -4,7 +4,7 @@
 //! shared frame or be lost.
 //!
 //! Every remap starts with the guest page write-protected (callers use
-//! [`RemapProtocol::protect`] before comparing or copying through the alias), so
+//! [`RemapProtocol::protect`] before comparing or copying), so
 //! writers block in the userfaultfd handler until the manager's lock is free.
 //! Then one of two endings:
 //!
@@ -22,6 +22,17 @@
 //!   `KVM_RUN` (the vCPU loop re-enters), a syscall writing the page gets
 //!   `EFAULT` (callers retry), and a host thread's store gets SIGSEGV, which
 //!   [`crate::write_retry`] turns into a wait-and-retry.
+//!
+//! Batched forms for many ranges under one hold of the manager's lock (the
+//! merger's runs, compaction's runs): [`RemapProtocol::map_read_only`] (the
+//! first half of `remap_protected`) and [`RemapProtocol::map_private`]
+//! (`remap_private` with its registration deferred), then one
+//! [`RemapProtocol::finish`] that registers each VM's span once, write-protects
+//! the read-only ranges and makes them writable with one `mprotect`. Deferring a
+//! private range's registration is safe for the same reason `remap_private` is:
+//! its frame is the page's alone and already final, so a write before the
+//! registration lands where it belongs; the caller only must not try to
+//! write-protect the range before `finish` (nothing in the same lock hold does).
 //!
 //! Why not the alternative without a read-only instant (prepare the mapping at
 //! a scratch address, registered and protected, and `mremap` it into place with
@@ -66,19 +77,27 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// range) and the in-flight slots of [`crate::write_retry`] taken.
 pub const MAX_PENDING_RANGES: usize = 16;
 
-/// One range mapped read-only and waiting for [`RemapProtocol::finish`].
+/// Most ranges of any kind waiting in one [`PendingRemaps`] (private ranges
+/// have no read-only instant; this bounds the batch's bookkeeping only).
+pub const MAX_PENDING_ALL: usize = 128;
+
+/// One range remapped and waiting for [`RemapProtocol::finish`].
 struct PendingRange {
     group: u64,
     addr: usize,
     len: usize,
-    _in_flight: InFlight,
+    /// Mapped read-only (to end write-protected); `None`: mapped read-write,
+    /// private, only its registration is pending.
+    in_flight: Option<InFlight>,
 }
 
-/// Guest ranges mapped read-only, waiting for registration and protection
-/// (see [`RemapProtocol::map_read_only`]).
+/// Guest ranges remapped and waiting for registration (and, for the
+/// read-only ones, protection; see [`RemapProtocol::map_read_only`] and
+/// [`RemapProtocol::map_private`]).
 #[derive(Default)]
 pub struct PendingRemaps {
     ranges: Vec<PendingRange>,
+    read_only: usize,
 }
 
 impl PendingRemaps {
@@ -89,7 +108,7 @@ impl PendingRemaps {
 
     /// Whether the batch must be finished before another range is added.
     pub fn is_full(&self) -> bool {
-        self.ranges.len() >= MAX_PENDING_RANGES
+        self.read_only >= MAX_PENDING_RANGES || self.ranges.len() >= MAX_PENDING_ALL
     }
 }
 
@@ -180,7 +199,37 @@ impl<'a> RemapProtocol<'a> {
         unsafe { sys::map_shared_fixed(addr, self.memfd, offset, len, libc::PROT_READ) }
             .map_err(|e| Error::Map(frame, addr, e))?;
         self.advise(addr, len);
-        pending.ranges.push(PendingRange { group, addr, len, _in_flight: in_flight });
+        pending.ranges.push(PendingRange { group, addr, len, in_flight: Some(in_flight) });
+        pending.read_only += 1;
+        Ok(())
+    }
+
+    /// [`RemapProtocol::remap_private`] with the registration deferred to
+    /// [`RemapProtocol::finish`] (one registration per group for the whole
+    /// batch): maps `len` bytes of frames from `frame` at `addr` read-write now.
+    /// Until the registration a write lands in the new frames (which already
+    /// hold the final content, as with `remap_private`) and the range cannot be
+    /// write-protected; callers change nothing else in the range before
+    /// [`RemapProtocol::finish`], which runs before the manager's lock is released.
+    ///
+    /// # Safety
+    ///
+    /// As [`RemapProtocol::remap_private`].
+    pub unsafe fn map_private(
+        &self,
+        pending: &mut PendingRemaps,
+        group: u64,
+        addr: usize,
+        len: usize,
+        frame: FrameNo,
+    ) -> Result<()> {
+        let offset = FramePool::offset_of(frame);
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: the caller owns the range (function contract).
+        unsafe { sys::map_shared_fixed(addr, self.memfd, offset, len, prot) }
+            .map_err(|e| Error::Map(frame, addr, e))?;
+        self.advise(addr, len);
+        pending.ranges.push(PendingRange { group, addr, len, in_flight: None });
         Ok(())
     }
 
@@ -190,6 +239,7 @@ impl<'a> RemapProtocol<'a> {
     /// none reaches the frame) and the first error is returned.
     pub fn finish(&self, pending: &mut PendingRemaps) -> Result<()> {
         let mut ranges = std::mem::take(&mut pending.ranges);
+        pending.read_only = 0;
         ranges.sort_unstable_by_key(|r| (r.group, r.addr));
         let mut first_error = None;
         for group in ranges.chunk_by(|a, b| a.group == b.group) {
@@ -211,14 +261,21 @@ impl<'a> RemapProtocol<'a> {
         };
         // Ranges already registered in the span are left as they are.
         self.uffd.register_wp(start, end - start)?;
-        let protected: Vec<Result<()>> =
-            group.iter().map(|r| self.uffd.write_protect(r.addr, r.len, true, false).map_err(Error::from)).collect();
+        let read_only: Vec<&PendingRange> = group.iter().filter(|r| r.in_flight.is_some()).collect();
+        if read_only.is_empty() {
+            return Ok(());
+        }
+        let protected: Vec<Result<()>> = read_only
+            .iter()
+            .map(|r| self.uffd.write_protect(r.addr, r.len, true, false).map_err(Error::from))
+            .collect();
         if protected.iter().all(Result::is_ok) {
-            // Pages of the span outside the ranges are read-write already.
-            return writable(start, end - start);
+            // Pages of the span outside the read-only ranges are read-write already.
+            let (first, last) = (read_only[0].addr, read_only.iter().map(|r| r.addr + r.len).max().unwrap_or(start));
+            return writable(first, last - first);
         }
         let mut first_error = None;
-        for (r, p) in group.iter().zip(protected) {
+        for (r, p) in read_only.iter().zip(protected) {
             if let Err(e) = p.and_then(|()| writable(r.addr, r.len)) {
                 first_error.get_or_insert(e);
             }

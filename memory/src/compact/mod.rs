@@ -7,8 +7,10 @@
 //!   buddy order; a pass ends at `ceil(live / 512)` 2 MiB frames in use.
 //! - Migration (`pass.rs`): each frame moves with the remap protocol's
 //!   migration (every guest page mapping it is remapped in one protected step
-//!   under the manager's lock), [`pass::BATCH`] frames per lock hold; a 2 MiB
-//!   frame whose last frame leaves is freed and punched by the pool.
+//!   under the manager's lock), runs of private frames of consecutive guest
+//!   pages as one step with one system call per stretch, [`pass::BATCH`]
+//!   frames per lock hold; a 2 MiB frame whose last frame leaves is freed and
+//!   punched by the pool.
 //! - Triggers: [`crate::MemoryManager::compact`] (on demand, full rate), and a
 //!   background thread (`densevm-compact`) that runs a rate-limited pass when
 //!   the fragmentation exceeds `proactiveness` ([`CompactionTunables`]).

@@ -3,8 +3,13 @@
 //! frames in batches, each batch one hold of the manager's lock (one `Txn`),
 //! released between batches so that waiting write faults are served.
 //!
-//! Every migration is `core::page_ops::migrate_frame`: the remap protocol's migration of a
-//! frame and every guest page mapping it, in one protected step. Because the
+//! A run of moves of private frames (one mapper each) backing consecutive guest
+//! pages of one VM into consecutive targets moves in one step with
+//! `core::page_ops::migrate_run` (one protect, copy and `mmap` per stretch,
+//! registration and protection batched per VM until the batch's `Txn` drops);
+//! any other frame (shared) with `core::page_ops::migrate_frame`, the remap
+//! protocol's migration of a frame and every guest page mapping it, in one
+//! protected step. Because the
 //! lock is released between batches, each planned move is checked again when
 //! its batch runs: a frame freed meanwhile is passed over, a target slot taken
 //! meanwhile is counted as `no_target` (the frame stays where it is).
@@ -14,12 +19,21 @@ use std::time::{Duration, Instant};
 use super::plan::{self, FreeLists, HugeFrameUse};
 use super::stats::{CompactionFailures, CompactionReport};
 use crate::core::error::Error;
-use crate::core::page_ops::migrate_frame;
+use crate::core::page_ops::{migrate_frame, migrate_run};
 use crate::core::{Core, State, Txn};
-use crate::{FrameNo, HUGE_FRAME_PAGES};
+use crate::frame_table::Mapper;
+use crate::{FrameNo, VmId, HUGE_FRAME_PAGES};
 
 /// Most frames migrated in one hold of the manager's lock.
 pub const BATCH: usize = 64;
+
+/// Least time a batch holds the lock before it ends early for a waiting write
+/// fault. A bound in time, not in frames: about what 8 single-frame migrations
+/// held the lock before runs moved in one step (so a waiting fault waits no
+/// longer than it did then), and the pass moves more frames per lock handoff
+/// (each handoff ends in `Core::yield_to_faults`, which under a busy host costs
+/// far more than a migration).
+pub const FAULT_HOLD: Duration = Duration::from_micros(250);
 
 /// How a pass runs.
 pub(crate) struct PassLimits<'a> {
@@ -103,17 +117,39 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
     while next < plan.moves.len() && !(limits.interrupted)() {
         let (done, migrated, returned) = {
             let mut guard = core.lock();
+            let held = Instant::now();
             let returned_before = guard.pool().huge_frames_returned();
             let mut txn = Txn::new(&mut guard, core.remap());
             let mut done = 0;
             let mut migrated = 0;
+            let mut run: Option<Run> = None;
             for &(from, to) in &plan.moves[next..(next + batch).min(plan.moves.len())] {
                 done += 1;
                 let to = target(&txn, to, &mut plan.spare);
-                migrated += u64::from(move_one(&mut txn, from, to, &mut report.failures));
-                if core.faults_waiting() && done >= 8 {
+                match private_mapper(&txn, from, to) {
+                    Some(m) if run.as_ref().is_some_and(|r| r.extends(m, from, to)) => {
+                        if let Some(r) = run.as_mut() {
+                            r.n += 1;
+                        }
+                    }
+                    Some(m) => {
+                        if let Some(r) = run.replace(Run { vm: m.vm, page: m.page, from, to, n: 1 }) {
+                            migrated += r.migrate(&mut txn, &mut report.failures);
+                        }
+                    }
+                    None => {
+                        if let Some(r) = run.take() {
+                            migrated += r.migrate(&mut txn, &mut report.failures);
+                        }
+                        migrated += u64::from(move_one(&mut txn, from, to, &mut report.failures));
+                    }
+                }
+                if core.faults_waiting() && held.elapsed() >= FAULT_HOLD {
                     break;
                 }
+            }
+            if let Some(r) = run.take() {
+                migrated += r.migrate(&mut txn, &mut report.failures);
             }
             drop(txn);
             (done, migrated, guard.pool().huge_frames_returned() - returned_before)
@@ -147,6 +183,54 @@ fn target(t: &Txn<'_>, to: FrameNo, spare: &mut FreeLists) -> FrameNo {
     to
 }
 
+/// A run of planned moves: frames `from..from+n`, privately mapped by pages
+/// `page..page+n` of `vm`, to the free frames `to..to+n`.
+struct Run {
+    vm: VmId,
+    page: u32,
+    from: FrameNo,
+    to: FrameNo,
+    n: u32,
+}
+
+impl Run {
+    /// Whether the move of `from` (mapped by `m` alone) to `to` continues the run.
+    fn extends(&self, m: Mapper, from: FrameNo, to: FrameNo) -> bool {
+        let n = self.n;
+        m.vm == self.vm && m.page == self.page + n && from == self.from + n && to == self.to + n
+    }
+
+    /// Migrates the run; returns the frames moved, counting failures by reason.
+    fn migrate(self, t: &mut Txn<'_>, failures: &mut CompactionFailures) -> u64 {
+        let out = migrate_run(t, self.vm, self.page, self.from, self.to, self.n);
+        if let Some(e) = out.error {
+            let stayed = u64::from(self.n - out.moved);
+            count_failure(&e, stayed, failures);
+            tracing::debug!("compaction: frames {}..+{} stay: {e}", self.from + out.moved, stayed);
+        }
+        u64::from(out.moved)
+    }
+}
+
+/// The only mapper of `from` if it is a private frame (one mapper) and `to` is
+/// still free: such a move can join a run.
+fn private_mapper(t: &Txn<'_>, from: FrameNo, to: FrameNo) -> Option<Mapper> {
+    if t.st.frames().refs(from) != 1 || !t.st.pool().buddy().is_free(to) {
+        return None;
+    }
+    t.st.frames().first_mapper(from)
+}
+
+/// Counts `n` frames that stayed because of `e` (a frame freed meanwhile is no failure).
+fn count_failure(e: &Error, n: u64, failures: &mut CompactionFailures) {
+    match e {
+        Error::VmaBudget => failures.vma_budget += n,
+        Error::Pool(_) => failures.no_target += n,
+        Error::FrameNotLive(_) => {}
+        _ => failures.remap_failed += n,
+    }
+}
+
 /// Migrates `from` to `to` if both are still what the plan saw; returns
 /// whether it moved, counting a failure by reason.
 fn move_one(t: &mut Txn<'_>, from: FrameNo, to: FrameNo, failures: &mut CompactionFailures) -> bool {
@@ -161,12 +245,7 @@ fn move_one(t: &mut Txn<'_>, from: FrameNo, to: FrameNo, failures: &mut Compacti
     match migrate_frame(t, from, Some(to)) {
         Ok(_) => true,
         Err(e) => {
-            match e {
-                Error::VmaBudget => failures.vma_budget += 1,
-                Error::Pool(_) => failures.no_target += 1,
-                Error::FrameNotLive(_) => return false,
-                _ => failures.remap_failed += 1,
-            }
+            count_failure(&e, 1, failures);
             tracing::debug!("compaction: frame {from} stays: {e}");
             false
         }

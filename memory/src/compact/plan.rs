@@ -130,6 +130,10 @@ fn place_run(
 ) {
     let mut done = 0;
     while done < len {
+        if let Some(target) = lists.take_run(len - done) {
+            moves.extend((0..len - done).map(|i| (first + done + i, target + i)));
+            return;
+        }
         let mut order = (31 - (len - done).leading_zeros()).min(u32::from(MAX_ORDER)) as u8;
         let block = loop {
             if let Some(b) = lists.take(order) {
@@ -176,10 +180,34 @@ impl FreeLists {
         self.lists.iter().enumerate().map(|(k, l)| (l.len() as u64) << k).sum()
     }
 
-    /// Takes a block of exactly `2^order` frames: a listed block of that order,
-    /// else the lower part of the smallest larger one (its other parts go back
-    /// to the lists at their orders). Returns its first frame.
-    pub fn take(&mut self, order: u8) -> Option<FrameNo> {
+    /// Takes the first `len` frames (not a power of two, at most 512) of a
+    /// listed block of the smallest order that holds them, only if one exists
+    /// at exactly that order (no larger block is split for it); the rest of the
+    /// block goes back to the lists as aligned blocks. Keeps a run that does
+    /// not fill a power-of-two block in one piece: one remap instead of one
+    /// per power-of-two chunk.
+    pub fn take_run(&mut self, len: u32) -> Option<FrameNo> {
+        if len < 2 || len.is_power_of_two() {
+            return None;
+        }
+        let order = u8::try_from(32 - (len - 1).leading_zeros()).ok().filter(|&k| k <= MAX_ORDER)?;
+        self.sort();
+        let (free, first) = self.lists[order as usize].pop()?;
+        let size = 1u32 << order;
+        let mut at = len;
+        while at < size {
+            // The largest aligned block starting at `at` inside the block.
+            let j = at.trailing_zeros().min(31 - (size - at).leading_zeros());
+            let list = &mut self.lists[j as usize];
+            let entry = (free, first + at);
+            let pos = list.partition_point(|e| *e > entry);
+            list.insert(pos, entry);
+            at += 1 << j;
+        }
+        Some(first)
+    }
+
+    fn sort(&mut self) {
         if !self.sorted {
             for list in &mut self.lists {
                 // Fullest first = smallest free count popped last.
@@ -187,6 +215,13 @@ impl FreeLists {
             }
             self.sorted = true;
         }
+    }
+
+    /// Takes a block of exactly `2^order` frames: a listed block of that order,
+    /// else the lower part of the smallest larger one (its other parts go back
+    /// to the lists at their orders). Returns its first frame.
+    pub fn take(&mut self, order: u8) -> Option<FrameNo> {
+        self.sort();
         let k = (order..=MAX_ORDER).find(|&k| !self.lists[k as usize].is_empty())?;
         let (free, first) = self.lists[k as usize].pop()?;
         // Split down to `order`, returning the upper halves.
@@ -217,6 +252,27 @@ mod tests {
         assert_eq!(plan.moves, vec![(512, 508), (513, 509), (514, 510), (515, 511)]);
         assert!(plan.unplaced.is_empty());
         assert_eq!((plan.in_use, plan.ideal), (2, 1));
+    }
+
+    #[test]
+    fn a_run_of_three_takes_one_order_2_block() {
+        let mut lists = FreeLists::default();
+        lists.push(4, 4, 2);
+        lists.push(4, 16, 1);
+        lists.push(4, 20, 0);
+        assert_eq!(lists.take_run(3), Some(4));
+        // The block's last frame is back at order 0.
+        assert_eq!(lists.free_frames(), 4);
+        assert_eq!(lists.take_run(3), None);
+        let mut moves = Vec::new();
+        let mut unplaced = Vec::new();
+        let mut lists = FreeLists::default();
+        lists.push(8, 8, 3);
+        place_run(&mut lists, 100, 5, &mut moves, &mut unplaced);
+        assert_eq!(moves, (0..5).map(|i| (100 + i, 8 + i)).collect::<Vec<_>>());
+        assert_eq!(lists.take(1), Some(14));
+        assert_eq!(lists.take(0), Some(13));
+        assert_eq!(lists.free_frames(), 0);
     }
 
     #[test]

@@ -301,3 +301,171 @@ fn undo_protection(t: &mut Txn<'_>, mappers: &[Mapper], was_protected: &[bool], 
         }
     }
 }
+
+/// What [`migrate_run`] did.
+#[derive(Debug)]
+pub(crate) struct RunOutcome {
+    /// Frames moved (the first `moved` of the run).
+    pub(crate) moved: u32,
+    /// Why the rest stayed (`None`: the whole run moved).
+    pub(crate) error: Option<Error>,
+}
+
+/// Moves the private frames `old..old+n`, mapped by pages `page..page+n` of
+/// `vm` in order (each frame's only mapper), to the free frames `new..new+n`,
+/// in one step of transaction `t`, with one system call per stretch instead of
+/// several per page:
+///
+/// 1. write-protect the pages not yet protected (one ioctl per run of them);
+/// 2. copy every stretch of pages not flagged `ZERO` with one `pwrite` into the
+///    memfd, read through the guest view (no alias mapping is left behind);
+/// 3. map each stretch of equal protection with one `mmap`: the pages that
+///    were protected read-only ([`crate::remap::RemapProtocol::map_read_only`]),
+///    the others read-write ([`crate::remap::RemapProtocol::map_private`]);
+///    their registration, protection and `mprotect` are batched in `t.pending`
+///    and finished per VM before the lock is released;
+/// 4. repoint the pages and free the old frames (one punch per run of them).
+///
+/// Why it is safe: as [`migrate_frame`] for each page. Every page is
+/// write-protected before the copy, so no write is lost; a new mapping is
+/// read-only until registered and protected, or read-write onto a private
+/// frame that already holds the final content; the old frames are punched
+/// only after no page maps them. On failure the pages from the failed stretch
+/// on stay on their old frames, writable again if they were.
+pub(crate) fn migrate_run(t: &mut Txn<'_>, vm: VmId, page: u32, old: FrameNo, new: FrameNo, n: u32) -> RunOutcome {
+    let mut moved = 0;
+    let error = migrate_run_inner(t, vm, page, old, new, n, &mut moved).err();
+    RunOutcome { moved, error }
+}
+
+fn migrate_run_inner(
+    t: &mut Txn<'_>,
+    vm: VmId,
+    page: u32,
+    old: FrameNo,
+    new: FrameNo,
+    n: u32,
+    moved: &mut u32,
+) -> Result<()> {
+    let mappers: Vec<Mapper> = (0..n).map(|i| Mapper { vm, page: page + i }).collect();
+    let mut entries = Vec::with_capacity(n as usize);
+    for (i, &m) in mappers.iter().enumerate() {
+        let e = t.entry(m)?;
+        if e.frame != old + i as u32 || t.st.frames().refs(e.frame) != 1 {
+            return Err(Error::FrameNotLive(old + i as u32));
+        }
+        entries.push(e);
+    }
+    let was_protected: Vec<bool> = entries.iter().map(|e| e.flags.contains(PageFlags::PROTECTED)).collect();
+    let stretches = equal_stretches(&was_protected);
+    if !t.st.admit_vmas(t.st.frames().shared_mappings(), 2 * stretches.len()) {
+        return Err(Error::VmaBudget);
+    }
+    for i in 0..n {
+        if let Err(e) = t.st.alloc_specific(new + i) {
+            free_new(t, new, i);
+            return Err(e);
+        }
+    }
+    if let Err(e) = t.protect_group(&mappers) {
+        undo_run_protection(t, &mappers, &was_protected, old);
+        free_new(t, new, n);
+        return Err(e);
+    }
+    let zero: Vec<bool> = entries.iter().map(|e| e.flags.contains(PageFlags::ZERO)).collect();
+    for (s, e) in equal_stretches(&zero) {
+        if zero[s] {
+            continue;
+        }
+        let copied = t.addr(mappers[s]).and_then(|addr| {
+            // SAFETY: pages `s..e` of the VM are consecutive in its host range, mapped
+            // for as long as the VM is registered, which the held lock guarantees;
+            // they are write-protected, so the bytes are stable while read.
+            let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, (e - s) * PAGE_SIZE) };
+            Ok(t.st.pool().write_frames(new + s as u32, bytes)?)
+        });
+        if let Err(err) = copied {
+            undo_run_protection(t, &mappers, &was_protected, old);
+            free_new(t, new, n);
+            return Err(err);
+        }
+    }
+    let mut to_free = Vec::with_capacity(n as usize);
+    for (s, e) in stretches {
+        if t.pending.is_full() {
+            if let Err(err) = t.finish_remaps() {
+                t.st.count(Counter::RemapError);
+                tracing::error!("finishing batched remaps: {err}");
+            }
+        }
+        let addr = t.addr(mappers[s])?;
+        let (len, frame) = ((e - s) * PAGE_SIZE, new + s as u32);
+        let group = u64::from(vm);
+        let remapped = if was_protected[s] {
+            // SAFETY: `addr..addr+len` are pages of a guest range this manager owns,
+            // write-protected above (held under the lock); the range is finished
+            // before the lock is released (`Txn` drop or `Txn::finish_remaps`).
+            unsafe { t.remap.map_read_only(&mut t.pending, group, addr, len, frame) }
+        } else {
+            // SAFETY: as above; in addition the new frames were allocated for these
+            // pages alone and hold their final content (copied above).
+            unsafe { t.remap.map_private(&mut t.pending, group, addr, len, frame) }
+        };
+        if let Err(err) = remapped {
+            if matches!(err, crate::remap::Error::Map(..)) {
+                // The old mappings of this stretch and the later ones are still in place.
+                undo_run_protection(t, &mappers[s..], &was_protected[s..], old + s as u32);
+                t.st.free_unmapped_frames(&mut to_free)?;
+                free_new(t, new + s as u32, n - s as u32);
+                return Err(err.into());
+            }
+            t.st.count(Counter::RemapError);
+            tracing::error!("remap of vm {vm} pages {}..{} incomplete: {err}", page + s as u32, page + e as u32);
+        }
+        for i in s..e {
+            let flags = if was_protected[i] {
+                entries[i].flags.with(PageFlags::PROTECTED)
+            } else {
+                entries[i].flags.without(PageFlags::PROTECTED)
+            };
+            to_free.extend(t.st.repoint(mappers[i], new + i as u32, flags)?);
+            t.st.count(Counter::Migration);
+            *moved += 1;
+        }
+    }
+    t.st.free_unmapped_frames(&mut to_free)
+}
+
+/// Maximal stretches `(start, end)` of equal values in `v`.
+fn equal_stretches(v: &[bool]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, &b) in v.iter().enumerate() {
+        match out.last_mut() {
+            Some((s, e)) if v[*s] == b => *e = i + 1,
+            _ => out.push((i, i + 1)),
+        }
+    }
+    out
+}
+
+/// Returns the `count` frames from `first` (allocated for a run, mapped by no page) to the pool.
+fn free_new(t: &mut Txn<'_>, first: FrameNo, count: u32) {
+    let mut frames: Vec<FrameNo> = (first..first + count).collect();
+    if let Err(e) = t.st.free_unmapped_frames(&mut frames) {
+        tracing::warn!("returning frames {first}..+{count} of a failed migration: {e}");
+    }
+}
+
+/// After a failed run: the pages that were writable before and still map their
+/// old frame (`old + i`) are made writable again.
+fn undo_run_protection(t: &mut Txn<'_>, mappers: &[Mapper], was_protected: &[bool], old: FrameNo) {
+    for (i, (&m, &protected)) in mappers.iter().zip(was_protected).enumerate() {
+        let still_old = t.entry(m).is_ok_and(|e| e.frame == old + i as u32);
+        let now_protected = t.entry(m).is_ok_and(|e| e.flags.contains(PageFlags::PROTECTED));
+        if !protected && still_old && now_protected {
+            if let Err(e) = t.unprotect_page(m) {
+                tracing::warn!("undoing the protection of vm {} page {}: {e}", m.vm, m.page);
+            }
+        }
+    }
+}
