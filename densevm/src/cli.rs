@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Also serve the API on this loopback TCP address (e.g. 127.0.0.1:8080).
     #[arg(long)]
     pub api_tcp: Option<String>,
+    /// Host memory budget in MiB: VM creation is refused (409) when the guest
+    /// memory of all VMs would exceed it (default: MemAvailable at start).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub host_budget_mib: Option<u64>,
 }
 
 /// `densevm run`.
