@@ -70,11 +70,11 @@ fn daemon_refuses_a_vm_of_the_frames_merging_freed() {
         let h = d.get("/memory");
         (u(&h, "pages_sharing") >= data_pages * 9 / 10).then_some(h)
     });
-    assert_eq!(u(&merged, "committed_bytes"), 2 * MEM_MIB << 20, "{merged}");
-    assert!(u(&merged, "commit_limit_bytes") >= 2 * MEM_MIB << 20, "{merged}");
+    assert_eq!(u(&merged, "committed_bytes"), (2 * MEM_MIB) << 20, "{merged}");
+    assert!(u(&merged, "commit_limit_bytes") >= (2 * MEM_MIB) << 20, "{merged}");
     assert_eq!(u(&merged, "cow_no_frame"), 0, "{merged}");
     let metrics = d.req("GET", "/metrics", None).text().to_string();
-    let line = format!("densevm_memory_committed_bytes {}", 2 * MEM_MIB << 20);
+    let line = format!("densevm_memory_committed_bytes {}", (2 * MEM_MIB) << 20);
     assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
 
     // Merging freed most of a VM's worth of frames: not of commitment.
@@ -90,7 +90,7 @@ fn daemon_refuses_a_vm_of_the_frames_merging_freed() {
     assert_eq!(d.req("DELETE", "/vms/vm-b", None).status, 204);
     let r = d.req("PUT", "/vms/vm-c", Some(&identical_vm()));
     assert_eq!(r.status, 204, "{}", r.text());
-    assert_eq!(u(&d.get("/memory"), "committed_bytes"), 2 * MEM_MIB << 20);
+    assert_eq!(u(&d.get("/memory"), "committed_bytes"), (2 * MEM_MIB) << 20);
 }
 
 #[test]
