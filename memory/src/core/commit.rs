@@ -190,12 +190,17 @@ impl Commitment {
         lock(&self.out_of_memory).contains(&vm)
     }
 
-    /// Marks `vm` out of memory: the first time, logs a warning and tells its
-    /// handler. Call with no lock held.
-    pub(crate) fn mark_out_of_memory(&self, vm: VmId, addr: usize) {
-        if !lock(&self.out_of_memory).insert(vm) {
-            return;
-        }
+    /// Marks `vm` out of memory (under the manager's lock, so that a VM
+    /// destroyed meanwhile leaves no mark); returns whether it is new, in which
+    /// case the caller calls [`Commitment::notify_out_of_memory`] once the lock
+    /// is released.
+    pub(crate) fn mark_out_of_memory(&self, vm: VmId) -> bool {
+        lock(&self.out_of_memory).insert(vm)
+    }
+
+    /// Logs (once per marking) that `vm` is out of memory, naming the faulting
+    /// `addr`, and tells its handler. Call with no lock held.
+    pub(crate) fn notify_out_of_memory(&self, vm: VmId, addr: usize) {
         let reason = "out of memory: a copy-on-write found no free frame in the pool \
                       (the pool is overcommitted: see the memory commitment policy)";
         tracing::warn!(

@@ -54,7 +54,7 @@ impl Core {
                     Ok(Resolved::NoFrame(vm)) => {
                         txn.st.count(Counter::CowNoFrame);
                         held.push(addr as u64);
-                        if !out_of_memory.iter().any(|&(v, _)| v == vm) {
+                        if self.commit.mark_out_of_memory(vm) {
                             out_of_memory.push((vm, addr));
                         }
                     }
@@ -66,7 +66,7 @@ impl Core {
             }
         }
         for (vm, addr) in out_of_memory {
-            self.commit.mark_out_of_memory(vm, addr);
+            self.commit.notify_out_of_memory(vm, addr);
         }
     }
 }
