@@ -115,6 +115,30 @@ fn compaction(w: &mut Writer, c: &CompactionStats) {
     }
 }
 
+/// Memory commitment (`densevm_memory_committed_bytes`, `..._commit_limit_bytes`,
+/// `..._cow_no_frame_total`).
+fn commitment(w: &mut Writer, h: &HostMemoryStats) {
+    use Kind::{Counter, Gauge};
+    w.single(
+        "densevm_memory_committed_bytes",
+        Gauge,
+        "Guest memory committed in the frame pool (whole VM sizes, merged or not).",
+        h.committed_bytes,
+    );
+    w.single(
+        "densevm_memory_commit_limit_bytes",
+        Gauge,
+        "Most guest memory the frame pool admits (capacity x overcommit ratio).",
+        h.commit_limit_bytes,
+    );
+    w.single(
+        "densevm_memory_cow_no_frame_total",
+        Counter,
+        "Copy-on-write faults that found no free frame (overcommit only; each stops its VM).",
+        h.cow_no_frame,
+    );
+}
+
 /// Renders host statistics and every VM (with its memory statistics when known).
 pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -> String {
     use Kind::{Counter, Gauge};
@@ -173,6 +197,7 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
         w.single(&format!("densevm_memory_{name}"), Counter, help, v);
     }
     compaction(&mut w, &h.compaction);
+    commitment(&mut w, h);
 
     w.family("densevm_vm_state", Gauge, "1 for the VM's current state.");
     for (vm, _) in vms {
@@ -242,6 +267,8 @@ mod tests {
             process_vma_count: 120,
             vmas_per_shared_page: 1.5,
             punch_calls: 7,
+            committed_bytes: 3 << 30,
+            cow_no_frame: 2,
             ..Default::default()
         };
         let mem = VmMemoryStats { guest_pages: 32768, merged_pages: 7, vma_count: 3, ..Default::default() };
@@ -259,6 +286,10 @@ mod tests {
             "densevm_memory_vmas_per_shared_page 1.5",
             "# TYPE densevm_memory_punch_calls_total counter",
             "densevm_memory_punch_calls_total 7",
+            "densevm_memory_committed_bytes 3221225472",
+            "densevm_memory_commit_limit_bytes 0",
+            "# TYPE densevm_memory_cow_no_frame_total counter",
+            "densevm_memory_cow_no_frame_total 2",
             "densevm_vm_state{vm_id=\"a\",state=\"Running\"} 1",
             "densevm_vm_memory_size_bytes{vm_id=\"b\"} 134217728",
             "densevm_vm_guest_pages{vm_id=\"a\"} 32768",

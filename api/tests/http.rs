@@ -55,8 +55,10 @@ fn every_endpoint_happy_path() {
     let m = r.json();
     assert_eq!(m["pages_sharing"], 33);
     assert_eq!(m["fragmentation"], 0.5);
-    // 21 fields and `compaction` (the compactor's statistics).
-    assert_eq!(m.as_object().unwrap().len(), 22);
+    // 21 fields, `compaction` (the compactor's statistics) and memory
+    // commitment's 3 (`committed_bytes`, `commit_limit_bytes`, `cow_no_frame`).
+    assert_eq!(m.as_object().unwrap().len(), 25);
+    assert_eq!((m["committed_bytes"].as_u64(), m["cow_no_frame"].as_u64()), (Some(0), Some(0)));
     assert!(m["compaction"].is_object(), "{m}");
 
     let r = h.req("GET", "/memory/merge", None);

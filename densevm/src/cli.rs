@@ -79,6 +79,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = api::server::DEFAULT_MAX_CONNECTIONS_TCP,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     pub api_max_connections_tcp: usize,
+    /// Host memory budget in MiB: VM creation is refused (409) when the guest
+    /// memory of all VMs would exceed it (default: MemAvailable at start).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub host_budget_mib: Option<u64>,
 }
 
 /// `densevm run`.

@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 
+pub use crate::core::commit::{Error as CommitError, MAX_OVERCOMMIT_RATIO};
 pub use crate::core::page_ops::MergeOutcome;
-pub use crate::core::{Error, Result};
+pub use crate::core::{CommitPolicy, Error, OutOfMemoryHandler, Result};
 
 use crate::compact::{CompactionReport, CompactionStats, CompactionTunables, CompactionTunablesPatch, Compactor};
 use crate::core::Core;
@@ -32,6 +33,9 @@ pub struct ManagerConfig {
     /// Install the SIGSEGV handler that makes host-thread stores hitting the
     /// remap protocol's read-only instant wait and retry ([`crate::write_retry`]).
     pub install_write_retry: bool,
+    /// Memory commitment: how much guest memory the pool admits (default: no
+    /// overcommit; see [`MemoryManager::set_commit_policy`]).
+    pub commit: CommitPolicy,
 }
 
 impl ManagerConfig {
@@ -41,6 +45,7 @@ impl ManagerConfig {
             pool: PoolConfig { capacity_bytes, transparent_huge_pages: false },
             raise_max_map_count: true,
             install_write_retry: true,
+            commit: CommitPolicy::default(),
         }
     }
 }
@@ -68,6 +73,7 @@ impl MemoryManager {
         let pool = FramePool::new(&config.pool)?;
         let budget = VmaBudget::new(pool.buddy().total_frames(), config.raise_max_map_count);
         let core = Arc::new(Core::new(pool, budget, uffd.clone()));
+        core.commit.set_policy(config.commit)?;
         let protector = Protector::start(uffd, core.fault_resolver())?;
         let merger = Merger::start(core.clone())?;
         let compactor = match Compactor::start(core.clone()) {
@@ -252,12 +258,91 @@ impl MemoryManager {
     pub fn stats(&self) -> MemoryStats {
         let mut stats = {
             let st = self.core.lock();
-            MemoryStats::collect(&st, self.protector.counters())
+            MemoryStats::collect(&st, self.protector.counters(), &self.core.commit)
         };
         stats.count_process_vmas();
         stats.merge = self.merger.stats();
         stats.compaction = self.compactor.stats();
         stats
+    }
+
+    /// The memory commitment policy in force.
+    pub fn commit_policy(&self) -> CommitPolicy {
+        self.core.commit.policy()
+    }
+
+    /// Replaces the memory commitment policy (an overcommit ratio outside
+    /// `1..=`[`MAX_OVERCOMMIT_RATIO`] is refused). VMs already created stay;
+    /// the policy applies to the next creations.
+    pub fn set_commit_policy(&self, policy: CommitPolicy) -> Result<()> {
+        Ok(self.core.commit.set_policy(policy)?)
+    }
+
+    /// Guest memory committed now, in bytes: the sizes of every VM, merged or not.
+    pub fn committed_bytes(&self) -> u64 {
+        crate::core::guests::committed_pages(&self.core.lock()) * PAGE_SIZE as u64
+    }
+
+    /// Registers the handler told when a copy-on-write of `vm` finds no free
+    /// frame (see [`OutOfMemoryHandler`]); replaces an earlier one, dropped
+    /// with the VM.
+    pub fn set_out_of_memory_handler(&self, vm: VmId, handler: Box<dyn OutOfMemoryHandler>) -> Result<()> {
+        if !self.core.lock().has_vm(vm) {
+            return Err(Error::UnknownVm(vm));
+        }
+        self.core.commit.set_handler(vm, Arc::from(handler));
+        Ok(())
+    }
+
+    /// Whether a copy-on-write of `vm` found no free frame (its writers stay
+    /// blocked until [`MemoryManager::retry_out_of_memory`] or its destruction).
+    pub fn is_out_of_memory(&self, vm: VmId) -> bool {
+        self.core.commit.is_out_of_memory(vm)
+    }
+
+    /// Clears `vm`'s out-of-memory mark and wakes every blocked writer of its
+    /// RAM: each faults again, and gets a frame if there is one now (or marks
+    /// the VM again). Returns whether the VM was marked.
+    pub fn retry_out_of_memory(&self, vm: VmId) -> Result<bool> {
+        let (host, len) = {
+            let st = self.core.lock();
+            let table = st.table(vm).ok_or(Error::UnknownVm(vm))?;
+            (table.host_addr(), table.len() as usize * PAGE_SIZE)
+        };
+        let was = self.core.commit.clear_out_of_memory(vm);
+        self.protector.uffd().wake(host, len)?;
+        Ok(was)
+    }
+
+    /// Frames unmerging every page needs, and frames free: one frame per
+    /// guest page mapping a shared frame beyond the first of each.
+    pub fn unmerge_room(&self) -> (u64, u64) {
+        let st = self.core.lock();
+        let frames = st.frames();
+        (frames.shared_mappings() - frames.shared_frames(), st.pool().buddy().free_frames())
+    }
+
+    /// The merger's unmerge-all ([`Merger::unmerge_all`]), refused up front with
+    /// [`CommitError::NoRoomToUnmerge`] (naming the frames missing) when the
+    /// pool has too few free frames, which can only happen with overcommit;
+    /// a failure that turns out to be for lack of frames is reported the same way.
+    pub fn unmerge_all(&self) -> Result<u64> {
+        self.check_unmerge_room()?;
+        match self.merger.unmerge_all() {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.check_unmerge_room()?;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn check_unmerge_room(&self) -> Result<()> {
+        let (needed, free) = self.unmerge_room();
+        if needed > free {
+            return Err(CommitError::NoRoomToUnmerge { needed, free, missing: needed - free }.into());
+        }
+        Ok(())
     }
 
     /// Bytes per guest page / frame.

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::core::Counters;
 
 use crate::compact::CompactionStats;
+use crate::core::commit::Commitment;
 use crate::core::State;
 use crate::merge::{MergeStats, VmMergeStats};
 use crate::pool::ThpStatus;
@@ -84,6 +85,13 @@ pub struct MemoryStats {
     pub host_bytes: u64,
     /// Guest RAM of all VMs in bytes.
     pub guest_bytes: u64,
+    /// Guest memory committed (the sizes of all VMs, merged or not; equal to
+    /// `guest_bytes`): what admission counts (see [`crate::core::commit`]).
+    pub committed_bytes: u64,
+    /// Most guest memory the pool admits (capacity x overcommit ratio).
+    pub commit_limit_bytes: u64,
+    /// VMs whose copy-on-write found no free frame (stopped or to be retried).
+    pub vms_out_of_memory: u64,
     /// Event counters.
     pub counters: Counters,
     /// Write-protect faults read from the userfaultfd.
@@ -92,6 +100,8 @@ pub struct MemoryStats {
     pub uffd_remap_events: u64,
     /// Wakes of resolved writers that failed (each logged).
     pub uffd_wake_errors: u64,
+    /// Faults whose writers were kept blocked (no frame for their copy-on-write).
+    pub uffd_held_writers: u64,
     /// Shmem transparent huge pages.
     pub thp: ThpStatus,
     /// Same-page merging (KSM vocabulary).
@@ -101,7 +111,7 @@ pub struct MemoryStats {
 }
 
 impl MemoryStats {
-    pub(crate) fn collect(st: &State, protector: &ProtectorCounters) -> Self {
+    pub(crate) fn collect(st: &State, protector: &ProtectorCounters, commit: &Commitment) -> Self {
         let buddy = st.pool().buddy();
         let total = buddy.total_frames();
         let free = buddy.free_frames();
@@ -142,10 +152,14 @@ impl MemoryStats {
             vma_limit_raised_to: budget.raised_to.map(|v| v as u64),
             host_bytes: st.pool().host_bytes(),
             guest_bytes: guest_pages * PAGE_SIZE as u64,
+            committed_bytes: guest_pages * PAGE_SIZE as u64,
+            commit_limit_bytes: commit.policy().limit_pages(total) * PAGE_SIZE as u64,
+            vms_out_of_memory: commit.out_of_memory_count(),
             counters: st.counters().clone(),
             uffd_faults: protector.faults.load(Ordering::Relaxed),
             uffd_remap_events: protector.remap_events.load(Ordering::Relaxed),
             uffd_wake_errors: protector.wake_errors.load(Ordering::Relaxed),
+            uffd_held_writers: protector.held_writers.load(Ordering::Relaxed),
             thp: st.pool().thp().clone(),
             merge: MergeStats::default(),
             compaction: CompactionStats::default(),
@@ -184,6 +198,9 @@ impl MemoryStats {
             vcpu_holds: c.vcpu_holds,
             vcpu_hold_ms: c.vcpu_hold_us as f64 / 1000.0,
             compaction: self.compaction,
+            committed_bytes: self.committed_bytes,
+            commit_limit_bytes: self.commit_limit_bytes,
+            cow_no_frame: c.cow_no_frame,
         }
     }
 }
@@ -258,6 +275,18 @@ pub struct HostMemoryStats {
     /// Compaction: fragmentation of the 2 MiB frames and the compactor's totals.
     #[serde(default)]
     pub compaction: CompactionStats,
+
+    /// Guest memory committed: the sizes of all VMs whose RAM the pool holds,
+    /// merged or not (admission counts this, never free frames).
+    #[serde(default)]
+    pub committed_bytes: u64,
+    /// Most guest memory the pool admits (its capacity x the overcommit ratio).
+    #[serde(default)]
+    pub commit_limit_bytes: u64,
+    /// Write faults whose copy-on-write found no free frame (possible only
+    /// with overcommit; each stops its VM with an out-of-memory exit reason).
+    #[serde(default)]
+    pub cow_no_frame: u64,
 }
 
 /// One VM's memory in 4 KiB guest pages: its size, its residency (`mincore(2)`
@@ -359,16 +388,21 @@ mod tests {
             vma_limit_raised_to: None,
             host_bytes: 4 << 20,
             guest_bytes: 640 * PAGE_SIZE as u64,
+            committed_bytes: 640 * PAGE_SIZE as u64,
+            commit_limit_bytes: 1024 * PAGE_SIZE as u64,
+            vms_out_of_memory: 0,
             counters: Counters {
                 cow_copies: 5,
                 cow_reuses: 6,
                 vcpu_holds: 2,
                 vcpu_hold_us: 1500,
+                cow_no_frame: 4,
                 ..Counters::default()
             },
             uffd_faults: 11,
             uffd_remap_events: 0,
             uffd_wake_errors: 0,
+            uffd_held_writers: 4,
             thp: ThpStatus { requested: false, honoured: false, shmem_enabled: "never".into() },
             merge: MergeStats {
                 pages_shared: 10,
@@ -413,6 +447,9 @@ mod tests {
                 vcpu_holds: 2,
                 vcpu_hold_ms: 1.5,
                 compaction: CompactionStats { passes: 2, pages_migrated: 900, ..CompactionStats::default() },
+                committed_bytes: 640 * PAGE_SIZE as u64,
+                commit_limit_bytes: 1024 * PAGE_SIZE as u64,
+                cow_no_frame: 4,
             }
         );
         // Older clients' documents without the vCPU-hold fields still parse.
@@ -424,6 +461,9 @@ mod tests {
         obj.remove("process_vma_count");
         obj.remove("vmas_per_shared_page");
         obj.remove("punch_calls");
+        for commitment in ["committed_bytes", "commit_limit_bytes", "cow_no_frame"] {
+            obj.remove(commitment);
+        }
         let parsed: HostMemoryStats = serde_json::from_value(json).unwrap();
         assert_eq!((parsed.vcpu_holds, parsed.vcpu_hold_ms), (0, 0.0));
         assert_eq!((parsed.process_vma_count, parsed.vmas_per_shared_page, parsed.punch_calls), (0, 0.0, 0));

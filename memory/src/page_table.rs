@@ -80,7 +80,11 @@
 //!    cleared once it is writable again; the SIGSEGV handler only spins on
 //!    them), and the kernel's `mmap_lock` (mmap, mprotect, userfaultfd
 //!    register and write-protect). The VMA budget and the counters are fields
-//!    of `State` with no lock of their own.
+//!    of `State` with no lock of their own. Memory commitment's three mutexes
+//!    (`Commitment::policy`, `out_of_memory`, `handlers`: see
+//!    [`crate::core::commit`]) are leaves too, taken under the manager's lock
+//!    or with no lock (the fault thread marks a VM out of memory under the
+//!    manager's lock and calls its handler after releasing it).
 //! 4. Leaves taken with no other lock held: the merger's `Shared::stats`
 //!    (condvar `scanned`) and `Shared::vm_counts` (one after the other, never
 //!    nested), `Core::dirty_logs` when the scanner fetches a VM's log, the

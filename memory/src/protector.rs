@@ -5,7 +5,8 @@
 //! batches and hands their pages to the resolver callback (the memory core's
 //! fault resolution), which resolves each fault under the manager's lock (copy,
 //! reuse, or simply after an in-flight merge or migration finished); then the
-//! thread wakes the writers. The thread may block on that lock: nothing the
+//! thread wakes the writers, except those the resolver holds back (a
+//! copy-on-write that found no free frame: see [`crate::core::commit`]). The thread may block on that lock: nothing the
 //! lock holder does waits for this thread (no non-cooperative userfaultfd
 //! events are enabled).
 //!
@@ -134,6 +135,9 @@ pub struct ProtectorCounters {
     /// Wakes of resolved writers that failed (each is logged; the writer
     /// stays blocked until the next wake of its page).
     pub wake_errors: AtomicU64,
+    /// Faults whose writers the resolver kept blocked (no free frame for
+    /// their copy-on-write) instead of waking them.
+    pub held_writers: AtomicU64,
 }
 
 /// Owns the fault-handling thread of a userfaultfd; stops it on drop.
@@ -146,12 +150,17 @@ pub struct Protector {
 
 impl Protector {
     /// Starts the handler thread. `resolve` is called on it with a batch of
-    /// faulting pages (page-aligned, sorted, distinct); it must resolve every
-    /// one of them (or count and log why not). The thread then wakes their
-    /// writers (after an error too: the writer retries and faults again).
+    /// faulting pages (page-aligned, sorted, distinct) and an empty list; it
+    /// must resolve every one of them (or count and log why not), and push
+    /// onto the list the pages whose writers must stay blocked (a
+    /// copy-on-write that found no free frame: waking the writer would only
+    /// make it fault again at once). The thread then wakes every other writer
+    /// (after an error too: the writer retries and faults again); a held
+    /// writer is woken by whoever makes room or ends the VM (counted in
+    /// [`ProtectorCounters::held_writers`]).
     pub fn start<F>(uffd: Arc<Uffd>, resolve: F) -> Result<Self>
     where
-        F: FnMut(&[u64]) + Send + 'static,
+        F: FnMut(&[u64], &mut Vec<u64>) + Send + 'static,
     {
         // SAFETY: plain syscall creating a new descriptor; the result is checked.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -197,9 +206,15 @@ impl Drop for Protector {
     }
 }
 
-fn handle_loop<F: FnMut(&[u64])>(uffd: &Uffd, stop_fd: i32, counters: &ProtectorCounters, mut resolve: F) {
+fn handle_loop<F: FnMut(&[u64], &mut Vec<u64>)>(
+    uffd: &Uffd,
+    stop_fd: i32,
+    counters: &ProtectorCounters,
+    mut resolve: F,
+) {
     let mut events = Vec::with_capacity(64);
     let mut faults = Vec::with_capacity(64);
+    let mut held = Vec::new();
     loop {
         let mut fds = [
             libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -244,8 +259,11 @@ fn handle_loop<F: FnMut(&[u64])>(uffd: &Uffd, stop_fd: i32, counters: &Protector
         }
         faults.sort_unstable();
         faults.dedup();
-        resolve(&faults);
-        for &page in &faults {
+        held.clear();
+        resolve(&faults, &mut held);
+        held.sort_unstable();
+        counters.held_writers.fetch_add(held.len() as u64, Ordering::Relaxed);
+        for &page in faults.iter().filter(|p| held.binary_search(p).is_err()) {
             if let Err(e) = uffd.wake(page as usize, PAGE_SIZE) {
                 counters.wake_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("waking writers at {page:#x}: {e}");

@@ -78,6 +78,9 @@ pub struct VmControl {
     state: Mutex<ModeState>,
     changed: Condvar,
     events: Mutex<Vec<VcpuEvent>>,
+    /// Why the memory manager could not give the VM a frame, once reported
+    /// ([`VmControl::report_out_of_memory`]), until the owner takes it.
+    out_of_memory: Mutex<Option<String>>,
     event_fd: EventFd,
 }
 
@@ -124,6 +127,7 @@ impl VmControl {
             state: Mutex::new(ModeState { mode: RunMode::Pause, paused: 0, holds: 0, threads: Vec::new() }),
             changed: Condvar::new(),
             events: Mutex::new(Vec::new()),
+            out_of_memory: Mutex::new(None),
             event_fd: EventFd::new(libc::EFD_NONBLOCK)?,
         }))
     }
@@ -268,6 +272,19 @@ impl VmControl {
         let _ = self.event_fd.write(1);
     }
 
+    /// Reports that a copy-on-write of the VM found no free frame (called on
+    /// the memory manager's fault thread; never blocks): the owner stops the
+    /// VM with `reason` as its exit reason ([`VmControl::take_out_of_memory`]).
+    pub fn report_out_of_memory(&self, reason: &str) {
+        lock(&self.out_of_memory).get_or_insert_with(|| reason.to_string());
+        let _ = self.event_fd.write(1);
+    }
+
+    /// The out-of-memory report, if one arrived since the last call.
+    pub fn take_out_of_memory(&self) -> Option<String> {
+        lock(&self.out_of_memory).take()
+    }
+
     /// Takes the pending events.
     pub fn take_events(&self) -> Vec<VcpuEvent> {
         let _ = self.event_fd.read();
@@ -289,6 +306,17 @@ impl memory::VcpuGate for ControlGate {
 
     fn release(&self) {
         self.0.release()
+    }
+}
+
+/// The VM's [`memory::manager::OutOfMemoryHandler`]: a copy-on-write that finds no
+/// free frame (only with overcommit) stops the VM, with an exit reason, from
+/// the event loop (the blocked vCPU is kicked out of its fault by the stop).
+pub struct ControlOutOfMemory(pub Arc<VmControl>);
+
+impl memory::manager::OutOfMemoryHandler for ControlOutOfMemory {
+    fn out_of_memory(&self, _vm: memory::VmId, reason: &str) {
+        self.0.report_out_of_memory(reason)
     }
 }
 
@@ -325,6 +353,11 @@ mod tests {
         c.set_mode(RunMode::Run);
         wait_rounds(parked + 1);
         c.push_event(VcpuEvent::Done { vcpu: 0 });
+        // An out-of-memory report is kept once until taken.
+        c.report_out_of_memory("first");
+        c.report_out_of_memory("second");
+        assert_eq!(c.take_out_of_memory().as_deref(), Some("first"));
+        assert_eq!(c.take_out_of_memory(), None);
         c.set_mode(RunMode::Stop);
         t.join().unwrap();
         assert_eq!(c.take_events(), vec![VcpuEvent::Done { vcpu: 0 }]);

@@ -19,23 +19,36 @@ pub enum ErrorKind {
     /// The VM named does not exist (HTTP 404, CLI exit 1).
     NotFound,
     /// The request does not fit the current state: the VM exists already, its
-    /// state does not allow the operation, or the frame pool is full (HTTP 409,
-    /// CLI exit 1).
+    /// state does not allow the operation, the frame pool is full, memory
+    /// commitment or the host memory budget refuses a new VM, or unmerging has
+    /// no room (HTTP 409, CLI exit 1).
     Conflict,
     /// Anything else: KVM, host I/O, the memory manager (HTTP 500, CLI exit 1).
     Internal,
 }
 
+/// The class of a memory manager error: the pool full, commitment refusing
+/// a VM or unmerging without room are conflicts with the current state; a bad
+/// commitment policy is invalid input; anything else is internal.
+pub fn memory_error_kind(e: &memory::manager::Error) -> ErrorKind {
+    use memory::manager::{CommitError, Error as Mem};
+    match e {
+        Mem::Commit(CommitError::BadRatio(_)) => ErrorKind::InvalidInput,
+        Mem::PoolFull { .. } | Mem::Commit(_) => ErrorKind::Conflict,
+        _ => ErrorKind::Internal,
+    }
+}
+
 impl vm::Error {
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {
-        use memory::manager::Error as Mem;
         match self {
             vm::Error::Config(_) | vm::Error::Workload(_) | vm::Error::Ram(guest_ram::Error::Size(_)) => {
                 ErrorKind::InvalidInput
             }
             vm::Error::Linux(_) => ErrorKind::UnbootableKernel,
-            vm::Error::State { .. } | vm::Error::Ram(guest_ram::Error::Manager(Mem::PoolFull { .. })) => {
+            vm::Error::State { .. } => ErrorKind::Conflict,
+            vm::Error::Ram(guest_ram::Error::Manager(e)) if memory_error_kind(e) == ErrorKind::Conflict => {
                 ErrorKind::Conflict
             }
             _ => ErrorKind::Internal,
@@ -48,7 +61,8 @@ impl host::Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             host::Error::NoSuchVm(_) => ErrorKind::NotFound,
-            host::Error::Exists(_) => ErrorKind::Conflict,
+            host::Error::Exists(_) | host::Error::OverBudget { .. } => ErrorKind::Conflict,
+            host::Error::Memory(e) => memory_error_kind(e),
             host::Error::Vm(e) => e.kind(),
             _ => ErrorKind::Internal,
         }
@@ -71,6 +85,22 @@ mod tests {
         let full = memory::manager::Error::PoolFull { free: 1, needed: 2 };
         assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Manager(full))).kind(), ErrorKind::Conflict);
         assert_eq!(host::Error::Io("x".into()).kind(), ErrorKind::Internal);
+        let over = host::Error::OverBudget { committed_mib: 192, requested_mib: 96, budget_mib: 256 };
+        assert_eq!(over.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            over.to_string(),
+            "host memory budget exceeded: 192 MiB of guest memory committed + 96 MiB requested > 256 MiB budget \
+             (serve --host-budget-mib)"
+        );
+        use memory::manager::CommitError;
+        let commit =
+            CommitError::Overcommitted { committed_mib: 8, requested_mib: 4, limit_mib: 8, pool_mib: 8, ratio: 1.0 };
+        let commit = memory::manager::Error::Commit(commit);
+        assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Manager(commit))).kind(), ErrorKind::Conflict);
+        let room = CommitError::NoRoomToUnmerge { needed: 10, free: 4, missing: 6 };
+        assert_eq!(host::Error::Memory(room.into()).kind(), ErrorKind::Conflict);
+        let bad = memory::manager::Error::Commit(CommitError::BadRatio(0.5));
+        assert_eq!(memory_error_kind(&bad), ErrorKind::InvalidInput);
         assert_eq!(host::Error::Vm(vm::Error::Device("x".into())).kind(), ErrorKind::Internal);
     }
 }

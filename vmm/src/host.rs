@@ -14,7 +14,7 @@ use memory::{ManagerConfig, MemoryManager};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{ControlGate, VcpuEvent};
+use crate::control::{ControlGate, ControlOutOfMemory, VcpuEvent};
 use crate::dirty_log::KvmDirtyLog;
 use crate::vm::{self, Vm, VmSpec, VmState};
 
@@ -50,6 +50,19 @@ pub enum Error {
     /// The memory manager could not start.
     #[error("memory manager: {0}")]
     Memory(#[from] memory::manager::Error),
+    /// The new VM's guest memory would exceed the host memory budget.
+    #[error(
+        "host memory budget exceeded: {committed_mib} MiB of guest memory committed + {requested_mib} MiB \
+         requested > {budget_mib} MiB budget (serve --host-budget-mib)"
+    )]
+    OverBudget {
+        /// Guest memory of the existing VMs, in MiB.
+        committed_mib: u64,
+        /// The new VM's guest memory, in MiB.
+        requested_mib: u64,
+        /// The budget, in MiB.
+        budget_mib: u64,
+    },
 }
 
 /// Host-wide settings.
@@ -99,6 +112,8 @@ pub struct Host {
     terminate: bool,
     log: Vec<HostEvent>,
     unregistered: Vec<u32>,
+    /// Most guest memory (all VMs, committed at creation) in bytes; `None`: no budget.
+    budget_bytes: Option<u64>,
 }
 
 static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
@@ -134,6 +149,7 @@ impl Host {
             terminate: false,
             log: Vec::new(),
             unregistered: Vec::new(),
+            budget_bytes: None,
         })
     }
 
@@ -160,6 +176,38 @@ impl Host {
         &self.memory
     }
 
+    /// Sets the host memory budget: VM creation is refused when the guest
+    /// memory of every VM (whole sizes, committed at creation, until deleted)
+    /// would exceed `bytes`. `None` (the default): no budget, only the memory
+    /// manager's commitment limit.
+    pub fn set_memory_budget(&mut self, bytes: Option<u64>) {
+        self.budget_bytes = bytes;
+    }
+
+    /// The host memory budget in force.
+    pub fn memory_budget(&self) -> Option<u64> {
+        self.budget_bytes
+    }
+
+    /// Guest memory of every VM (created until deleted), in bytes.
+    pub fn committed_guest_bytes(&self) -> u64 {
+        self.vms.values().map(|e| e.vm.ram().size()).sum()
+    }
+
+    fn check_budget(&self, spec: &VmSpec) -> Result<(), Error> {
+        let Some(budget) = self.budget_bytes else { return Ok(()) };
+        let committed = self.committed_guest_bytes();
+        let requested = spec.mem_mib.saturating_mul(1 << 20);
+        if committed.saturating_add(requested) > budget {
+            return Err(Error::OverBudget {
+                committed_mib: committed >> 20,
+                requested_mib: spec.mem_mib,
+                budget_mib: budget >> 20,
+            });
+        }
+        Ok(())
+    }
+
     /// The KVM handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -171,6 +219,7 @@ impl Host {
         if self.vms.contains_key(&spec.id) {
             return Err(Error::Exists(spec.id));
         }
+        self.check_budget(&spec)?;
         let id = spec.id.clone();
         let mem_id = self.next_mem_id;
         let merge = spec.merge.clone();
@@ -182,6 +231,8 @@ impl Host {
                 None => mem_id,
             };
             self.memory.set_merge(mem_id, merge.enabled, domain)?;
+            let oom = ControlOutOfMemory(vm.control().clone());
+            self.memory.set_out_of_memory_handler(mem_id, Box::new(oom))?;
             if merge.enabled {
                 let log = KvmDirtyLog::new(vm.vm_fd().clone(), 0, vm.ram().size() as usize);
                 self.memory.set_dirty_log(mem_id, Box::new(log))?;
@@ -290,6 +341,18 @@ impl Host {
     }
 }
 
+/// `MemAvailable` of `/proc/meminfo`, in bytes (the default host memory budget).
+pub fn mem_available_bytes() -> Result<u64, Error> {
+    let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::Io(format!("/proc/meminfo: {e}")))?;
+    parse_mem_available(&text).ok_or_else(|| Error::Io("/proc/meminfo has no MemAvailable line".into()))
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Event data of a VM's device event fd `index` (the VM's own token is `vm_token`).
 fn device_token(vm_token: u32, index: usize) -> u32 {
     // The device manager caps subscriptions below the index mask.
@@ -332,6 +395,15 @@ mod tests {
         assert_eq!(split_token(device_token(vm, 0)), (vm, 1));
         assert_eq!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)), (vm, MAX_SUBSCRIPTIONS as u32));
         assert_ne!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)).0, SIGNAL_TOKEN);
+    }
+
+    #[test]
+    fn mem_available_is_parsed() {
+        let text = "MemTotal:       24684100 kB\nMemFree:  1 kB\nMemAvailable:   23226880 kB\n";
+        assert_eq!(parse_mem_available(text), Some(23_226_880 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: x kB\n"), None);
+        assert!(mem_available_bytes().is_ok_and(|b| b > 0));
     }
 
     #[test]

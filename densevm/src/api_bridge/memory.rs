@@ -10,7 +10,9 @@
 //!   [`memory::VmMemoryStats::unmanaged`] (size and residency only).
 //! - `GET|PATCH /memory/merge` and `UnmergeAll`: the merger's tunables (the API's
 //!   `MergeConfig` is [`memory::Tunables`], its patch a `TunablesPatch`) and its
-//!   unmerge-all (run on a helper thread: it blocks until every page is private).
+//!   unmerge-all (run on a helper thread: it blocks until every page is private;
+//!   refused with 409 naming the frames missing when the pool has no room for
+//!   it, which only overcommit makes possible).
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use api::types::{HostMemoryStats, MergeConfig, MergeConfigPatch, VmMemoryStats};
 use api::{ApiError, ApiReply, ReplySender};
 use memory::MemoryManager;
 
+use vmm::error_kind::{memory_error_kind, ErrorKind};
 use vmm::vm::Vm;
 
 /// Host-wide statistics with the API's (KSM-style) names.
@@ -53,12 +56,12 @@ pub fn patch_merge_config(mgr: &MemoryManager, patch: &MergeConfigPatch) -> Resu
 pub fn unmerge_all(mgr: &Arc<MemoryManager>, reply: ReplySender) {
     let mgr = mgr.clone();
     let spawned = std::thread::Builder::new().name("densevm-unmerge".into()).spawn(move || {
-        let result = match mgr.merger().unmerge_all() {
+        let result = match mgr.unmerge_all() {
             Ok(n) => {
                 tracing::info!("UnmergeAll gave {n} guest pages private frames again");
                 Ok(ApiReply::Empty)
             }
-            Err(e) => Err(ApiError::internal(format!("UnmergeAll: {e}"))),
+            Err(e) => Err(unmerge_error(&e)),
         };
         let _ = reply.send(result);
     });
@@ -67,9 +70,31 @@ pub fn unmerge_all(mgr: &Arc<MemoryManager>, reply: ReplySender) {
     }
 }
 
+/// The API error of a failed unmerge-all: no room is a conflict (409) naming
+/// the frames needed and free, anything else internal.
+fn unmerge_error(e: &memory::manager::Error) -> ApiError {
+    let msg = format!("UnmergeAll: {e}");
+    match memory_error_kind(e) {
+        ErrorKind::Conflict => ApiError::conflict(msg),
+        ErrorKind::InvalidInput | ErrorKind::UnbootableKernel => ApiError::bad_request(msg),
+        ErrorKind::NotFound => ApiError::not_found(msg),
+        ErrorKind::Internal => ApiError::internal(msg),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unmerge_without_room_is_a_conflict_naming_the_frames() {
+        let room = memory::manager::CommitError::NoRoomToUnmerge { needed: 1024, free: 0, missing: 1024 };
+        let e = unmerge_error(&room.into());
+        assert_eq!(e.kind, api::ErrorKind::Conflict);
+        assert_eq!(e.fault_message, "UnmergeAll: unmerging needs 1024 free frames, the pool has 0 (missing 1024)");
+        let other = memory::manager::Error::UnknownVm(3);
+        assert_eq!(unmerge_error(&other).kind, api::ErrorKind::Internal);
+    }
 
     #[test]
     fn tunables_round_trip() {

@@ -104,7 +104,13 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
         .map(api::auth::Token::from_file)
         .transpose()
         .map_err(|e| CommandError::Input(e.to_string()))?;
-    let host = Host::new(HostConfig::default())?;
+    let mut host = Host::new(HostConfig::default())?;
+    let (budget, source) = match args.host_budget_mib {
+        Some(mib) => (mib.saturating_mul(1 << 20), "--host-budget-mib"),
+        None => (vmm::host::mem_available_bytes()?, "MemAvailable at start"),
+    };
+    host.set_memory_budget(Some(budget));
+    tracing::info!("host memory budget: {} MiB of guest memory ({source})", budget >> 20);
     host.handle_termination_signals()?;
     let (chan, endpoint) = api::channel().map_err(|e| CommandError::Runtime(e.to_string()))?;
     let daemon = Arc::new(Mutex::new(Daemon::new(host, endpoint)));

@@ -21,6 +21,9 @@ pub struct Counters {
     pub spurious_faults: u64,
     /// Faults whose resolution failed (the writer retries; each is logged).
     pub fault_errors: u64,
+    /// Write faults whose copy-on-write found no free frame (only with
+    /// overcommit): the VM is marked out of memory and the writer stays blocked.
+    pub cow_no_frame: u64,
     /// Remaps left incomplete (each logged): the new frame was mapped but a
     /// later step (registration, protection, making it writable) failed. The
     /// page stays read-only or unprotected-private, never writable-shared.
@@ -54,6 +57,8 @@ pub(crate) enum Counter {
     SpuriousFault,
     /// [`Counters::fault_errors`].
     FaultError,
+    /// [`Counters::cow_no_frame`].
+    CowNoFrame,
     /// [`Counters::remap_errors`].
     RemapError,
     /// [`Counters::merges`].
@@ -76,6 +81,7 @@ impl Counters {
             Counter::ProtectFault => &mut self.protect_faults,
             Counter::SpuriousFault => &mut self.spurious_faults,
             Counter::FaultError => &mut self.fault_errors,
+            Counter::CowNoFrame => &mut self.cow_no_frame,
             Counter::RemapError => &mut self.remap_errors,
             Counter::Merge => &mut self.merges,
             Counter::MergeDiffers => &mut self.merge_differs,

@@ -3,6 +3,7 @@
 
 use std::io;
 
+use super::commit;
 use super::merge_settings::DomainId;
 use crate::compact::tunables as compact_tunables;
 use crate::merge::error as merge_error;
@@ -80,6 +81,9 @@ pub enum Error {
     /// A compaction tunable is out of range.
     #[error(transparent)]
     Compaction(#[from] compact_tunables::Error),
+    /// Memory commitment refused the request (see [`commit`]).
+    #[error(transparent)]
+    Commit(#[from] commit::Error),
     /// Starting the compaction thread failed.
     #[error("starting the compaction thread: {0}")]
     CompactionThread(io::Error),

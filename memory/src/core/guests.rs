@@ -9,12 +9,18 @@
 //! few VMAs, and first touches are ordinary shmem faults that never reach the
 //! userfaultfd handler (lazy allocation would need a missing-page handler on
 //! every first touch and would scatter the VM over many VMAs). The price is pool
-//! capacity (address space, not memory): the pool must be at least as large as
-//! all guests together, which also guarantees that a copy-on-write always finds
-//! a free frame (live frames never outnumber guest pages).
+//! capacity (address space, not memory).
+//!
+//! ## Admission on committed memory
+//!
+//! A VM is admitted against the *committed* guest memory of all VMs (their
+//! whole sizes), never against free frames, which merging inflates: see
+//! [`super::commit`]. Without overcommit (the default) the pool is at least as
+//! large as all guests together, which guarantees that a copy-on-write always
+//! finds a free frame (live frames never outnumber guest pages).
 
 use super::error::{Error, Result};
-use super::Core;
+use super::{Core, State};
 use crate::page_table::PageTable;
 use crate::pool::FramePool;
 use crate::{sys, FrameNo, VmId, HUGE_FRAME_SIZE, MAX_ORDER, PAGE_SIZE};
@@ -30,7 +36,8 @@ impl Core {
         if st.has_vm(vm) {
             return Err(Error::VmExists(vm));
         }
-        let free = st.pool().buddy().free_frames();
+        let (total, free) = (st.pool().buddy().total_frames(), st.pool().buddy().free_frames());
+        self.commit.policy().admit(total, free, committed_pages(&st), pages)?;
         if free < pages || pages > u64::from(u32::MAX) {
             return Err(Error::PoolFull { free, needed: pages });
         }
@@ -102,6 +109,7 @@ impl Core {
     pub(crate) fn destroy_guest(&self, vm: VmId) -> Result<()> {
         let mut st = self.lock();
         let table = st.remove_guest(vm)?;
+        self.commit.forget(vm);
         self.dirty_logs.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
         self.vcpu_gates.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm);
         crate::write_retry::remove_range(table.host_addr());
@@ -114,4 +122,9 @@ impl Core {
         unsafe { sys::unmap(table.host_addr(), len) }.map_err(Error::Mapping)?;
         st.release_guest_frames(&table)
     }
+}
+
+/// Guest pages committed: the sizes of every VM (merged or not).
+pub(crate) fn committed_pages(st: &State) -> u64 {
+    st.tables().map(|(_, t)| u64::from(t.len())).sum()
 }

@@ -10,6 +10,7 @@
 //! Files, low to high (each imports only files above it in this list):
 //!
 //! - [`error`]: [`Error`] and [`Result`] of every core operation;
+//! - [`commit`]: memory commitment (admission, VMs out of memory);
 //! - [`counters`]: the event [`Counters`] kept under the lock;
 //! - [`merge_settings`]: per-VM merge settings and the [`DirtyLog`] trait;
 //! - [`state`]: [`State`], its fields private, changed through intent-named
@@ -22,6 +23,7 @@
 //!   (fault resolution; guest creation and destruction; merge, share, unshare,
 //!   migrate, discard, protect and device I/O; per-VM registrations).
 
+pub(crate) mod commit;
 pub(crate) mod counters;
 pub(crate) mod error;
 pub(crate) mod fault;
@@ -38,6 +40,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use commit::{CommitPolicy, OutOfMemoryHandler};
 pub use counters::Counters;
 pub use error::{Error, Result};
 pub use merge_settings::{DirtyLog, DomainId, VmMergeConfig};
@@ -63,6 +66,8 @@ pub(crate) struct Core {
     dirty_logs: Mutex<HashMap<VmId, Arc<dyn DirtyLog>>>,
     /// vCPU gates registered per VM (see [`crate::vcpu_gate`]).
     vcpu_gates: Mutex<HashMap<VmId, Arc<dyn VcpuGate>>>,
+    /// Commitment policy and VMs out of memory (see [`commit`]).
+    pub(crate) commit: commit::Commitment,
 }
 
 impl Core {
@@ -79,6 +84,7 @@ impl Core {
             fault_waiters: AtomicU32::new(0),
             dirty_logs: Mutex::new(HashMap::new()),
             vcpu_gates: Mutex::new(HashMap::new()),
+            commit: commit::Commitment::default(),
         }
     }
 

@@ -354,6 +354,10 @@ impl Vm {
                 DeviceNotice::Reset(reason) => finished = Some(reason),
             }
         }
+        if let Some(reason) = self.control.take_out_of_memory() {
+            tracing::warn!(vm = %self.spec.id, "stopping the VM: {reason}");
+            finished = Some(reason);
+        }
         if let Some(reason) = finished {
             self.exit(reason);
         }
