@@ -34,7 +34,7 @@ pub fn memory_error_kind(e: &memory::manager::Error) -> ErrorKind {
     use memory::manager::{CommitError, Error as Mem};
     match e {
         Mem::Commit(CommitError::BadRatio(_)) => ErrorKind::InvalidInput,
-        Mem::PoolFull { .. } | Mem::Commit(_) => ErrorKind::Conflict,
+        Mem::PoolFull { .. } | Mem::Commit(_) | Mem::TooManyGuests(_) => ErrorKind::Conflict,
         _ => ErrorKind::Internal,
     }
 }
@@ -84,6 +84,8 @@ mod tests {
         assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Size(0))).kind(), ErrorKind::InvalidInput);
         let full = memory::manager::Error::PoolFull { free: 1, needed: 2 };
         assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Manager(full))).kind(), ErrorKind::Conflict);
+        let many = memory::manager::Error::TooManyGuests(memory::write_retry::RangeTableFull);
+        assert_eq!(host::Error::Vm(vm::Error::Ram(guest_ram::Error::Manager(many))).kind(), ErrorKind::Conflict);
         assert_eq!(host::Error::Io("x".into()).kind(), ErrorKind::Internal);
         let over = host::Error::OverBudget { committed_mib: 192, requested_mib: 96, budget_mib: 256 };
         assert_eq!(over.kind(), ErrorKind::Conflict);
