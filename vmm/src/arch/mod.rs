@@ -2,3 +2,4 @@
 
 pub mod cpl3;
 pub mod cpuid;
+pub mod exit_report;

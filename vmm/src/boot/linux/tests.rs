@@ -114,6 +114,7 @@ fn config(kernel: &TempFile, initrd: Option<&TempFile>, cmdline: &str) -> LinuxB
         initrd: initrd.map(|f| f.0.clone()),
         cmdline: cmdline.to_string(),
         virtio_mmio: vec![VirtioMmioSlot { addr: 0xd000_0000, size: 0x1000, irq: 5 }],
+        system_map: None,
     }
 }
 
@@ -355,7 +356,13 @@ fn loads_real_bzimage_when_built() {
     }
     let ram = 256 * MIB;
     let mem = guest_mem(ram);
-    let cfg = LinuxBootConfig { kernel, initrd: Some(initrd), cmdline: "console=ttyS0".into(), virtio_mmio: vec![] };
+    let cfg = LinuxBootConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0".into(),
+        virtio_mmio: vec![],
+        system_map: None,
+    };
     let setup = load_linux(&mem, ram, &cfg).unwrap();
     assert_eq!(setup.format, KernelFormat::BzImage);
     assert_eq!(setup.entry, GuestAddress(0x10_0200));
