@@ -48,49 +48,13 @@ pub struct Feature {
 ///   `lock cmpxchg16b 0x20(%rbp)` in `get_partial_node.part.0+0xd0` (SLUB's
 ///   `cmpxchg_double` of a slab's freelist and counters) right after `Memory:` at
 ///   guest time 140 s. Without cx16 SLUB takes its slab-lock path.
-/// - `xsave` (and `osxsave`, leaf 0xd, and the AVX family, whose state only XSAVE
-///   manages): KVM's emulator implements none of XSAVE/XRSTOR/XSAVEOPT/XSAVES (of
-///   group 15 it has only FXSAVE, FXRSTOR and CLFLUSH). The kernel then stopped at
-///   `xrstor64 (%rdi)` in `fpu__init_system_xstate+0x9b8` (guest time 168 s). Without
-///   xsave it manages the FPU with FXSAVE/FXRSTOR, which the emulator has.
-pub const UNEMULATED_FEATURES: &[Feature] = &[
-    f(1, 0, Reg::Ecx, 13, "cx16"),
-    f(1, 0, Reg::Ecx, 26, "xsave"),
-    f(1, 0, Reg::Ecx, 27, "osxsave"),
-    f(1, 0, Reg::Ecx, 28, "avx"),
-    f(1, 0, Reg::Ecx, 12, "fma"),
-    f(1, 0, Reg::Ecx, 29, "f16c"),
-    f(7, 0, Reg::Ebx, 5, "avx2"),
-    f(7, 0, Reg::Ebx, 16, "avx512f"),
-    f(7, 0, Reg::Ebx, 17, "avx512dq"),
-    f(7, 0, Reg::Ebx, 21, "avx512ifma"),
-    f(7, 0, Reg::Ebx, 26, "avx512pf"),
-    f(7, 0, Reg::Ebx, 27, "avx512er"),
-    f(7, 0, Reg::Ebx, 28, "avx512cd"),
-    f(7, 0, Reg::Ebx, 30, "avx512bw"),
-    f(7, 0, Reg::Ebx, 31, "avx512vl"),
-    f(7, 0, Reg::Ecx, 1, "avx512vbmi"),
-    f(7, 0, Reg::Ecx, 6, "avx512_vbmi2"),
-    f(7, 0, Reg::Ecx, 9, "vaes"),
-    f(7, 0, Reg::Ecx, 10, "vpclmulqdq"),
-    f(7, 0, Reg::Ecx, 11, "avx512_vnni"),
-    f(7, 0, Reg::Ecx, 12, "avx512_bitalg"),
-    f(7, 0, Reg::Ecx, 14, "avx512_vpopcntdq"),
-    f(7, 0, Reg::Edx, 2, "avx512_4vnniw"),
-    f(7, 0, Reg::Edx, 3, "avx512_4fmaps"),
-    f(7, 0, Reg::Edx, 8, "avx512_vp2intersect"),
-    f(7, 0, Reg::Edx, 23, "avx512_fp16"),
-    f(7, 1, Reg::Eax, 4, "avx_vnni"),
-    f(7, 1, Reg::Eax, 5, "avx512_bf16"),
-];
-
-/// Leaves cleared entirely (every subleaf) with [`UNEMULATED_FEATURES`]: 0xd, the
-/// XSAVE state components, which mean nothing without xsave.
-pub const UNEMULATED_LEAVES: &[u32] = &[0xd];
-
-const fn f(leaf: u32, subleaf: u32, reg: Reg, bit: u32, name: &'static str) -> Feature {
-    Feature { leaf, subleaf, reg, bit, name }
-}
+///
+/// kvm_pvm lets the VMM clear only the bits its `KVM_GET_SUPPORTED_CPUID` reports
+/// (leaf 1 ECX there is just cx16, x2apic and hypervisor): the guest sees the
+/// host's value of every other bit whatever `KVM_SET_CPUID2` says. Features outside
+/// that set (xsave) are turned off on the kernel command line instead
+/// ([`crate::boot::linux::cmdline::EMULATED_KERNEL_PARAMS`]).
+pub const UNEMULATED_FEATURES: &[Feature] = &[Feature { leaf: 1, subleaf: 0, reg: Reg::Ecx, bit: 13, name: "cx16" }];
 
 fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     match reg {
@@ -111,13 +75,6 @@ pub fn hide(cpuid: &mut CpuId, features: &[Feature]) {
                 *reg_mut(e, f.reg) &= !(1 << f.bit);
             }
         }
-    }
-}
-
-/// Zeroes the registers of every subleaf of `leaves` in `cpuid`.
-pub fn clear_leaves(cpuid: &mut CpuId, leaves: &[u32]) {
-    for e in cpuid.as_mut_slice().iter_mut().filter(|e| leaves.contains(&e.function)) {
-        (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
     }
 }
 
@@ -146,7 +103,6 @@ pub fn for_vcpu(supported: &CpuId, index: u8) -> CpuId {
     }
     if kernel_instructions_emulated() {
         hide(&mut cpuid, UNEMULATED_FEATURES);
-        clear_leaves(&mut cpuid, UNEMULATED_LEAVES);
     }
     cpuid
 }
@@ -185,23 +141,45 @@ mod tests {
     }
 
     #[test]
-    fn cleared_leaves_are_zero() {
-        let mut cpuid = CpuId::from_entries(&[entry(0xd, 0, 0, 7), entry(0xd, 1, 0, 7), entry(1, 0, 0, 7)]).unwrap();
-        clear_leaves(&mut cpuid, &[0xd]);
-        let e = cpuid.as_slice();
-        assert_eq!((e[0].ebx, e[0].ecx, e[1].ecx), (0, 0, 0));
-        assert_eq!((e[2].ebx, e[2].ecx), (!0, 7));
-    }
-
-    #[test]
     fn the_list_names_each_bit_once() {
         let find = |name| UNEMULATED_FEATURES.iter().find(|f| f.name == name).map(|f| (f.leaf, f.reg, f.bit));
         assert_eq!(find("cx16"), Some((1, Reg::Ecx, 13)));
-        assert_eq!(find("xsave"), Some((1, Reg::Ecx, 26)));
-        assert_eq!(find("avx2"), Some((7, Reg::Ebx, 5)));
         for (i, a) in UNEMULATED_FEATURES.iter().enumerate() {
             for b in &UNEMULATED_FEATURES[i + 1..] {
                 assert!((a.leaf, a.subleaf, a.reg, a.bit) != (b.leaf, b.subleaf, b.reg, b.bit), "{a:?} {b:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod kvm_tests {
+    use super::*;
+
+    /// KVM keeps hidden the features densevm hides that it reports as supported
+    /// (where /dev/kvm works).
+    #[test]
+    fn hidden_supported_features_stay_hidden() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            crate::boot::linux::tests::skip("hidden_supported_features_stay_hidden: /dev/kvm not usable");
+            return;
+        };
+        let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut wanted = for_vcpu(&supported, 0);
+        hide(&mut wanted, UNEMULATED_FEATURES);
+        vcpu.set_cpuid2(&wanted).unwrap();
+        let got = vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        let bit = |c: &CpuId, f: &Feature| {
+            c.as_slice().iter().find(|e| e.function == f.leaf && e.index == f.subleaf).map(|e| {
+                let mut e = *e;
+                *reg_mut(&mut e, f.reg) >> f.bit & 1
+            })
+        };
+        for f in UNEMULATED_FEATURES {
+            if bit(&supported, f) == Some(1) {
+                assert_eq!(bit(&got, f), Some(0), "{} is still visible to the guest", f.name);
             }
         }
     }

@@ -270,7 +270,8 @@ pub fn load_linux<M: GuestMemoryBackend>(
         }
     };
 
-    let cmdline = cmdline::build_cmdline(&cfg.cmdline, &cfg.virtio_mmio, cmdline_max)?;
+    let extra = if crate::arch::cpuid::kernel_instructions_emulated() { cmdline::EMULATED_KERNEL_PARAMS } else { &[] };
+    let cmdline = cmdline::build_cmdline_with(&cfg.cmdline, &cfg.virtio_mmio, extra, cmdline_max)?;
     let mut bytes = cmdline.clone().into_bytes();
     bytes.push(0);
     let mem_err = |what| move |source| Error::Memory { what, source };
