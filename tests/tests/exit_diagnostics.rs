@@ -6,6 +6,11 @@
 //! emulator cannot decode `ud2` and stops the vCPU with `KVM_EXIT_INTERNAL_ERROR`
 //! (suberror `KVM_INTERNAL_ERROR_EMULATION`). Either way the report names the exit,
 //! RIP, the kernel symbol from `--system-map`, CPL 0 and the bytes `0f 0b` at RIP.
+//!
+//! A second tiny kernel executes `int3` with a #BP handler in its IDT: natively the
+//! CPU delivers #BP; where KVM's emulator cannot (it stops on software interrupts in
+//! long mode), densevm delivers it. Either way the handler runs with the RIP after
+//! the `int3` on its stack.
 
 mod common;
 
@@ -120,5 +125,53 @@ fn unusable_system_map_is_refused_before_the_guest_runs() {
         assert!(stderr.contains(expect), "expected {expect:?} for {map:?}; stderr:\n{stderr}");
         assert!(last_json_line(&out.stdout).is_none(), "a VM ran with {map:?}");
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A kernel that loads an IDT with a #BP gate and executes `int3`; the handler moves
+/// the return RIP it finds on its stack into RSP and executes `ud2` (no #UD gate: a
+/// triple fault), so the report's RSP is the RIP the #BP pushed.
+fn int3_kernel() -> (Vec<u8>, u64, u64) {
+    const HANDLER: usize = 0x100;
+    const IDT: usize = 0x200;
+    const IDTR: usize = 0x300;
+    let mut code = vec![0x90u8; 0x310];
+    // lidt [rip + (IDTR - 7)]; int3; ud2
+    code[0..3].copy_from_slice(&[0x0f, 0x01, 0x1d]);
+    code[3..7].copy_from_slice(&((IDTR - 7) as u32).to_le_bytes());
+    code[7] = 0xcc;
+    code[8..10].copy_from_slice(&[0x0f, 0x0b]);
+    // handler: mov rax, [rsp]; mov rsp, rax; ud2
+    code[HANDLER..HANDLER + 9].copy_from_slice(&[0x48, 0x8b, 0x04, 0x24, 0x48, 0x89, 0xc4, 0x0f, 0x0b]);
+    // 64-bit interrupt gate for vector 3: handler, selector 0x10 (boot CS), present, DPL 0.
+    let handler = ENTRY + HANDLER as u64;
+    let gate = &mut code[IDT + 3 * 16..IDT + 4 * 16];
+    gate.fill(0);
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    code[IDT..IDT + 3 * 16].fill(0);
+    code[IDT + 4 * 16..IDT + 16 * 16].fill(0);
+    code[IDTR..IDTR + 2].copy_from_slice(&(16u16 * 16 - 1).to_le_bytes());
+    code[IDTR + 2..IDTR + 10].copy_from_slice(&(ENTRY + IDT as u64).to_le_bytes());
+    (tiny_kernel(&code), handler + 7, ENTRY + 8)
+}
+
+#[test]
+fn kernel_int3_reaches_the_guest_bp_handler() {
+    if !kvm_available("kernel_int3_reaches_the_guest_bp_handler") {
+        return;
+    }
+    let dir = scratch_dir("exitdiag-int3");
+    let kernel = dir.join("int3-vmlinux");
+    let (image, handler_ud2, after_int3) = int3_kernel();
+    std::fs::write(&kernel, image).expect("write kernel");
+    let out = run_kernel(&kernel, &[]);
+    let summary = last_json_line(&out.stdout).expect("final JSON line");
+    let reason = summary["timeline"]["exit_reason"].as_str().expect("an exit reason");
+    let expect = format!("; rip {handler_ud2:#x} cs 0x10 cpl 0 rsp {after_int3:#x} ");
+    assert!(reason.contains(&expect), "the #BP handler did not run with RIP {after_int3:#x} pushed: {reason}");
     let _ = std::fs::remove_dir_all(dir);
 }

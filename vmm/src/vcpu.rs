@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::exit_report::{read_internal_error, ExitReport, UnexpectedExit};
+use crate::arch::int3;
 use crate::boot::linux::system_map::SystemMap;
 use crate::control::{kick_signal, VcpuEvent, VmControl};
 use crate::device_manager::{ExitAction, IoRouter};
@@ -75,6 +76,8 @@ pub struct VcpuStats {
     pub doorbells: u64,
     /// Transient EFAULTs retried.
     pub efaults: u64,
+    /// `int3`s KVM's emulator stopped on that densevm delivered ([`int3`]).
+    pub int3_delivered: u64,
 }
 
 /// A running vCPU thread.
@@ -131,6 +134,19 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                     Flow::Unexpected(exit) => exit,
                 };
                 let report = ctx.diag.report(&vcpu, unexpected);
+                if int3::is_unemulated_int3(&report) {
+                    match int3::deliver_int3(&vcpu) {
+                        Ok(()) => {
+                            stats.int3_delivered += 1;
+                            tracing::debug!(
+                                vcpu = ctx.index,
+                                "delivered #BP for the int3 KVM could not emulate: {report}"
+                            );
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(vcpu = ctx.index, "cannot deliver #BP for an int3: {e}"),
+                    }
+                }
                 let event = match report.exit {
                     // The guest's own doing: a shutdown, as before, with the details.
                     UnexpectedExit::Shutdown => {

@@ -3,3 +3,4 @@
 pub mod cpl3;
 pub mod cpuid;
 pub mod exit_report;
+pub mod int3;
