@@ -175,3 +175,37 @@ fn kernel_int3_reaches_the_guest_bp_handler() {
     assert!(reason.contains(&expect), "the #BP handler did not run with RIP {after_int3:#x} pushed: {reason}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Where KVM emulates guest-kernel code (kvm_pvm), an instruction its emulator lacks
+/// (`xrstor64 (%rdi)`, group 15) stops the vCPU with an emulation failure, reported
+/// with the instruction bytes KVM sends; natively (CR4.OSXSAVE clear) it is a #UD,
+/// which the empty IDT turns into a triple fault.
+#[test]
+fn unemulated_instruction_is_reported_with_kvm_instruction_bytes() {
+    if !kvm_available("unemulated_instruction_is_reported_with_kvm_instruction_bytes") {
+        return;
+    }
+    let dir = scratch_dir("exitdiag-xrstor");
+    let kernel = dir.join("xrstor-vmlinux");
+    // mov edi, 0x2000; mov eax, 3; xor edx, edx; xrstor64 (%rdi); nops.
+    let mut code = vec![0xbf, 0x00, 0x20, 0x00, 0x00, 0xb8, 0x03, 0x00, 0x00, 0x00, 0x31, 0xd2, 0x48, 0x0f, 0xae, 0x2f];
+    code.resize(48, 0x90);
+    std::fs::write(&kernel, tiny_kernel(&code)).expect("write kernel");
+    let out = run_kernel(&kernel, &[]);
+    let summary = last_json_line(&out.stdout).expect("final JSON line");
+    let reason = summary["timeline"]["exit_reason"].as_str().expect("an exit reason");
+    assert!(reason.contains("; rip 0x100000c cs 0x10 cpl 0 "), "{reason}");
+    assert!(reason.contains("; code at rip: 48 0f ae 2f 90"), "{reason}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(
+            reason.starts_with(
+                "error: KVM_EXIT_INTERNAL_ERROR: suberror 1 KVM_INTERNAL_ERROR_EMULATION (KVM's instruction \
+                 emulator failed), instruction bytes (from KVM) 48 0f ae 2f 90"
+            ),
+            "{reason}"
+        );
+    } else {
+        assert!(reason.contains("KVM_EXIT_SHUTDOWN") || reason.contains("KVM_EXIT_INTERNAL_ERROR"), "{reason}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
