@@ -42,16 +42,19 @@ pub struct ExitDiagnostics {
 }
 
 impl ExitDiagnostics {
-    /// The full report of `exit` on `vcpu`.
+    /// The report of `exit` on `vcpu`, without the symbol ([`Self::name_rip`]).
     pub fn report(&self, vcpu: &VcpuFd, exit: UnexpectedExit) -> ExitReport {
-        let mut report = ExitReport::collect(vcpu, &self.memory, exit);
+        ExitReport::collect(vcpu, &self.memory, exit)
+    }
+
+    /// Names the kernel function at the report's RIP, when a System.map is known.
+    pub fn name_rip(&self, report: &mut ExitReport) {
         if let (Some(path), Ok(cpu)) = (&self.system_map, &report.cpu) {
             report.symbol = Some(match SystemMap::load(path) {
                 Ok(map) => map.lookup(cpu.rip).map_or_else(|| "no symbol".into(), |s| s.to_string()),
                 Err(e) => format!("no symbol: {e}"),
             });
         }
-        report
     }
 }
 
@@ -133,7 +136,7 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                     Flow::InternalError => read_internal_error(&mut vcpu),
                     Flow::Unexpected(exit) => exit,
                 };
-                let report = ctx.diag.report(&vcpu, unexpected);
+                let mut report = ctx.diag.report(&vcpu, unexpected);
                 if int3::is_unemulated_int3(&report) {
                     match int3::deliver_int3(&vcpu) {
                         Ok(()) => {
@@ -147,6 +150,7 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                         Err(e) => tracing::warn!(vcpu = ctx.index, "cannot deliver #BP for an int3: {e}"),
                     }
                 }
+                ctx.diag.name_rip(&mut report);
                 let event = match report.exit {
                     // The guest's own doing: a shutdown, as before, with the details.
                     UnexpectedExit::Shutdown => {
