@@ -48,11 +48,13 @@ const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "
 ///   FXRSTOR, CLFLUSH); the Debian 6.1 kernel stopped at `xrstor64 (%rdi)` in
 ///   `fpu__init_system_xstate+0x9b8` (guest time 168 s). With `noxsave` it clears
 ///   xsave and what depends on it (AVX...) and uses FXSAVE/FXRSTOR.
-/// - `nosmap`: the emulator has no CLAC/STAC (`0f 01 ca`/`cb`); once alternatives
-///   were applied the kernel stopped at `clac` in `asm_common_interrupt+0x0` (guest
-///   time 370 s). kvm_pvm does not offer smap in its supported CPUID, so the bit
-///   cannot be cleared there; with `nosmap` the CLAC/STAC sites stay NOPs.
-pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] = &[("noxsave", "noxsave"), ("nosmap", "nosmap")];
+/// - `clearcpuid=smap`: the emulator has no CLAC/STAC (`0f 01 ca`/`cb`); once
+///   alternatives were applied the kernel stopped at `clac` in
+///   `asm_common_interrupt+0x0` (guest time 370 s). kvm_pvm does not offer smap in
+///   its supported CPUID, so the bit cannot be cleared there; without the feature
+///   the CLAC/STAC sites stay NOPs. (`nosmap` is gone since Linux 5.19: 6.1 ignored
+///   it and stopped at the same `clac`.) A user's own `clearcpuid=` replaces it.
+pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] = &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap")];
 
 /// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
 fn size_str(size: u64) -> String {
@@ -172,9 +174,9 @@ mod tests {
     #[test]
     fn extra_params_when_absent() {
         let c = build_cmdline_with("quiet", &[], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave nosmap");
+        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap");
         let c = build_cmdline_with("noxsave -- a", &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "noxsave console=ttyS0 reboot=k panic=1 nosmap virtio_mmio.device=4K@0x1000:9 -- a");
+        assert_eq!(c, "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap virtio_mmio.device=4K@0x1000:9 -- a");
     }
 
     #[test]
