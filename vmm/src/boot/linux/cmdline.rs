@@ -54,7 +54,11 @@ const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "
 ///   its supported CPUID, so the bit cannot be cleared there; without the feature
 ///   the CLAC/STAC sites stay NOPs. (`nosmap` is gone since Linux 5.19: 6.1 ignored
 ///   it and stopped at the same `clac`.) A user's own `clearcpuid=` replaces it.
-pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] = &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap")];
+/// - `clearcpuid=popcnt` (same parameter): the emulator has no POPCNT; with smap
+///   off the kernel stopped at `popcnt %rdi,%rax` in `__bitmap_weight+0x41` (the
+///   patched `hweight64`); without the feature it calls the software version.
+pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] =
+    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt")];
 
 /// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
 fn size_str(size: u64) -> String {
@@ -174,9 +178,12 @@ mod tests {
     #[test]
     fn extra_params_when_absent() {
         let c = build_cmdline_with("quiet", &[], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap");
+        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt");
         let c = build_cmdline_with("noxsave -- a", &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap virtio_mmio.device=4K@0x1000:9 -- a");
+        assert_eq!(
+            c,
+            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt virtio_mmio.device=4K@0x1000:9 -- a"
+        );
     }
 
     #[test]
