@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
+    /// The kernel's System.map: an exit densevm cannot handle is reported with the
+    /// kernel function at the guest's RIP.
+    #[arg(long, requires = "kernel")]
+    pub system_map: Option<PathBuf>,
     /// Serial console output: `stdout`, `none`, or a file path.
     #[arg(long, default_value = "stdout")]
     pub serial: String,

@@ -6,10 +6,16 @@
 #                        and powers off
 #   out/config           the kernel's /boot/config-* (checked for what densevm needs)
 #   out/kernel-version   the kernel release string
+#   out/System.map       only with DENSEVM_SYSTEM_MAP=1: the kernel's symbol table, for
+#                        `densevm run --system-map` (names the kernel function at the RIP
+#                        of an exit densevm cannot handle). The image package's
+#                        System.map is a stub: the real one is taken from
+#                        linux-image-<version>-dbg, a ~280 MB download.
 #
 # Needs: apt-get (with Debian's package lists), dpkg-deb, cpio, gzip.
 # No network except the Debian archive through apt-get.
-# Idempotent: does nothing if out/ already holds a complete build (FORCE=1 rebuilds).
+# Idempotent: does nothing if out/ already holds a complete build (FORCE=1 rebuilds);
+# with DENSEVM_SYSTEM_MAP=1 and a complete build without System.map, fetches only it.
 #
 # Usage: resources/linux/build-guest.sh [OUT_DIR]
 set -euo pipefail
@@ -23,13 +29,18 @@ flavour="${DENSEVM_KERNEL_FLAVOUR:-cloud-amd64}"
 
 log() { echo "build-guest: $*" >&2; }
 
+want_map="${DENSEVM_SYSTEM_MAP:-}"
+only_map=""
 if [ -z "${FORCE:-}" ] && [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ] \
     && [ -s "$out/kernel-version" ]; then
-    log "already built in $out (FORCE=1 to rebuild)"
-    exit 0
+    if [ -z "$want_map" ] || [ -s "$out/System.map" ]; then
+        log "already built in $out (FORCE=1 to rebuild)"
+        exit 0
+    fi
+    only_map=1
 fi
 
-for tool in apt-get apt-cache dpkg-deb cpio gzip; do
+for tool in apt-get apt-cache dpkg-deb cpio gzip tar; do
     if ! command -v "$tool" >/dev/null; then
         if [ "$tool" = cpio ] && [ "$(id -u)" = 0 ]; then
             log "installing cpio"
@@ -54,6 +65,24 @@ if ! apt-cache show "linux-image-$flavour" >/dev/null 2>&1; then
     else
         log "no package list knows linux-image-$flavour and not root to apt-get update"; exit 1
     fi
+fi
+
+# out/System.map from linux-image-<kver>-dbg: only that file is unpacked.
+fetch_system_map() {
+    local kver="$1" dbg="linux-image-$1-dbg"
+    log "downloading $dbg (for System.map)"
+    apt-get download -qq "$dbg"
+    dpkg-deb --fsys-tarfile "$(ls "$dbg"_*.deb | head -n1)" \
+        | tar -x "./usr/lib/debug/boot/System.map-$kver"
+    mkdir -p "$out"
+    cp "usr/lib/debug/boot/System.map-$kver" "$out/System.map.tmp"
+    mv "$out/System.map.tmp" "$out/System.map"
+    log "extracted $out/System.map"
+}
+
+if [ -n "$only_map" ]; then
+    fetch_system_map "$(cat "$out/kernel-version")"
+    exit 0
 fi
 
 # The meta package depends on the real, versioned image package.
@@ -155,3 +184,7 @@ mv "$out/bzImage.tmp" "$out/bzImage"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 mv "$out/kernel-version.tmp" "$out/kernel-version"
 log "built $out/bzImage ($kver) and $out/initramfs.cpio.gz"
+if [ -n "$want_map" ]; then
+    rm -f "$out/System.map"
+    fetch_system_map "$kver"
+fi

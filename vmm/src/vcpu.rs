@@ -1,12 +1,17 @@
 //! vCPU threads and their exit loop.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
 
+use crate::arch::exit_report::{read_internal_error, ExitReport, UnexpectedExit};
+use crate::arch::int3;
+use crate::boot::linux::system_map::SystemMap;
 use crate::control::{kick_signal, VcpuEvent, VmControl};
 use crate::device_manager::{ExitAction, IoRouter};
 
@@ -22,6 +27,47 @@ pub struct VcpuContext {
     pub control: Arc<VmControl>,
     /// The VM's devices: every port-I/O and MMIO exit goes through them.
     pub io: Arc<IoRouter>,
+    /// What the report of an exit the loop cannot handle reads.
+    pub diag: ExitDiagnostics,
+}
+
+/// What the vCPU reads to report an exit it cannot handle: the code at RIP in guest
+/// RAM, and the kernel's System.map (read only then) to name the function at RIP.
+#[derive(Debug, Clone)]
+pub struct ExitDiagnostics {
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// The guest kernel's System.map, if known.
+    pub system_map: Option<PathBuf>,
+}
+
+impl ExitDiagnostics {
+    /// The report of `exit` on `vcpu`, without the symbol ([`Self::name_rip`]).
+    pub fn report(&self, vcpu: &VcpuFd, exit: UnexpectedExit) -> ExitReport {
+        ExitReport::collect(vcpu, &self.memory, exit)
+    }
+
+    /// Names the kernel function at the report's RIP, when a System.map is known.
+    pub fn name_rip(&self, report: &mut ExitReport) {
+        if let (Some(path), Ok(cpu)) = (&self.system_map, &report.cpu) {
+            report.symbol = Some(match SystemMap::load(path) {
+                Ok(map) => map.lookup(cpu.rip).map_or_else(|| "no symbol".into(), |s| s.to_string()),
+                Err(e) => format!("no symbol: {e}"),
+            });
+        }
+    }
+}
+
+/// What the loop does after an exit.
+enum Flow {
+    /// Enter the guest again.
+    Resume,
+    /// Leave the loop (the event is pushed).
+    Stop,
+    /// Leave the loop after reporting this exit.
+    Unexpected(UnexpectedExit),
+    /// Leave the loop after reporting `KVM_EXIT_INTERNAL_ERROR` (read from `kvm_run`).
+    InternalError,
 }
 
 /// Counters a vCPU keeps about its exits.
@@ -33,6 +79,8 @@ pub struct VcpuStats {
     pub doorbells: u64,
     /// Transient EFAULTs retried.
     pub efaults: u64,
+    /// `int3`s KVM's emulator stopped on that densevm delivered ([`int3`]).
+    pub int3_delivered: u64,
 }
 
 /// A running vCPU thread.
@@ -82,9 +130,36 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
         match exit {
             Ok(exit) => {
                 efault_since = None;
-                if !handle_exit(exit, &ctx, &mut stats) {
-                    break;
+                let unexpected = match handle_exit(exit, &ctx, &mut stats) {
+                    Flow::Resume => continue,
+                    Flow::Stop => break,
+                    Flow::InternalError => read_internal_error(&mut vcpu),
+                    Flow::Unexpected(exit) => exit,
+                };
+                let mut report = ctx.diag.report(&vcpu, unexpected);
+                if int3::is_unemulated_int3(&report) {
+                    match int3::deliver_int3(&vcpu) {
+                        Ok(()) => {
+                            stats.int3_delivered += 1;
+                            tracing::debug!(
+                                vcpu = ctx.index,
+                                "delivered #BP for the int3 KVM could not emulate: {report}"
+                            );
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(vcpu = ctx.index, "cannot deliver #BP for an int3: {e}"),
+                    }
                 }
+                ctx.diag.name_rip(&mut report);
+                let event = match report.exit {
+                    // The guest's own doing: a shutdown, as before, with the details.
+                    UnexpectedExit::Shutdown => {
+                        VcpuEvent::Shutdown { vcpu: ctx.index, reason: format!("guest shut down: {report}") }
+                    }
+                    _ => VcpuEvent::Error { vcpu: ctx.index, message: report.to_string() },
+                };
+                ctx.control.push_event(event);
+                break;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) if e.errno() == libc::EFAULT => {
@@ -110,46 +185,41 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     stats
 }
 
-/// Handles one exit; returns false when the vCPU must leave its loop.
-fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, stats: &mut VcpuStats) -> bool {
+/// Handles one exit.
+fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, stats: &mut VcpuStats) -> Flow {
     match exit {
         VcpuExit::MmioWrite(addr, data) => {
             if ctx.io.is_doorbell(addr) {
                 stats.doorbells += 1;
             }
-            ctx.io.mmio_write(ctx.index, addr, data) == ExitAction::Resume
+            match ctx.io.mmio_write(ctx.index, addr, data) {
+                ExitAction::Resume => Flow::Resume,
+                _ => Flow::Stop,
+            }
         }
         VcpuExit::MmioRead(addr, data) => {
             ctx.io.mmio_read(addr, data);
-            true
+            Flow::Resume
         }
         VcpuExit::IoOut(port, data) => {
             ctx.io.pio_write(port, data);
-            true
+            Flow::Resume
         }
         VcpuExit::IoIn(port, data) => {
             ctx.io.pio_read(port, data);
-            true
+            Flow::Resume
         }
         VcpuExit::Hlt => {
             ctx.control.push_event(VcpuEvent::Shutdown { vcpu: ctx.index, reason: "halted".into() });
-            false
-        }
-        VcpuExit::Shutdown => {
-            ctx.control.push_event(VcpuEvent::Shutdown {
-                vcpu: ctx.index,
-                reason: "guest shut down (triple fault or reset)".into(),
-            });
-            false
+            Flow::Stop
         }
         VcpuExit::SystemEvent(kind, _) => {
             ctx.control.push_event(VcpuEvent::Shutdown { vcpu: ctx.index, reason: format!("system event {kind}") });
-            false
+            Flow::Stop
         }
-        other => {
-            ctx.control
-                .push_event(VcpuEvent::Error { vcpu: ctx.index, message: format!("unexpected exit: {other:?}") });
-            false
-        }
+        VcpuExit::Shutdown => Flow::Unexpected(UnexpectedExit::Shutdown),
+        VcpuExit::InternalError => Flow::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => Flow::Unexpected(UnexpectedExit::FailEntry { reason, cpu }),
+        other => Flow::Unexpected(UnexpectedExit::Other(format!("{other:?}"))),
     }
 }

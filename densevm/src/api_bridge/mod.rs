@@ -172,6 +172,7 @@ pub fn vm_spec(vm_id: &str, config: &VmConfig) -> Result<VmSpec, ApiError> {
                 initrd: k.initrd_path.as_ref().map(PathBuf::from),
                 cmdline: k.boot_args.clone().unwrap_or_default(),
                 virtio_mmio: Vec::new(),
+                system_map: None,
             }),
             SerialOut::Stdout,
         ),

@@ -67,6 +67,7 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
             initrd: args.initrd.clone(),
             cmdline: args.cmdline.clone().unwrap_or_default(),
             virtio_mmio: Vec::new(),
+            system_map: args.system_map.clone(),
         }),
         (None, None) => BootSource::Workload(scenarios::builtin("quick").unwrap_or_default()),
         (Some(_), Some(_)) => return Err(CommandError::Input("--workload and --kernel exclude each other".into())),

@@ -2,3 +2,5 @@
 
 pub mod cpl3;
 pub mod cpuid;
+pub mod exit_report;
+pub mod int3;

@@ -15,7 +15,7 @@ use crate::boot::linux;
 use crate::control::{install_kick_handler, RunMode, VcpuEvent, VmControl};
 use crate::device_manager::{self, DeviceManager, DeviceNotice, UnclaimedIo, WorkloadDoorbell};
 use crate::guest_ram::{self, GuestRam};
-use crate::vcpu::{VcpuContext, VcpuThread};
+use crate::vcpu::{ExitDiagnostics, VcpuContext, VcpuThread};
 use crate::workload::abi::WorkloadReport;
 use crate::workload::{self, WorkloadGuest};
 
@@ -253,7 +253,13 @@ impl Vm {
             return Err(self.refuse("start"));
         }
         for (i, vcpu) in self.pending.drain(..).enumerate() {
-            let ctx = VcpuContext { index: i as u32, control: self.control.clone(), io: self.devices.io().clone() };
+            let system_map = match &self.spec.boot {
+                BootSource::Linux(cfg) => cfg.system_map.clone(),
+                BootSource::Workload(_) => None,
+            };
+            let diag = ExitDiagnostics { memory: self.ram.memory().clone(), system_map };
+            let ctx =
+                VcpuContext { index: i as u32, control: self.control.clone(), io: self.devices.io().clone(), diag };
             let t = VcpuThread::spawn(vcpu, ctx).map_err(|e| Error::Io("spawning a vCPU thread".into(), e))?;
             self.threads.push(t);
         }

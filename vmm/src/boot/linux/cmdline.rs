@@ -40,6 +40,26 @@ pub enum Error {
 /// VM), and reboot (so stop) one second after a panic instead of hanging.
 const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "reboot=k"), ("panic=", "panic=1")];
 
+/// Parameters added, when absent, where KVM emulates guest-kernel instructions
+/// (`kvm_pvm`, see `crate::arch::cpuid`), to keep the kernel off instructions KVM's
+/// emulator lacks whose CPUID bit the VMM cannot clear there:
+///
+/// - `noxsave`: KVM's emulator has no XSAVE/XRSTOR (of group 15 only FXSAVE,
+///   FXRSTOR, CLFLUSH); the Debian 6.1 kernel stopped at `xrstor64 (%rdi)` in
+///   `fpu__init_system_xstate+0x9b8` (guest time 168 s). With `noxsave` it clears
+///   xsave and what depends on it (AVX...) and uses FXSAVE/FXRSTOR.
+/// - `clearcpuid=smap`: the emulator has no CLAC/STAC (`0f 01 ca`/`cb`); once
+///   alternatives were applied the kernel stopped at `clac` in
+///   `asm_common_interrupt+0x0` (guest time 370 s). kvm_pvm does not offer smap in
+///   its supported CPUID, so the bit cannot be cleared there; without the feature
+///   the CLAC/STAC sites stay NOPs. (`nosmap` is gone since Linux 5.19: 6.1 ignored
+///   it and stopped at the same `clac`.) A user's own `clearcpuid=` replaces it.
+/// - `clearcpuid=popcnt` (same parameter): the emulator has no POPCNT; with smap
+///   off the kernel stopped at `popcnt %rdi,%rax` in `__bitmap_weight+0x41` (the
+///   patched `hweight64`); without the feature it calls the software version.
+pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] =
+    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt")];
+
 /// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
 fn size_str(size: u64) -> String {
     const K: u64 = 1 << 10;
@@ -82,6 +102,17 @@ fn init_args_start(cmdline: &str) -> Option<usize> {
 /// init arguments after ` -- ` stay last. Fails if the result is longer than `max`
 /// bytes (without the NUL the VMM appends).
 pub fn build_cmdline(user: &str, slots: &[VirtioMmioSlot], max: usize) -> Result<String, Error> {
+    build_cmdline_with(user, slots, &[], max)
+}
+
+/// [`build_cmdline`] with `extra` parameters (key prefix, parameter) added after the
+/// defaults when the user's command line has no parameter starting with the key.
+pub fn build_cmdline_with(
+    user: &str,
+    slots: &[VirtioMmioSlot],
+    extra: &[(&str, &str)],
+    max: usize,
+) -> Result<String, Error> {
     if let Some(c) = user.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
         return Err(Error::InvalidChar(c));
     }
@@ -91,7 +122,7 @@ pub fn build_cmdline(user: &str, slots: &[VirtioMmioSlot], max: usize) -> Result
     };
     let parts: Vec<&str> = boot.split(' ').filter(|s| !s.is_empty()).collect();
     let mut out = boot.trim().to_string();
-    for (key, param) in DEFAULTS {
+    for (key, param) in DEFAULTS.iter().chain(extra) {
         if !parts.iter().any(|p| p.starts_with(key)) {
             push_param(&mut out, param);
         }
@@ -142,6 +173,17 @@ mod tests {
         // "--" inside quotes or inside a token is not the separator.
         let c = build_cmdline("a=\"x -- y\" b--c", &[], 2047).unwrap();
         assert_eq!(c, "a=\"x -- y\" b--c console=ttyS0 reboot=k panic=1");
+    }
+
+    #[test]
+    fn extra_params_when_absent() {
+        let c = build_cmdline_with("quiet", &[], EMULATED_KERNEL_PARAMS, 2047).unwrap();
+        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt");
+        let c = build_cmdline_with("noxsave -- a", &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
+        assert_eq!(
+            c,
+            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt virtio_mmio.device=4K@0x1000:9 -- a"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@
 pub mod cmdline;
 pub mod e820;
 pub mod regs;
+pub mod system_map;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -73,6 +74,9 @@ pub struct LinuxBootConfig {
     pub cmdline: String,
     /// virtio-mmio devices to announce on the command line.
     pub virtio_mmio: Vec<VirtioMmioSlot>,
+    /// The kernel's System.map: checked at load, read again to name the kernel
+    /// function at RIP in the report of an exit densevm cannot handle.
+    pub system_map: Option<PathBuf>,
 }
 
 /// Kind of kernel image.
@@ -172,6 +176,9 @@ pub enum Error {
     /// The boot CPU state could not be set.
     #[error(transparent)]
     Regs(#[from] regs::Error),
+    /// The System.map is not usable.
+    #[error(transparent)]
+    SystemMap(#[from] system_map::Error),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -216,6 +223,9 @@ pub fn load_linux<M: GuestMemoryBackend>(
     cfg: &LinuxBootConfig,
 ) -> Result<LinuxBootSetup, Error> {
     let e820_map = e820::build_e820(ram_size)?;
+    if let Some(path) = &cfg.system_map {
+        system_map::SystemMap::load(path)?;
+    }
     // Both files are checked before either is read.
     let kernel = boot_file::open("kernel", &cfg.kernel, boot_file::MAX_KERNEL_BYTES)?;
     // No cap on the initrd here: place_initrd refuses one that does not fit in guest
@@ -260,7 +270,8 @@ pub fn load_linux<M: GuestMemoryBackend>(
         }
     };
 
-    let cmdline = cmdline::build_cmdline(&cfg.cmdline, &cfg.virtio_mmio, cmdline_max)?;
+    let extra = if crate::arch::cpuid::kernel_instructions_emulated() { cmdline::EMULATED_KERNEL_PARAMS } else { &[] };
+    let cmdline = cmdline::build_cmdline_with(&cfg.cmdline, &cfg.virtio_mmio, extra, cmdline_max)?;
     let mut bytes = cmdline.clone().into_bytes();
     bytes.push(0);
     let mem_err = |what| move |source| Error::Memory { what, source };

@@ -114,6 +114,7 @@ fn config(kernel: &TempFile, initrd: Option<&TempFile>, cmdline: &str) -> LinuxB
         initrd: initrd.map(|f| f.0.clone()),
         cmdline: cmdline.to_string(),
         virtio_mmio: vec![VirtioMmioSlot { addr: 0xd000_0000, size: 0x1000, irq: 5 }],
+        system_map: None,
     }
 }
 
@@ -155,7 +156,10 @@ fn boot_params_layout_from_synthetic_bzimage() {
     assert_eq!({ hdr.cmdline_size } as usize, setup.cmdline.len() + 1);
     let cmdline = read_cstr(&mem, CMDLINE_ADDR, 4096);
     assert_eq!(cmdline, setup.cmdline);
-    assert_eq!(cmdline, "quiet console=ttyS0 reboot=k panic=1 virtio_mmio.device=4K@0xd0000000:5");
+    // Where KVM emulates guest-kernel instructions, densevm adds `noxsave clearcpuid=smap,popcnt`.
+    let emulated =
+        if crate::arch::cpuid::kernel_instructions_emulated() { " noxsave clearcpuid=smap,popcnt" } else { "" };
+    assert_eq!(cmdline, format!("quiet console=ttyS0 reboot=k panic=1{emulated} virtio_mmio.device=4K@0xd0000000:5"));
 
     // Initrd: page-aligned, at the top of RAM, content intact.
     let (addr, size) = setup.initrd.unwrap();
@@ -355,7 +359,13 @@ fn loads_real_bzimage_when_built() {
     }
     let ram = 256 * MIB;
     let mem = guest_mem(ram);
-    let cfg = LinuxBootConfig { kernel, initrd: Some(initrd), cmdline: "console=ttyS0".into(), virtio_mmio: vec![] };
+    let cfg = LinuxBootConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0".into(),
+        virtio_mmio: vec![],
+        system_map: None,
+    };
     let setup = load_linux(&mem, ram, &cfg).unwrap();
     assert_eq!(setup.format, KernelFormat::BzImage);
     assert_eq!(setup.entry, GuestAddress(0x10_0200));
