@@ -10,7 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::exit_report::{read_internal_error, ExitReport, UnexpectedExit};
-use crate::arch::int3;
+use crate::arch::{fwait, int3};
 use crate::boot::linux::system_map::SystemMap;
 use crate::control::{kick_signal, VcpuEvent, VmControl};
 use crate::device_manager::{ExitAction, IoRouter};
@@ -81,6 +81,8 @@ pub struct VcpuStats {
     pub efaults: u64,
     /// `int3`s KVM's emulator stopped on that densevm delivered ([`int3`]).
     pub int3_delivered: u64,
+    /// `fwait`s KVM's emulator stopped on that densevm completed ([`fwait`]).
+    pub fwait_completed: u64,
 }
 
 /// A running vCPU thread.
@@ -148,6 +150,19 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                             continue;
                         }
                         Err(e) => tracing::warn!(vcpu = ctx.index, "cannot deliver #BP for an int3: {e}"),
+                    }
+                }
+                if fwait::is_unemulated_fwait(&report) {
+                    match fwait::complete_fwait(&vcpu) {
+                        Ok(outcome) => {
+                            stats.fwait_completed += 1;
+                            tracing::debug!(
+                                vcpu = ctx.index,
+                                "completed the fwait KVM could not emulate ({outcome:?}): {report}"
+                            );
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(vcpu = ctx.index, "cannot complete an fwait: {e}"),
                     }
                 }
                 ctx.diag.name_rip(&mut report);

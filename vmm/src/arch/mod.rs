@@ -3,4 +3,5 @@
 pub mod cpl3;
 pub mod cpuid;
 pub mod exit_report;
+pub mod fwait;
 pub mod int3;
