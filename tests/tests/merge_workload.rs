@@ -135,6 +135,7 @@ impl Fleet {
                 // Opted in from the start (the dirty log is registered at creation);
                 // the scanner itself starts stopped.
                 merge: MergeSpec { enabled: true, domain: d.domain.map(String::from) },
+                balloon: None,
             };
             host.create_vm(spec).unwrap_or_else(|e| panic!("{name}: creating VM {}: {e}", d.id));
         }
@@ -1079,6 +1080,7 @@ fn vm_destroyed_and_created_while_merged() {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: true, domain: domain.map(String::from) },
+        balloon: None,
     };
     f.host.create_vm(spec).unwrap();
     f.host.vm_mut("d").unwrap().start().unwrap();

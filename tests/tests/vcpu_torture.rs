@@ -41,6 +41,7 @@ fn spec(id: &str, seed: u64, secs: u64) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: true,
         merge: MergeSpec::default(),
+        balloon: None,
     }
 }
 

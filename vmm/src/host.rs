@@ -50,6 +50,9 @@ pub enum Error {
     /// The memory manager could not start.
     #[error("memory manager: {0}")]
     Memory(#[from] memory::manager::Error),
+    /// A balloon request failed.
+    #[error(transparent)]
+    Balloon(#[from] crate::balloon::Error),
 }
 
 /// Host-wide settings.
@@ -360,6 +363,7 @@ mod tests {
             ram: RamPolicy::Anonymous { mergeable: false },
             pause_after_fill: false,
             merge: MergeSpec::default(),
+            balloon: None,
         };
         crate::driver::lock(&host).create_vm(spec).unwrap();
         let mut em: EventManager<Arc<Mutex<Host>>> = EventManager::new().unwrap();

@@ -78,6 +78,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             ram: RamPolicy::Managed,
             pause_after_fill: false,
             merge,
+            balloon: None,
         })?;
     }
     // The header of the progress table above (user output, like the table).

@@ -85,6 +85,7 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: args.merge, domain: None },
+        balloon: None,
     })
 }
 

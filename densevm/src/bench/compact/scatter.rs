@@ -102,6 +102,7 @@ fn spec(id: String, index: u32, p: &Params) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: true, domain: Some(DOMAIN.into()) },
+        balloon: None,
     }
 }
 

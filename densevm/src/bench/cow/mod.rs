@@ -84,6 +84,7 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
         pause_after_fill: true,
         // Merged by hand below, never by the scanner; one domain so that A and B may share.
         merge: MergeSpec { enabled: false, domain: Some(DOMAIN.into()) },
+        balloon: None,
     }
 }
 

@@ -163,6 +163,7 @@ fn spec(id: String, index: u32, p: &Params, merging: Merging) -> VmSpec {
         ram,
         pause_after_fill: false,
         merge: MergeSpec { enabled: matches!(merging, Merging::Densevm(_)), domain: Some(DOMAIN.into()) },
+        balloon: None,
     }
 }
 

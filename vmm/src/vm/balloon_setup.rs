@@ -1,0 +1,40 @@
+//! Giving a VM its balloon: the device on the MMIO bus over the VM's RAM, and
+//! the `virtio_mmio.device=` slot of a Linux guest's command line.
+
+use crate::balloon::{BackendMemory, BalloonDevice, BalloonSpec};
+use crate::boot::linux::{LinuxBootConfig, VirtioMmioSlot};
+use crate::device_manager::{DeviceManager, BALLOON_GSI, BALLOON_MMIO_BASE};
+use crate::guest_ram::GuestRam;
+
+use super::{Error, VmSpec};
+
+/// `cfg` with the balloon's slot announced on the command line when `balloon`.
+pub(super) fn balloon_slot(cfg: &LinuxBootConfig, balloon: bool) -> LinuxBootConfig {
+    let mut cfg = cfg.clone();
+    if balloon {
+        let size = devices::virtio::mmio::MMIO_LEN;
+        cfg.virtio_mmio.push(VirtioMmioSlot { addr: BALLOON_MMIO_BASE, size, irq: BALLOON_GSI });
+    }
+    cfg
+}
+
+/// Adds the balloon of `spec` to `devices`, over `ram`.
+pub(super) fn add_balloon(
+    devices: &mut DeviceManager,
+    balloon: &BalloonSpec,
+    spec: &VmSpec,
+    ram: &GuestRam,
+) -> Result<BalloonDevice, Error> {
+    balloon.validate(spec.mem_mib).map_err(|e| Error::Config(e.to_string()))?;
+    if ram.size() > BALLOON_MMIO_BASE {
+        return Err(Error::Config(format!(
+            "a VM with a balloon may have at most {} MiB of RAM (the balloon's registers sit at {BALLOON_MMIO_BASE:#x})",
+            BALLOON_MMIO_BASE >> 20
+        )));
+    }
+    let backend = match ram.guest_map() {
+        Some(map) => BackendMemory::Managed(map.manager().clone(), map.vm_id()),
+        None => BackendMemory::Anonymous { host_addr: ram.host_addr() as usize, size: ram.size() },
+    };
+    Ok(devices.add_balloon(balloon, ram.memory().clone(), backend)?)
+}
