@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 mod backend;
 mod host;
+#[cfg(test)]
+mod tests;
 
 pub use backend::{BackendMemory, MemoryBackend};
 
@@ -82,9 +84,11 @@ impl BalloonSpec {
                     spec.stats_polling_interval_s = value.parse().map_err(|_| bad("a number of seconds (0..=65535)"))?
                 }
                 "free_page_reporting" => spec.free_page_reporting = boolean()?,
-                _ => return Err(Error::Parse(format!(
+                _ => {
+                    return Err(Error::Parse(format!(
                     "unknown key `{key}` (amount_mib, deflate_on_oom, stats_polling_interval_s, free_page_reporting)"
-                ))),
+                )))
+                }
             }
         }
         spec.amount_mib = amount.ok_or_else(|| Error::Parse("amount_mib=N is required".into()))?;
@@ -335,7 +339,7 @@ impl BalloonDevice {
 }
 
 #[cfg(test)]
-mod tests {
+mod spec_tests {
     use super::*;
 
     #[test]
