@@ -69,6 +69,7 @@ fn scenario(fill_mib: u32, zero: f64, shared: f64, write: f64, writes_per_s: u64
         write_fraction: write,
         writes_per_s,
         duration_s: secs,
+        balloon_hold_ms: None,
     }
 }
 

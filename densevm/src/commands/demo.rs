@@ -30,6 +30,7 @@ pub fn demo_scenario(args: &DemoArgs, index: u32) -> Scenario {
         write_fraction: 0.1,
         writes_per_s: args.writes_per_s,
         duration_s: args.duration_s,
+        balloon_hold_ms: None,
     }
 }
 

@@ -1,10 +1,13 @@
 //! Giving a VM its balloon: the device on the MMIO bus over the VM's RAM, and
-//! the `virtio_mmio.device=` slot of a Linux guest's command line.
+//! the `virtio_mmio.device=` slot of a Linux guest's command line, and the
+//! workload guest's balloon step.
 
 use crate::balloon::{BackendMemory, BalloonDevice, BalloonSpec};
 use crate::boot::linux::{LinuxBootConfig, VirtioMmioSlot};
 use crate::device_manager::{DeviceManager, BALLOON_GSI, BALLOON_MMIO_BASE};
 use crate::guest_ram::GuestRam;
+use crate::workload::WorkloadGuest;
+use vm_memory::GuestMemoryMmap;
 
 use super::{Error, VmSpec};
 
@@ -37,4 +40,17 @@ pub(super) fn add_balloon(
         None => BackendMemory::Anonymous { host_addr: ram.host_addr() as usize, size: ram.size() },
     };
     Ok(devices.add_balloon(balloon, ram.memory().clone(), backend)?)
+}
+
+/// Has the workload guest drive its balloon (`hold_ms` inflated); the VM must have one.
+pub(super) fn workload_balloon(
+    guest: &mut WorkloadGuest,
+    spec: &VmSpec,
+    mem: &GuestMemoryMmap,
+    hold_ms: u64,
+) -> Result<(), Error> {
+    if spec.balloon.is_none() {
+        return Err(Error::Config("the scenario's balloon_hold_ms needs a VM with a balloon (--balloon)".into()));
+    }
+    Ok(guest.enable_balloon(mem, BALLOON_MMIO_BASE, hold_ms)?)
 }

@@ -22,7 +22,7 @@ use crate::workload::{self, WorkloadGuest};
 
 mod balloon_setup;
 mod spec;
-use balloon_setup::{add_balloon, balloon_slot};
+use balloon_setup::{add_balloon, balloon_slot, workload_balloon};
 pub use spec::{BootSource, MergeSpec, SerialOut, VmSpec, VmState, VmTimeline};
 
 /// Most vCPUs per VM.
@@ -161,6 +161,10 @@ impl Vm {
                     u64::from(tsc_khz),
                     printing,
                 )?;
+                let mut guest = guest;
+                if let Some(ms) = scenario.balloon_hold_ms {
+                    workload_balloon(&mut guest, &spec, ram.memory(), ms)?;
+                }
                 for (i, vcpu) in pending.iter().enumerate() {
                     cpl3::configure(vcpu, &guest.start(i as u32, false))?;
                 }

@@ -71,6 +71,13 @@ pub struct WorkloadConfig {
     pub verify_chunk: u64,
     /// 1: print progress on the serial port.
     pub serial: u64,
+    /// Guest-physical base of the virtio-balloon's registers, or 0: no balloon step.
+    pub balloon_gpa: u64,
+    /// Guest-physical address of the balloon driver's rings and buffers
+    /// ([`crate::workload::layout::BALLOON_SCRATCH`] bytes).
+    pub balloon_scratch_gpa: u64,
+    /// Milliseconds to hold the balloon inflated.
+    pub balloon_hold_ms: u64,
 }
 
 // SAFETY: WorkloadConfig is a repr(C) struct of u64 fields only: no padding, and every

@@ -89,6 +89,7 @@ fn scenario(p: &Params, index: u32) -> Scenario {
         write_fraction: 0.0,
         writes_per_s: 0,
         duration_s: 0,
+        balloon_hold_ms: None,
     }
 }
 
