@@ -139,3 +139,47 @@ fn discard_range_checks_the_range_first() {
     assert_eq!(mgr.discard_range(1, 0, 4).unwrap().backed, 0);
     assert_eq!(mgr.stats().host_bytes, before - 4 * PAGE_SIZE as u64);
 }
+
+/// Host time of discarding 256 MiB with `discard_range` against a loop of
+/// per-page `discard`, interleaved (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn discard_range_against_per_page_discard() {
+    let Some(mgr) = manager_or_skip("discard_range_against_per_page_discard", 1024) else {
+        return;
+    };
+    let pages = (256u32 << 20) / PAGE_SIZE as u32;
+    let (mut batched, mut single) = (Vec::new(), Vec::new());
+    for rep in 0..6u32 {
+        for batched_run in [true, false] {
+            let guest = mgr.create_guest(1, u64::from(pages) * PAGE_SIZE as u64).unwrap();
+            for p in 0..pages {
+                // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
+                unsafe { fill_page(guest.page_addr(p).unwrap(), u64::from(p) + u64::from(rep)) };
+            }
+            let t = std::time::Instant::now();
+            if batched_run {
+                mgr.discard_range(1, 0, pages).unwrap();
+            } else {
+                for p in 0..pages {
+                    mgr.discard(1, p).unwrap();
+                }
+            }
+            let secs = t.elapsed().as_secs_f64();
+            assert_eq!(mgr.stats().host_bytes, 0);
+            if rep > 0 {
+                (if batched_run { &mut batched } else { &mut single }).push(secs);
+            }
+        }
+    }
+    for v in [&mut batched, &mut single] {
+        v.sort_by(f64::total_cmp);
+    }
+    let show = |v: &[f64]| {
+        format!("min {:.1} / median {:.1} / max {:.1} ms", v[0] * 1e3, v[v.len() / 2] * 1e3, v[v.len() - 1] * 1e3)
+    };
+    println!("discard 256 MiB ({pages} pages), 5 interleaved runs each after a warm-up:");
+    println!("  discard_range: {} ({:.0} pages/s at the median)", show(&batched), f64::from(pages) / batched[2]);
+    println!("  per-page discard: {}", show(&single));
+    println!("  ratio per-page / batched (medians): {:.1}x", single[2] / batched[2]);
+}

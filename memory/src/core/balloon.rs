@@ -10,6 +10,8 @@
 //! of consecutive frames, and a page of a shared frame drops its reference and
 //! gets a fresh (zero) frame of its own.
 
+use std::collections::HashSet;
+
 use super::counters::Counter;
 use super::error::{Error, Result};
 use super::txn::Txn;
@@ -91,7 +93,8 @@ fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<Discar
         frames.push(t.entry(m)?.frame);
     }
     frames.sort_unstable();
-    for (start, len) in runs(&frames, |a, b| b == a + 1) {
+    let frame_runs = runs(&frames, |a, b| b == a + 1);
+    for &(start, len) in &frame_runs {
         t.st.pool().punch(start, len)?;
     }
     // Protection must still hold after the punch zapped the page tables.
@@ -99,12 +102,19 @@ fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<Discar
     for (start, len) in runs(&pages, |a, b| b == a + 1) {
         t.remap.protect(t.addr(Mapper { vm, page: start })?, len as usize * PAGE_SIZE)?;
     }
+    // Known zero only if nothing was written between punch and re-protect:
+    // one check per run of frames, per frame only in a run that has data.
+    let mut written = HashSet::new();
+    for &(start, len) in &frame_runs {
+        if !t.st.pool().is_hole(start, len).unwrap_or(false) {
+            written.extend((start..start + len as FrameNo).filter(|&f| !t.st.pool().is_hole(f, 1).unwrap_or(false)));
+        }
+    }
     let cleared = PageFlags::SHARED.with(PageFlags::MERGED_ZERO);
     for &m in &private {
         let e = t.entry(m)?;
         let mut flags = e.flags.without(cleared).with(PageFlags::PROTECTED).with(PageFlags::ZERO);
-        // Known zero only if nothing was written between punch and re-protect.
-        if !t.st.pool().is_hole(e.frame, 1).unwrap_or(false) {
+        if written.contains(&e.frame) {
             flags = flags.without(PageFlags::ZERO);
         }
         t.set_flags(m, flags)?;
