@@ -178,8 +178,9 @@ static void rewrite_page(const struct env *e, uint64_t i) {
 
 /* A minimal virtio-mmio balloon driver (virtio 1.x, split rings), used by vCPU 0
  * when densevm gives it a balloon step. It runs at CPL 3 without interrupts, so it
- * polls the used rings (sleeping through the doorbell between polls). The rings
- * and the PFN buffer live in cfg.balloon_scratch_gpa (8 pages, identity-mapped). */
+ * polls the used rings (sleeping through the doorbell between polls). The rings,
+ * the PFN buffer and the statistics buffer live in cfg.balloon_scratch_gpa (12
+ * pages, identity-mapped). */
 #define VMMIO_MAGIC 0x000
 #define VMMIO_VERSION 0x004
 #define VMMIO_DEVICE_ID 0x008
@@ -228,9 +229,8 @@ static void vq_setup(uint64_t base, uint32_t index, struct vq *q, uint64_t mem) 
     mmio_w(base, VMMIO_QUEUE_READY, 1);
 }
 
-/* Offers one device-readable buffer on queue `index`, kicks, and polls until the
- * device used it (at most 10 s); returns 0 on success. */
-static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+/* Offers one device-readable buffer on queue `index` and kicks. */
+static void vq_offer(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
     uint16_t head = q->idx % VQ_SIZE;
     volatile uint8_t *d = (volatile uint8_t *)(q->desc + 16 * head);
     *(volatile uint64_t *)d = buf;
@@ -242,8 +242,17 @@ static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t b
     q->idx++;
     ((volatile uint16_t *)q->avail)[1] = q->idx;
     mmio_w(e->c.balloon_gpa, VMMIO_QUEUE_NOTIFY, index);
+}
+
+/* True when the device used every buffer offered on `q`. */
+static int vq_done(const struct vq *q) { return ((volatile uint16_t *)q->used)[1] == q->idx; }
+
+/* Offers a buffer, kicks, and polls until the device used it (at most 10 s);
+ * returns 0 on success. */
+static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+    vq_offer(e, q, index, buf, len);
     uint64_t deadline = rdtsc() + 10 * e->c.tsc_khz * 1000;
-    while (((volatile uint16_t *)q->used)[1] != q->idx) {
+    while (!vq_done(q)) {
         if (rdtsc() > deadline) return -1;
         doorbell(e, DB_SLEEP_US, 100);
     }
@@ -259,6 +268,18 @@ static int send_pfns(const struct env *e, struct vq *q, uint32_t index, uint64_t
         if (vq_send(e, q, index, (uint64_t)pfns, (uint32_t)(4 * k))) return -1;
     }
     return 0;
+}
+
+/* Writes the statistics buffer (total and available memory of this vCPU's
+ * slice, wake-ups as minor faults) and offers it on the stats queue. */
+static void send_stats(const struct env *e, struct vq *q, uint64_t inflated) {
+    volatile uint8_t *buf = (volatile uint8_t *)(e->c.balloon_scratch_gpa + 0xa000);
+    uint64_t v[3][2] = {{5, e->c.npages << 12}, {6, (e->c.npages - inflated) << 12}, {3, e->rep->wakeups}};
+    for (int i = 0; i < 3; i++) {
+        *(volatile uint16_t *)(buf + 10 * i) = (uint16_t)v[i][0];
+        for (int b = 0; b < 8; b++) buf[10 * i + 2 + b] = (uint8_t)(v[i][1] >> (8 * b));
+    }
+    vq_offer(e, q, 2, (uint64_t)buf, 30);
 }
 
 static void balloon_fail(const struct env *e, struct line *l, const char *what) {
@@ -286,17 +307,20 @@ static void balloon_step(const struct env *e) {
         balloon_fail(e, &out, "device does not offer VERSION_1");
         return;
     }
+    mmio_w(b, VMMIO_DEVICE_FEATURES_SEL, 0);
+    uint32_t stats = mmio_r(b, VMMIO_DEVICE_FEATURES) & 2; /* VIRTIO_BALLOON_F_STATS_VQ */
     mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 0);
-    mmio_w(b, VMMIO_DRIVER_FEATURES, 0);
+    mmio_w(b, VMMIO_DRIVER_FEATURES, stats);
     mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 1);
-    mmio_w(b, VMMIO_DRIVER_FEATURES, 1); /* VERSION_1 only: inflate and deflate queues */
+    mmio_w(b, VMMIO_DRIVER_FEATURES, 1); /* VERSION_1 (and the stats queue if offered) */
     mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK);
     if (!(mmio_r(b, VMMIO_STATUS) & VSTATUS_FEATURES_OK)) {
         balloon_fail(e, &out, "FEATURES_OK refused");
         return;
     }
-    struct vq inflate, deflate;
-    for (uint32_t i = 0; i < 2; i++) {
+    struct vq inflate, deflate, statq;
+    uint32_t queues = stats ? 3 : 2;
+    for (uint32_t i = 0; i < queues; i++) {
         mmio_w(b, VMMIO_QUEUE_SEL, i);
         if (mmio_r(b, VMMIO_QUEUE_NUM_MAX) < VQ_SIZE) {
             balloon_fail(e, &out, "queue too small");
@@ -305,7 +329,10 @@ static void balloon_step(const struct env *e) {
     }
     vq_setup(b, 0, &inflate, e->c.balloon_scratch_gpa);
     vq_setup(b, 1, &deflate, e->c.balloon_scratch_gpa + 0x3000);
+    if (stats) vq_setup(b, 2, &statq, e->c.balloon_scratch_gpa + 0x7000);
     mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK | VSTATUS_DRIVER_OK);
+    /* The device keeps the stats buffer until it wants fresh statistics. */
+    if (stats) send_stats(e, &statq, 0);
 
     uint64_t target = mmio_r(b, VMMIO_CONFIG); /* num_pages */
     uint64_t n = target < e->c.npages ? target : e->c.npages;
@@ -318,10 +345,12 @@ static void balloon_step(const struct env *e) {
     line_u64(&out, n);
     line_str(&out, " pages\n");
     line_send(e, &out);
+    /* Hold, answering statistics requests (the device returned the buffer). */
     for (uint64_t left = e->c.balloon_hold_ms * 1000; left;) {
-        uint64_t us = left < 1000000 ? left : 1000000;
+        uint64_t us = left < 50000 ? left : 50000;
         doorbell(e, DB_SLEEP_US, us);
         left -= us;
+        if (stats && vq_done(&statq)) send_stats(e, &statq, n);
     }
     if (send_pfns(e, &deflate, 1, n)) {
         balloon_fail(e, &out, "deflate queue not serviced");

@@ -2,7 +2,8 @@
 //! virtio-balloon itself (the workload guest's driver, scenario
 //! `balloon_hold_ms`). Inflating X MiB must return X MiB of the frame pool's
 //! memfd to the host while the balloon is held; after deflating, the guest
-//! finds the pages zero, refills them and verifies every page.
+//! finds the pages zero, refills them and verifies every page. Statistics
+//! arrive at the configured interval while the balloon is held.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -35,7 +36,7 @@ fn guest_inflates_and_deflates_its_balloon() {
     std::fs::write(&scenario, r#"{"fill_mib": 64, "duration_s": 1, "balloon_hold_ms": 3000}"#).unwrap();
     let mut child = Command::new(densevm_bin())
         .args(["run", "--workload", scenario.to_str().unwrap(), "--serial", "stdout"])
-        .args(["--balloon", &format!("amount_mib={MIB},deflate_on_oom=true")])
+        .args(["--balloon", &format!("amount_mib={MIB},deflate_on_oom=true,stats_polling_interval_s=1")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -77,6 +78,13 @@ fn guest_inflates_and_deflates_its_balloon() {
     assert_eq!(v["balloon"]["info"]["amount_mib"], MIB);
     assert_eq!(v["balloon"]["info"]["deflate_on_oom"], true);
     assert_eq!(v["report"]["mismatches"], 0);
+    // Statistics: the buffer the driver left at start-up, then at least one
+    // answer to the device's request after the 1 s interval, sent while held.
+    assert!(c["stats_updates"].as_u64().unwrap() >= 2, "{c}");
+    let s = &v["balloon"]["statistics"];
+    assert_eq!(s["total_memory"], 64u64 << 20, "{s}");
+    assert_eq!(s["available_memory"], (64 - MIB) << 20, "{s}");
+    assert!(s["updated_at_unix_s"].as_f64().is_some(), "{s}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
