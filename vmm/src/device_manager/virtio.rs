@@ -1,5 +1,6 @@
 //! The VM's virtio-mmio devices: the balloon's transport on the MMIO bus, its
-//! interrupt, one ioeventfd per queue and the statistics polling timer.
+//! interrupt, one ioeventfd per queue and the statistics polling timer (a
+//! timerfd in the event loop).
 //!
 //! Fixed window: the balloon's 4 KiB register window sits at
 //! [`BALLOON_MMIO_BASE`] (3.25 GiB, inside the 32-bit MMIO gap that starts at
@@ -10,8 +11,9 @@
 //! (the workload guest, whose driver polls the used rings) gets a plain eventfd
 //! as the interrupt line.
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::trigger::EventFdTrigger;
@@ -54,7 +56,7 @@ impl DeviceManager {
     /// Places a virtio-balloon with `spec` on the MMIO bus at
     /// [`BALLOON_MMIO_BASE`] over guest memory `mem`, its pages discarded from
     /// `backend`; wires its interrupt, one ioeventfd per queue (subscribed to
-    /// the event loop) and, with statistics, a polling timer.
+    /// the event loop) and, with statistics, a polling timer (also subscribed).
     pub fn add_balloon(
         &mut self,
         spec: &BalloonSpec,
@@ -78,24 +80,52 @@ impl DeviceManager {
             self.subscribe("virtio-balloon", Box::new(handler))?;
         }
         if spec.stats_polling_interval_s > 0 {
-            spawn_stats_timer(Arc::downgrade(&shared))?;
+            self.subscribe("virtio-balloon stats", Box::new(StatsTimer::new(shared.clone())?))?;
         }
         Ok(BalloonDevice::new(shared, returned, BALLOON_MMIO_BASE, BALLOON_GSI))
     }
 }
 
-/// Polls the balloon's statistics every [`STATS_TICK`] (the device asks the
-/// driver when its interval elapsed) until the transport is dropped with its VM.
-fn spawn_stats_timer(transport: Weak<Mutex<MmioTransport<Balloon>>>) -> Result<(), Error> {
-    std::thread::Builder::new()
-        .name("balloon-stats".into())
-        .spawn(move || loop {
-            std::thread::sleep(STATS_TICK);
-            let Some(t) = transport.upgrade() else {
-                return;
-            };
-            t.lock().unwrap_or_else(|e| e.into_inner()).poll_balloon_stats(Instant::now());
-        })
-        .map(|_| ())
-        .map_err(|e| Error::Io("spawning the balloon statistics timer".into(), e))
+/// The statistics timer: a timerfd firing every [`STATS_TICK`], watched by
+/// the event loop like the queues' ioeventfds; each expiry asks the device to
+/// poll (it requests statistics when its interval elapsed). Guest memory is
+/// touched only on the event-loop thread, never after the VM's devices are gone.
+struct StatsTimer {
+    // A timerfd: reads, like an eventfd's, return an 8-byte count.
+    fd: EventFd,
+    transport: SharedBalloon,
+}
+
+impl StatsTimer {
+    fn new(transport: SharedBalloon) -> Result<Self, Error> {
+        let what = || "the balloon statistics timer".to_string();
+        // SAFETY: plain syscall; the result is checked.
+        let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(Error::Io(what(), std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a timerfd just created and owned by nobody else; the
+        // EventFd closes it when dropped and is only ever read (8 bytes).
+        let fd = unsafe { EventFd::from_raw_fd(raw) };
+        let tick = libc::timespec { tv_sec: 0, tv_nsec: STATS_TICK.as_nanos() as libc::c_long };
+        let spec = libc::itimerspec { it_interval: tick, it_value: tick };
+        // SAFETY: `fd` is a valid timerfd and `spec` a valid itimerspec; no old value is requested.
+        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(Error::Io(what(), std::io::Error::last_os_error()));
+        }
+        Ok(StatsTimer { fd, transport })
+    }
+}
+
+impl EventHandler for StatsTimer {
+    fn event_fd(&self) -> &EventFd {
+        &self.fd
+    }
+
+    fn handle(&mut self) -> Option<DeviceNotice> {
+        if self.fd.read().is_ok() {
+            self.transport.lock().unwrap_or_else(|e| e.into_inner()).poll_balloon_stats(Instant::now());
+        }
+        None
+    }
 }
