@@ -106,4 +106,12 @@ fn bad_balloon_options_are_clear_errors() {
     let out = densevm(&["run", "--workload", "tiny", "--serial", "none", "--balloon", "amount_mib=4096"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not fit a guest"), "{out:?}");
+    let dir = std::env::temp_dir().join(format!("densevm-e2e-balloon-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("s.json");
+    std::fs::write(&scenario, r#"{"fill_mib": 1, "balloon_hold_ms": 10}"#).unwrap();
+    let out = densevm(&["run", "--workload", scenario.to_str().unwrap(), "--serial", "none"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a VM with a balloon"), "{out:?}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

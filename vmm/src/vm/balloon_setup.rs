@@ -54,3 +54,18 @@ pub(super) fn workload_balloon(
     }
     Ok(guest.enable_balloon(mem, BALLOON_MMIO_BASE, hold_ms)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::linux::cmdline::build_cmdline;
+
+    #[test]
+    fn a_linux_guest_with_a_balloon_finds_it_on_its_command_line() {
+        let cfg = LinuxBootConfig { cmdline: "quiet".into(), ..LinuxBootConfig::default() };
+        assert_eq!(balloon_slot(&cfg, false), cfg);
+        let with = balloon_slot(&cfg, true);
+        let line = build_cmdline(&with.cmdline, &with.virtio_mmio, 2047).unwrap();
+        assert!(line.contains("virtio_mmio.device=4K@0xd0000000:5"), "{line}");
+    }
+}
