@@ -179,7 +179,7 @@ static void rewrite_page(const struct env *e, uint64_t i) {
 /* A minimal virtio-mmio balloon driver (virtio 1.x, split rings), used by vCPU 0
  * when densevm gives it a balloon step. It runs at CPL 3 without interrupts, so it
  * polls the used rings (sleeping through the doorbell between polls). The rings,
- * the PFN buffer and the statistics buffer live in cfg.balloon_scratch_gpa (12
+ * the PFN buffer and the statistics buffer live in cfg.balloon_scratch_gpa (16
  * pages, identity-mapped). */
 #define VMMIO_MAGIC 0x000
 #define VMMIO_VERSION 0x004
@@ -229,13 +229,14 @@ static void vq_setup(uint64_t base, uint32_t index, struct vq *q, uint64_t mem) 
     mmio_w(base, VMMIO_QUEUE_READY, 1);
 }
 
-/* Offers one device-readable buffer on queue `index` and kicks. */
-static void vq_offer(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+/* Offers one buffer (descriptor `flags`) on queue `index` and kicks. */
+static void vq_offer_flags(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len,
+                           uint16_t flags) {
     uint16_t head = q->idx % VQ_SIZE;
     volatile uint8_t *d = (volatile uint8_t *)(q->desc + 16 * head);
     *(volatile uint64_t *)d = buf;
     *(volatile uint32_t *)(d + 8) = len;
-    *(volatile uint16_t *)(d + 12) = 0;
+    *(volatile uint16_t *)(d + 12) = flags;
     *(volatile uint16_t *)(d + 14) = 0;
     ((volatile uint16_t *)q->avail)[2 + head] = head;
     __asm__ volatile("" ::: "memory"); /* x86 keeps stores in order */
@@ -244,19 +245,29 @@ static void vq_offer(const struct env *e, struct vq *q, uint32_t index, uint64_t
     mmio_w(e->c.balloon_gpa, VMMIO_QUEUE_NOTIFY, index);
 }
 
+/* Offers one device-readable buffer on queue `index` and kicks. */
+static void vq_offer(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+    vq_offer_flags(e, q, index, buf, len, 0);
+}
+
 /* True when the device used every buffer offered on `q`. */
 static int vq_done(const struct vq *q) { return ((volatile uint16_t *)q->used)[1] == q->idx; }
 
 /* Offers a buffer, kicks, and polls until the device used it (at most 10 s);
  * returns 0 on success. */
-static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
-    vq_offer(e, q, index, buf, len);
+static int vq_send_flags(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len,
+                         uint16_t flags) {
+    vq_offer_flags(e, q, index, buf, len, flags);
     uint64_t deadline = rdtsc() + 10 * e->c.tsc_khz * 1000;
     while (!vq_done(q)) {
         if (rdtsc() > deadline) return -1;
         doorbell(e, DB_SLEEP_US, 100);
     }
     return 0;
+}
+
+static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+    return vq_send_flags(e, q, index, buf, len, 0);
 }
 
 /* Sends the PFNs of this vCPU's pages [0, n) on queue `index`, 256 per buffer. */
@@ -290,6 +301,39 @@ static void balloon_fail(const struct env *e, struct line *l, const char *what) 
     line_send(e, l);
 }
 
+/* True when page i of this vCPU's slice holds only zeros. */
+static int page_is_zero(const struct env *e, uint64_t i) {
+    const uint64_t *p = page_ptr(e, i);
+    for (int j = 0; j < PAGE_WORDS; j++)
+        if (p[j]) return 0;
+    return 1;
+}
+
+/* Free page reporting: the scenario frees pages [n, 2n) of this vCPU's slice
+ * (at most its end) and reports them as one range (a device-writable buffer, as
+ * Linux does); they must read zero after, and are refilled. */
+static void report_free(const struct env *e, struct vq *q, uint32_t index, uint64_t n) {
+    struct line out = {.len = 0};
+    uint64_t r = e->c.npages - n < n ? e->c.npages - n : n;
+    if (r == 0) return;
+    if (vq_send_flags(e, q, index, (uint64_t)page_ptr(e, n), (uint32_t)(r << 12), 2 /* WRITE */) != 0) {
+        balloon_fail(e, &out, "reporting queue not serviced");
+        return;
+    }
+    uint64_t not_zero = 0;
+    for (uint64_t i = n; i < n + r; i++) {
+        not_zero += (uint64_t)!page_is_zero(e, i);
+        fill_page(page_ptr(e, i), page_key(e, i, versions(e)[i]));
+    }
+    e->rep->mismatches = e->rep->mismatches + not_zero;
+    line_str(&out, "balloon: reported ");
+    line_u64(&out, r);
+    line_str(&out, " free pages, ");
+    line_u64(&out, not_zero);
+    line_str(&out, " not zero\n");
+    line_send(e, &out);
+}
+
 /* The scenario's balloon step: inflate to the device's target (at most this
  * vCPU's pages), hold, deflate, check the pages read zero and refill them. */
 static void balloon_step(const struct env *e) {
@@ -308,9 +352,11 @@ static void balloon_step(const struct env *e) {
         return;
     }
     mmio_w(b, VMMIO_DEVICE_FEATURES_SEL, 0);
-    uint32_t stats = mmio_r(b, VMMIO_DEVICE_FEATURES) & 2; /* VIRTIO_BALLOON_F_STATS_VQ */
+    uint32_t offered = mmio_r(b, VMMIO_DEVICE_FEATURES);
+    uint32_t stats = offered & 2;      /* VIRTIO_BALLOON_F_STATS_VQ */
+    uint32_t reporting = offered & 32; /* VIRTIO_BALLOON_F_FREE_PAGE_REPORTING */
     mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 0);
-    mmio_w(b, VMMIO_DRIVER_FEATURES, stats);
+    mmio_w(b, VMMIO_DRIVER_FEATURES, stats | reporting);
     mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 1);
     mmio_w(b, VMMIO_DRIVER_FEATURES, 1); /* VERSION_1 (and the stats queue if offered) */
     mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK);
@@ -318,8 +364,10 @@ static void balloon_step(const struct env *e) {
         balloon_fail(e, &out, "FEATURES_OK refused");
         return;
     }
-    struct vq inflate, deflate, statq;
-    uint32_t queues = stats ? 3 : 2;
+    struct vq inflate, deflate, statq, reportq;
+    /* Queues are numbered by the features accepted: inflate, deflate, [stats], [reporting]. */
+    uint32_t report_index = stats ? 3 : 2;
+    uint32_t queues = report_index + (reporting ? 1 : 0);
     for (uint32_t i = 0; i < queues; i++) {
         mmio_w(b, VMMIO_QUEUE_SEL, i);
         if (mmio_r(b, VMMIO_QUEUE_NUM_MAX) < VQ_SIZE) {
@@ -330,6 +378,7 @@ static void balloon_step(const struct env *e) {
     vq_setup(b, 0, &inflate, e->c.balloon_scratch_gpa);
     vq_setup(b, 1, &deflate, e->c.balloon_scratch_gpa + 0x3000);
     if (stats) vq_setup(b, 2, &statq, e->c.balloon_scratch_gpa + 0x7000);
+    if (reporting) vq_setup(b, report_index, &reportq, e->c.balloon_scratch_gpa + 0xb000);
     mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK | VSTATUS_DRIVER_OK);
     /* The device keeps the stats buffer until it wants fresh statistics. */
     if (stats) send_stats(e, &statq, 0);
@@ -359,13 +408,8 @@ static void balloon_step(const struct env *e) {
     mmio_w(b, VMMIO_CONFIG + 4, 0);
     uint64_t not_zero = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t *p = page_ptr(e, i);
-        for (int j = 0; j < PAGE_WORDS; j++)
-            if (p[j]) {
-                not_zero++;
-                break;
-            }
-        fill_page(p, page_key(e, i, versions(e)[i]));
+        not_zero += (uint64_t)!page_is_zero(e, i);
+        fill_page(page_ptr(e, i), page_key(e, i, versions(e)[i]));
     }
     e->rep->mismatches = e->rep->mismatches + not_zero;
     line_str(&out, "balloon: deflated ");
@@ -374,6 +418,7 @@ static void balloon_step(const struct env *e) {
     line_u64(&out, not_zero);
     line_str(&out, " not zero\n");
     line_send(e, &out);
+    if (reporting) report_free(e, &reportq, report_index, n);
 }
 
 void workload_main(const volatile struct workload_config *cfgp) {

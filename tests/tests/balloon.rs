@@ -3,7 +3,8 @@
 //! `balloon_hold_ms`). Inflating X MiB must return X MiB of the frame pool's
 //! memfd to the host while the balloon is held; after deflating, the guest
 //! finds the pages zero, refills them and verifies every page. Statistics
-//! arrive at the configured interval while the balloon is held.
+//! arrive at the configured interval while the balloon is held, and pages the
+//! guest reports free (free page reporting) are returned too.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -36,7 +37,10 @@ fn guest_inflates_and_deflates_its_balloon() {
     std::fs::write(&scenario, r#"{"fill_mib": 64, "duration_s": 1, "balloon_hold_ms": 3000}"#).unwrap();
     let mut child = Command::new(densevm_bin())
         .args(["run", "--workload", scenario.to_str().unwrap(), "--serial", "stdout"])
-        .args(["--balloon", &format!("amount_mib={MIB},deflate_on_oom=true,stats_polling_interval_s=1")])
+        .args([
+            "--balloon",
+            &format!("amount_mib={MIB},deflate_on_oom=true,stats_polling_interval_s=1,free_page_reporting=true"),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -61,6 +65,8 @@ fn guest_inflates_and_deflates_its_balloon() {
     assert!(status.success(), "densevm run failed:\n{all}");
     assert!(all.contains(&format!("balloon: inflated {} pages", MIB * 256)), "{all}");
     assert!(all.contains(&format!("balloon: deflated {} pages, 0 not zero", MIB * 256)), "{all}");
+    // Then the scenario frees the next 32 MiB and reports them: they read zero after.
+    assert!(all.contains(&format!("balloon: reported {} free pages, 0 not zero", MIB * 256)), "{all}");
     assert!(all.contains("workload: done, mismatches 0"), "{all}");
 
     let (filled, inflated) = (filled.expect("memfd size after fill"), inflated.expect("memfd size inflated"));
@@ -73,7 +79,8 @@ fn guest_inflates_and_deflates_its_balloon() {
     let c = &v["balloon"]["counters"];
     assert_eq!(c["inflated_pages"], MIB * 256, "{c}");
     assert_eq!(c["deflated_pages"], MIB * 256, "{c}");
-    assert_eq!(c["bytes_returned"], MIB << 20, "{c}");
+    assert_eq!(c["reported_pages"], MIB * 256, "{c}");
+    assert_eq!(c["bytes_returned"], 2 * (MIB << 20), "inflated and reported: {c}");
     assert_eq!(c["bad_pfns"], 0, "{c}");
     assert_eq!(v["balloon"]["info"]["amount_mib"], MIB);
     assert_eq!(v["balloon"]["info"]["deflate_on_oom"], true);

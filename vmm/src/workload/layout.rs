@@ -43,8 +43,8 @@ pub const TSS_SEL: u16 = 0x40;
 pub const GDT_ENTRIES: usize = 10;
 
 /// RAM the workload guest's balloon driver needs after the data pages (its
-/// three split rings, a buffer of page frame numbers and a statistics buffer).
-pub const BALLOON_SCRATCH: u64 = 12 * PAGE_SIZE;
+/// four split rings, a buffer of page frame numbers and a statistics buffer).
+pub const BALLOON_SCRATCH: u64 = 16 * PAGE_SIZE;
 /// The identity mapping of a guest with a balloon reaches at least this far
 /// (the balloon's registers sit below 4 GiB).
 const BALLOON_MAPPED: u64 = 4 << 30;
