@@ -122,6 +122,17 @@ pub struct RunArgs {
     /// Merge identical pages of this VM (densevm's same-page merging, full speed).
     #[arg(long)]
     pub merge: bool,
+    /// A virtio-balloon: `amount_mib=N[,deflate_on_oom=true][,stats_polling_interval_s=S][,free_page_reporting=true]`.
+    #[arg(long, value_parser = parse_balloon)]
+    pub balloon: Option<vmm::balloon::BalloonSpec>,
+}
+
+/// Parses `--balloon` (the message without the option's name, which clap adds).
+fn parse_balloon(s: &str) -> Result<vmm::balloon::BalloonSpec, String> {
+    vmm::balloon::BalloonSpec::parse(s).map_err(|e| match e {
+        vmm::balloon::Error::Parse(m) => m,
+        e => e.to_string(),
+    })
 }
 
 /// `densevm demo`.

@@ -45,8 +45,8 @@
 //! 6. `core/state.rs`: `State`, the manager's locked state;
 //! 7. the transaction: `core/txn.rs`, `core/unshare.rs`;
 //! 8. `core/mod.rs`: `Core`, the lock;
-//! 9. the core's operations (every `impl Core`): `core/fault.rs`,
-//!    `core/guests.rs`, `core/page_ops.rs`, `core/registry.rs`;
+//! 9. the core's operations (every `impl Core`): `core/balloon.rs`,
+//!    `core/fault.rs`, `core/guests.rs`, `core/page_ops.rs`, `core/registry.rs`;
 //! 10. the merger's indexes and batched operations: [`merge::domains`],
 //!     [`merge::zero`], [`merge::stable`], [`merge::unstable`], `merge/pages.rs`,
 //!     [`merge::stats`], `merge/ops.rs`;

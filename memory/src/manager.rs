@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+pub use crate::core::balloon::{DiscardReport, DISCARD_BATCH};
 pub use crate::core::commit::{Error as CommitError, MAX_OVERCOMMIT_RATIO};
 pub use crate::core::page_ops::MergeOutcome;
 pub use crate::core::{CommitPolicy, Error, OutOfMemoryHandler, Result};
@@ -189,6 +190,13 @@ impl MemoryManager {
     /// Balloon: drops the page's content and host memory; it reads as zero after.
     pub fn discard(&self, vm: VmId, page: u32) -> Result<()> {
         self.core.discard(Mapper { vm, page })
+    }
+
+    /// Balloon: discards pages `first..first + count` of `vm` in batches of at most
+    /// [`DISCARD_BATCH`] pages, one hold of the lock each; each reads as zero after, and its next write
+    /// is seen. The range is checked whole before any change.
+    pub fn discard_range(&self, vm: VmId, first: u32, count: u32) -> Result<DiscardReport> {
+        self.core.discard_range(vm, first, count)
     }
 
     /// Write-protects a page; its next write is resolved by the fault handler

@@ -37,7 +37,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("core state", &["core/state.rs"]),
     ("transaction", &["core/txn.rs", "core/unshare.rs"]),
     ("core", &["core/mod.rs"]),
-    ("core operations", &["core/fault.rs", "core/guests.rs", "core/page_ops.rs", "core/registry.rs"]),
+    (
+        "core operations",
+        &["core/balloon.rs", "core/fault.rs", "core/guests.rs", "core/page_ops.rs", "core/registry.rs"],
+    ),
     (
         "merge indexes and batched ops",
         &[

@@ -40,6 +40,9 @@ struct workload_config {
     uint64_t quantum_us;     /* idle sleep granularity */
     uint64_t verify_chunk;   /* pages verified per wake-up in the loop */
     uint64_t serial;         /* 1: print progress lines on the console (DB_PUTS) */
+    uint64_t balloon_gpa;    /* virtio-mmio balloon registers, or 0: no balloon step */
+    uint64_t balloon_scratch_gpa; /* 16 pages of RAM for the balloon driver's rings */
+    uint64_t balloon_hold_ms;/* how long the balloon stays inflated */
 };
 
 struct workload_report {

@@ -176,6 +176,251 @@ static void rewrite_page(const struct env *e, uint64_t i) {
     if (first > e->rep->write_first_cycles_max) e->rep->write_first_cycles_max = first;
 }
 
+/* A minimal virtio-mmio balloon driver (virtio 1.x, split rings), used by vCPU 0
+ * when densevm gives it a balloon step. It runs at CPL 3 without interrupts, so it
+ * polls the used rings (sleeping through the doorbell between polls). The rings,
+ * the PFN buffer and the statistics buffer live in cfg.balloon_scratch_gpa (16
+ * pages, identity-mapped). */
+#define VMMIO_MAGIC 0x000
+#define VMMIO_VERSION 0x004
+#define VMMIO_DEVICE_ID 0x008
+#define VMMIO_DEVICE_FEATURES 0x010
+#define VMMIO_DEVICE_FEATURES_SEL 0x014
+#define VMMIO_DRIVER_FEATURES 0x020
+#define VMMIO_DRIVER_FEATURES_SEL 0x024
+#define VMMIO_QUEUE_SEL 0x030
+#define VMMIO_QUEUE_NUM_MAX 0x034
+#define VMMIO_QUEUE_NUM 0x038
+#define VMMIO_QUEUE_READY 0x044
+#define VMMIO_QUEUE_NOTIFY 0x050
+#define VMMIO_STATUS 0x070
+#define VMMIO_QUEUE_DESC 0x080
+#define VMMIO_QUEUE_AVAIL 0x090
+#define VMMIO_QUEUE_USED 0x0a0
+#define VMMIO_CONFIG 0x100
+#define VSTATUS_ACK 1
+#define VSTATUS_DRIVER 2
+#define VSTATUS_DRIVER_OK 4
+#define VSTATUS_FEATURES_OK 8
+#define VQ_SIZE 16
+#define PFNS_PER_BUF 256
+
+struct vq {
+    uint64_t desc, avail, used;
+    uint16_t idx;
+};
+
+static inline uint32_t mmio_r(uint64_t base, uint64_t off) { return *(volatile uint32_t *)(base + off); }
+static inline void mmio_w(uint64_t base, uint64_t off, uint32_t v) { *(volatile uint32_t *)(base + off) = v; }
+
+static void vq_setup(uint64_t base, uint32_t index, struct vq *q, uint64_t mem) {
+    memset((void *)mem, 0, 0x3000);
+    q->desc = mem;
+    q->avail = mem + 0x1000;
+    q->used = mem + 0x2000;
+    q->idx = 0;
+    mmio_w(base, VMMIO_QUEUE_SEL, index);
+    mmio_w(base, VMMIO_QUEUE_NUM, VQ_SIZE);
+    uint64_t a[3] = {q->desc, q->avail, q->used};
+    for (int i = 0; i < 3; i++) {
+        mmio_w(base, VMMIO_QUEUE_DESC + 0x10 * i, (uint32_t)a[i]);
+        mmio_w(base, VMMIO_QUEUE_DESC + 0x10 * i + 4, (uint32_t)(a[i] >> 32));
+    }
+    mmio_w(base, VMMIO_QUEUE_READY, 1);
+}
+
+/* Offers one buffer (descriptor `flags`) on queue `index` and kicks. */
+static void vq_offer_flags(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len,
+                           uint16_t flags) {
+    uint16_t head = q->idx % VQ_SIZE;
+    volatile uint8_t *d = (volatile uint8_t *)(q->desc + 16 * head);
+    *(volatile uint64_t *)d = buf;
+    *(volatile uint32_t *)(d + 8) = len;
+    *(volatile uint16_t *)(d + 12) = flags;
+    *(volatile uint16_t *)(d + 14) = 0;
+    ((volatile uint16_t *)q->avail)[2 + head] = head;
+    __asm__ volatile("" ::: "memory"); /* x86 keeps stores in order */
+    q->idx++;
+    ((volatile uint16_t *)q->avail)[1] = q->idx;
+    mmio_w(e->c.balloon_gpa, VMMIO_QUEUE_NOTIFY, index);
+}
+
+/* Offers one device-readable buffer on queue `index` and kicks. */
+static void vq_offer(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+    vq_offer_flags(e, q, index, buf, len, 0);
+}
+
+/* True when the device used every buffer offered on `q`. */
+static int vq_done(const struct vq *q) { return ((volatile uint16_t *)q->used)[1] == q->idx; }
+
+/* Offers a buffer, kicks, and polls until the device used it (at most 10 s);
+ * returns 0 on success. */
+static int vq_send_flags(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len,
+                         uint16_t flags) {
+    vq_offer_flags(e, q, index, buf, len, flags);
+    uint64_t deadline = rdtsc() + 10 * e->c.tsc_khz * 1000;
+    while (!vq_done(q)) {
+        if (rdtsc() > deadline) return -1;
+        doorbell(e, DB_SLEEP_US, 100);
+    }
+    return 0;
+}
+
+static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t buf, uint32_t len) {
+    return vq_send_flags(e, q, index, buf, len, 0);
+}
+
+/* Sends the PFNs of this vCPU's pages [0, n) on queue `index`, 256 per buffer. */
+static int send_pfns(const struct env *e, struct vq *q, uint32_t index, uint64_t n) {
+    volatile uint32_t *pfns = (volatile uint32_t *)(e->c.balloon_scratch_gpa + 0x6000);
+    for (uint64_t i = 0; i < n; i += PFNS_PER_BUF) {
+        uint64_t k = n - i < PFNS_PER_BUF ? n - i : PFNS_PER_BUF;
+        for (uint64_t j = 0; j < k; j++) pfns[j] = (uint32_t)((e->c.data_gpa >> 12) + i + j);
+        if (vq_send(e, q, index, (uint64_t)pfns, (uint32_t)(4 * k))) return -1;
+    }
+    return 0;
+}
+
+/* Writes the statistics buffer (total and available memory of this vCPU's
+ * slice, wake-ups as minor faults) and offers it on the stats queue. */
+static void send_stats(const struct env *e, struct vq *q, uint64_t inflated) {
+    volatile uint8_t *buf = (volatile uint8_t *)(e->c.balloon_scratch_gpa + 0xa000);
+    uint64_t v[3][2] = {{5, e->c.npages << 12}, {6, (e->c.npages - inflated) << 12}, {3, e->rep->wakeups}};
+    for (int i = 0; i < 3; i++) {
+        *(volatile uint16_t *)(buf + 10 * i) = (uint16_t)v[i][0];
+        for (int b = 0; b < 8; b++) buf[10 * i + 2 + b] = (uint8_t)(v[i][1] >> (8 * b));
+    }
+    vq_offer(e, q, 2, (uint64_t)buf, 30);
+}
+
+static void balloon_fail(const struct env *e, struct line *l, const char *what) {
+    e->rep->mismatches = e->rep->mismatches + 1;
+    line_str(l, "balloon: ");
+    line_str(l, what);
+    line_str(l, "\n");
+    line_send(e, l);
+}
+
+/* True when page i of this vCPU's slice holds only zeros. */
+static int page_is_zero(const struct env *e, uint64_t i) {
+    const uint64_t *p = page_ptr(e, i);
+    for (int j = 0; j < PAGE_WORDS; j++)
+        if (p[j]) return 0;
+    return 1;
+}
+
+/* Free page reporting: the scenario frees pages [n, 2n) of this vCPU's slice
+ * (at most its end) and reports them as one range (a device-writable buffer, as
+ * Linux does); they must read zero after, and are refilled. */
+static void report_free(const struct env *e, struct vq *q, uint32_t index, uint64_t n) {
+    struct line out = {.len = 0};
+    uint64_t r = e->c.npages - n < n ? e->c.npages - n : n;
+    if (r == 0) return;
+    if (vq_send_flags(e, q, index, (uint64_t)page_ptr(e, n), (uint32_t)(r << 12), 2 /* WRITE */) != 0) {
+        balloon_fail(e, &out, "reporting queue not serviced");
+        return;
+    }
+    uint64_t not_zero = 0;
+    for (uint64_t i = n; i < n + r; i++) {
+        not_zero += (uint64_t)!page_is_zero(e, i);
+        fill_page(page_ptr(e, i), page_key(e, i, versions(e)[i]));
+    }
+    e->rep->mismatches = e->rep->mismatches + not_zero;
+    line_str(&out, "balloon: reported ");
+    line_u64(&out, r);
+    line_str(&out, " free pages, ");
+    line_u64(&out, not_zero);
+    line_str(&out, " not zero\n");
+    line_send(e, &out);
+}
+
+/* The scenario's balloon step: inflate to the device's target (at most this
+ * vCPU's pages), hold, deflate, check the pages read zero and refill them. */
+static void balloon_step(const struct env *e) {
+    uint64_t b = e->c.balloon_gpa;
+    struct line out = {.len = 0};
+    if (mmio_r(b, VMMIO_MAGIC) != 0x74726976 || mmio_r(b, VMMIO_VERSION) != 2 || mmio_r(b, VMMIO_DEVICE_ID) != 5) {
+        balloon_fail(e, &out, "no virtio-mmio balloon (version 2) at its address");
+        return;
+    }
+    mmio_w(b, VMMIO_STATUS, 0);
+    mmio_w(b, VMMIO_STATUS, VSTATUS_ACK);
+    mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER);
+    mmio_w(b, VMMIO_DEVICE_FEATURES_SEL, 1);
+    if (!(mmio_r(b, VMMIO_DEVICE_FEATURES) & 1)) {
+        balloon_fail(e, &out, "device does not offer VERSION_1");
+        return;
+    }
+    mmio_w(b, VMMIO_DEVICE_FEATURES_SEL, 0);
+    uint32_t offered = mmio_r(b, VMMIO_DEVICE_FEATURES);
+    uint32_t stats = offered & 2;      /* VIRTIO_BALLOON_F_STATS_VQ */
+    uint32_t reporting = offered & 32; /* VIRTIO_BALLOON_F_FREE_PAGE_REPORTING */
+    mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 0);
+    mmio_w(b, VMMIO_DRIVER_FEATURES, stats | reporting);
+    mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 1);
+    mmio_w(b, VMMIO_DRIVER_FEATURES, 1); /* VERSION_1 (and the stats queue if offered) */
+    mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK);
+    if (!(mmio_r(b, VMMIO_STATUS) & VSTATUS_FEATURES_OK)) {
+        balloon_fail(e, &out, "FEATURES_OK refused");
+        return;
+    }
+    struct vq inflate, deflate, statq, reportq;
+    /* Queues are numbered by the features accepted: inflate, deflate, [stats], [reporting]. */
+    uint32_t report_index = stats ? 3 : 2;
+    uint32_t queues = report_index + (reporting ? 1 : 0);
+    for (uint32_t i = 0; i < queues; i++) {
+        mmio_w(b, VMMIO_QUEUE_SEL, i);
+        if (mmio_r(b, VMMIO_QUEUE_NUM_MAX) < VQ_SIZE) {
+            balloon_fail(e, &out, "queue too small");
+            return;
+        }
+    }
+    vq_setup(b, 0, &inflate, e->c.balloon_scratch_gpa);
+    vq_setup(b, 1, &deflate, e->c.balloon_scratch_gpa + 0x3000);
+    if (stats) vq_setup(b, 2, &statq, e->c.balloon_scratch_gpa + 0x7000);
+    if (reporting) vq_setup(b, report_index, &reportq, e->c.balloon_scratch_gpa + 0xb000);
+    mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK | VSTATUS_DRIVER_OK);
+    /* The device keeps the stats buffer until it wants fresh statistics. */
+    if (stats) send_stats(e, &statq, 0);
+
+    uint64_t target = mmio_r(b, VMMIO_CONFIG); /* num_pages */
+    uint64_t n = target < e->c.npages ? target : e->c.npages;
+    if (send_pfns(e, &inflate, 0, n)) {
+        balloon_fail(e, &out, "inflate queue not serviced");
+        return;
+    }
+    mmio_w(b, VMMIO_CONFIG + 4, (uint32_t)n); /* actual */
+    line_str(&out, "balloon: inflated ");
+    line_u64(&out, n);
+    line_str(&out, " pages\n");
+    line_send(e, &out);
+    /* Hold, answering statistics requests (the device returned the buffer). */
+    for (uint64_t left = e->c.balloon_hold_ms * 1000; left;) {
+        uint64_t us = left < 50000 ? left : 50000;
+        doorbell(e, DB_SLEEP_US, us);
+        left -= us;
+        if (stats && vq_done(&statq)) send_stats(e, &statq, n);
+    }
+    if (send_pfns(e, &deflate, 1, n)) {
+        balloon_fail(e, &out, "deflate queue not serviced");
+        return;
+    }
+    mmio_w(b, VMMIO_CONFIG + 4, 0);
+    uint64_t not_zero = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        not_zero += (uint64_t)!page_is_zero(e, i);
+        fill_page(page_ptr(e, i), page_key(e, i, versions(e)[i]));
+    }
+    e->rep->mismatches = e->rep->mismatches + not_zero;
+    line_str(&out, "balloon: deflated ");
+    line_u64(&out, n);
+    line_str(&out, " pages, ");
+    line_u64(&out, not_zero);
+    line_str(&out, " not zero\n");
+    line_send(e, &out);
+    if (reporting) report_free(e, &reportq, report_index, n);
+}
+
 void workload_main(const volatile struct workload_config *cfgp) {
     struct env env;
     struct env *e = &env;
@@ -208,6 +453,10 @@ void workload_main(const volatile struct workload_config *cfgp) {
     doorbell(e, DB_FILL_DONE, 0);
     line_str(&out, "workload: filled and verified\n");
     line_send(e, &out);
+    if (e->c.balloon_gpa) {
+        balloon_step(e);
+        verify_all(e);
+    }
 
     uint64_t hz = e->c.tsc_khz * 1000;
     uint64_t loop_start = rdtsc();

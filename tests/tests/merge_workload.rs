@@ -69,6 +69,7 @@ fn scenario(fill_mib: u32, zero: f64, shared: f64, write: f64, writes_per_s: u64
         write_fraction: write,
         writes_per_s,
         duration_s: secs,
+        balloon_hold_ms: None,
     }
 }
 
@@ -135,6 +136,7 @@ impl Fleet {
                 // Opted in from the start (the dirty log is registered at creation);
                 // the scanner itself starts stopped.
                 merge: MergeSpec { enabled: true, domain: d.domain.map(String::from) },
+                balloon: None,
             };
             host.create_vm(spec).unwrap_or_else(|e| panic!("{name}: creating VM {}: {e}", d.id));
         }
@@ -1079,6 +1081,7 @@ fn vm_destroyed_and_created_while_merged() {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: true, domain: domain.map(String::from) },
+        balloon: None,
     };
     f.host.create_vm(spec).unwrap();
     f.host.vm_mut("d").unwrap().start().unwrap();

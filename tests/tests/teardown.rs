@@ -25,6 +25,7 @@ fn spec(id: &str) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: true, domain: Some("t".into()) },
+        balloon: None,
     }
 }
 

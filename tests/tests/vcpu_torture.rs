@@ -30,6 +30,7 @@ fn spec(id: &str, seed: u64, secs: u64) -> VmSpec {
         write_fraction: 0.3,
         writes_per_s: 20_000,
         duration_s: secs,
+        balloon_hold_ms: None,
     };
     VmSpec {
         id: id.into(),
@@ -41,6 +42,7 @@ fn spec(id: &str, seed: u64, secs: u64) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: true,
         merge: MergeSpec::default(),
+        balloon: None,
     }
 }
 

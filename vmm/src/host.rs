@@ -63,6 +63,9 @@ pub enum Error {
         /// The budget, in MiB.
         budget_mib: u64,
     },
+    /// A balloon request failed.
+    #[error(transparent)]
+    Balloon(#[from] crate::balloon::Error),
 }
 
 /// Host-wide settings.
@@ -432,6 +435,7 @@ mod tests {
             ram: RamPolicy::Anonymous { mergeable: false },
             pause_after_fill: false,
             merge: MergeSpec::default(),
+            balloon: None,
         };
         crate::driver::lock(&host).create_vm(spec).unwrap();
         let mut em: EventManager<Arc<Mutex<Host>>> = EventManager::new().unwrap();

@@ -4,6 +4,7 @@
 //! this library; end-to-end tests use it directly too.
 
 pub mod arch;
+pub mod balloon;
 pub mod boot;
 pub mod control;
 pub mod device_manager;

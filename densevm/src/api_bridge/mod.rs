@@ -190,6 +190,7 @@ pub fn vm_spec(vm_id: &str, config: &VmConfig) -> Result<VmSpec, ApiError> {
             .as_ref()
             .map(|m| MergeSpec { enabled: m.enabled, domain: m.domain.clone() })
             .unwrap_or_default(),
+        balloon: None,
     })
 }
 

@@ -30,6 +30,7 @@ pub fn demo_scenario(args: &DemoArgs, index: u32) -> Scenario {
         write_fraction: 0.1,
         writes_per_s: args.writes_per_s,
         duration_s: args.duration_s,
+        balloon_hold_ms: None,
     }
 }
 
@@ -78,6 +79,7 @@ pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
             ram: RamPolicy::Managed,
             pause_after_fill: false,
             merge,
+            balloon: None,
         })?;
     }
     // The header of the progress table above (user output, like the table).

@@ -86,6 +86,7 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: args.merge, domain: None },
+        balloon: args.balloon,
     })
 }
 
@@ -130,6 +131,10 @@ pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandEr
     if let Some(obj) = value.as_object_mut() {
         let stats = serde_json::to_value(h.memory().stats()).map_err(|e| CommandError::Runtime(e.to_string()))?;
         obj.insert("host_memory".into(), stats);
+    }
+    if let (Some(b), Some(obj)) = (vm.balloon(), value.as_object_mut()) {
+        let balloon = serde_json::json!({ "info": b.info(), "statistics": b.statistics(), "counters": b.report() });
+        obj.insert("balloon".into(), balloon);
     }
     let line = value.to_string();
     println!("{line}");

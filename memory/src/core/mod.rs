@@ -19,10 +19,12 @@
 //!   move a page, copy-on-write, reuse, domain check);
 //! - [`unshare`]: giving a range of pages private frames again (batched);
 //! - this file: [`Core`], the lock and its fault-first discipline;
-//! - [`fault`], [`guests`], [`page_ops`], [`registry`]: the `impl Core` blocks
-//!   (fault resolution; guest creation and destruction; merge, share, unshare,
-//!   migrate, discard, protect and device I/O; per-VM registrations).
+//! - [`balloon`], [`fault`], [`guests`], [`page_ops`], [`registry`]: the
+//!   `impl Core` blocks (batched discard of page ranges; fault resolution;
+//!   guest creation and destruction; merge, share, unshare, migrate, discard,
+//!   protect and device I/O; per-VM registrations).
 
+pub(crate) mod balloon;
 pub(crate) mod commit;
 pub(crate) mod counters;
 pub(crate) mod error;

@@ -16,6 +16,7 @@ mod events;
 mod io;
 mod legacy;
 mod unclaimed;
+mod virtio;
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ pub use events::{DeviceNotice, EventHandler, MAX_SUBSCRIPTIONS};
 pub use io::IoRouter;
 pub use legacy::COM1_PORTS;
 pub use unclaimed::{UnclaimedIo, LOGGED_UNCLAIMED};
+pub use virtio::{BALLOON_GSI, BALLOON_MMIO_BASE};
 
 use crate::vm::SerialOut;
 use doorbell::DoorbellReservation;
@@ -85,6 +87,9 @@ pub enum Error {
     /// Host I/O failed.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// A virtio transport could not be built.
+    #[error("virtio device: {0}")]
+    Virtio(String),
 }
 
 /// The devices of one VM.

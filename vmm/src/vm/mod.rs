@@ -11,6 +11,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::MemoryManager;
 
 use crate::arch::{cpl3, cpuid};
+use crate::balloon::BalloonDevice;
 use crate::boot::linux;
 use crate::control::{install_kick_handler, RunMode, VcpuEvent, VmControl};
 use crate::device_manager::{self, DeviceManager, DeviceNotice, UnclaimedIo, WorkloadDoorbell};
@@ -19,7 +20,9 @@ use crate::vcpu::{ExitDiagnostics, VcpuContext, VcpuThread};
 use crate::workload::abi::WorkloadReport;
 use crate::workload::{self, WorkloadGuest};
 
+mod balloon_setup;
 mod spec;
+use balloon_setup::{add_balloon, balloon_slot, workload_balloon};
 pub use spec::{BootSource, MergeSpec, SerialOut, VmSpec, VmState, VmTimeline};
 
 /// Most vCPUs per VM.
@@ -91,6 +94,7 @@ pub struct Vm {
     first_report: Option<Instant>,
     done: Vec<bool>,
     timeline: VmTimeline,
+    balloon: Option<BalloonDevice>,
 }
 
 impl Vm {
@@ -157,12 +161,17 @@ impl Vm {
                     u64::from(tsc_khz),
                     printing,
                 )?;
+                let mut guest = guest;
+                if let Some(ms) = scenario.balloon_hold_ms {
+                    workload_balloon(&mut guest, &spec, ram.memory(), ms)?;
+                }
                 for (i, vcpu) in pending.iter().enumerate() {
                     cpl3::configure(vcpu, &guest.start(i as u32, false))?;
                 }
                 Some(guest)
             }
             BootSource::Linux(cfg) => {
+                let cfg = &balloon_slot(cfg, spec.balloon.is_some());
                 let setup = linux::load_linux(ram.memory(), ram.size(), cfg)?;
                 linux::configure_boot_vcpu(&pending[0], &setup)?;
                 None
@@ -178,6 +187,10 @@ impl Vm {
         });
         let mut devices = DeviceManager::new(vm_fd.clone(), &spec.id, is_linux);
         devices.add_boot_devices(&spec.serial, doorbell)?;
+        let balloon = match &spec.balloon {
+            Some(b) => Some(add_balloon(&mut devices, b, &spec, &ram)?),
+            None => None,
+        };
         Ok(Vm {
             fill_done: vec![false; spec.vcpus as usize],
             first_report: None,
@@ -194,6 +207,7 @@ impl Vm {
             created: Instant::now(),
             started: None,
             timeline: VmTimeline::default(),
+            balloon,
         })
     }
 
@@ -403,6 +417,11 @@ impl Vm {
     /// The VM's timeline.
     pub fn timeline(&self) -> &VmTimeline {
         &self.timeline
+    }
+
+    /// The VM's balloon, if it has one.
+    pub fn balloon(&self) -> Option<&BalloonDevice> {
+        self.balloon.as_ref()
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::balloon::BalloonSpec;
 use crate::boot::linux::LinuxBootConfig;
 use crate::guest_ram::RamPolicy;
 use crate::workload::scenario::Scenario;
@@ -86,6 +87,8 @@ pub struct VmSpec {
     pub pause_after_fill: bool,
     /// Same-page merging of this VM's memory.
     pub merge: MergeSpec,
+    /// A virtio-balloon (see [`crate::balloon`]), if any.
+    pub balloon: Option<BalloonSpec>,
 }
 
 /// A VM's merge settings.

@@ -71,6 +71,13 @@ pub struct WorkloadConfig {
     pub verify_chunk: u64,
     /// 1: print progress on the serial port.
     pub serial: u64,
+    /// Guest-physical base of the virtio-balloon's registers, or 0: no balloon step.
+    pub balloon_gpa: u64,
+    /// Guest-physical address of the balloon driver's rings and buffers
+    /// ([`crate::workload::layout::BALLOON_SCRATCH`] bytes).
+    pub balloon_scratch_gpa: u64,
+    /// Milliseconds to hold the balloon inflated.
+    pub balloon_hold_ms: u64,
 }
 
 // SAFETY: WorkloadConfig is a repr(C) struct of u64 fields only: no padding, and every
@@ -152,8 +159,9 @@ mod tests {
 
     #[test]
     fn layout_matches_the_c_header() {
-        // The C header has 17 u64 fields in each struct, in this order.
-        assert_eq!(std::mem::size_of::<WorkloadConfig>(), 17 * 8);
+        // The C header has 20 u64 fields in the config (17 + the balloon step's
+        // 3) and 17 in the report, in this order.
+        assert_eq!(std::mem::size_of::<WorkloadConfig>(), 20 * 8);
         assert_eq!(std::mem::size_of::<WorkloadReport>(), 17 * 8);
         let header = include_str!("../../../resources/workload/abi.h");
         let fields = |name: &str| {
@@ -161,7 +169,7 @@ mod tests {
             let body = &header[start..start + header[start..].find("};").unwrap()];
             body.matches("uint64_t ").count()
         };
-        assert_eq!(fields("workload_config"), 17);
+        assert_eq!(fields("workload_config"), 20);
         assert_eq!(fields("workload_report"), 17);
         assert!(header.contains(&format!("CONFIG_MAGIC {CONFIG_MAGIC:#x}ULL")));
         assert!(header.contains(&format!("REPORT_MAGIC {REPORT_MAGIC:#x}ULL")));

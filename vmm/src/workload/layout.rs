@@ -42,6 +42,13 @@ pub const TSS_SEL: u16 = 0x40;
 /// Number of GDT entries (the TSS takes two).
 pub const GDT_ENTRIES: usize = 10;
 
+/// RAM the workload guest's balloon driver needs after the data pages (its
+/// four split rings, a buffer of page frame numbers and a statistics buffer).
+pub const BALLOON_SCRATCH: u64 = 16 * PAGE_SIZE;
+/// The identity mapping of a guest with a balloon reaches at least this far
+/// (the balloon's registers sit below 4 GiB).
+const BALLOON_MAPPED: u64 = 4 << 30;
+
 const TWO_MIB: u64 = 2 << 20;
 const ONE_GIB: u64 = 1 << 30;
 
@@ -100,6 +107,18 @@ impl WorkloadLayout {
             return Err(Error::TooLarge(ram_size >> 20));
         }
         Ok(WorkloadLayout { ram_size, data_pages, data_gpa, doorbell_gpa, mapped_size })
+    }
+
+    /// Maps at least the low 4 GiB (where the balloon's registers are) and
+    /// returns the balloon driver's scratch area after the data pages.
+    pub fn with_balloon(&mut self) -> Result<u64, Error> {
+        let scratch = self.data_gpa + self.data_pages * PAGE_SIZE;
+        if scratch + BALLOON_SCRATCH > self.ram_size {
+            let need = scratch + BALLOON_SCRATCH;
+            return Err(Error::TooSmall { need_mib: need.div_ceil(1 << 20), have_mib: self.ram_size >> 20 });
+        }
+        self.mapped_size = self.mapped_size.max(BALLOON_MAPPED);
+        Ok(scratch)
     }
 
     /// The config page of vCPU `index` (its report page follows).

@@ -100,11 +100,27 @@ impl WorkloadGuest {
                 quantum_us: QUANTUM_US,
                 verify_chunk: VERIFY_CHUNK.min(count.max(1)),
                 serial: u64::from(serial && index == 0),
+                ..WorkloadConfig::default()
             };
             mem.write_obj(cfg, GuestAddress(WorkloadLayout::config_gpa(index)))?;
             mem.write_obj(WorkloadReport::default(), GuestAddress(WorkloadLayout::report_gpa(index)))?;
         }
         Ok(WorkloadGuest { layout, vcpus })
+    }
+
+    /// Has vCPU 0 drive the virtio-balloon whose registers sit at `registers_gpa`
+    /// after its fill (inflate to the device's target, hold `hold_ms`, deflate,
+    /// check and refill): maps the low 4 GiB and gives the driver its scratch RAM.
+    pub fn enable_balloon<M: GuestMemory>(&mut self, mem: &M, registers_gpa: u64, hold_ms: u64) -> Result<(), Error> {
+        let scratch = self.layout.with_balloon()?;
+        self.layout.write_page_tables(mem)?;
+        let at = GuestAddress(WorkloadLayout::config_gpa(0));
+        let mut cfg: WorkloadConfig = mem.read_obj(at)?;
+        cfg.balloon_gpa = registers_gpa;
+        cfg.balloon_scratch_gpa = scratch;
+        cfg.balloon_hold_ms = hold_ms;
+        mem.write_obj(cfg, at)?;
+        Ok(())
     }
 
     /// The start state of vCPU `index`.

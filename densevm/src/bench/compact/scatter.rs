@@ -89,6 +89,7 @@ fn scenario(p: &Params, index: u32) -> Scenario {
         write_fraction: 0.0,
         writes_per_s: 0,
         duration_s: 0,
+        balloon_hold_ms: None,
     }
 }
 
@@ -102,6 +103,7 @@ fn spec(id: String, index: u32, p: &Params) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec { enabled: true, domain: Some(DOMAIN.into()) },
+        balloon: None,
     }
 }
 

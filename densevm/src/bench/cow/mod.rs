@@ -73,6 +73,7 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
         write_fraction: 1.0,
         writes_per_s: WRITES_PER_S,
         duration_s: p.duration_s,
+        balloon_hold_ms: None,
     };
     VmSpec {
         id,
@@ -84,6 +85,7 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
         pause_after_fill: true,
         // Merged by hand below, never by the scanner; one domain so that A and B may share.
         merge: MergeSpec { enabled: false, domain: Some(DOMAIN.into()) },
+        balloon: None,
     }
 }
 

@@ -149,6 +149,7 @@ fn spec(id: String, index: u32, p: &Params, merging: Merging) -> VmSpec {
         write_fraction: 0.0,
         writes_per_s: 0,
         duration_s: 0,
+        balloon_hold_ms: None,
     };
     let ram = match merging {
         Merging::Ksm { .. } => RamPolicy::Anonymous { mergeable: true },
@@ -163,6 +164,7 @@ fn spec(id: String, index: u32, p: &Params, merging: Merging) -> VmSpec {
         ram,
         pause_after_fill: false,
         merge: MergeSpec { enabled: matches!(merging, Merging::Densevm(_)), domain: Some(DOMAIN.into()) },
+        balloon: None,
     }
 }
 

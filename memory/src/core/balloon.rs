@@ -1,0 +1,170 @@
+//! Batched discard of a range of guest pages (`impl Core`): the balloon's
+//! inflate and free-page-reporting path.
+//!
+//! Same semantics as [`Core::discard`] per page, batched: each page keeps a
+//! (punched) frame, reads as zero and its next write is resolved by the fault
+//! handler (and seen). One transaction per batch of at most
+//! [`DISCARD_BATCH`] pages, so that a fault waiting for the lock is served
+//! between batches; within a batch the private pages are write-protected with
+//! one ioctl per run of consecutive pages, their frames punched once per run
+//! of consecutive frames, and a page of a shared frame drops its reference and
+//! gets a fresh (zero) frame of its own.
+
+use std::collections::HashSet;
+
+use super::counters::Counter;
+use super::error::{Error, Result};
+use super::txn::Txn;
+use super::Core;
+use crate::frame_table::Mapper;
+use crate::page_table::PageFlags;
+use crate::{FrameNo, VmId, PAGE_SIZE};
+
+/// Most pages discarded under one hold of the manager's lock.
+pub const DISCARD_BATCH: u32 = 512;
+
+/// What a [`Core::discard_range`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiscardReport {
+    /// Pages discarded (every page of the range).
+    pub pages: u64,
+    /// Of them, pages that held host memory before (their bytes went back to
+    /// the host, unless they shared a frame with other pages).
+    pub backed: u64,
+    /// Of them, pages that left a shared frame for a fresh one.
+    pub unshared: u64,
+}
+
+impl DiscardReport {
+    fn add(&mut self, other: DiscardReport) {
+        self.pages += other.pages;
+        self.backed += other.backed;
+        self.unshared += other.unshared;
+    }
+}
+
+impl Core {
+    /// Discards pages `first..first + count` of `vm` in batches of at most
+    /// [`DISCARD_BATCH`] pages (one transaction each, yielding to waiting
+    /// faults between them). The range is checked whole before any change.
+    pub(crate) fn discard_range(&self, vm: VmId, first: u32, count: u32) -> Result<DiscardReport> {
+        {
+            let st = self.lock();
+            let table = st.table(vm).ok_or(Error::UnknownVm(vm))?;
+            if first.checked_add(count).is_none_or(|end| end > table.len()) {
+                return Err(Error::OutOfRange(vm, u64::from(first) + u64::from(count)));
+            }
+        }
+        let mut report = DiscardReport::default();
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(DISCARD_BATCH);
+            report.add(self.with_txn(|t| discard_batch(t, vm, first + done, n))?);
+            done += n;
+            if done < count {
+                self.yield_to_faults();
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Discards pages `first..first + n` of `vm` in transaction `t`.
+fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<DiscardReport> {
+    let mut report = DiscardReport { pages: u64::from(n), ..DiscardReport::default() };
+    let mut private = Vec::with_capacity(n as usize);
+    for page in first..first + n {
+        let m = Mapper { vm, page };
+        let e = t.entry(m)?;
+        if t.st.frames().refs(e.frame) > 1 {
+            leave_shared_frame(t, m)?;
+            report.unshared += 1;
+        } else {
+            if !e.flags.contains(PageFlags::ZERO) {
+                report.backed += 1;
+            }
+            private.push(m);
+        }
+    }
+    // One protect ioctl per run of consecutive pages.
+    t.protect_group(&private)?;
+    let mut frames: Vec<FrameNo> = Vec::with_capacity(private.len());
+    for &m in &private {
+        frames.push(t.entry(m)?.frame);
+    }
+    frames.sort_unstable();
+    let frame_runs = runs(&frames, |a, b| b == a + 1);
+    for &(start, len) in &frame_runs {
+        t.st.pool().punch(start, len)?;
+    }
+    // Protection must still hold after the punch zapped the page tables.
+    let pages: Vec<u32> = private.iter().map(|m| m.page).collect();
+    for (start, len) in runs(&pages, |a, b| b == a + 1) {
+        t.remap.protect(t.addr(Mapper { vm, page: start })?, len as usize * PAGE_SIZE)?;
+    }
+    // Known zero only if nothing was written between punch and re-protect:
+    // one check per run of frames, per frame only in a run that has data.
+    let mut written = HashSet::new();
+    for &(start, len) in &frame_runs {
+        if !t.st.pool().is_hole(start, len).unwrap_or(false) {
+            written.extend((start..start + len as FrameNo).filter(|&f| !t.st.pool().is_hole(f, 1).unwrap_or(false)));
+        }
+    }
+    let cleared = PageFlags::SHARED.with(PageFlags::MERGED_ZERO);
+    for &m in &private {
+        let e = t.entry(m)?;
+        let mut flags = e.flags.without(cleared).with(PageFlags::PROTECTED).with(PageFlags::ZERO);
+        if written.contains(&e.frame) {
+            flags = flags.without(PageFlags::ZERO);
+        }
+        t.set_flags(m, flags)?;
+    }
+    t.st.count_n(Counter::Discard, u64::from(n));
+    Ok(report)
+}
+
+/// Moves page `m` off its shared frame onto a fresh frame of its own, protected
+/// and zero (as [`Core::discard`] does).
+fn leave_shared_frame(t: &mut Txn<'_>, m: Mapper) -> Result<()> {
+    let e = t.entry(m)?;
+    let new = t.st.alloc(0)?;
+    t.set_flags(m, e.flags.without(PageFlags::SHARED))?;
+    if let Err(err) = t.move_page(m, new, true) {
+        t.set_flags(m, e.flags)?;
+        t.st.free_unmapped(new)?;
+        return Err(err);
+    }
+    let mut flags = t.entry(m)?.flags.without(PageFlags::MERGED_ZERO).with(PageFlags::PROTECTED.with(PageFlags::ZERO));
+    if !t.st.pool().is_hole(new, 1).unwrap_or(false) {
+        flags = flags.without(PageFlags::ZERO);
+    }
+    t.set_flags(m, flags)
+}
+
+/// Runs `(start, length)` of the sorted `items` where `next(prev, cur)` holds
+/// between neighbours.
+fn runs<T: Copy + Into<u64>>(items: &[T], next: impl Fn(u64, u64) -> bool) -> Vec<(T, u64)> {
+    let mut out: Vec<(T, u64)> = Vec::new();
+    let mut prev = 0u64;
+    for &it in items {
+        let v: u64 = it.into();
+        match out.last_mut() {
+            Some((_, len)) if next(prev, v) => *len += 1,
+            _ => out.push((it, 1)),
+        }
+        prev = v;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_of_consecutive_values() {
+        let r = runs(&[1u32, 2, 3, 7, 9, 10], |a, b| b == a + 1);
+        assert_eq!(r, vec![(1, 3), (7, 1), (9, 2)]);
+        assert!(runs::<u32>(&[], |a, b| b == a + 1).is_empty());
+    }
+}
