@@ -158,6 +158,7 @@ fn writer_spec(id: &str, fill_mib: u32) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: true,
         merge: MergeSpec { enabled: true, domain: Some("d".into()) },
+        balloon: None,
     }
 }
 
@@ -171,6 +172,7 @@ fn hog_spec(mem_mib: u64) -> VmSpec {
         ram: RamPolicy::Managed,
         pause_after_fill: false,
         merge: MergeSpec::default(),
+        balloon: None,
     }
 }
 
