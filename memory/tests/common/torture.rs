@@ -259,11 +259,24 @@ impl Torture {
                     let (vm, p) = pick(&mut rng);
                     mgr.frame_of(vm, p).and_then(|f| mgr.migrate(f)).map(|_| 3)
                 }
-                75..=82 => {
+                75..=78 => {
                     let i = idle(&mut rng);
                     let ((vm, p), _) = self.idle_model[i];
                     self.idle_model[i].1 = 0;
                     mgr.discard(vm, p).map(|_| 4)
+                }
+                79..=82 => {
+                    // A balloon's batched discard of a run of consecutive idle pages
+                    // (the model holds each VM's idle pages in order, VM 1's first).
+                    let i = idle(&mut rng);
+                    let block_end =
+                        if i < IDLE_PAGES_VM1 as usize { IDLE_PAGES_VM1 as usize } else { self.idle_model.len() };
+                    let n = (1 + rng.below(8) as usize).min(block_end - i);
+                    let ((vm, p), _) = self.idle_model[i];
+                    for entry in &mut self.idle_model[i..i + n] {
+                        entry.1 = 0;
+                    }
+                    mgr.discard_range(vm, p, n as u32).map(|_| 4)
                 }
                 83..=94 => {
                     let i = idle(&mut rng);
