@@ -170,6 +170,18 @@ pub struct ExitReport {
 }
 
 impl ExitReport {
+    /// The first code byte at RIP when this is an emulation failure of KVM at CPL 0
+    /// (the instruction kvm_pvm's emulator could not run in guest-kernel code), so a
+    /// caller can complete the instructions it knows ([`super::int3`], [`super::fwait`]).
+    pub fn kernel_emulation_failure_opcode(&self) -> Option<u8> {
+        let emulation = matches!(self.exit, UnexpectedExit::InternalError { suberror, .. } if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION);
+        let kernel = matches!(&self.cpu, Ok(c) if c.cpl == 0);
+        match &self.code {
+            Ok(code) if emulation && kernel => code.first().copied(),
+            _ => None,
+        }
+    }
+
     /// Gathers the registers and code at RIP of `vcpu` (guest RAM `mem`) after `exit`.
     pub fn collect<M: GuestMemoryBackend>(vcpu: &VcpuFd, mem: &M, exit: UnexpectedExit) -> Self {
         let cpu = CpuState::read(vcpu);
@@ -256,6 +268,18 @@ impl fmt::Display for ExitReport {
             Ok(code) => write!(f, "; code at rip: {}", hex_bytes(code)),
             Err(e) => write!(f, "; code at rip unreadable: {e}"),
         }
+    }
+}
+
+/// A report of an internal error `suberror` at CPL `cpl` with `code` at RIP (tests
+/// of the instruction completions).
+#[cfg(test)]
+pub(crate) fn test_report(suberror: u32, cpl: u8, code: &[u8]) -> ExitReport {
+    ExitReport {
+        exit: UnexpectedExit::InternalError { suberror, data: vec![] },
+        cpu: Ok(CpuState { cpl, ..Default::default() }),
+        code: Ok(code.to_vec()),
+        symbol: None,
     }
 }
 

@@ -9,10 +9,10 @@
 //! run with it) at the `fwait` itself; otherwise it is a no-op and RIP moves past
 //! it. Either way the #UD KVM queued is replaced.
 
-use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, KVM_VCPUEVENT_VALID_PAYLOAD};
+use kvm_bindings::KVM_VCPUEVENT_VALID_PAYLOAD;
 use kvm_ioctls::VcpuFd;
 
-use super::exit_report::{ExitReport, UnexpectedExit};
+use super::exit_report::ExitReport;
 
 /// Opcode of `fwait` (`wait`).
 pub const FWAIT: u8 = 0x9b;
@@ -32,10 +32,7 @@ pub enum FwaitOutcome {
 
 /// True when `report` is an emulation failure on an `fwait` at CPL 0.
 pub fn is_unemulated_fwait(report: &ExitReport) -> bool {
-    let emulation = matches!(report.exit, UnexpectedExit::InternalError { suberror, .. } if suberror == KVM_INTERNAL_ERROR_EMULATION);
-    let kernel = matches!(&report.cpu, Ok(c) if c.cpl == 0);
-    let at_fwait = matches!(&report.code, Ok(code) if code.first() == Some(&FWAIT));
-    emulation && kernel && at_fwait
+    report.kernel_emulation_failure_opcode() == Some(FWAIT)
 }
 
 /// The outcome an `fwait` has with x87 status word `fsw`.
@@ -79,16 +76,8 @@ pub fn complete_fwait(vcpu: &VcpuFd) -> Result<FwaitOutcome, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::exit_report::CpuState;
-
-    fn report(suberror: u32, cpl: u8, code: &[u8]) -> ExitReport {
-        ExitReport {
-            exit: UnexpectedExit::InternalError { suberror, data: vec![] },
-            cpu: Ok(CpuState { cpl, ..Default::default() }),
-            code: Ok(code.to_vec()),
-            symbol: None,
-        }
-    }
+    use crate::arch::exit_report::test_report as report;
+    use crate::arch::exit_report::UnexpectedExit;
 
     #[test]
     fn only_kernel_fwait_emulation_failures() {

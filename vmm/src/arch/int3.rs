@@ -10,10 +10,10 @@
 //! RIP past the instruction, through the guest's IDT (`KVM_SET_VCPU_EVENTS`,
 //! replacing the #UD KVM queued).
 
-use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, KVM_VCPUEVENT_VALID_PAYLOAD};
+use kvm_bindings::KVM_VCPUEVENT_VALID_PAYLOAD;
 use kvm_ioctls::VcpuFd;
 
-use super::exit_report::{ExitReport, UnexpectedExit};
+use super::exit_report::ExitReport;
 
 /// Opcode of `int3`.
 pub const INT3: u8 = 0xcc;
@@ -22,10 +22,7 @@ pub const BP_VECTOR: u8 = 3;
 
 /// True when `report` is an emulation failure on an `int3` at CPL 0.
 pub fn is_unemulated_int3(report: &ExitReport) -> bool {
-    let emulation = matches!(report.exit, UnexpectedExit::InternalError { suberror, .. } if suberror == KVM_INTERNAL_ERROR_EMULATION);
-    let kernel = matches!(&report.cpu, Ok(c) if c.cpl == 0);
-    let at_int3 = matches!(&report.code, Ok(code) if code.first() == Some(&INT3));
-    emulation && kernel && at_int3
+    report.kernel_emulation_failure_opcode() == Some(INT3)
 }
 
 /// Delivers the #BP trap of the `int3` at RIP of `vcpu`: RIP moves past it and the
@@ -50,16 +47,8 @@ pub fn deliver_int3(vcpu: &VcpuFd) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::exit_report::CpuState;
-
-    fn report(suberror: u32, cpl: u8, code: &[u8]) -> ExitReport {
-        ExitReport {
-            exit: UnexpectedExit::InternalError { suberror, data: vec![] },
-            cpu: Ok(CpuState { cpl, ..Default::default() }),
-            code: Ok(code.to_vec()),
-            symbol: None,
-        }
-    }
+    use crate::arch::exit_report::test_report as report;
+    use crate::arch::exit_report::UnexpectedExit;
 
     #[test]
     fn only_kernel_int3_emulation_failures() {
