@@ -171,7 +171,7 @@ mod tests {
     /// owners' limits.
     #[test]
     fn every_validated_field_has_its_range() {
-        use crate::scenario::{MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
+        use crate::scenario::{MAX_BALLOON_HOLD_MS, MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
         use crate::types::{MAX_BOOT_ARGS_LEN, MAX_MEM_SIZE_MIB, MAX_PATH_LEN, MAX_VCPU_COUNT, MAX_VM_ID_LEN};
         let doc: serde_json::Value = serde_json::to_value(openapi()).unwrap();
         let prop = |s: &str, f: &str| doc["components"]["schemas"][s]["properties"][f].clone();
@@ -189,6 +189,7 @@ mod tests {
             ("Scenario", "write_fraction", 0, 1),
             ("Scenario", "writes_per_s", 0, MAX_WRITES_PER_S),
             ("Scenario", "duration_s", 0, MAX_DURATION_S),
+            ("Scenario", "balloon_hold_ms", 0, MAX_BALLOON_HOLD_MS),
             ("BalloonSpec", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),
             ("BalloonSpec", "stats_polling_interval_s", 0, u64::from(u16::MAX)),
             ("BalloonUpdate", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),

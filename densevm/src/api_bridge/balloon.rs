@@ -34,7 +34,7 @@ fn balloon_error(e: host::Error) -> ApiError {
 /// configuration. On failure the VM is rebuilt as it was.
 pub fn put(
     host: &mut Host,
-    mut ops: Option<&mut EventOps>,
+    ops: Option<&mut EventOps>,
     vm_id: &str,
     config: &VmConfig,
     spec: BalloonSpec,
@@ -52,7 +52,7 @@ pub fn put(
     new_config.balloon = Some(spec);
     let new_spec = vm_spec(vm_id, &new_config)?;
     let old_spec = vm_spec(vm_id, config)?;
-    host.remove_vm(vm_id, ops.as_deref_mut()).map_err(host_error)?;
+    host.remove_vm(vm_id, ops).map_err(host_error)?;
     if let Err(e) = host.create_vm(new_spec) {
         let e = host_error(e);
         if let Err(restore) = host.create_vm(old_spec) {
