@@ -9,8 +9,9 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::types::{
-    CompactionActionType, CompactionConfig, CompactionConfigPatch, CompactionReport, HostMemoryStats, InfoReply,
-    MergeActionType, MergeConfig, MergeConfigPatch, VmActionType, VmConfig, VmInfo, VmMemoryStats,
+    Balloon, BalloonSpec, BalloonStatistics, CompactionActionType, CompactionConfig, CompactionConfigPatch,
+    CompactionReport, HostMemoryStats, InfoReply, MergeActionType, MergeConfig, MergeConfigPatch, VmActionType,
+    VmConfig, VmInfo, VmMemoryStats,
 };
 
 /// What the HTTP API asks the VMM to do. Every id and body is already validated
@@ -60,6 +61,33 @@ pub enum ApiAction {
     /// `PUT /memory/compaction/actions`: reply [`ApiReply::CompactionReport`], or
     /// [`ErrorKind::Conflict`] while another pass requested over the API runs.
     CompactionAction(CompactionActionType),
+    /// `PUT /vms/{vm_id}/balloon`: give a `Created` VM a balloon (or replace its
+    /// settings); reply [`ApiReply::Empty`], or [`ErrorKind::Conflict`] once it started.
+    PutBalloon {
+        /// Target VM.
+        vm_id: String,
+        /// The balloon's settings.
+        spec: BalloonSpec,
+    },
+    /// `PATCH /vms/{vm_id}/balloon`: new target; reply [`ApiReply::Empty`].
+    PatchBalloon {
+        /// Target VM.
+        vm_id: String,
+        /// New target in MiB.
+        amount_mib: u32,
+    },
+    /// `GET /vms/{vm_id}/balloon`: reply [`ApiReply::Balloon`].
+    GetBalloon(String),
+    /// `GET /vms/{vm_id}/balloon/statistics`: reply [`ApiReply::BalloonStatistics`].
+    GetBalloonStatistics(String),
+    /// `PATCH /vms/{vm_id}/balloon/statistics`: new polling interval; reply
+    /// [`ApiReply::Empty`].
+    PatchBalloonStatistics {
+        /// Target VM.
+        vm_id: String,
+        /// Seconds between statistics requests.
+        stats_polling_interval_s: u16,
+    },
 }
 
 impl ApiAction {
@@ -80,6 +108,11 @@ impl ApiAction {
             ApiAction::GetCompactionConfig => "GetCompactionConfig",
             ApiAction::PatchCompactionConfig(_) => "PatchCompactionConfig",
             ApiAction::CompactionAction(_) => "CompactionAction",
+            ApiAction::PutBalloon { .. } => "PutBalloon",
+            ApiAction::PatchBalloon { .. } => "PatchBalloon",
+            ApiAction::GetBalloon(_) => "GetBalloon",
+            ApiAction::GetBalloonStatistics(_) => "GetBalloonStatistics",
+            ApiAction::PatchBalloonStatistics { .. } => "PatchBalloonStatistics",
         }
     }
 }
@@ -105,6 +138,10 @@ pub enum ApiReply {
     CompactionConfig(CompactionConfig),
     /// Answer to [`ApiAction::CompactionAction`]: what the pass did.
     CompactionReport(CompactionReport),
+    /// Answer to [`ApiAction::GetBalloon`].
+    Balloon(Box<Balloon>),
+    /// Answer to [`ApiAction::GetBalloonStatistics`].
+    BalloonStatistics(Box<BalloonStatistics>),
 }
 
 /// Class of a VMM-side failure; decides the HTTP status.

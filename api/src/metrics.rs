@@ -2,10 +2,21 @@
 
 use std::fmt::Write;
 
-use crate::types::{CompactionStats, HostMemoryStats, VmInfo, VmMemoryStats, VmState};
+use crate::types::{Balloon, CompactionStats, HostMemoryStats, VmInfo, VmMemoryStats, VmState};
 
 /// `Content-Type` of the rendered text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// One VM's row of the exposition: its info, and its memory and balloon where known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRow {
+    /// The VM.
+    pub vm: VmInfo,
+    /// Its memory statistics (None when it vanished while the metrics were gathered).
+    pub memory: Option<VmMemoryStats>,
+    /// Its balloon (None without one).
+    pub balloon: Option<Balloon>,
+}
 
 /// Kind of a metric family.
 #[derive(Debug, Clone, Copy)]
@@ -140,9 +151,10 @@ fn commitment(w: &mut Writer, h: &HostMemoryStats) {
 }
 
 /// Renders host statistics and every VM (with its memory statistics when known).
-pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -> String {
+pub fn render(host: &HostMemoryStats, rows: &[VmRow]) -> String {
     use Kind::{Counter, Gauge};
     let mut w = Writer { out: String::new() };
+    let vms: Vec<(&VmInfo, Option<&VmMemoryStats>)> = rows.iter().map(|r| (&r.vm, r.memory.as_ref())).collect();
 
     w.family("densevm_vms", Gauge, "Number of VMs by state.");
     for state in VmState::ALL {
@@ -200,15 +212,15 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
     commitment(&mut w, h);
 
     w.family("densevm_vm_state", Gauge, "1 for the VM's current state.");
-    for (vm, _) in vms {
+    for (vm, _) in &vms {
         w.sample("densevm_vm_state", &[("vm_id", &vm.vm_id), ("state", vm.state.as_str())], 1);
     }
     w.family("densevm_vm_vcpus", Gauge, "vCPUs of the VM.");
-    for (vm, _) in vms {
+    for (vm, _) in &vms {
         w.sample("densevm_vm_vcpus", &[("vm_id", &vm.vm_id)], vm.config.vcpu_count);
     }
     w.family("densevm_vm_memory_size_bytes", Gauge, "Guest memory size.");
-    for (vm, _) in vms {
+    for (vm, _) in &vms {
         let bytes = u64::from(vm.config.mem_size_mib) << 20;
         w.sample("densevm_vm_memory_size_bytes", &[("vm_id", &vm.vm_id)], bytes);
     }
@@ -225,13 +237,36 @@ pub fn render(host: &HostMemoryStats, vms: &[(VmInfo, Option<VmMemoryStats>)]) -
     for (name, kind, help, get) in per_vm {
         let name = format!("densevm_vm_{name}");
         w.family(&name, kind, help);
-        for (vm, mem) in vms {
+        for (vm, mem) in &vms {
             if let Some(m) = mem {
                 w.sample(&name, &[("vm_id", &vm.vm_id)], get(m));
             }
         }
     }
+    balloons(&mut w, rows);
     w.out
+}
+
+/// The per-VM balloon families (VMs with a balloon only).
+fn balloons(w: &mut Writer, rows: &[VmRow]) {
+    type Field = fn(&Balloon) -> u64;
+    let families: [(&str, Kind, &str, Field); 6] = [
+        ("target_bytes", Kind::Gauge, "Balloon target size.", |b| u64::from(b.info.target_pages) << 12),
+        ("actual_bytes", Kind::Gauge, "Balloon size the guest reports.", |b| u64::from(b.info.actual_pages) << 12),
+        ("inflated_pages", Kind::Gauge, "Pages inflated since the VM was created.", |b| b.counters.inflated_pages),
+        ("deflated_pages", Kind::Gauge, "Pages deflated since the VM was created.", |b| b.counters.deflated_pages),
+        ("reported_pages", Kind::Gauge, "Pages reported free since the VM was created.", |b| b.counters.reported_pages),
+        ("returned_bytes", Kind::Gauge, "Host memory the balloon returned to the host.", |b| b.counters.bytes_returned),
+    ];
+    for (name, kind, help, get) in families {
+        let name = format!("densevm_vm_balloon_{name}");
+        w.family(&name, kind, help);
+        for r in rows {
+            if let Some(b) = &r.balloon {
+                w.sample(&name, &[("vm_id", &r.vm.vm_id)], get(b));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +285,7 @@ mod tests {
                 boot: BootSource::Workload(Scenario::default()),
                 memory_image_path: None,
                 merge: None,
+                balloon: None,
             },
             workload: None,
             exit_reason: None,
@@ -272,11 +308,32 @@ mod tests {
             ..Default::default()
         };
         let mem = VmMemoryStats { guest_pages: 32768, merged_pages: 7, vma_count: 3, ..Default::default() };
-        let text = render(&host, &[(vm("a", VmState::Running), Some(mem)), (vm("b", VmState::Created), None)]);
+        let balloon = Balloon {
+            info: crate::types::BalloonInfo {
+                spec: crate::types::BalloonSpec { amount_mib: 16, ..Default::default() },
+                actual_mib: 8,
+                target_pages: 4096,
+                actual_pages: 2048,
+            },
+            counters: crate::types::BalloonReport {
+                inflated_pages: 2048,
+                bytes_returned: 1 << 23,
+                ..Default::default()
+            },
+        };
+        let rows = [
+            VmRow { vm: vm("a", VmState::Running), memory: Some(mem), balloon: Some(balloon) },
+            VmRow { vm: vm("b", VmState::Created), memory: None, balloon: None },
+        ];
+        let text = render(&host, &rows);
         for line in [
             "densevm_vms{state=\"Running\"} 1",
             "densevm_vms{state=\"Exited\"} 0",
             "densevm_memory_pages_shared 5",
+            "densevm_vm_balloon_target_bytes{vm_id=\"a\"} 16777216",
+            "densevm_vm_balloon_actual_bytes{vm_id=\"a\"} 8388608",
+            "densevm_vm_balloon_inflated_pages{vm_id=\"a\"} 2048",
+            "densevm_vm_balloon_returned_bytes{vm_id=\"a\"} 8388608",
             "densevm_memory_general_profit_bytes -4096",
             "densevm_memory_fragmentation_ratio 0.25",
             "# TYPE densevm_memory_cow_copies_total counter",

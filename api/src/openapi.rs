@@ -27,6 +27,7 @@ use crate::types::FaultResponse;
         (name = "host", description = "Version, host facts, metrics, this document"),
         (name = "vms", description = "microVM life cycle"),
         (name = "memory", description = "Memory statistics, merge and compaction tuning"),
+        (name = "balloon", description = "A VM's virtio-balloon, shaped like Firecracker's balloon API"),
     )
 )]
 pub struct ApiDoc;
@@ -116,6 +117,11 @@ mod tests {
             ("delete", "/vms/{vm_id}", &[204, 404, 409], true, false),
             ("put", "/vms/{vm_id}/actions", &[204, 404, 409], true, true),
             ("get", "/vms/{vm_id}/memory", &[200, 404], true, false),
+            ("put", "/vms/{vm_id}/balloon", &[204, 404, 409], true, true),
+            ("patch", "/vms/{vm_id}/balloon", &[204, 404], true, true),
+            ("get", "/vms/{vm_id}/balloon", &[200, 404], true, false),
+            ("get", "/vms/{vm_id}/balloon/statistics", &[200, 404], true, false),
+            ("patch", "/vms/{vm_id}/balloon/statistics", &[204, 404], true, true),
             ("get", "/memory", &[200], true, false),
             ("get", "/memory/merge", &[200], true, false),
             ("patch", "/memory/merge", &[200, 409], true, true),
@@ -165,7 +171,7 @@ mod tests {
     /// owners' limits.
     #[test]
     fn every_validated_field_has_its_range() {
-        use crate::scenario::{MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
+        use crate::scenario::{MAX_BALLOON_HOLD_MS, MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
         use crate::types::{MAX_BOOT_ARGS_LEN, MAX_MEM_SIZE_MIB, MAX_PATH_LEN, MAX_VCPU_COUNT, MAX_VM_ID_LEN};
         let doc: serde_json::Value = serde_json::to_value(openapi()).unwrap();
         let prop = |s: &str, f: &str| doc["components"]["schemas"][s]["properties"][f].clone();
@@ -183,6 +189,11 @@ mod tests {
             ("Scenario", "write_fraction", 0, 1),
             ("Scenario", "writes_per_s", 0, MAX_WRITES_PER_S),
             ("Scenario", "duration_s", 0, MAX_DURATION_S),
+            ("Scenario", "balloon_hold_ms", 0, MAX_BALLOON_HOLD_MS),
+            ("BalloonSpec", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),
+            ("BalloonSpec", "stats_polling_interval_s", 0, u64::from(u16::MAX)),
+            ("BalloonUpdate", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),
+            ("BalloonStatsUpdate", "stats_polling_interval_s", 1, u64::from(u16::MAX)),
         ] {
             assert_eq!(range(s, f), (num(min), num(max)), "{s}.{f}");
         }
@@ -253,6 +264,8 @@ mod tests {
                 "/vms",
                 "/vms/{vm_id}",
                 "/vms/{vm_id}/actions",
+                "/vms/{vm_id}/balloon",
+                "/vms/{vm_id}/balloon/statistics",
                 "/vms/{vm_id}/memory",
             ]
         );

@@ -10,8 +10,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::Number;
 
-use crate::scenario::{MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
-use crate::types::{MAX_BOOT_ARGS_LEN, MAX_PATH_LEN, MAX_VM_ID_LEN};
+use crate::scenario::{MAX_BALLOON_HOLD_MS, MAX_DURATION_S, MAX_FILL_MIB, MAX_WRITES_PER_S};
+use crate::types::{MAX_BOOT_ARGS_LEN, MAX_MEM_SIZE_MIB, MAX_PATH_LEN, MAX_VM_ID_LEN};
 
 /// Name of the bearer-token security scheme.
 pub const BEARER: &str = "bearer";
@@ -91,10 +91,13 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ("Scenario", "write_fraction", fraction()),
         ("Scenario", "writes_per_s", Rule::Range(uint(0), uint(MAX_WRITES_PER_S))),
         ("Scenario", "duration_s", Rule::Range(uint(0), uint(MAX_DURATION_S))),
+        ("Scenario", "balloon_hold_ms", Rule::Range(uint(0), uint(MAX_BALLOON_HOLD_MS))),
         ("KernelBoot", "kernel_image_path", path()),
         ("KernelBoot", "initrd_path", path()),
         ("KernelBoot", "boot_args", Rule::Text(0, MAX_BOOT_ARGS_LEN, NO_NUL)),
         ("VmConfig", "memory_image_path", path()),
+        ("BalloonSpec", "amount_mib", Rule::Range(uint(0), uint(u64::from(MAX_MEM_SIZE_MIB)))),
+        ("BalloonSpec", "stats_polling_interval_s", Rule::Range(uint(0), uint(u64::from(u16::MAX)))),
         ("MergeSettings", "domain", Rule::Text(1, MAX_VM_ID_LEN, "^[A-Za-z0-9_-]{1,64}$")),
     ]
 }

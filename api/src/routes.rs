@@ -17,9 +17,9 @@ use crate::metrics;
 use crate::openapi::ApiDoc;
 use crate::state::{unexpected, AppState};
 use crate::types::{
-    CompactionActionRequest, CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse, HostMemoryStats,
-    InfoReply, MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo, VmList,
-    VmMemoryStats,
+    Balloon, BalloonSpec, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, CompactionActionRequest,
+    CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse, HostMemoryStats, InfoReply,
+    MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo, VmList, VmMemoryStats,
 };
 
 /// Number of per-VM memory requests `GET /metrics` keeps in flight at once.
@@ -139,6 +139,94 @@ async fn get_vm_memory(State(s): State<AppState>, VmId(id): VmId) -> Result<Json
         ApiReply::VmMemory(m) => Ok(Json(m)),
         other => Err(unexpected("GetVmMemory", &other)),
     }
+}
+
+/// Configures the balloon of a VM that is created but not started (as Firecracker
+/// does before boot); replaces the settings of one it has.
+#[utoipa::path(put, path = "/vms/{vm_id}/balloon", tag = "balloon",
+    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    request_body = BalloonSpec,
+    responses(
+        (status = 204, description = "Balloon configured"),
+        (status = 400, description = "Invalid id or body, or a balloon larger than the VM", body = FaultResponse),
+        (status = 404, description = "No such VM", body = FaultResponse),
+        (status = 409, description = "The VM has started: a balloon is configured before boot", body = FaultResponse),
+    ))]
+async fn put_balloon(
+    State(s): State<AppState>,
+    VmId(vm_id): VmId,
+    JsonBody(spec): JsonBody<BalloonSpec>,
+) -> Result<StatusCode, Error> {
+    empty(&s, ApiAction::PutBalloon { vm_id, spec }).await
+}
+
+/// Sets a new balloon target; the guest's driver inflates or deflates towards it.
+#[utoipa::path(patch, path = "/vms/{vm_id}/balloon", tag = "balloon",
+    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    request_body = BalloonUpdate,
+    responses(
+        (status = 204, description = "Target set"),
+        (status = 400, description = "Invalid id or body, a target larger than the VM, or no balloon",
+            body = FaultResponse),
+        (status = 404, description = "No such VM", body = FaultResponse),
+    ))]
+async fn patch_balloon(
+    State(s): State<AppState>,
+    VmId(vm_id): VmId,
+    JsonBody(u): JsonBody<BalloonUpdate>,
+) -> Result<StatusCode, Error> {
+    empty(&s, ApiAction::PatchBalloon { vm_id, amount_mib: u.amount_mib }).await
+}
+
+/// The balloon's settings, target and actual size (MiB and pages) and counters.
+#[utoipa::path(get, path = "/vms/{vm_id}/balloon", tag = "balloon",
+    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The balloon", body = Balloon),
+        (status = 400, description = "Invalid id, or the VM has no balloon", body = FaultResponse),
+        (status = 404, description = "No such VM", body = FaultResponse),
+    ))]
+async fn get_balloon(State(s): State<AppState>, VmId(id): VmId) -> Result<Json<Balloon>, Error> {
+    match s.call(ApiAction::GetBalloon(id)).await? {
+        ApiReply::Balloon(b) => Ok(Json(*b)),
+        other => Err(unexpected("GetBalloon", &other)),
+    }
+}
+
+/// The guest's latest memory statistics (the virtio spec's tags, absent until the
+/// driver sends them) with their timestamp, and the balloon's target and actual size.
+#[utoipa::path(get, path = "/vms/{vm_id}/balloon/statistics", tag = "balloon",
+    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The statistics", body = BalloonStatistics),
+        (status = 400, description = "Invalid id, the VM has no balloon, or its statistics are off",
+            body = FaultResponse),
+        (status = 404, description = "No such VM", body = FaultResponse),
+    ))]
+async fn get_balloon_statistics(State(s): State<AppState>, VmId(id): VmId) -> Result<Json<BalloonStatistics>, Error> {
+    match s.call(ApiAction::GetBalloonStatistics(id)).await? {
+        ApiReply::BalloonStatistics(b) => Ok(Json(*b)),
+        other => Err(unexpected("GetBalloonStatistics", &other)),
+    }
+}
+
+/// Changes the statistics polling interval (statistics must have been enabled).
+#[utoipa::path(patch, path = "/vms/{vm_id}/balloon/statistics", tag = "balloon",
+    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    request_body = BalloonStatsUpdate,
+    responses(
+        (status = 204, description = "Interval set"),
+        (status = 400, description = "Invalid id or body, the VM has no balloon, or its statistics are off",
+            body = FaultResponse),
+        (status = 404, description = "No such VM", body = FaultResponse),
+    ))]
+async fn patch_balloon_statistics(
+    State(s): State<AppState>,
+    VmId(vm_id): VmId,
+    JsonBody(u): JsonBody<BalloonStatsUpdate>,
+) -> Result<StatusCode, Error> {
+    let stats_polling_interval_s = u.stats_polling_interval_s;
+    empty(&s, ApiAction::PatchBalloonStatistics { vm_id, stats_polling_interval_s }).await
 }
 
 /// Host-wide memory and merging statistics.
@@ -273,9 +361,14 @@ async fn get_metrics(State(s): State<AppState>) -> Result<Response, Error> {
         let batch: Vec<_> = vms.by_ref().take(METRICS_BATCH).collect();
         let mut pending = Vec::with_capacity(batch.len());
         for vm in &batch {
-            pending.push(s.send(ApiAction::GetVmMemory(vm.vm_id.clone()))?);
+            let mem = s.send(ApiAction::GetVmMemory(vm.vm_id.clone()))?;
+            let balloon = match vm.config.balloon {
+                Some(_) => Some(s.send(ApiAction::GetBalloon(vm.vm_id.clone()))?),
+                None => None,
+            };
+            pending.push((mem, balloon));
         }
-        for (vm, p) in batch.into_iter().zip(pending) {
+        for (vm, (p, b)) in batch.into_iter().zip(pending) {
             let mem = match s.wait("GetVmMemory", p).await {
                 Ok(ApiReply::VmMemory(m)) => Some(m),
                 Ok(other) => return Err(unexpected("GetVmMemory", &other)),
@@ -283,7 +376,17 @@ async fn get_metrics(State(s): State<AppState>) -> Result<Response, Error> {
                 Err(e) if e.status == StatusCode::NOT_FOUND => None,
                 Err(e) => return Err(e),
             };
-            rows.push((vm, mem));
+            let balloon = match b {
+                None => None,
+                Some(b) => match s.wait("GetBalloon", b).await {
+                    Ok(ApiReply::Balloon(b)) => Some(*b),
+                    Ok(other) => return Err(unexpected("GetBalloon", &other)),
+                    // Deleted, or replaced without a balloon, since the list was taken.
+                    Err(e) if matches!(e.status, StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST) => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            rows.push(metrics::VmRow { vm, memory: mem, balloon });
         }
     }
     let text = metrics::render(&host, &rows);
@@ -306,6 +409,8 @@ pub fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_vm, put_vm, delete_vm))
         .routes(routes!(vm_action))
         .routes(routes!(get_vm_memory))
+        .routes(routes!(get_balloon, put_balloon, patch_balloon))
+        .routes(routes!(get_balloon_statistics, patch_balloon_statistics))
         .routes(routes!(get_memory))
         .routes(routes!(get_merge_config, patch_merge_config))
         .routes(routes!(merge_action))

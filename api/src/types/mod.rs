@@ -4,12 +4,16 @@
 //! [`Validate`] implementation that checks value ranges; the server answers 400 with the
 //! message of the first violation.
 
+mod balloon;
 mod memory;
 mod vm;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use balloon::{
+    Balloon, BalloonInfo, BalloonReport, BalloonSpec, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate,
+};
 pub use memory::{
     ChangeDetection, CompactionActionRequest, CompactionActionType, CompactionConfig, CompactionConfigPatch,
     CompactionFailures, CompactionReport, CompactionStats, HostMemoryStats, MergeActionRequest, MergeActionType,

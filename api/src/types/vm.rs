@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{check_range, Error, Validate};
+use super::{check_range, BalloonSpec, Error, Validate};
 use crate::scenario::{self, Scenario};
 
 /// Life-cycle state of a VM: the VMM's [`vmm::vm::VmState`].
@@ -63,6 +63,10 @@ pub struct VmConfig {
     /// Same-page merging of this VM's memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeSettings>,
+    /// A virtio-balloon device (configured before the VM starts, as in Firecracker;
+    /// `PUT /vms/{vm_id}/balloon` sets it on a created VM too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonSpec>,
 }
 
 impl Validate for VmConfig {
@@ -90,6 +94,14 @@ impl Validate for VmConfig {
         if let Some(m) = &self.merge {
             if let Some(d) = &m.domain {
                 validate_vm_id("merge.domain", d)?;
+            }
+        }
+        if let Some(b) = &self.balloon {
+            if b.amount_mib > self.mem_size_mib {
+                return Err(Error::new(
+                    "balloon.amount_mib",
+                    format!("must not exceed mem_size_mib ({} > {})", b.amount_mib, self.mem_size_mib),
+                ));
             }
         }
         Ok(())
@@ -257,6 +269,7 @@ mod tests {
             boot: BootSource::Workload(Scenario { fill_mib: fill, ..Scenario::default() }),
             memory_image_path: None,
             merge: None,
+            balloon: None,
         }
     }
 

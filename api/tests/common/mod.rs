@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use api::types::{
-    ChangeDetection, CompactionConfig, CompactionReport, CompactionStats, HostMemoryStats, InfoReply, MergeConfig,
-    VmActionType, VmInfo, VmMemoryStats, VmState,
+    Balloon, BalloonInfo, BalloonReport, BalloonStatistics, ChangeDetection, CompactionConfig, CompactionReport,
+    CompactionStats, HostMemoryStats, InfoReply, MergeConfig, VmActionType, VmInfo, VmMemoryStats, VmState,
 };
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender, VmmEndpoint};
 use api::{ApiServer, ApiServerConfig};
@@ -110,6 +110,38 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
             ideal_frames_2m: 3,
             ..Default::default()
         })),
+        ApiAction::PutBalloon { vm_id, spec } => {
+            let vm = t.vms.get_mut(&vm_id).ok_or_else(|| missing(&vm_id))?;
+            if vm.state != VmState::Created {
+                return Err(ApiError::conflict(format!("VM {vm_id} has started")));
+            }
+            vm.config.balloon = Some(spec);
+            Ok(ApiReply::Empty)
+        }
+        ApiAction::PatchBalloon { vm_id, amount_mib } => {
+            let vm = t.vms.get_mut(&vm_id).ok_or_else(|| missing(&vm_id))?;
+            let b = vm.config.balloon.as_mut().ok_or_else(|| ApiError::bad_request("no balloon"))?;
+            b.amount_mib = amount_mib;
+            Ok(ApiReply::Empty)
+        }
+        ApiAction::GetBalloon(id) => {
+            let vm = t.vms.get(&id).ok_or_else(|| missing(&id))?;
+            let spec = vm.config.balloon.ok_or_else(|| ApiError::bad_request("no balloon"))?;
+            let info = BalloonInfo { spec, actual_mib: 0, target_pages: spec.amount_mib * 256, actual_pages: 0 };
+            Ok(ApiReply::Balloon(Box::new(Balloon { info, counters: BalloonReport::default() })))
+        }
+        ApiAction::GetBalloonStatistics(id) => {
+            let vm = t.vms.get(&id).ok_or_else(|| missing(&id))?;
+            let spec = vm.config.balloon.ok_or_else(|| ApiError::bad_request("no balloon"))?;
+            let target_pages = spec.amount_mib * 256;
+            Ok(ApiReply::BalloonStatistics(Box::new(BalloonStatistics { target_pages, ..Default::default() })))
+        }
+        ApiAction::PatchBalloonStatistics { vm_id, stats_polling_interval_s } => {
+            let vm = t.vms.get_mut(&vm_id).ok_or_else(|| missing(&vm_id))?;
+            let b = vm.config.balloon.as_mut().ok_or_else(|| ApiError::bad_request("no balloon"))?;
+            b.stats_polling_interval_s = stats_polling_interval_s;
+            Ok(ApiReply::Empty)
+        }
     }
 }
 

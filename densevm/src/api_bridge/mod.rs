@@ -10,6 +10,7 @@
 //! What the Host does not keep lives here: the API configuration each VM was created
 //! with (`GET /vms/{id}` returns it).
 
+mod balloon;
 mod compaction;
 mod facts;
 mod memory;
@@ -122,6 +123,32 @@ impl ApiBridge {
                 tracing::info!("compaction settings now {c:?}");
                 Ok(ApiReply::CompactionConfig(c))
             }
+            ApiAction::PutBalloon { vm_id, spec } => {
+                let config = match self.configs.get(&vm_id) {
+                    Some(c) => c.clone(),
+                    None => config_of(host.vm(&vm_id).map_err(host_error)?.spec()),
+                };
+                let config = balloon::put(host, ops, &vm_id, &config, spec)?;
+                self.configs.insert(vm_id, config);
+                Ok(ApiReply::Empty)
+            }
+            ApiAction::PatchBalloon { vm_id, amount_mib } => {
+                balloon::patch(host, &vm_id, amount_mib)?;
+                // GET /vms/{id} shows the current target, as GET .../balloon does.
+                if let Some(b) = self.configs.get_mut(&vm_id).and_then(|c| c.balloon.as_mut()) {
+                    b.amount_mib = amount_mib;
+                }
+                Ok(ApiReply::Empty)
+            }
+            ApiAction::GetBalloon(id) => balloon::get(host, &id),
+            ApiAction::GetBalloonStatistics(id) => balloon::statistics(host, &id),
+            ApiAction::PatchBalloonStatistics { vm_id, stats_polling_interval_s } => {
+                balloon::patch_statistics(host, &vm_id, stats_polling_interval_s)?;
+                if let Some(b) = self.configs.get_mut(&vm_id).and_then(|c| c.balloon.as_mut()) {
+                    b.stats_polling_interval_s = stats_polling_interval_s;
+                }
+                Ok(ApiReply::Empty)
+            }
         }
     }
 
@@ -190,7 +217,7 @@ pub fn vm_spec(vm_id: &str, config: &VmConfig) -> Result<VmSpec, ApiError> {
             .as_ref()
             .map(|m| MergeSpec { enabled: m.enabled, domain: m.domain.clone() })
             .unwrap_or_default(),
-        balloon: None,
+        balloon: config.balloon,
     })
 }
 
@@ -210,6 +237,7 @@ fn config_of(spec: &VmSpec) -> VmConfig {
         boot,
         memory_image_path: None,
         merge: Some(api::types::MergeSettings { enabled: spec.merge.enabled, domain: spec.merge.domain.clone() }),
+        balloon: spec.balloon,
     }
 }
 
@@ -255,6 +283,7 @@ mod tests {
             boot: ApiBoot::Workload(Scenario { fill_mib: 4, ..Scenario::default() }),
             memory_image_path: None,
             merge: None,
+            balloon: None,
         }
     }
 

@@ -49,6 +49,7 @@ pub enum Error {
 /// A VM's balloon settings (shaped like Firecracker's balloon API).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalloonSpec {
     /// Target size of the balloon in MiB (memory the guest gives back).
     pub amount_mib: u32,
@@ -120,6 +121,7 @@ fn mib_to_pages(mib: u32) -> u32 {
 
 /// Target and actual size of a balloon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalloonInfo {
     /// The settings, with the current target.
     #[serde(flatten)]
@@ -135,6 +137,7 @@ pub struct BalloonInfo {
 /// The guest's latest memory statistics (the virtio spec's tags), with the
 /// balloon's target and actual size.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalloonStatistics {
     /// The target in pages.
     pub target_pages: u32,
@@ -211,6 +214,7 @@ impl BalloonStatistics {
 
 /// What a balloon did: the device's counters and the bytes returned to the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalloonReport {
     /// Pages inflated.
     pub inflated_pages: u64,

@@ -70,10 +70,9 @@ pub struct Scenario {
     /// When set, vCPU 0 drives the VM's virtio-balloon after its fill: it inflates
     /// the balloon to the device's target (`num_pages`, at most its own pages),
     /// holds it this many milliseconds, deflates it, and checks that the pages
-    /// read zero before refilling them (the VM needs a balloon: `--balloon`).
-    /// (Not in the OpenAPI document yet: the API's balloon endpoints come later.)
+    /// read zero before refilling them (the VM needs a balloon: `--balloon`, or
+    /// the `balloon` object of the API's `PUT /vms/{vm_id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub balloon_hold_ms: Option<u64>,
 }
 
