@@ -17,7 +17,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, wait_for, Daemon, ResponseExt};
+use common::{kvm_available, Daemon, ResponseExt};
 use memory::manager::CommitPolicy;
 use memory::merge::{ChangeDetection, Tunables};
 use serde_json::{json, Value};
@@ -66,10 +66,21 @@ fn daemon_refuses_a_vm_of_the_frames_merging_freed() {
     let r = d.req("PATCH", "/memory/merge", Some(&patch.to_string()));
     assert_eq!(r.status, 200, "{}", r.text());
     let data_pages = FILL_MIB << 8;
-    let merged = wait_for("the identical pages to merge", WAIT, || {
+    let deadline = Instant::now() + WAIT;
+    let merged = loop {
         let h = d.get("/memory");
-        (u(&h, "pages_sharing") >= data_pages * 9 / 10).then_some(h)
-    });
+        if u(&h, "pages_sharing") >= data_pages * 9 / 10 {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for the identical pages to merge\n/memory: {h}\n/vms/vm-a: {}\n/vms/vm-b: {}\nlog:\n{}",
+            d.get("/vms/vm-a"),
+            d.get("/vms/vm-b"),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(u(&merged, "committed_bytes"), (2 * MEM_MIB) << 20, "{merged}");
     assert!(u(&merged, "commit_limit_bytes") >= (2 * MEM_MIB) << 20, "{merged}");
     assert_eq!(u(&merged, "cow_no_frame"), 0, "{merged}");

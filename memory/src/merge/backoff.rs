@@ -27,7 +27,10 @@
 //! - **Checksum mode**: content can only be checked by reading it, so the
 //!   scanner keeps scanning, but (1) like KSM's `smart_scan`, a page found
 //!   unchanged and unshared at [`SMART_MIN_AGE`] visits in a row is skipped
-//!   for a growing number of scans ([`skip_age`]: 1, 2, 4, then 8), and
+//!   for a growing number of scans ([`skip_age`]: 1, 2, 4, then 8) — a
+//!   skipped page still keeps its place in the unstable index unread, and is
+//!   visited at once when an identical-looking partner waits there, so two
+//!   pages that age out of step still meet —, and
 //!   (2) after a quiet full scan it sleeps longer, doubling from
 //!   [`QUIET_SLEEP_FIRST`] up to [`QUIET_SLEEP_MAX`]; any non-quiet scan
 //!   resets both.

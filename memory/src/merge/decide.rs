@@ -148,7 +148,7 @@ fn judge(st: &State, domain: DomainId, max: u32, f: FrameNo) -> Verdict {
 }
 
 /// Whether unstable entry `u` still describes a private page of `domain` other than `me`.
-fn valid_unstable(st: &State, domain: DomainId, u: &Entry, me: Mapper) -> bool {
+pub(super) fn valid_unstable(st: &State, domain: DomainId, u: &Entry, me: Mapper) -> bool {
     if u.mapper == me {
         return false;
     }

@@ -7,16 +7,39 @@ use std::time::{Duration, Instant};
 use crate::core::{Error, Result, Txn};
 use crate::frame_table::Mapper;
 use crate::page_table::PageFlags;
-use crate::{sys, PAGE_SIZE};
+use crate::{sys, FrameNo, PAGE_SIZE};
 
 use super::backoff::{skip_age, SMART_MIN_AGE};
+use super::decide::valid_unstable;
+use super::domains::DomainId;
 use super::pages::{Class, VmScan};
 use super::scanner::{Cand, Scanner, Target};
 use super::stable::Key;
 use super::tunables::{ChangeDetection, Tunables};
+use super::unstable::Entry;
 use super::zero::{hash_page, zero_hash};
 
 impl Scanner {
+    /// Smart scan, for a page about to be skipped (`m`, unshared, unchanged at
+    /// its last visit with content hash `hash` on `frame`): whether an
+    /// identical-looking partner already waits in the unstable index, so the
+    /// page must be visited now. Otherwise the page takes (or keeps) its place
+    /// in the index without being read. The index is rebuilt every full scan,
+    /// so without this two identical pages whose skips fall in different scans
+    /// would never meet (their ages grow out of step and both end up visited
+    /// every ninth scan, at different scans).
+    fn partner_waits(&mut self, t: &Txn<'_>, domain: DomainId, m: Mapper, hash: u64, frame: FrameNo) -> bool {
+        let key = Key { domain, hash };
+        match self.unstable.get(key) {
+            Some(u) if u.mapper == m => false,
+            Some(u) if valid_unstable(t.st, domain, &u, m) => true,
+            _ => {
+                self.unstable.insert(key, Entry { mapper: m, frame });
+                false
+            }
+        }
+    }
+
     /// Visits pages `start..start+n` of `target`; returns how many had host memory.
     pub(super) fn chunk(&mut self, target: Target, start: u32, n: u32, tun: &Tunables) -> Result<u32> {
         if tun.hold_vcpus {
@@ -123,7 +146,7 @@ impl Scanner {
                 if self.backoff_enabled && ps.hashed && was_unshared && !device_dirty && ps.frame == e.frame {
                     rec.age = ps.age.saturating_add(1);
                     if ps.age >= SMART_MIN_AGE {
-                        if ps.skips > 0 {
+                        if ps.skips > 0 && !self.partner_waits(t, target.domain, m, ps.hash, e.frame) {
                             rec.skips = ps.skips - 1;
                             self.counters.pages_skipped += 1;
                             continue;
