@@ -193,6 +193,8 @@ static void rewrite_page(const struct env *e, uint64_t i) {
 #define VMMIO_QUEUE_NUM 0x038
 #define VMMIO_QUEUE_READY 0x044
 #define VMMIO_QUEUE_NOTIFY 0x050
+#define VMMIO_INTERRUPT_STATUS 0x060
+#define VMMIO_INTERRUPT_ACK 0x064
 #define VMMIO_STATUS 0x070
 #define VMMIO_QUEUE_DESC 0x080
 #define VMMIO_QUEUE_AVAIL 0x090
@@ -204,6 +206,7 @@ static void rewrite_page(const struct env *e, uint64_t i) {
 #define VSTATUS_FEATURES_OK 8
 #define VQ_SIZE 16
 #define PFNS_PER_BUF 256
+#define HOLD_POLL_US 50000 /* the hold's polling period (interrupt status, statistics) */
 
 struct vq {
     uint64_t desc, avail, used;
@@ -270,11 +273,11 @@ static int vq_send(const struct env *e, struct vq *q, uint32_t index, uint64_t b
     return vq_send_flags(e, q, index, buf, len, 0);
 }
 
-/* Sends the PFNs of this vCPU's pages [0, n) on queue `index`, 256 per buffer. */
-static int send_pfns(const struct env *e, struct vq *q, uint32_t index, uint64_t n) {
+/* Sends the PFNs of this vCPU's pages [first, end) on queue `index`, 256 per buffer. */
+static int send_pfns(const struct env *e, struct vq *q, uint32_t index, uint64_t first, uint64_t end) {
     volatile uint32_t *pfns = (volatile uint32_t *)(e->c.balloon_scratch_gpa + 0x6000);
-    for (uint64_t i = 0; i < n; i += PFNS_PER_BUF) {
-        uint64_t k = n - i < PFNS_PER_BUF ? n - i : PFNS_PER_BUF;
+    for (uint64_t i = first; i < end; i += PFNS_PER_BUF) {
+        uint64_t k = end - i < PFNS_PER_BUF ? end - i : PFNS_PER_BUF;
         for (uint64_t j = 0; j < k; j++) pfns[j] = (uint32_t)((e->c.data_gpa >> 12) + i + j);
         if (vq_send(e, q, index, (uint64_t)pfns, (uint32_t)(4 * k))) return -1;
     }
@@ -307,6 +310,52 @@ static int page_is_zero(const struct env *e, uint64_t i) {
     for (int j = 0; j < PAGE_WORDS; j++)
         if (p[j]) return 0;
     return 1;
+}
+
+/* The balloon as the driver holds it: pages [0, size) of this vCPU's slice. */
+struct balloon {
+    struct vq *inflate, *deflate;
+    uint64_t size;
+};
+
+/* Inflates or deflates the balloon to `target` pages (at most this vCPU's pages)
+ * and writes `actual`. Deflated pages must read zero (each one that does not is a
+ * mismatch) and are refilled. Returns -1 when the device did not serve a queue. */
+static int balloon_resize(const struct env *e, struct balloon *bl, uint64_t target) {
+    struct line out = {.len = 0};
+    uint64_t n = target < e->c.npages ? target : e->c.npages, cur = bl->size;
+    if (n >= cur) {
+        if (send_pfns(e, bl->inflate, 0, cur, n)) {
+            balloon_fail(e, &out, "inflate queue not serviced");
+            return -1;
+        }
+        bl->size = n;
+        mmio_w(e->c.balloon_gpa, VMMIO_CONFIG + 4, (uint32_t)n); /* actual */
+        line_str(&out, "balloon: inflated ");
+        line_u64(&out, n - cur);
+        line_str(&out, " pages\n");
+        line_send(e, &out);
+        return 0;
+    }
+    if (send_pfns(e, bl->deflate, 1, n, cur)) {
+        balloon_fail(e, &out, "deflate queue not serviced");
+        return -1;
+    }
+    bl->size = n;
+    mmio_w(e->c.balloon_gpa, VMMIO_CONFIG + 4, (uint32_t)n);
+    uint64_t not_zero = 0;
+    for (uint64_t i = n; i < cur; i++) {
+        not_zero += (uint64_t)!page_is_zero(e, i);
+        fill_page(page_ptr(e, i), page_key(e, i, versions(e)[i]));
+    }
+    e->rep->mismatches = e->rep->mismatches + not_zero;
+    line_str(&out, "balloon: deflated ");
+    line_u64(&out, cur - n);
+    line_str(&out, " pages, ");
+    line_u64(&out, not_zero);
+    line_str(&out, " not zero\n");
+    line_send(e, &out);
+    return 0;
 }
 
 /* Free page reporting: the scenario frees pages [n, 2n) of this vCPU's slice
@@ -383,42 +432,23 @@ static void balloon_step(const struct env *e) {
     /* The device keeps the stats buffer until it wants fresh statistics. */
     if (stats) send_stats(e, &statq, 0);
 
-    uint64_t target = mmio_r(b, VMMIO_CONFIG); /* num_pages */
-    uint64_t n = target < e->c.npages ? target : e->c.npages;
-    if (send_pfns(e, &inflate, 0, n)) {
-        balloon_fail(e, &out, "inflate queue not serviced");
-        return;
-    }
-    mmio_w(b, VMMIO_CONFIG + 4, (uint32_t)n); /* actual */
-    line_str(&out, "balloon: inflated ");
-    line_u64(&out, n);
-    line_str(&out, " pages\n");
-    line_send(e, &out);
-    /* Hold, answering statistics requests (the device returned the buffer). */
+    struct balloon bl = {.inflate = &inflate, .deflate = &deflate, .size = 0};
+    if (balloon_resize(e, &bl, mmio_r(b, VMMIO_CONFIG) /* num_pages */)) return;
+    /* Hold, following the target: a configuration-change interrupt (the device
+     * changed num_pages) makes the driver inflate or deflate to the new target;
+     * statistics requests (the device returned the buffer) are answered. */
+    uint64_t first = bl.size;
     for (uint64_t left = e->c.balloon_hold_ms * 1000; left;) {
-        uint64_t us = left < 50000 ? left : 50000;
+        uint64_t us = left < HOLD_POLL_US ? left : HOLD_POLL_US;
         doorbell(e, DB_SLEEP_US, us);
         left -= us;
-        if (stats && vq_done(&statq)) send_stats(e, &statq, n);
+        uint32_t isr = mmio_r(b, VMMIO_INTERRUPT_STATUS);
+        if (isr) mmio_w(b, VMMIO_INTERRUPT_ACK, isr);
+        if ((isr & 2) && balloon_resize(e, &bl, mmio_r(b, VMMIO_CONFIG))) return;
+        if (stats && vq_done(&statq)) send_stats(e, &statq, bl.size);
     }
-    if (send_pfns(e, &deflate, 1, n)) {
-        balloon_fail(e, &out, "deflate queue not serviced");
-        return;
-    }
-    mmio_w(b, VMMIO_CONFIG + 4, 0);
-    uint64_t not_zero = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        not_zero += (uint64_t)!page_is_zero(e, i);
-        fill_page(page_ptr(e, i), page_key(e, i, versions(e)[i]));
-    }
-    e->rep->mismatches = e->rep->mismatches + not_zero;
-    line_str(&out, "balloon: deflated ");
-    line_u64(&out, n);
-    line_str(&out, " pages, ");
-    line_u64(&out, not_zero);
-    line_str(&out, " not zero\n");
-    line_send(e, &out);
-    if (reporting) report_free(e, &reportq, report_index, n);
+    if (bl.size && balloon_resize(e, &bl, 0)) return;
+    if (reporting) report_free(e, &reportq, report_index, first);
 }
 
 void workload_main(const volatile struct workload_config *cfgp) {
