@@ -4,7 +4,9 @@
 //! over the memory manager's batched discard), and the handle the host drives
 //! ([`BalloonDevice`]: target, statistics, counters). The device model and the
 //! virtio-mmio transport live in `devices::virtio`; the placement on the MMIO
-//! bus, the irqfd and the ioeventfds in [`crate::device_manager`].
+//! bus, the irqfd and the ioeventfds in [`crate::device_manager`]. The host
+//! memory budget policy over every VM's balloon: [`policy`] (the decision) and
+//! [`BalloonPolicy`] (its state, stepped by the daemon).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,10 +18,16 @@ use serde::{Deserialize, Serialize};
 
 mod backend;
 mod host;
+pub mod policy;
+mod policy_state;
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;
 
 pub use backend::{BackendMemory, MemoryBackend};
+pub use policy::{Band, PolicyConfig, PolicyConfigPatch, TargetChange};
+pub use policy_state::{BalloonPolicy, PolicyAction, PolicyStatus};
 
 /// Balloon pages (4 KiB) in one MiB.
 pub const PAGES_PER_MIB: u32 = 256;
