@@ -9,9 +9,9 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::types::{
-    Balloon, BalloonSpec, BalloonStatistics, CompactionActionType, CompactionConfig, CompactionConfigPatch,
-    CompactionReport, HostMemoryStats, InfoReply, MergeActionType, MergeConfig, MergeConfigPatch, VmActionType,
-    VmConfig, VmInfo, VmMemoryStats,
+    Balloon, BalloonPolicyPatch, BalloonPolicyStatus, BalloonSpec, BalloonStatistics, CompactionActionType,
+    CompactionConfig, CompactionConfigPatch, CompactionReport, HostMemoryStats, InfoReply, MergeActionType,
+    MergeConfig, MergeConfigPatch, VmActionType, VmConfig, VmInfo, VmMemoryStats,
 };
 
 /// What the HTTP API asks the VMM to do. Every id and body is already validated
@@ -88,6 +88,11 @@ pub enum ApiAction {
         /// Seconds between statistics requests.
         stats_polling_interval_s: u16,
     },
+    /// `GET /memory/balloon-policy`: reply [`ApiReply::BalloonPolicy`].
+    GetBalloonPolicy,
+    /// `PATCH /memory/balloon-policy`: apply (the patch is validated) and reply
+    /// [`ApiReply::BalloonPolicy`].
+    PatchBalloonPolicy(BalloonPolicyPatch),
 }
 
 impl ApiAction {
@@ -113,6 +118,8 @@ impl ApiAction {
             ApiAction::GetBalloon(_) => "GetBalloon",
             ApiAction::GetBalloonStatistics(_) => "GetBalloonStatistics",
             ApiAction::PatchBalloonStatistics { .. } => "PatchBalloonStatistics",
+            ApiAction::GetBalloonPolicy => "GetBalloonPolicy",
+            ApiAction::PatchBalloonPolicy(_) => "PatchBalloonPolicy",
         }
     }
 }
@@ -142,6 +149,8 @@ pub enum ApiReply {
     Balloon(Box<Balloon>),
     /// Answer to [`ApiAction::GetBalloonStatistics`].
     BalloonStatistics(Box<BalloonStatistics>),
+    /// Answer to [`ApiAction::GetBalloonPolicy`] and [`ApiAction::PatchBalloonPolicy`].
+    BalloonPolicy(Box<BalloonPolicyStatus>),
 }
 
 /// Class of a VMM-side failure; decides the HTTP status.

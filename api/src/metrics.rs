@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::types::{Balloon, CompactionStats, HostMemoryStats, VmInfo, VmMemoryStats, VmState};
+use crate::types::{Balloon, BalloonPolicyStatus, CompactionStats, HostMemoryStats, VmInfo, VmMemoryStats, VmState};
 
 /// `Content-Type` of the rendered text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -244,6 +244,38 @@ pub fn render(host: &HostMemoryStats, rows: &[VmRow]) -> String {
         }
     }
     balloons(&mut w, rows);
+    w.out
+}
+
+/// The budget policy's families: budget (when set), the use it compares, the
+/// targets it set, its actions.
+pub fn balloon_policy(p: &BalloonPolicyStatus) -> String {
+    let mut w = Writer { out: String::new() };
+    if let Some(budget) = p.host_budget_bytes {
+        w.single(
+            "densevm_balloon_policy_budget_bytes",
+            Kind::Gauge,
+            "Host memory budget of the balloon policy.",
+            budget,
+        );
+    }
+    w.single(
+        "densevm_balloon_policy_host_used_bytes",
+        Kind::Gauge,
+        "Host memory in use the balloon policy compares with its budget.",
+        p.host_bytes_used,
+    );
+    w.single(
+        "densevm_balloon_policy_actions_total",
+        Kind::Counter,
+        "Balloon policy steps that changed targets.",
+        p.actions,
+    );
+    let name = "densevm_balloon_policy_target_bytes";
+    w.family(name, Kind::Gauge, "Balloon target set by the policy.");
+    for (vm_id, mib) in &p.targets_mib {
+        w.sample(name, &[("vm_id", vm_id)], u64::from(*mib) << 20);
+    }
     w.out
 }
 

@@ -27,7 +27,7 @@ use crate::types::FaultResponse;
         (name = "host", description = "Version, host facts, metrics, this document"),
         (name = "vms", description = "microVM life cycle"),
         (name = "memory", description = "Memory statistics, merge and compaction tuning"),
-        (name = "balloon", description = "A VM's virtio-balloon, shaped like Firecracker's balloon API"),
+        (name = "balloon", description = "A VM's virtio-balloon, shaped like Firecracker's balloon API, and the host memory budget policy over every balloon"),
     )
 )]
 pub struct ApiDoc;
@@ -89,6 +89,8 @@ mod tests {
             "CompactionConfigPatch",
             "CompactionReport",
             "CompactionStats",
+            "BalloonPolicyStatus",
+            "BalloonPolicyPatch",
             "FaultResponse",
         ] {
             assert!(schemas.contains_key(s), "schema {s} missing");
@@ -129,6 +131,8 @@ mod tests {
             ("get", "/memory/compaction", &[200], true, false),
             ("patch", "/memory/compaction", &[200], true, true),
             ("put", "/memory/compaction/actions", &[200, 409], true, true),
+            ("get", "/memory/balloon-policy", &[200], true, false),
+            ("patch", "/memory/balloon-policy", &[200], true, true),
             ("get", "/metrics", &[200], true, false),
             ("get", "/openapi.json", &[200], false, false),
         ];
@@ -220,7 +224,8 @@ mod tests {
                 }
             }
         }
-        // (The merge and compaction tunables' ranges: types::memory's tests.)
+        // (The merge and compaction tunables' ranges: types::memory's tests; the
+        // balloon policy's: types::balloon's.)
     }
 
     fn documented_routes() -> BTreeSet<(String, Method)> {
@@ -255,6 +260,7 @@ mod tests {
             [
                 "/",
                 "/memory",
+                "/memory/balloon-policy",
                 "/memory/compaction",
                 "/memory/compaction/actions",
                 "/memory/merge",

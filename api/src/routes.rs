@@ -17,9 +17,10 @@ use crate::metrics;
 use crate::openapi::ApiDoc;
 use crate::state::{unexpected, AppState};
 use crate::types::{
-    Balloon, BalloonSpec, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, CompactionActionRequest,
-    CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse, HostMemoryStats, InfoReply,
-    MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo, VmList, VmMemoryStats,
+    Balloon, BalloonPolicyPatch, BalloonPolicyStatus, BalloonSpec, BalloonStatistics, BalloonStatsUpdate,
+    BalloonUpdate, CompactionActionRequest, CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse,
+    HostMemoryStats, InfoReply, MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo,
+    VmList, VmMemoryStats,
 };
 
 /// Number of per-VM memory requests `GET /metrics` keeps in flight at once.
@@ -339,6 +340,38 @@ async fn compaction_action(
     }
 }
 
+/// The host memory budget policy of the balloons: its settings, where the pool's
+/// use stands against the budget, the targets it set and its last action.
+#[utoipa::path(get, path = "/memory/balloon-policy", tag = "balloon",
+    responses(
+        (status = 200, description = "The policy", body = BalloonPolicyStatus),
+        (status = 503, description = "VMM unavailable", body = FaultResponse),
+    ))]
+async fn get_balloon_policy(State(s): State<AppState>) -> Result<Json<BalloonPolicyStatus>, Error> {
+    match s.call(ApiAction::GetBalloonPolicy).await? {
+        ApiReply::BalloonPolicy(p) => Ok(Json(*p)),
+        other => Err(unexpected("GetBalloonPolicy", &other)),
+    }
+}
+
+/// Changes the budget policy's settings (`host_budget_mib: null` turns it off;
+/// the targets it set stay); answers with the policy.
+#[utoipa::path(patch, path = "/memory/balloon-policy", tag = "balloon",
+    request_body = BalloonPolicyPatch,
+    responses(
+        (status = 200, description = "The policy after the change", body = BalloonPolicyStatus),
+        (status = 400, description = "Invalid body", body = FaultResponse),
+    ))]
+async fn patch_balloon_policy(
+    State(s): State<AppState>,
+    JsonBody(patch): JsonBody<BalloonPolicyPatch>,
+) -> Result<Json<BalloonPolicyStatus>, Error> {
+    match s.call(ApiAction::PatchBalloonPolicy(patch)).await? {
+        ApiReply::BalloonPolicy(p) => Ok(Json(*p)),
+        other => Err(unexpected("PatchBalloonPolicy", &other)),
+    }
+}
+
 /// Statistics in Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "host",
     responses(
@@ -389,7 +422,12 @@ async fn get_metrics(State(s): State<AppState>) -> Result<Response, Error> {
             rows.push(metrics::VmRow { vm, memory: mem, balloon });
         }
     }
-    let text = metrics::render(&host, &rows);
+    let policy = match s.call(ApiAction::GetBalloonPolicy).await? {
+        ApiReply::BalloonPolicy(p) => *p,
+        other => return Err(unexpected("GetBalloonPolicy", &other)),
+    };
+    let mut text = metrics::render(&host, &rows);
+    text.push_str(&metrics::balloon_policy(&policy));
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
 }
 
@@ -416,6 +454,7 @@ pub fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(merge_action))
         .routes(routes!(get_compaction_config, patch_compaction_config))
         .routes(routes!(compaction_action))
+        .routes(routes!(get_balloon_policy, patch_balloon_policy))
         .routes(routes!(get_metrics))
         .routes(routes!(get_openapi))
         .split_for_parts()

@@ -1,5 +1,6 @@
 //! The balloon routes over the real Unix socket, against a fake VMM: bodies,
-//! validation, the life-cycle rule of `PUT`, and the `/metrics` gauges.
+//! validation, the life-cycle rule of `PUT`, and the `/metrics` gauges; the
+//! budget policy's routes (`GET|PATCH /memory/balloon-policy`).
 
 mod common;
 
@@ -76,4 +77,45 @@ fn bad_balloon_bodies_are_400() {
     );
     assert_eq!(r.status, 400);
     assert!(r.fault().contains("balloon.amount_mib: must not exceed mem_size_mib"));
+}
+
+#[test]
+fn balloon_policy_routes() {
+    let h = Harness::new();
+    let p = h.req("GET", "/memory/balloon-policy", None);
+    assert_eq!(p.status, 200);
+    let p = p.json();
+    assert_eq!(p["host_budget_mib"], serde_json::Value::Null, "{p}");
+    assert_eq!((p["max_step_mib"].as_u64(), p["interval_ms"].as_u64()), (Some(128), Some(1000)), "{p}");
+    assert_eq!(p["band"], "off", "{p}");
+    let r = h.req("PATCH", "/memory/balloon-policy", Some(r#"{"host_budget_mib": 512, "max_step_mib": 16}"#));
+    assert_eq!(r.status, 200, "{r:?}");
+    let p = r.json();
+    assert_eq!((p["host_budget_mib"].as_u64(), p["max_step_mib"].as_u64()), (Some(512), Some(16)), "{p}");
+    assert_eq!(p["host_budget_bytes"], 512u64 << 20, "{p}");
+    assert_eq!(p["targets_mib"]["b1"], 8, "{p}");
+    let text = h.req("GET", "/metrics", None).text().to_string();
+    for line in [
+        "densevm_balloon_policy_budget_bytes 536870912",
+        "densevm_balloon_policy_host_used_bytes 67108864",
+        "densevm_balloon_policy_actions_total 2",
+        "densevm_balloon_policy_target_bytes{vm_id=\"b1\"} 8388608",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+    }
+    let r = h.req("PATCH", "/memory/balloon-policy", Some(r#"{"host_budget_mib": null}"#));
+    assert_eq!(r.json()["host_budget_mib"], serde_json::Value::Null);
+    assert!(!h.req("GET", "/metrics", None).text().contains("densevm_balloon_policy_budget_bytes"));
+    for (body, needle) in [
+        (r#"{"host_budget_mib": 0}"#, "host_budget_mib: must be in 1..=16777216, got 0"),
+        (r#"{"max_step_mib": 0}"#, "max_step_mib: must be in 1..=65536, got 0"),
+        (r#"{"interval_ms": 100}"#, "interval_ms: must be in 200..=600000, got 100"),
+        (r#"{"margin_mib": 70000}"#, "margin_mib: must be in 0..=65536"),
+        (r#"{"host_budget_mib": -1}"#, "host_budget_mib"),
+        (r#"{"budget": 1}"#, "unknown field `budget`"),
+    ] {
+        let r = h.req("PATCH", "/memory/balloon-policy", Some(body));
+        assert_eq!(r.status, 400, "{body}: {r:?}");
+        assert!(r.fault().contains(needle), "{body}: {}", r.fault());
+    }
 }

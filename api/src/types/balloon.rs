@@ -1,5 +1,6 @@
 //! Balloon request and response types, shaped like Firecracker's balloon API:
-//! `PUT|PATCH|GET /vms/{vm_id}/balloon`, `GET|PATCH /vms/{vm_id}/balloon/statistics`.
+//! `PUT|PATCH|GET /vms/{vm_id}/balloon`, `GET|PATCH /vms/{vm_id}/balloon/statistics`;
+//! and the host memory budget policy, `GET|PATCH /memory/balloon-policy`.
 //!
 //! The balloon's settings, size and statistics are the VMM's types
 //! ([`vmm::balloon`]), re-exported here; only the PATCH bodies and the `GET`
@@ -19,11 +20,29 @@ pub use vmm::balloon::BalloonReport;
 pub use vmm::balloon::BalloonSpec;
 /// `GET /vms/{vm_id}/balloon/statistics`: the VMM's [`vmm::balloon::BalloonStatistics`].
 pub use vmm::balloon::BalloonStatistics;
+/// The budget policy's settings, the body of `PATCH /memory/balloon-policy`, the
+/// answer of `GET|PATCH /memory/balloon-policy` and its parts: the VMM's
+/// [`vmm::balloon::policy`] types.
+pub use vmm::balloon::{
+    BalloonPolicyAction, BalloonPolicyConfig, BalloonPolicyPatch, BalloonPolicyStatus, BalloonTargetChange, PolicyBand,
+};
 
 impl Validate for BalloonSpec {
     fn validate(&self) -> Result<(), Error> {
         // The VMM checks the amount against the VM's own memory size.
         check_range("amount_mib", self.amount_mib, 0, MAX_MEM_SIZE_MIB)
+    }
+}
+
+impl Validate for BalloonPolicyPatch {
+    /// The policy's own range check ([`vmm::balloon::BalloonPolicyPatch::validate`]),
+    /// with the API's error shape.
+    fn validate(&self) -> Result<(), Error> {
+        BalloonPolicyPatch::validate(self).map_err(|e| match e {
+            vmm::balloon::policy::Error::OutOfRange { field, value, min, max } => {
+                Error::new(field, format!("must be in {min}..={max}, got {value}"))
+            }
+        })
     }
 }
 
@@ -87,5 +106,35 @@ mod tests {
         let zero = BalloonStatsUpdate { stats_polling_interval_s: 0 };
         assert_eq!(zero.validate().unwrap_err().field, "stats_polling_interval_s");
         assert!(serde_json::from_str::<BalloonUpdate>(r#"{"amount_mib":-1}"#).is_err());
+    }
+
+    #[test]
+    fn policy_patch() {
+        let p: BalloonPolicyPatch = serde_json::from_str(r#"{"host_budget_mib": null, "max_step_mib": 8}"#).unwrap();
+        assert!(Validate::validate(&p).is_ok());
+        assert_eq!(p.host_budget_mib, Some(None));
+        let p: BalloonPolicyPatch = serde_json::from_str(r#"{"interval_ms": 10}"#).unwrap();
+        let e = Validate::validate(&p).unwrap_err();
+        assert_eq!(e.to_string(), "interval_ms: must be in 200..=600000, got 10");
+    }
+
+    /// The ranges in the OpenAPI document (literals in the schema attributes) are
+    /// the policy's limits.
+    #[test]
+    fn documented_policy_ranges_are_the_limits() {
+        use vmm::balloon::policy::{MAX_BUDGET_MIB, MAX_INTERVAL_MS, MAX_MARGIN_MIB, MAX_STEP_MIB, MIN_INTERVAL_MS};
+        let doc = serde_json::to_value(crate::openapi::openapi()).unwrap();
+        for schema in ["BalloonPolicyConfig", "BalloonPolicyPatch"] {
+            let p = &doc["components"]["schemas"][schema]["properties"];
+            let range = |field: &str| (p[field]["minimum"].as_u64(), p[field]["maximum"].as_u64());
+            assert_eq!(range("host_budget_mib"), (Some(1), Some(MAX_BUDGET_MIB)), "{schema}");
+            assert_eq!(range("max_step_mib"), (Some(1), Some(u64::from(MAX_STEP_MIB))), "{schema}");
+            assert_eq!(
+                range("interval_ms"),
+                (Some(u64::from(MIN_INTERVAL_MS)), Some(u64::from(MAX_INTERVAL_MS))),
+                "{schema}"
+            );
+            assert_eq!(range("margin_mib"), (Some(0), Some(u64::from(MAX_MARGIN_MIB))), "{schema}");
+        }
     }
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use balloon::{
-    Balloon, BalloonInfo, BalloonReport, BalloonSpec, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate,
+    Balloon, BalloonInfo, BalloonPolicyAction, BalloonPolicyConfig, BalloonPolicyPatch, BalloonPolicyStatus,
+    BalloonReport, BalloonSpec, BalloonStatistics, BalloonStatsUpdate, BalloonTargetChange, BalloonUpdate, PolicyBand,
 };
 pub use memory::{
     ChangeDetection, CompactionActionRequest, CompactionActionType, CompactionConfig, CompactionConfigPatch,

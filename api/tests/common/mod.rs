@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use api::types::{
-    Balloon, BalloonInfo, BalloonReport, BalloonStatistics, ChangeDetection, CompactionConfig, CompactionReport,
-    CompactionStats, HostMemoryStats, InfoReply, MergeConfig, VmActionType, VmInfo, VmMemoryStats, VmState,
+    Balloon, BalloonInfo, BalloonPolicyConfig, BalloonPolicyStatus, BalloonReport, BalloonStatistics, ChangeDetection,
+    CompactionConfig, CompactionReport, CompactionStats, HostMemoryStats, InfoReply, MergeConfig, PolicyBand,
+    VmActionType, VmInfo, VmMemoryStats, VmState,
 };
 use api::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender, VmmEndpoint};
 use api::{ApiServer, ApiServerConfig};
@@ -33,6 +34,19 @@ struct Table {
     vms: BTreeMap<String, VmInfo>,
     merge: MergeConfig,
     compaction: CompactionConfig,
+    policy: BalloonPolicyConfig,
+}
+
+fn policy_status(c: BalloonPolicyConfig) -> ApiReply {
+    ApiReply::BalloonPolicy(Box::new(BalloonPolicyStatus {
+        config: c,
+        host_budget_bytes: c.host_budget_mib.map(|m| m << 20),
+        host_bytes_used: 64 << 20,
+        band: if c.host_budget_mib.is_some() { PolicyBand::Within } else { PolicyBand::Off },
+        targets_mib: BTreeMap::from([("b1".to_string(), 8)]),
+        actions: 2,
+        last_action: None,
+    }))
 }
 
 fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
@@ -142,6 +156,11 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
             b.stats_polling_interval_s = stats_polling_interval_s;
             Ok(ApiReply::Empty)
         }
+        ApiAction::GetBalloonPolicy => Ok(policy_status(t.policy)),
+        ApiAction::PatchBalloonPolicy(p) => {
+            t.policy = p.apply(&t.policy);
+            Ok(policy_status(t.policy))
+        }
     }
 }
 
@@ -169,6 +188,7 @@ impl FakeVmm {
                     hold_vcpus: true,
                 },
                 compaction: CompactionConfig::default(),
+                policy: BalloonPolicyConfig::default(),
             };
             let epoll = Epoll::new().unwrap();
             epoll.ctl(ControlOperation::Add, end.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1)).unwrap();

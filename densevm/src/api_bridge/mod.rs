@@ -7,10 +7,13 @@
 //! (host facts gathered once in the background, [`facts`]), `UnmergeAll` (the
 //! merger's unmerge-all waits until every page is private, [`memory`]) and `Compact`
 //! (one compaction pass, one at a time, [`compaction`]).
+//! The host memory budget policy of the balloons ([`balloon_policy`]) lives here
+//! too: the daemon's event loop calls [`ApiBridge::tick`] to step it.
 //! What the Host does not keep lives here: the API configuration each VM was created
 //! with (`GET /vms/{id}` returns it).
 
 mod balloon;
+mod balloon_policy;
 mod compaction;
 mod facts;
 mod memory;
@@ -36,6 +39,7 @@ pub struct ApiBridge {
     facts: HostFacts,
     configs: BTreeMap<String, VmConfig>,
     compaction: compaction::OnDemand,
+    policy: vmm::balloon::BalloonPolicy,
 }
 
 impl Default for ApiBridge {
@@ -52,7 +56,14 @@ impl ApiBridge {
             facts: HostFacts::gather_in_background(),
             configs: BTreeMap::new(),
             compaction: compaction::OnDemand::default(),
+            policy: vmm::balloon::BalloonPolicy::default(),
         }
+    }
+
+    /// Runs the periodic work the bridge owns when due: a step of the balloon
+    /// budget policy.
+    pub fn tick(&mut self, host: &Host) {
+        balloon_policy::tick(&mut self.policy, host);
     }
 
     /// Carries out `req` and sends its answer. State-changing requests are carried out
@@ -141,6 +152,8 @@ impl ApiBridge {
                 Ok(ApiReply::Empty)
             }
             ApiAction::GetBalloon(id) => balloon::get(host, &id),
+            ApiAction::GetBalloonPolicy => Ok(balloon_policy::get(&self.policy, host)),
+            ApiAction::PatchBalloonPolicy(patch) => balloon_policy::patch(&mut self.policy, host, &patch),
             ApiAction::GetBalloonStatistics(id) => balloon::statistics(host, &id),
             ApiAction::PatchBalloonStatistics { vm_id, stats_polling_interval_s } => {
                 balloon::patch_statistics(host, &vm_id, stats_polling_interval_s)?;

@@ -48,6 +48,11 @@ impl Daemon {
         }
     }
 
+    /// Runs the bridge's periodic work that is due (the balloon budget policy).
+    pub fn tick(&mut self) {
+        self.bridge.tick(&self.host);
+    }
+
     /// Answers every request still queued with 503 (the daemon is going away).
     pub fn refuse_pending(&mut self) {
         for req in self.endpoint.drain() {
@@ -155,6 +160,7 @@ fn event_loop(em: &mut EventManager<Arc<Mutex<Daemon>>>, daemon: &Mutex<Daemon>)
         for e in d.host().take_log() {
             log_event(&e, Milestones::Info);
         }
+        d.tick();
         if d.host().terminating() {
             tracing::info!("termination signal: stopping every VM");
             return Ok(());

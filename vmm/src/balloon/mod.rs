@@ -26,8 +26,8 @@ mod policy_tests;
 mod tests;
 
 pub use backend::{BackendMemory, MemoryBackend};
-pub use policy::{Band, PolicyConfig, PolicyConfigPatch, TargetChange};
-pub use policy_state::{BalloonPolicy, PolicyAction, PolicyStatus};
+pub use policy::{BalloonPolicyConfig, BalloonPolicyPatch, BalloonTargetChange, PolicyBand};
+pub use policy_state::{BalloonPolicy, BalloonPolicyAction, BalloonPolicyStatus};
 
 /// Balloon pages (4 KiB) in one MiB.
 pub const PAGES_PER_MIB: u32 = 256;

@@ -62,7 +62,7 @@ pub enum Error {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct PolicyConfig {
+pub struct BalloonPolicyConfig {
     /// Host memory for guest memory in MiB (the frame pool's `host_bytes_used`);
     /// null: no policy (targets it set stay as they are).
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16777216))]
@@ -78,9 +78,9 @@ pub struct PolicyConfig {
     pub margin_mib: u32,
 }
 
-impl Default for PolicyConfig {
+impl Default for BalloonPolicyConfig {
     fn default() -> Self {
-        PolicyConfig { host_budget_mib: None, max_step_mib: 128, interval_ms: 1000, margin_mib: 64 }
+        BalloonPolicyConfig { host_budget_mib: None, max_step_mib: 128, interval_ms: 1000, margin_mib: 64 }
     }
 }
 
@@ -91,7 +91,7 @@ fn check(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), Erro
     Ok(())
 }
 
-impl PolicyConfig {
+impl BalloonPolicyConfig {
     /// Checks every setting's range.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(b) = self.host_budget_mib {
@@ -113,7 +113,7 @@ fn nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::E
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct PolicyConfigPatch {
+pub struct BalloonPolicyPatch {
     /// New budget in MiB, or null to turn the policy off.
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, minimum = 1, maximum = 16777216))]
@@ -132,10 +132,10 @@ pub struct PolicyConfigPatch {
     pub margin_mib: Option<u32>,
 }
 
-impl PolicyConfigPatch {
+impl BalloonPolicyPatch {
     /// `config` with the patch applied.
-    pub fn apply(&self, config: &PolicyConfig) -> PolicyConfig {
-        PolicyConfig {
+    pub fn apply(&self, config: &BalloonPolicyConfig) -> BalloonPolicyConfig {
+        BalloonPolicyConfig {
             host_budget_mib: self.host_budget_mib.unwrap_or(config.host_budget_mib),
             max_step_mib: self.max_step_mib.unwrap_or(config.max_step_mib),
             interval_ms: self.interval_ms.unwrap_or(config.interval_ms),
@@ -145,7 +145,7 @@ impl PolicyConfigPatch {
 
     /// Checks the ranges of the fields present.
     pub fn validate(&self) -> Result<(), Error> {
-        let full = PolicyConfig { host_budget_mib: None, ..PolicyConfig::default() };
+        let full = BalloonPolicyConfig { host_budget_mib: None, ..BalloonPolicyConfig::default() };
         self.apply(&full).validate()
     }
 }
@@ -154,7 +154,7 @@ impl PolicyConfigPatch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum Band {
+pub enum PolicyBand {
     /// No budget: the policy is off.
     Off,
     /// Over the budget: targets rise.
@@ -205,7 +205,7 @@ impl VmInput {
 /// A target the policy changes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct TargetChange {
+pub struct BalloonTargetChange {
     /// The VM.
     pub vm_id: String,
     /// Its target before, MiB.
@@ -218,15 +218,15 @@ pub struct TargetChange {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     /// Where the use stood.
-    pub band: Band,
+    pub band: PolicyBand,
     /// The targets to change (empty: nothing to do, or nothing possible).
-    pub changes: Vec<TargetChange>,
+    pub changes: Vec<BalloonTargetChange>,
 }
 
 /// Decides one step: `used_bytes` of host memory against `config`'s budget, the
 /// running VMs with a balloon in `vms`, and `owned`, the targets (MiB) the policy
 /// set and still owns (a VM's current target equal to it).
-pub fn plan(config: &PolicyConfig, used_bytes: u64, vms: &[VmInput], owned: &BTreeMap<String, u32>) -> Plan {
+pub fn plan(config: &BalloonPolicyConfig, used_bytes: u64, vms: &[VmInput], owned: &BTreeMap<String, u32>) -> Plan {
     let band = band(config, used_bytes);
     let (Some(budget_mib), margin) = (config.host_budget_mib, u64::from(config.margin_mib) * MIB) else {
         return Plan { band, changes: Vec::new() };
@@ -235,30 +235,30 @@ pub fn plan(config: &PolicyConfig, used_bytes: u64, vms: &[VmInput], owned: &BTr
     let step = u64::from(config.max_step_mib);
     let changes = match band {
         // Aim at the middle of the band.
-        Band::Over => inflate(vms, (used_bytes - budget.saturating_sub(margin / 2)).div_ceil(MIB).min(step)),
-        Band::Under => deflate(vms, owned, ((budget - margin - used_bytes) / MIB).min(step)),
-        Band::Off | Band::Within => Vec::new(),
+        PolicyBand::Over => inflate(vms, (used_bytes - budget.saturating_sub(margin / 2)).div_ceil(MIB).min(step)),
+        PolicyBand::Under => deflate(vms, owned, ((budget - margin - used_bytes) / MIB).min(step)),
+        PolicyBand::Off | PolicyBand::Within => Vec::new(),
     };
     Plan { band, changes }
 }
 
 /// Where `used_bytes` stands against `config`'s budget.
-pub fn band(config: &PolicyConfig, used_bytes: u64) -> Band {
+pub fn band(config: &BalloonPolicyConfig, used_bytes: u64) -> PolicyBand {
     let Some(budget_mib) = config.host_budget_mib else {
-        return Band::Off;
+        return PolicyBand::Off;
     };
     let budget = budget_mib.saturating_mul(MIB);
     if used_bytes > budget {
-        Band::Over
+        PolicyBand::Over
     } else if used_bytes.saturating_add(u64::from(config.margin_mib) * MIB) < budget {
-        Band::Under
+        PolicyBand::Under
     } else {
-        Band::Within
+        PolicyBand::Within
     }
 }
 
 /// Raises targets by `need` MiB in all, the VMs that can give most first.
-fn inflate(vms: &[VmInput], mut need: u64) -> Vec<TargetChange> {
+fn inflate(vms: &[VmInput], mut need: u64) -> Vec<BalloonTargetChange> {
     let mut order: Vec<&VmInput> = vms.iter().filter(|v| v.givable_mib() > 0).collect();
     order.sort_by(|a, b| b.givable_mib().cmp(&a.givable_mib()).then_with(|| a.id.cmp(&b.id)));
     let mut changes = Vec::new();
@@ -270,14 +270,14 @@ fn inflate(vms: &[VmInput], mut need: u64) -> Vec<TargetChange> {
         need -= take;
         // `take` is at most `givable_mib`, a u32.
         let to = vm.target_mib.saturating_add(u32::try_from(take).unwrap_or(u32::MAX));
-        changes.push(TargetChange { vm_id: vm.id.clone(), from_mib: vm.target_mib, to_mib: to });
+        changes.push(BalloonTargetChange { vm_id: vm.id.clone(), from_mib: vm.target_mib, to_mib: to });
     }
     changes
 }
 
 /// Lowers the targets the policy owns by `room` MiB in all, the VMs with the
 /// least free memory first.
-fn deflate(vms: &[VmInput], owned: &BTreeMap<String, u32>, mut room: u64) -> Vec<TargetChange> {
+fn deflate(vms: &[VmInput], owned: &BTreeMap<String, u32>, mut room: u64) -> Vec<BalloonTargetChange> {
     let mut order: Vec<&VmInput> =
         vms.iter().filter(|v| v.target_mib > 0 && owned.get(&v.id) == Some(&v.target_mib)).collect();
     order.sort_by(|a, b| a.free_for_order().cmp(&b.free_for_order()).then_with(|| a.id.cmp(&b.id)));
@@ -289,7 +289,7 @@ fn deflate(vms: &[VmInput], owned: &BTreeMap<String, u32>, mut room: u64) -> Vec
         let give = u64::from(vm.target_mib).min(room);
         room -= give;
         let to = vm.target_mib - u32::try_from(give).unwrap_or(vm.target_mib);
-        changes.push(TargetChange { vm_id: vm.id.clone(), from_mib: vm.target_mib, to_mib: to });
+        changes.push(BalloonTargetChange { vm_id: vm.id.clone(), from_mib: vm.target_mib, to_mib: to });
     }
     changes
 }

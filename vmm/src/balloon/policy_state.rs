@@ -7,63 +7,65 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::policy::{band, plan, Band, Error, PolicyConfig, PolicyConfigPatch, TargetChange, VmInput};
+use super::policy::{
+    band, plan, BalloonPolicyConfig, BalloonPolicyPatch, BalloonTargetChange, Error, PolicyBand, VmInput,
+};
 use crate::host::Host;
 use crate::vm::VmState;
 
 /// What a step changed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct PolicyAction {
+pub struct BalloonPolicyAction {
     /// When, in seconds since the Unix epoch.
     pub at_unix_s: f64,
     /// Where the use stood (`over`: targets rose; `under`: they fell).
-    pub band: Band,
+    pub band: PolicyBand,
     /// The pool's host memory in use then, bytes.
     pub host_bytes_used: u64,
     /// The targets changed.
-    pub changes: Vec<TargetChange>,
+    pub changes: Vec<BalloonTargetChange>,
 }
 
 /// `GET /memory/balloon-policy`: the settings and the policy's state.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct PolicyStatus {
+pub struct BalloonPolicyStatus {
     /// The settings.
     #[serde(flatten)]
-    pub config: PolicyConfig,
+    pub config: BalloonPolicyConfig,
     /// The budget in bytes (null: no policy).
     pub host_budget_bytes: Option<u64>,
     /// Host memory the frame pool uses now (`GET /memory`'s `host_bytes_used`).
     pub host_bytes_used: u64,
     /// Where that stands against the budget.
-    pub band: Band,
+    pub band: PolicyBand,
     /// The balloon targets (MiB) the policy set and still owns, per VM id.
     pub targets_mib: BTreeMap<String, u32>,
     /// Steps that changed targets since the daemon started.
     pub actions: u64,
     /// The last of them.
-    pub last_action: Option<PolicyAction>,
+    pub last_action: Option<BalloonPolicyAction>,
 }
 
 /// The policy: settings, owned targets, last action, and when the next step is due.
 #[derive(Debug, Default)]
 pub struct BalloonPolicy {
-    config: PolicyConfig,
+    config: BalloonPolicyConfig,
     owned: BTreeMap<String, u32>,
     actions: u64,
-    last_action: Option<PolicyAction>,
+    last_action: Option<BalloonPolicyAction>,
     next_due: Option<Instant>,
 }
 
 impl BalloonPolicy {
     /// The settings.
-    pub fn config(&self) -> PolicyConfig {
+    pub fn config(&self) -> BalloonPolicyConfig {
         self.config
     }
 
     /// Applies `patch` (all or nothing); the next step is due at once.
-    pub fn update(&mut self, patch: &PolicyConfigPatch) -> Result<PolicyConfig, Error> {
+    pub fn update(&mut self, patch: &BalloonPolicyPatch) -> Result<BalloonPolicyConfig, Error> {
         let config = patch.apply(&self.config);
         config.validate()?;
         self.config = config;
@@ -72,8 +74,8 @@ impl BalloonPolicy {
     }
 
     /// The settings and state, with the pool's use `host_bytes_used`.
-    pub fn status(&self, host_bytes_used: u64) -> PolicyStatus {
-        PolicyStatus {
+    pub fn status(&self, host_bytes_used: u64) -> BalloonPolicyStatus {
+        BalloonPolicyStatus {
             config: self.config,
             host_budget_bytes: self.config.host_budget_mib.map(|m| m.saturating_mul(1 << 20)),
             host_bytes_used,
@@ -86,7 +88,7 @@ impl BalloonPolicy {
 
     /// Runs a step on `host` when one is due at `now` (a budget is set and
     /// `interval_ms` elapsed since the last); returns what it changed.
-    pub fn tick(&mut self, host: &Host, now: Instant) -> Option<&PolicyAction> {
+    pub fn tick(&mut self, host: &Host, now: Instant) -> Option<&BalloonPolicyAction> {
         if self.config.host_budget_mib.is_none() || self.next_due.is_some_and(|due| now < due) {
             return None;
         }
@@ -131,7 +133,7 @@ impl BalloonPolicy {
         );
         let at_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         self.actions += 1;
-        self.last_action = Some(PolicyAction { at_unix_s, band: p.band, host_bytes_used: used, changes: done });
+        self.last_action = Some(BalloonPolicyAction { at_unix_s, band: p.band, host_bytes_used: used, changes: done });
         true
     }
 }
