@@ -6,7 +6,7 @@
 //! - Over the budget, it raises the balloon targets of the VMs with the most free
 //!   guest memory until the use falls to the middle of the band
 //!   `[budget - margin, budget]`: at most `max_step_mib` MiB per step over all
-//!   VMs, largest givers first. A VM's free memory is its balloon statistics'
+//!   VMs, spread over the largest givers (their free memory is levelled down). A VM's free memory is its balloon statistics'
 //!   `available_memory` (else `free_memory`) less the part of its target the guest
 //!   has not inflated yet; a VM without statistics counts by its unballooned size.
 //!   Every VM keeps [`RESERVE_DIVISOR`]-th of its RAM out of the balloon.
@@ -257,22 +257,49 @@ pub fn band(config: &BalloonPolicyConfig, used_bytes: u64) -> PolicyBand {
     }
 }
 
-/// Raises targets by `need` MiB in all, the VMs that can give most first.
-fn inflate(vms: &[VmInput], mut need: u64) -> Vec<BalloonTargetChange> {
-    let mut order: Vec<&VmInput> = vms.iter().filter(|v| v.givable_mib() > 0).collect();
-    order.sort_by(|a, b| b.givable_mib().cmp(&a.givable_mib()).then_with(|| a.id.cmp(&b.id)));
-    let mut changes = Vec::new();
-    for vm in order {
-        if need == 0 {
+/// Raises targets by `need` MiB in all, taken from the VMs that can give most:
+/// their givable memory is levelled down (water-filling), so a small step is
+/// spread over the freest VMs instead of landing on one.
+fn inflate(vms: &[VmInput], need: u64) -> Vec<BalloonTargetChange> {
+    let mut order: Vec<(&VmInput, u64)> =
+        vms.iter().map(|v| (v, u64::from(v.givable_mib()))).filter(|(_, g)| *g > 0).collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.id.cmp(&b.0.id)));
+    // The level L the top k VMs come down to: sum(g_i - L) = need.
+    let (mut k, mut sum) = (0, 0u64);
+    let mut level = 0;
+    while k < order.len() {
+        sum += order[k].1;
+        k += 1;
+        let next = order.get(k).map_or(0, |o| o.1);
+        if sum - next * k as u64 >= need {
+            level = (sum - need).div_ceil(k as u64);
             break;
         }
-        let take = u64::from(vm.givable_mib()).min(need);
-        need -= take;
-        // `take` is at most `givable_mib`, a u32.
-        let to = vm.target_mib.saturating_add(u32::try_from(take).unwrap_or(u32::MAX));
-        changes.push(BalloonTargetChange { vm_id: vm.id.clone(), from_mib: vm.target_mib, to_mib: to });
     }
-    changes
+    let mut left = need;
+    let mut takes: Vec<u64> = order[..k].iter().map(|(_, g)| g.saturating_sub(level)).collect();
+    left -= takes.iter().sum::<u64>().min(left);
+    // Rounding: one more MiB from the first VMs (each still gives at most its givable).
+    for (t, (_, g)) in takes.iter_mut().zip(&order) {
+        if left == 0 {
+            break;
+        }
+        if *t < *g {
+            *t += 1;
+            left -= 1;
+        }
+    }
+    order[..k]
+        .iter()
+        .zip(takes)
+        .filter(|(_, t)| *t > 0)
+        .map(|((vm, _), t)| BalloonTargetChange {
+            vm_id: vm.id.clone(),
+            from_mib: vm.target_mib,
+            // `t` is at most `givable_mib`, a u32.
+            to_mib: vm.target_mib.saturating_add(u32::try_from(t).unwrap_or(u32::MAX)),
+        })
+        .collect()
 }
 
 /// Lowers the targets the policy owns by `room` MiB in all, the VMs with the

@@ -56,6 +56,9 @@ pub struct BalloonPolicy {
     actions: u64,
     last_action: Option<BalloonPolicyAction>,
     next_due: Option<Instant>,
+    /// Per VM: the timestamp of the latest statistics seen and the balloon's
+    /// actual size (MiB) when the policy first saw them.
+    seen: BTreeMap<String, (f64, u32)>,
 }
 
 impl BalloonPolicy {
@@ -102,7 +105,7 @@ impl BalloonPolicy {
 
     /// One step with the pool's use `used`; true when targets changed.
     fn step(&mut self, host: &Host, used: u64) -> bool {
-        let vms = inputs(host);
+        let vms = self.inputs(host);
         // Targets changed by others, and VMs gone or stopped, are no longer ours.
         self.owned.retain(|id, mib| vms.iter().any(|v| &v.id == id && v.target_mib == *mib));
         let p = plan(&self.config, used, &vms, &self.owned);
@@ -138,28 +141,39 @@ impl BalloonPolicy {
     }
 }
 
-/// The running VMs with a balloon, as the policy sees them.
-fn inputs(host: &Host) -> Vec<VmInput> {
-    let mib = |pages: u32| pages / super::PAGES_PER_MIB;
-    host.vms()
-        .filter(|vm| vm.state() == VmState::Running)
-        .filter_map(|vm| {
-            let b = vm.balloon()?;
+impl BalloonPolicy {
+    /// The running VMs with a balloon, as the policy sees them. Statistics are
+    /// up to a polling interval old: pages the balloon took since they were
+    /// sent (its growth since the policy first saw them) are not free any more.
+    fn inputs(&mut self, host: &Host) -> Vec<VmInput> {
+        let mib = |pages: u32| pages / super::PAGES_PER_MIB;
+        let mut vms = Vec::new();
+        for vm in host.vms().filter(|vm| vm.state() == VmState::Running) {
+            let Some(b) = vm.balloon() else { continue };
             let info = b.info();
-            let free_mib = match b.poll_period() {
-                Some(_) => {
-                    let s = b.statistics();
-                    s.available_memory.or(s.free_memory).map(|bytes| u32::try_from(bytes >> 20).unwrap_or(u32::MAX))
+            let actual_mib = mib(info.actual_pages);
+            let mut free_mib = None;
+            if b.poll_period().is_some() {
+                let s = b.statistics();
+                let free =
+                    s.available_memory.or(s.free_memory).map(|bytes| u32::try_from(bytes >> 20).unwrap_or(u32::MAX));
+                if let (Some(free), Some(at)) = (free, s.updated_at_unix_s) {
+                    let seen = self.seen.entry(vm.id().to_string()).or_insert((at, actual_mib));
+                    if seen.0 != at {
+                        *seen = (at, actual_mib);
+                    }
+                    free_mib = Some(free.saturating_sub(actual_mib.saturating_sub(seen.1)));
                 }
-                None => None,
-            };
-            Some(VmInput {
+            }
+            vms.push(VmInput {
                 id: vm.id().to_string(),
                 mem_mib: u32::try_from(vm.spec().mem_mib).unwrap_or(u32::MAX),
                 target_mib: mib(info.target_pages),
-                actual_mib: mib(info.actual_pages),
+                actual_mib,
                 free_mib,
-            })
-        })
-        .collect()
+            });
+        }
+        self.seen.retain(|id, _| vms.iter().any(|v| &v.id == id));
+        vms
+    }
 }
