@@ -194,6 +194,7 @@ mod tests {
             ("Scenario", "writes_per_s", 0, MAX_WRITES_PER_S),
             ("Scenario", "duration_s", 0, MAX_DURATION_S),
             ("Scenario", "balloon_hold_ms", 0, MAX_BALLOON_HOLD_MS),
+            ("Scenario", "balloon_oom_deflate_mib", 0, u64::from(MAX_FILL_MIB)),
             ("BalloonSpec", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),
             ("BalloonSpec", "stats_polling_interval_s", 0, u64::from(u16::MAX)),
             ("BalloonUpdate", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),

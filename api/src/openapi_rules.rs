@@ -92,6 +92,7 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ("Scenario", "writes_per_s", Rule::Range(uint(0), uint(MAX_WRITES_PER_S))),
         ("Scenario", "duration_s", Rule::Range(uint(0), uint(MAX_DURATION_S))),
         ("Scenario", "balloon_hold_ms", Rule::Range(uint(0), uint(MAX_BALLOON_HOLD_MS))),
+        ("Scenario", "balloon_oom_deflate_mib", Rule::Range(uint(0), uint(u64::from(MAX_FILL_MIB)))),
         ("KernelBoot", "kernel_image_path", path()),
         ("KernelBoot", "initrd_path", path()),
         ("KernelBoot", "boot_args", Rule::Text(0, MAX_BOOT_ARGS_LEN, NO_NUL)),

@@ -43,6 +43,7 @@ struct workload_config {
     uint64_t balloon_gpa;    /* virtio-mmio balloon registers, or 0: no balloon step */
     uint64_t balloon_scratch_gpa; /* 16 pages of RAM for the balloon driver's rings */
     uint64_t balloon_hold_ms;/* how long the balloon stays inflated */
+    uint64_t balloon_oom_pages; /* deflated below the target on its own (deflate on OOM), or 0 */
 };
 
 struct workload_report {

@@ -404,8 +404,9 @@ static void balloon_step(const struct env *e) {
     uint32_t offered = mmio_r(b, VMMIO_DEVICE_FEATURES);
     uint32_t stats = offered & 2;      /* VIRTIO_BALLOON_F_STATS_VQ */
     uint32_t reporting = offered & 32; /* VIRTIO_BALLOON_F_FREE_PAGE_REPORTING */
+    uint32_t oom = offered & 4;        /* VIRTIO_BALLOON_F_DEFLATE_ON_OOM */
     mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 0);
-    mmio_w(b, VMMIO_DRIVER_FEATURES, stats | reporting);
+    mmio_w(b, VMMIO_DRIVER_FEATURES, stats | reporting | oom);
     mmio_w(b, VMMIO_DRIVER_FEATURES_SEL, 1);
     mmio_w(b, VMMIO_DRIVER_FEATURES, 1); /* VERSION_1 (and the stats queue if offered) */
     mmio_w(b, VMMIO_STATUS, VSTATUS_ACK | VSTATUS_DRIVER | VSTATUS_FEATURES_OK);
@@ -438,6 +439,17 @@ static void balloon_step(const struct env *e) {
      * changed num_pages) makes the driver inflate or deflate to the new target;
      * statistics requests (the device returned the buffer) are answered. */
     uint64_t first = bl.size;
+    /* The scenario's out-of-memory: with DEFLATE_ON_OOM the driver may take pages
+     * back below the target on its own, as Linux does; it inflates again only
+     * when the target changes. */
+    if (oom && e->c.balloon_oom_pages && bl.size) {
+        uint64_t k = e->c.balloon_oom_pages < bl.size ? e->c.balloon_oom_pages : bl.size;
+        line_str(&out, "balloon: out of memory, deflating ");
+        line_u64(&out, k);
+        line_str(&out, " pages below the target\n");
+        line_send(e, &out);
+        if (balloon_resize(e, &bl, bl.size - k)) return;
+    }
     for (uint64_t left = e->c.balloon_hold_ms * 1000; left;) {
         uint64_t us = left < HOLD_POLL_US ? left : HOLD_POLL_US;
         doorbell(e, DB_SLEEP_US, us);

@@ -6,7 +6,9 @@
 //! (`host_bytes_used`, and the memfd's allocated bytes) falls under the budget by
 //! about what was inflated. A budget above their use makes it lower the targets
 //! back to 0: the guests get their pages back, find them zero, refill them and
-//! verify every page (0 mismatches).
+//! verify every page (0 mismatches). And deflate on OOM: a guest that deflates
+//! below the target on its own (scenario `balloon_oom_deflate_mib`) is accepted,
+//! counted, and keeps running.
 
 mod common;
 
@@ -137,6 +139,39 @@ fn policy_brings_the_fleet_under_its_budget_and_back() {
     }
     let log = d.log_text();
     assert!(log.contains("balloon policy:"), "{log}");
+}
+
+#[test]
+fn guest_deflating_below_the_target_on_oom_is_accepted() {
+    if !kvm_available("guest_deflating_below_the_target_on_oom_is_accepted") {
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let vm = json!({
+        "vcpu_count": 1, "mem_size_mib": 64,
+        "boot": {"workload": {"fill_mib": 32, "duration_s": 1, "balloon_hold_ms": 5000, "balloon_oom_deflate_mib": 4}},
+        "balloon": {"amount_mib": 16, "deflate_on_oom": true}
+    });
+    status(&d, "PUT", "/vms/oom", Some(&vm.to_string()), 204);
+    status(&d, "PUT", "/vms/oom/actions", Some(r#"{"action_type": "InstanceStart"}"#), 204);
+    // Inflated to 16 MiB, then 4 MiB taken back on its own: 12 MiB under a 16 MiB target.
+    let b = wait_for("the guest to deflate below its target", WAIT, || {
+        let b = d.get("/vms/oom/balloon");
+        (b["counters"]["deflated_below_target_pages"] == 4 * 256 && b["actual_mib"] == 12).then_some(b)
+    });
+    assert_eq!(b["counters"]["inflated_pages"], 16 * 256, "{b}");
+    assert_eq!((b["amount_mib"].as_u64(), b["actual_mib"].as_u64()), (Some(16), Some(12)), "{b}");
+    let w = wait_for("the workload to finish", WAIT, || {
+        let w = d.get("/vms/oom")["workload"].clone();
+        (w["phase"] == "Done" || w["phase"] == "Failed").then_some(w)
+    });
+    assert_eq!((w["phase"].as_str(), w["mismatches"].as_u64()), (Some("Done"), Some(0)), "{w}");
+    let b = d.get("/vms/oom/balloon");
+    assert_eq!(
+        (b["actual_pages"].as_u64(), b["counters"]["deflated_pages"].as_u64()),
+        (Some(0), Some(16 * 256)),
+        "{b}"
+    );
 }
 
 #[test]

@@ -70,6 +70,7 @@ fn scenario(fill_mib: u32, zero: f64, shared: f64, write: f64, writes_per_s: u64
         writes_per_s,
         duration_s: secs,
         balloon_hold_ms: None,
+        balloon_oom_deflate_mib: None,
     }
 }
 

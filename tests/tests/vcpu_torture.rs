@@ -31,6 +31,7 @@ fn spec(id: &str, seed: u64, secs: u64) -> VmSpec {
         writes_per_s: 20_000,
         duration_s: secs,
         balloon_hold_ms: None,
+        balloon_oom_deflate_mib: None,
     };
     VmSpec {
         id: id.into(),

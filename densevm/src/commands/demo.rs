@@ -31,6 +31,7 @@ pub fn demo_scenario(args: &DemoArgs, index: u32) -> Scenario {
         writes_per_s: args.writes_per_s,
         duration_s: args.duration_s,
         balloon_hold_ms: None,
+        balloon_oom_deflate_mib: None,
     }
 }
 

@@ -228,6 +228,9 @@ pub struct BalloonReport {
     pub inflated_pages: u64,
     /// Pages deflated.
     pub deflated_pages: u64,
+    /// Of those, pages the guest deflated below the target on its own (deflate
+    /// on OOM; accepted).
+    pub deflated_below_target_pages: u64,
     /// Pages reported free.
     pub reported_pages: u64,
     /// Bytes of host memory the discards returned (pages that had host memory).
@@ -251,6 +254,7 @@ impl BalloonReport {
         BalloonReport {
             inflated_pages: c.inflated_pages,
             deflated_pages: c.deflated_pages,
+            deflated_below_target_pages: c.deflated_below_target_pages,
             reported_pages: c.reported_pages,
             bytes_returned,
             bad_descriptors: c.bad_descriptors,

@@ -78,6 +78,9 @@ pub struct WorkloadConfig {
     pub balloon_scratch_gpa: u64,
     /// Milliseconds to hold the balloon inflated.
     pub balloon_hold_ms: u64,
+    /// Pages the balloon driver deflates below the target on its own after its
+    /// first inflation (deflate on OOM), or 0.
+    pub balloon_oom_pages: u64,
 }
 
 // SAFETY: WorkloadConfig is a repr(C) struct of u64 fields only: no padding, and every
@@ -159,9 +162,9 @@ mod tests {
 
     #[test]
     fn layout_matches_the_c_header() {
-        // The C header has 20 u64 fields in the config (17 + the balloon step's
-        // 3) and 17 in the report, in this order.
-        assert_eq!(std::mem::size_of::<WorkloadConfig>(), 20 * 8);
+        // The C header has 21 u64 fields in the config (17 + the balloon step's
+        // 4) and 17 in the report, in this order.
+        assert_eq!(std::mem::size_of::<WorkloadConfig>(), 21 * 8);
         assert_eq!(std::mem::size_of::<WorkloadReport>(), 17 * 8);
         let header = include_str!("../../../resources/workload/abi.h");
         let fields = |name: &str| {
@@ -169,7 +172,7 @@ mod tests {
             let body = &header[start..start + header[start..].find("};").unwrap()];
             body.matches("uint64_t ").count()
         };
-        assert_eq!(fields("workload_config"), 20);
+        assert_eq!(fields("workload_config"), 21);
         assert_eq!(fields("workload_report"), 17);
         assert!(header.contains(&format!("CONFIG_MAGIC {CONFIG_MAGIC:#x}ULL")));
         assert!(header.contains(&format!("REPORT_MAGIC {REPORT_MAGIC:#x}ULL")));

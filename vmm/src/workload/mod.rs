@@ -100,6 +100,11 @@ impl WorkloadGuest {
                 quantum_us: QUANTUM_US,
                 verify_chunk: VERIFY_CHUNK.min(count.max(1)),
                 serial: u64::from(serial && index == 0),
+                // The balloon driver runs on vCPU 0 (see `enable_balloon`).
+                balloon_oom_pages: match index {
+                    0 => u64::from(scenario.balloon_oom_deflate_mib.unwrap_or(0)) * 256,
+                    _ => 0,
+                },
                 ..WorkloadConfig::default()
             };
             mem.write_obj(cfg, GuestAddress(WorkloadLayout::config_gpa(index)))?;

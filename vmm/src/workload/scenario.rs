@@ -74,6 +74,12 @@ pub struct Scenario {
     /// the `balloon` object of the API's `PUT /vms/{vm_id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_hold_ms: Option<u64>,
+    /// With `balloon_hold_ms` and a balloon offering `deflate_on_oom`: after its
+    /// first inflation the guest deflates this many MiB below the target on its
+    /// own (as Linux does when it runs out of memory), checks and refills those
+    /// pages, and inflates again only when the target changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_oom_deflate_mib: Option<u32>,
 }
 
 fn default_fill_mib() -> u32 {
@@ -96,6 +102,7 @@ impl Default for Scenario {
             writes_per_s: 0,
             duration_s: 0,
             balloon_hold_ms: None,
+            balloon_oom_deflate_mib: None,
         }
     }
 }
@@ -141,6 +148,9 @@ impl Scenario {
         }
         if self.balloon_hold_ms.is_some_and(|ms| ms > MAX_BALLOON_HOLD_MS) {
             return range("balloon_hold_ms", format!("must be at most {MAX_BALLOON_HOLD_MS}"));
+        }
+        if self.balloon_oom_deflate_mib.is_some_and(|mib| mib > MAX_FILL_MIB) {
+            return range("balloon_oom_deflate_mib", format!("must be at most {MAX_FILL_MIB}"));
         }
         Ok(())
     }
@@ -191,6 +201,7 @@ mod tests {
             r#"{"writes_per_s": 100000000}"#,
             r#"{"duration_s": 99999999}"#,
             r#"{"balloon_hold_ms": 3600001}"#,
+            r#"{"balloon_oom_deflate_mib": 65537}"#,
         ] {
             let e = Scenario::from_json(body).unwrap_err();
             assert!(matches!(e, Error::Range { .. }), "{body}: {e}");

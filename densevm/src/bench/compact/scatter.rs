@@ -90,6 +90,7 @@ fn scenario(p: &Params, index: u32) -> Scenario {
         writes_per_s: 0,
         duration_s: 0,
         balloon_hold_ms: None,
+        balloon_oom_deflate_mib: None,
     }
 }
 

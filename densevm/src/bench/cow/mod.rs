@@ -74,6 +74,7 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
         writes_per_s: WRITES_PER_S,
         duration_s: p.duration_s,
         balloon_hold_ms: None,
+        balloon_oom_deflate_mib: None,
     };
     VmSpec {
         id,

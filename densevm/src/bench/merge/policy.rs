@@ -150,6 +150,7 @@ fn spec(id: String, index: u32, p: &Params, merging: Merging) -> VmSpec {
         writes_per_s: 0,
         duration_s: 0,
         balloon_hold_ms: None,
+        balloon_oom_deflate_mib: None,
     };
     let ram = match merging {
         Merging::Ksm { .. } => RamPolicy::Anonymous { mergeable: true },

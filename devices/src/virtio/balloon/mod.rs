@@ -82,6 +82,10 @@ pub struct BalloonCounters {
     pub inflated_pages: u64,
     /// Pages deflated (taken back from the backend).
     pub deflated_pages: u64,
+    /// Of those, pages the driver deflated below the target (`num_pages`) on its
+    /// own, as Linux does on OOM with `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`
+    /// (accepted).
+    pub deflated_below_target_pages: u64,
     /// Pages reported free (given to the backend).
     pub reported_pages: u64,
     /// Chains refused: broken chains, buffers outside guest memory, write-only

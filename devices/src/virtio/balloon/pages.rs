@@ -45,12 +45,13 @@ pub fn merge(ranges: &mut Vec<Range>) {
 pub struct PageSet {
     words: Vec<u64>,
     pages: u64,
+    len: u64,
 }
 
 impl PageSet {
     /// An empty set for pages `0..pages`.
     pub fn new(pages: u64) -> Self {
-        PageSet { words: vec![0; pages.div_ceil(64) as usize], pages }
+        PageSet { words: vec![0; pages.div_ceil(64) as usize], pages, len: 0 }
     }
 
     /// Adds `pfn`; false when it was already in the set or lies past the end.
@@ -66,6 +67,17 @@ impl PageSet {
     /// Empties the set.
     pub fn clear(&mut self) {
         self.words.fill(0);
+        self.len = 0;
+    }
+
+    /// Pages in the set.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     fn flip(&mut self, pfn: u64, set: bool) -> bool {
@@ -78,6 +90,11 @@ impl PageSet {
             return false;
         }
         self.words[word] ^= bit;
+        if set {
+            self.len += 1;
+        } else {
+            self.len -= 1;
+        }
         true
     }
 }
@@ -114,10 +131,12 @@ mod tests {
         let mut s = PageSet::new(100);
         assert!(s.insert(99));
         assert!(!s.insert(99));
+        assert_eq!(s.len(), 1);
         assert!(!s.insert(100));
         assert!(s.remove(99));
         assert!(!s.remove(99));
         assert!(!s.remove(5));
+        assert!(s.is_empty());
     }
 
     proptest! {

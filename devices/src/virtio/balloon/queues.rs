@@ -63,6 +63,13 @@ impl Balloon {
                 }
                 Direction::Deflate => {
                     self.counters.deflated_pages += n;
+                    let below = u64::from(self.config.target_pages).saturating_sub(self.inflated.len()).min(n);
+                    if below > 0 {
+                        self.counters.deflated_below_target_pages += below;
+                        if self.log.allow() {
+                            tracing::info!("virtio-balloon: the driver deflated {below} pages below the target");
+                        }
+                    }
                     self.backend.reclaim(&ranges)
                 }
             };

@@ -320,3 +320,17 @@ fn a_stats_buffer_offered_before_driver_ok_is_held_at_activation() {
     assert!(d.t.request_balloon_stats(Instant::now()));
     assert_eq!(used(&d, STATS), 1);
 }
+
+#[test]
+fn deflating_below_the_target_is_accepted_and_counted() {
+    let (mut d, rec) = live();
+    d.t.set_balloon_target(4);
+    send_pfns(&mut d, INFLATE, &[0x200, 0x201, 0x202, 0x203, 0x204]);
+    // Down to the target: nothing below it; then 3 pages on its own (OOM).
+    send_pfns(&mut d, DEFLATE, &[0x204]);
+    send_pfns(&mut d, DEFLATE, &[0x200, 0x201, 0x202]);
+    assert_eq!(rec.take().last(), Some(&(Op::Reclaim, vec![pages(0x200, 3)])));
+    let c = d.t.device().counters();
+    assert_eq!((c.deflated_pages, c.deflated_below_target_pages), (4, 3));
+    assert!(d.t.is_active());
+}
