@@ -38,6 +38,11 @@ pub fn allow_arg_values(rules: &mut Rules, syscall: libc::c_long, arg: u8, value
     add_conditional(rules, syscall, values.iter().map(|&v| eq(arg, v)).collect());
 }
 
+/// Allows `syscall` when its argument `arg`, masked with `mask`, equals `value`.
+pub fn allow_arg_masked(rules: &mut Rules, syscall: libc::c_long, arg: u8, mask: u64, value: u64) {
+    add_conditional(rules, syscall, vec![masked_eq(arg, mask, value)]);
+}
+
 /// `a ∪ b`: a syscall allowed by either is allowed (unconditionally if either
 /// allows it unconditionally).
 pub fn union(mut a: Rules, b: Rules) -> Rules {
@@ -97,8 +102,11 @@ pub fn common() -> Rules {
 pub fn spawning() -> Rules {
     let mut r = Rules::new();
     allow(&mut r, &[libc::SYS_clone, libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq]);
-    // Naming the new thread.
-    allow_arg_values(&mut r, libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64]);
+    // Naming the new thread, and the new thread installing its own filter on top of
+    // the inherited one (filters only ever narrow what a thread may do).
+    let prctl = [libc::PR_SET_NAME, libc::PR_GET_NAME, libc::PR_SET_NO_NEW_PRIVS].map(|o| o as u64);
+    allow_arg_values(&mut r, libc::SYS_prctl, 0, &prctl);
+    allow_arg_values(&mut r, libc::SYS_seccomp, 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)]);
     r
 }
 

@@ -72,6 +72,24 @@ fn a_vcpu_thread_cannot_open_a_socket_or_exec() {
 }
 
 #[test]
+fn a_vcpu_thread_opens_files_read_only_or_not_at_all() {
+    let open = |flags: i32| {
+        let path = c"/proc/self/status";
+        // SAFETY: a NUL-terminated path; a descriptor it returns is closed.
+        let fd = unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), flags | libc::O_CLOEXEC) };
+        let err = errno_of(fd.into());
+        if fd >= 0 {
+            // SAFETY: `fd` is ours.
+            unsafe { libc::close(fd) };
+        }
+        err
+    };
+    let (ro, rw) = in_filtered_thread(Mode::Enforce, Kind::Vcpu, move || (open(libc::O_RDONLY), open(libc::O_RDWR)));
+    assert_eq!(ro, 0, "read-only open (System.map for exit diagnostics)");
+    assert_eq!(rw, libc::EPERM, "read-write open");
+}
+
+#[test]
 fn a_vcpu_thread_may_use_kvm_ioctls_but_no_others() {
     const KVM_RUN: u64 = 0xAE80;
     const TIOCSTI: u64 = 0x5412;
@@ -90,6 +108,33 @@ fn memory_threads_and_the_api_cannot_exec_or_use_kvm() {
     }
     let sock = in_filtered_thread(Mode::Enforce, Kind::Merger, socket);
     assert_eq!(sock, libc::EPERM, "merger: socket");
+    // The merger reads dirty logs, and no other KVM ioctl.
+    let get_dirty_log = in_filtered_thread(Mode::Enforce, Kind::Merger, || ioctl(merger::KVM_GET_DIRTY_LOG));
+    assert_eq!(get_dirty_log, libc::EBADF, "merger: KVM_GET_DIRTY_LOG");
+    assert_eq!(u64::from(kvm_ioctls_dirty_log_nr()), merger::KVM_GET_DIRTY_LOG, "KVM_GET_DIRTY_LOG number");
+}
+
+/// `_IOW(KVMIO, 0x42, struct kvm_dirty_log)` computed from the struct's size.
+fn kvm_ioctls_dirty_log_nr() -> u32 {
+    let size = std::mem::size_of::<kvm_bindings::kvm_dirty_log>() as u32;
+    (1 << 30) | (size << 16) | (0xAE << 8) | 0x42
+}
+
+#[test]
+fn a_thread_spawned_by_the_event_loop_can_stack_its_own_filter() {
+    // vCPU threads start under the event loop's filter and install theirs.
+    let (vmm_sock, vcpu_sock) = in_filtered_thread(Mode::Enforce, Kind::Vmm, || {
+        let filters = Filters::build(Mode::Enforce).expect("filters compile");
+        let vmm_sock = socket();
+        let vcpu_sock = std::thread::spawn(move || {
+            filters.install(Kind::Vcpu).expect("vCPU filter on top of the event loop's");
+            socket()
+        })
+        .join()
+        .expect("child thread");
+        (vmm_sock, vcpu_sock)
+    });
+    assert_eq!((vmm_sock, vcpu_sock), (libc::EPERM, libc::EPERM));
 }
 
 #[test]
