@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{kvm_available, wait_for, Daemon, ResponseExt};
+use common::{kvm_available, wait_for, Daemon};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
