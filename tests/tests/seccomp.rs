@@ -74,7 +74,7 @@ fn enforce_runs_merging_workload_vms_to_completion_with_every_thread_filtered() 
                        "change_detection": "dirty_log"});
     expect_status(&d.req("PATCH", "/memory/merge", Some(&patch.to_string())), 200, "merge at full speed");
     wait_for("the VMs' common pages to be merged", WAIT, || {
-        let m = d.get("/memory/merge");
+        let m = d.get("/memory");
         (m["pages_sharing"].as_u64() > Some(0)).then_some(())
     });
 
