@@ -86,7 +86,7 @@ pub struct ServeArgs {
     /// seccomp filter per thread kind: `enforce` refuses a syscall outside the
     /// thread's allow-list with EPERM, `log` lets it run and the kernel logs it,
     /// `off` installs none (README, "Security: seccomp filters per thread kind").
-    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Log)]
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
 }
 
@@ -131,7 +131,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_balloon)]
     pub balloon: Option<vmm::balloon::BalloonSpec>,
     /// seccomp filter per thread kind, as for `serve`.
-    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Log)]
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
 }
 
