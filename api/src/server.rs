@@ -88,6 +88,19 @@ pub struct ApiServerConfig {
     pub vmm_timeout: Duration,
     /// Time a client has to send the request headers, and then the body (408 after).
     pub request_timeout: Duration,
+    /// Run first thing on every thread of the server (the accept thread and the
+    /// runtime's threads), e.g. to install the API seccomp filter; none by default.
+    pub thread_start: Option<ThreadStart>,
+}
+
+/// A function run first thing on each API server thread.
+#[derive(Clone)]
+pub struct ThreadStart(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ThreadStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadStart")
+    }
 }
 
 impl ApiServerConfig {
@@ -104,6 +117,7 @@ impl ApiServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             vmm_timeout: DEFAULT_VMM_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            thread_start: None,
         }
     }
 }
@@ -136,12 +150,13 @@ impl ApiServer {
         };
         let std_tcp = config.tcp.map(|a| socket::bind_tcp(a, config.tcp_allow_remote)).transpose()?;
         let tcp_addr = std_tcp.as_ref().map(|l| l.local_addr()).transpose().map_err(Error::Runtime)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(WORKER_THREADS)
-            .thread_name("densevm-api-rt")
-            .enable_all()
-            .build()
-            .map_err(Error::Runtime)?;
+        let hook = config.thread_start.clone();
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(h) = hook.clone() {
+            rt.on_thread_start(move || (h.0)());
+        }
+        let rt = rt.worker_threads(WORKER_THREADS).thread_name("densevm-api-rt").enable_all().build();
+        let rt = rt.map_err(Error::Runtime)?;
         let (std_unix, socket) = socket::bind_unix(&config.socket_path)?;
         let (unix, tcp) = {
             let _guard = rt.enter();
@@ -170,6 +185,9 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("densevm-api".into())
             .spawn(move || {
+                if let Some(h) = hook {
+                    (h.0)();
+                }
                 rt.block_on(accept_loop(unix, tcp, header_timeout, stop_rx));
                 rt.shutdown_timeout(SHUTDOWN_GRACE);
             })

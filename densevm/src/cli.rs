@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// memory of all VMs would exceed it (default: MemAvailable at start).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub host_budget_mib: Option<u64>,
+    /// seccomp filter per thread kind: `enforce` refuses a syscall outside the
+    /// thread's allow-list with EPERM, `log` lets it run and the kernel logs it,
+    /// `off` installs none (README, "Security: seccomp filters per thread kind").
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// `densevm run`.
@@ -125,6 +130,9 @@ pub struct RunArgs {
     /// A virtio-balloon: `amount_mib=N[,deflate_on_oom=true][,stats_polling_interval_s=S][,free_page_reporting=true]`.
     #[arg(long, value_parser = parse_balloon)]
     pub balloon: Option<vmm::balloon::BalloonSpec>,
+    /// seccomp filter per thread kind, as for `serve`.
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// Parses `--balloon` (the message without the option's name, which clap adds).

@@ -9,6 +9,7 @@ mod bench;
 mod cli;
 mod commands;
 mod logging;
+mod seccomp;
 
 use cli::{Cli, Command};
 

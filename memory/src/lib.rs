@@ -79,6 +79,7 @@ pub mod page_table;
 pub mod pool;
 pub mod protector;
 pub mod remap;
+pub mod thread_hook;
 pub mod tunable_range;
 pub mod uffd;
 pub mod vcpu_gate;
@@ -103,6 +104,7 @@ pub use page_table::PageFlags;
 pub use pool::{FramePool, PoolConfig, ThpStatus};
 pub use protector::Protector;
 pub use remap::RemapProtocol;
+pub use thread_hook::{ThreadKind, ThreadStartHook};
 
 /// Index of a 4 KiB frame in the pool memfd (frame `n` is at byte offset `n * PAGE_SIZE`).
 pub type FrameNo = u32;

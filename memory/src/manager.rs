@@ -20,6 +20,7 @@ use crate::merge::{DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeS
 use crate::page_table::PageFlags;
 use crate::pool::{FramePool, PoolConfig};
 use crate::protector::Protector;
+use crate::thread_hook::ThreadStartHook;
 use crate::uffd::{self, Uffd};
 use crate::vma_budget::VmaBudget;
 use crate::{FrameNo, VmId, PAGE_SIZE};
@@ -37,6 +38,9 @@ pub struct ManagerConfig {
     /// Memory commitment: how much guest memory the pool admits (default: no
     /// overcommit; see [`MemoryManager::set_commit_policy`]).
     pub commit: CommitPolicy,
+    /// Run first thing on each background thread (merger, compactor, fault
+    /// handler) with its kind, e.g. to install a seccomp filter; none by default.
+    pub thread_start: Option<ThreadStartHook>,
 }
 
 impl ManagerConfig {
@@ -47,6 +51,7 @@ impl ManagerConfig {
             raise_max_map_count: true,
             install_write_retry: true,
             commit: CommitPolicy::default(),
+            thread_start: None,
         }
     }
 }
@@ -75,9 +80,9 @@ impl MemoryManager {
         let budget = VmaBudget::new(pool.buddy().total_frames(), config.raise_max_map_count);
         let core = Arc::new(Core::new(pool, budget, uffd.clone()));
         core.commit.set_policy(config.commit)?;
-        let protector = Protector::start(uffd, core.fault_resolver())?;
-        let merger = Merger::start(core.clone())?;
-        let compactor = match Compactor::start(core.clone()) {
+        let protector = Protector::start(uffd, config.thread_start.clone(), core.fault_resolver())?;
+        let merger = Merger::start(core.clone(), config.thread_start.clone())?;
+        let compactor = match Compactor::start(core.clone(), config.thread_start.clone()) {
             Ok(c) => c,
             Err(e) => {
                 merger.shutdown();

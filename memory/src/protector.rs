@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::thread_hook::{ThreadKind, ThreadStartHook};
 use crate::uffd::{self, Uffd};
 use crate::PAGE_SIZE;
 
@@ -157,8 +158,8 @@ impl Protector {
     /// make it fault again at once). The thread then wakes every other writer
     /// (after an error too: the writer retries and faults again); a held
     /// writer is woken by whoever makes room or ends the VM (counted in
-    /// [`ProtectorCounters::held_writers`]).
-    pub fn start<F>(uffd: Arc<Uffd>, resolve: F) -> Result<Self>
+    /// [`ProtectorCounters::held_writers`]). `hook` runs first on the thread.
+    pub fn start<F>(uffd: Arc<Uffd>, hook: Option<ThreadStartHook>, resolve: F) -> Result<Self>
     where
         F: FnMut(&[u64], &mut Vec<u64>) + Send + 'static,
     {
@@ -176,7 +177,10 @@ impl Protector {
             let stop_fd = stop.as_raw_fd();
             std::thread::Builder::new()
                 .name("uffd-handler".into())
-                .spawn(move || handle_loop(&uffd, stop_fd, &counters, resolve))
+                .spawn(move || {
+                    crate::thread_hook::started(hook.as_ref(), ThreadKind::FaultHandler);
+                    handle_loop(&uffd, stop_fd, &counters, resolve)
+                })
                 .map_err(|e| Error::Spawn("uffd-handler", e))?
         };
         Ok(Protector { uffd, stop, counters, handler: Some(handler) })

@@ -136,10 +136,19 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 impl Host {
     /// Opens KVM, reads the supported CPUID and starts the memory manager.
     pub fn new(config: HostConfig) -> Result<Self, Error> {
+        Self::new_hooked(config, None)
+    }
+
+    /// [`Host::new`] whose memory manager runs `memory_threads` first on each of its
+    /// background threads ([`memory::ManagerConfig::thread_start`]).
+    pub fn new_hooked(config: HostConfig, memory_threads: Option<memory::ThreadStartHook>) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
         let signal_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
-        let memory = MemoryManager::new(ManagerConfig::with_capacity(config.pool_bytes))?;
+        let memory = MemoryManager::new(ManagerConfig {
+            thread_start: memory_threads,
+            ..ManagerConfig::with_capacity(config.pool_bytes)
+        })?;
         Ok(Host {
             domains: std::collections::HashMap::new(),
             kvm,

@@ -2,7 +2,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,16 @@ use crate::device_manager::{ExitAction, IoRouter};
 /// Longest continuous run of transient `EFAULT`s (a page in a remap's read-only
 /// instant) tolerated before the vCPU reports an error.
 const EFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// Run first thing on every vCPU thread (see [`set_thread_start_hook`]).
+static THREAD_START: OnceLock<Arc<dyn Fn() + Send + Sync>> = OnceLock::new();
+
+/// Sets the function every vCPU thread of this process runs first, before its loop
+/// (e.g. to install the vCPU seccomp filter). Process-wide, set once: false if a
+/// hook was set already (the first one stays).
+pub fn set_thread_start_hook(hook: Arc<dyn Fn() + Send + Sync>) -> bool {
+    THREAD_START.set(hook).is_ok()
+}
 
 /// What the vCPU loop needs besides its fd.
 pub struct VcpuContext {
@@ -93,8 +103,12 @@ pub struct VcpuThread {
 impl VcpuThread {
     /// Spawns the thread that runs `vcpu`.
     pub fn spawn(vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
-        let handle =
-            std::thread::Builder::new().name(format!("vcpu{}", ctx.index)).spawn(move || run_loop(vcpu, ctx))?;
+        let handle = std::thread::Builder::new().name(format!("vcpu{}", ctx.index)).spawn(move || {
+            if let Some(hook) = THREAD_START.get() {
+                hook();
+            }
+            run_loop(vcpu, ctx)
+        })?;
         Ok(VcpuThread { handle })
     }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::CommandError;
 use crate::cli::RunArgs;
+use crate::seccomp::Kind;
 use vmm::boot::linux::LinuxBootConfig;
 use vmm::driver::{drive, lock};
 use vmm::guest_ram::RamPolicy;
@@ -94,7 +95,9 @@ fn spec_from_args(args: &RunArgs) -> Result<VmSpec, CommandError> {
 pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandError> {
     let spec = spec_from_args(&args)?;
     let id = spec.id.clone();
-    let mut host = Host::new(HostConfig::default())?;
+    let filters = crate::seccomp::Filters::build(args.seccomp).map_err(|e| CommandError::Runtime(e.to_string()))?;
+    vmm::vcpu::set_thread_start_hook(filters.hook(Kind::Vcpu));
+    let mut host = Host::new_hooked(HostConfig::default(), Some(filters.memory_hook()))?;
     host.handle_termination_signals()?;
     if spec.merge.enabled {
         host.memory()
@@ -103,6 +106,8 @@ pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandEr
             .map_err(|e| CommandError::Runtime(format!("merger: {e}")))?;
     }
     host.create_vm(spec)?;
+    // This thread drives the VM from here on (the vCPU threads inherit its filter).
+    filters.install(Kind::Vmm).map_err(|e| CommandError::Runtime(e.to_string()))?;
     host.start_all()?;
     let host = Arc::new(Mutex::new(host));
     let mut reported = false;

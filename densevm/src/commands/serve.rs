@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::CommandError;
 use crate::api_bridge::ApiBridge;
 use crate::cli::ServeArgs;
+use crate::seccomp::Kind;
 use vmm::driver::{log_event, Milestones};
 use vmm::host::{Host, HostConfig};
 
@@ -109,7 +110,9 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
         .map(api::auth::Token::from_file)
         .transpose()
         .map_err(|e| CommandError::Input(e.to_string()))?;
-    let mut host = Host::new(HostConfig::default())?;
+    let filters = crate::seccomp::Filters::build(args.seccomp).map_err(|e| CommandError::Runtime(e.to_string()))?;
+    vmm::vcpu::set_thread_start_hook(filters.hook(Kind::Vcpu));
+    let mut host = Host::new_hooked(HostConfig::default(), Some(filters.memory_hook()))?;
     let (budget, source) = match args.host_budget_mib {
         Some(mib) => (mib.saturating_mul(1 << 20), "--host-budget-mib"),
         None => (vmm::host::mem_available_bytes()?, "MemAvailable at start"),
@@ -130,6 +133,7 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     config.tcp_hosts = args.api_tcp_hosts;
     config.max_connections_unix = args.api_max_connections_unix;
     config.max_connections_tcp = args.api_max_connections_tcp;
+    config.thread_start = Some(api::server::ThreadStart(filters.hook(Kind::Api)));
     let server = ApiServer::start(config, chan).map_err(server_error)?;
     tracing::info!(
         pid = std::process::id(),
@@ -138,6 +142,9 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
         server.tcp_addr().map(|a| format!(" and http://{a}")).unwrap_or_default(),
     );
 
+    // This thread is the event loop from here on (the threads it spawns inherit it).
+    filters.install(Kind::Vmm).map_err(|e| CommandError::Runtime(e.to_string()))?;
+    tracing::info!("seccomp: {:?}", args.seccomp);
     let result = event_loop(&mut em, &daemon);
     {
         let mut d = lock(&daemon);

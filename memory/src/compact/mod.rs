@@ -34,6 +34,7 @@ pub use tunables::{
 };
 
 use crate::core::Core;
+use crate::thread_hook::{ThreadKind, ThreadStartHook};
 use pass::{Occupancy, PassLimits};
 
 /// How often the background thread checks the fragmentation.
@@ -95,7 +96,7 @@ pub struct Compactor {
 
 impl Compactor {
     /// Starts the background thread over `core` with the default tunables.
-    pub(crate) fn start(core: Arc<Core>) -> std::io::Result<Self> {
+    pub(crate) fn start(core: Arc<Core>, hook: Option<ThreadStartHook>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             tunables: Mutex::new(CompactionTunables::default()),
             wake: Condvar::new(),
@@ -106,7 +107,10 @@ impl Compactor {
         });
         let thread = {
             let (core, shared) = (core.clone(), shared.clone());
-            std::thread::Builder::new().name("densevm-compact".into()).spawn(move || run_loop(&core, &shared))?
+            std::thread::Builder::new().name("densevm-compact".into()).spawn(move || {
+                crate::thread_hook::started(hook.as_ref(), ThreadKind::Compactor);
+                run_loop(&core, &shared)
+            })?
         };
         Ok(Compactor { core, shared, thread: Mutex::new(Some(thread)) })
     }

@@ -46,6 +46,7 @@ pub use stats::{MergeStats, VmMergeStats};
 pub use tunables::{ChangeDetection, Tunables};
 
 use crate::core::{self, Core};
+use crate::thread_hook::{ThreadKind, ThreadStartHook};
 use crate::VmId;
 use scanner::Scanner;
 
@@ -98,7 +99,7 @@ pub struct Merger {
 
 impl Merger {
     /// Starts the scanner thread over `core` (paused: `run` is false).
-    pub(crate) fn start(core: Arc<Core>) -> Result<Self, Error> {
+    pub(crate) fn start(core: Arc<Core>, hook: Option<ThreadStartHook>) -> Result<Self, Error> {
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
                 tunables: Tunables::default(),
@@ -120,7 +121,10 @@ impl Merger {
             let (core, shared) = (core.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("densevm-merger".into())
-                .spawn(move || run_loop(core, &shared))
+                .spawn(move || {
+                    crate::thread_hook::started(hook.as_ref(), ThreadKind::Merger);
+                    run_loop(core, &shared)
+                })
                 .map_err(Error::Spawn)?
         };
         Ok(Merger { core, shared, thread: Mutex::new(Some(thread)) })
