@@ -7,6 +7,7 @@ pub mod compact;
 pub mod cow;
 pub mod ksm;
 pub mod merge;
+pub mod report;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
