@@ -15,12 +15,15 @@
 //! kernel's N times, interleaved (densevm first in even repetitions, the kernel
 //! first in odd ones), and prints min / median / max of every latency and of
 //! every ratio against the kernel measured in the same repetition, then the
-//! targets of issue 11 judged at the median ([`summary`]).
+//! targets of issue 11 judged at the median ([`summary`]). Then where densevm's
+//! write faults spend their time, stage by stage ([`breakdown`]).
 
+mod breakdown;
 mod guest;
 mod prepare;
 mod summary;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +36,9 @@ use vmm::workload::scenario::Scenario;
 use crate::bench::ksm::{self, KsmControl, MergedWriteTimes};
 use crate::bench::report::fmt;
 use crate::commands::CommandError;
+use breakdown::Samples;
 use guest::{guest_case, GuestCase};
+use memory::uffd::trace;
 use prepare::{prepare, Prep};
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
@@ -102,7 +107,12 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
 /// The same page states written by a host thread instead of a vCPU (no VM exit in
 /// the path): VMs created but never started, identical content written into A's
 /// and B's pages, pages prepared, then one timed 8-byte store per page of A.
-fn host_thread_case(host: &mut Host, prep: Prep, p: Params) -> Result<MergedWriteTimes, CommandError> {
+fn host_thread_case(
+    host: &mut Host,
+    prep: Prep,
+    p: Params,
+    tsc_khz: u64,
+) -> Result<(MergedWriteTimes, Samples), CommandError> {
     let ids = [format!("cow-host-{prep:?}-a"), format!("cow-host-{prep:?}-b")];
     for (i, id) in ids.iter().enumerate() {
         host.create_vm(spec(id.clone(), i as u64 + 1, RamPolicy::Managed, p))?;
@@ -121,14 +131,22 @@ fn host_thread_case(host: &mut Host, prep: Prep, p: Params) -> Result<MergedWrit
         let prepared = prepare(host, prep, mem, first, n as u32)?;
         let base = host.vm(&ids[0])?.ram().host_addr() as usize;
         let mut ns = Vec::with_capacity(n as usize);
+        let mut stamps = HashMap::with_capacity(n as usize);
+        trace::enable(true);
         for page in first..first + n as u32 {
+            let addr = base + page as usize * 4096;
+            let tsc0 = trace::tsc();
             let t0 = Instant::now();
             // SAFETY: the page lies inside A's guest RAM mapping, which lives as long
             // as the VM in `host`; the VM never runs, so nothing else writes there.
-            unsafe { std::ptr::write_volatile((base + page as usize * 4096) as *mut u64, u64::from(page)) };
+            unsafe { std::ptr::write_volatile(addr as *mut u64, u64::from(page)) };
             ns.push(t0.elapsed().as_nanos() as f64);
+            stamps.insert(addr as u64, (tsc0, trace::tsc()));
         }
-        Ok(MergedWriteTimes::from_ns(prepared, ns))
+        trace::enable(false);
+        let pages = base as u64 + u64::from(first) * 4096..base as u64 + (u64::from(first) + n) * 4096;
+        let samples = Samples::from_batches(&trace::take(), pages, tsc_khz, Some(&stamps));
+        Ok((MergedWriteTimes::from_ns(prepared, ns), samples))
     })();
     for id in &ids {
         let _ = host.remove_vm(id, None);
@@ -155,6 +173,8 @@ struct Rep {
     cases: Vec<GuestCase>,
     /// densevm's host-thread cases.
     host_rows: Vec<(&'static str, MergedWriteTimes)>,
+    /// Their fault stages, by case.
+    host_samples: Vec<(&'static str, Samples)>,
     kernel: KernelSide,
 }
 
@@ -162,21 +182,24 @@ struct Rep {
 const MANAGED: [(&str, Prep); 4] =
     [("private", Prep::Private), ("wp-only", Prep::Protect), ("copy", Prep::Copy), ("reuse", Prep::Reuse)];
 
-fn densevm_side(
-    host: &mut Host,
-    p: Params,
-) -> Result<(Vec<GuestCase>, Vec<(&'static str, MergedWriteTimes)>), CommandError> {
+/// densevm's cases of one repetition: the guest cases, then the host-thread ones.
+type DensevmSide = (Vec<GuestCase>, Vec<(&'static str, MergedWriteTimes)>, Vec<(&'static str, Samples)>);
+
+fn densevm_side(host: &mut Host, p: Params) -> Result<DensevmSide, CommandError> {
     let mut cases = Vec::new();
     for (name, prep) in MANAGED {
         tracing::info!("bench cow: case {name}");
         cases.push(guest_case(host, name, prep, p, None)?);
     }
-    let mut host_rows = Vec::new();
+    let tsc_khz = cases.first().map_or(0, |c| c.tsc_khz);
+    let (mut host_rows, mut host_samples) = (Vec::new(), Vec::new());
     for (name, prep) in [("wp-host", Prep::Protect), ("copy-host", Prep::Copy), ("reuse-host", Prep::Reuse)] {
         check_interrupt()?;
-        host_rows.push((name, host_thread_case(host, prep, p)?));
+        let (times, samples) = host_thread_case(host, prep, p, tsc_khz)?;
+        host_rows.push((name, times));
+        host_samples.push((name, samples));
     }
-    Ok((cases, host_rows))
+    Ok((cases, host_rows, host_samples))
 }
 
 /// The kernel's KSM, host thread then guest; every knob restored afterwards.
@@ -287,18 +310,19 @@ pub fn main(quick: bool, json_path: Option<&Path>, repeat: Option<u32>) -> Resul
         let kernel_first = i % 2 == 1;
         println!("repetition {}/{repeat} ({} first)", i + 1, if kernel_first { "kernel" } else { "densevm" });
         let kernel = if kernel_first { Some(kernel_side(&mut host, p)?) } else { None };
-        let (cases, host_rows) = densevm_side(&mut host, p)?;
+        let (cases, host_rows, host_samples) = densevm_side(&mut host, p)?;
         let kernel = match kernel {
             Some(k) => k,
             None => kernel_side(&mut host, p)?,
         };
-        let rep = Rep { cases, host_rows, kernel };
+        let rep = Rep { cases, host_rows, host_samples, kernel };
         let tsc_khz = rep.cases.first().map(|c| c.tsc_khz).unwrap_or(0);
         print_table(&rep, tsc_khz);
         reps.push(rep);
     }
     let figures: Vec<Map<String, Value>> = reps.iter().map(Rep::figures).collect();
     let summary = summary::summarize(&figures);
+    let stages = fault_stages(&reps, &summary);
     let first = reps.first().ok_or_else(|| rt("no repetition ran"))?;
     let tsc_khz = first.cases.first().map(|c| c.tsc_khz).unwrap_or(0);
     let skipped = reps.iter().find_map(|r| r.kernel.skipped.clone());
@@ -328,6 +352,7 @@ pub fn main(quick: bool, json_path: Option<&Path>, repeat: Option<u32>) -> Resul
         "ratios": summary["medians"].clone(),
         "spreads": summary["spreads"].clone(),
         "targets": summary["targets"].clone(),
+        "fault_stages": stages,
         "repetitions": reps.iter().zip(&figures).map(|(r, f)| json!({
             "cases": r.all_cases(),
             "host_thread_writes": r.host_json(),
@@ -339,4 +364,23 @@ pub fn main(quick: bool, json_path: Option<&Path>, repeat: Option<u32>) -> Resul
         std::fs::write(path, result.to_string()).map_err(|e| rt(format!("writing {}: {e}", path.display())))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fault stages of densevm's cases pooled over the repetitions, printed
+/// (guest cases with the vCPU side from their median over the repetitions).
+fn fault_stages(reps: &[Rep], summary: &Value) -> Value {
+    let mut pooled: Vec<(&str, Samples, Option<f64>)> = Vec::new();
+    let guest = reps.iter().flat_map(|r| r.cases.iter().map(|c| (c.name, c.samples.clone())));
+    let hosts = reps.iter().flat_map(|r| r.host_samples.iter().map(|(n, s)| (*n, s.clone())));
+    for (name, s) in guest.chain(hosts) {
+        match pooled.iter_mut().find(|(n, ..)| *n == name) {
+            Some((_, all, _)) => all.extend(s),
+            None => {
+                let median = summary["medians"][name].as_f64().filter(|_| !name.ends_with("-host"));
+                pooled.push((name, s, median));
+            }
+        }
+    }
+    pooled.retain(|(_, s, _)| s.faults() > 0);
+    breakdown::report(&pooled.iter().map(|(n, s, g)| (*n, s, *g)).collect::<Vec<_>>())
 }
