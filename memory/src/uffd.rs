@@ -354,4 +354,36 @@ pub mod trace {
             }
         });
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn records_batches_with_faults_only_while_enabled() {
+            let page = 0xdead_0000;
+            let mark = |b: &mut Batch| (b.faults, b.first_page) = (1, page);
+            begin();
+            with(mark);
+            finish();
+            assert!(!take().iter().any(|b| b.first_page == page), "recorded while off");
+            enable(true);
+            begin();
+            with(mark);
+            let t0 = ioctl_start();
+            ioctl_end(t0, Ioctl::WriteProtect);
+            ioctl_end(ioctl_start(), Ioctl::Register);
+            with(|b| b.wake_end = tsc());
+            finish();
+            begin();
+            finish();
+            enable(false);
+            assert_eq!(ioctl_start(), 0, "no timestamp while off");
+            let got: Vec<Batch> = take().into_iter().filter(|b| b.first_page == page).collect();
+            assert_eq!(got.len(), 1, "{got:?}");
+            let b = got[0];
+            assert_eq!((b.protect_ioctls, b.register_ioctls), (1, 1));
+            assert!(b.poll_return > 0 && b.wake_end >= b.poll_return, "{b:?}");
+        }
+    }
 }
