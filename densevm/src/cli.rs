@@ -204,7 +204,8 @@ pub enum BenchKind {
         json: Option<PathBuf>,
     },
     /// Guest-observed write latency: private page, copy of a shared frame, reuse of
-    /// a sole-mapped merged frame, and the kernel's KSM in the same run.
+    /// a sole-mapped merged frame, and the kernel's KSM in the same run,
+    /// interleaved, min / median / max.
     Cow {
         /// Smaller and shorter (for tests).
         #[arg(long)]
@@ -212,6 +213,9 @@ pub enum BenchKind {
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Repetitions of densevm's cases and the kernel's, interleaved (default 5; 1 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: Option<u32>,
     },
     /// Same-page merging: the same clone microVMs under densevm's merger, the
     /// kernel's KSM on anonymous RAM and no merging, in one run (time to merge,

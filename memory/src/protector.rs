@@ -14,7 +14,8 @@
 //! [`Uffd::read_events`] and [`Uffd::wake`] (the descriptor and its protection
 //! ioctls are [`crate::uffd`]'s). So a write fault's walk enters each file
 //! once: here (read), the core (resolve), the remap protocol and
-//! [`crate::uffd`] (protect/register), and back here (wake).
+//! [`crate::uffd`] (protect/register), and back here (wake). The handler
+//! stamps each stage into [`crate::uffd::trace`] when a benchmark enabled it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -237,11 +238,13 @@ fn handle_loop<F: FnMut(&[u64], &mut Vec<u64>)>(
         if fds[1].revents != 0 {
             return;
         }
+        uffd::trace::begin();
         events.clear();
         if let Err(e) = uffd.read_events(&mut events) {
             tracing::error!("{e}");
             return;
         }
+        uffd::trace::with(|b| b.read_done = uffd::trace::tsc());
         faults.clear();
         for event in &events {
             match *event {
@@ -264,7 +267,11 @@ fn handle_loop<F: FnMut(&[u64], &mut Vec<u64>)>(
         faults.sort_unstable();
         faults.dedup();
         held.clear();
+        uffd::trace::with(|b| {
+            (b.faults, b.first_page, b.resolve_start) = (faults.len() as u32, faults[0], uffd::trace::tsc())
+        });
         resolve(&faults, &mut held);
+        uffd::trace::with(|b| b.resolve_end = uffd::trace::tsc());
         held.sort_unstable();
         counters.held_writers.fetch_add(held.len() as u64, Ordering::Relaxed);
         for &page in faults.iter().filter(|p| held.binary_search(p).is_err()) {
@@ -273,5 +280,9 @@ fn handle_loop<F: FnMut(&[u64], &mut Vec<u64>)>(
                 tracing::error!("waking writers at {page:#x}: {e}");
             }
         }
+        uffd::trace::with(|b| {
+            (b.wake_ioctls, b.wake_end) = (faults.len().saturating_sub(held.len()) as u32, uffd::trace::tsc())
+        });
+        uffd::trace::finish();
     }
 }

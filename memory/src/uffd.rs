@@ -7,6 +7,9 @@
 //! The descriptor is **not** user-mode-only (so faults taken by the kernel on
 //! behalf of the process, e.g. KVM or a `pread` into guest memory, are
 //! reported too) and non-blocking. That needs root or CAP_SYS_PTRACE.
+//!
+//! [`trace`] timestamps the stages of a write fault on the handler thread
+//! (benchmarks only; off unless enabled, then one relaxed load per ioctl).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -149,9 +152,12 @@ impl Uffd {
     /// Registers `addr..addr+len` in write-protect mode.
     pub fn register_wp(&self, addr: usize, len: usize) -> Result<()> {
         let mut reg = UffdioRegister { range: range(addr, len), mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let t0 = trace::ioctl_start();
         // SAFETY: UFFDIO_REGISTER reads and writes exactly one `UffdioRegister`;
         // registration only changes how faults in the range are handled.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        trace::ioctl_end(t0, trace::Ioctl::Register);
+        if rc != 0 {
             return Err(Error::Register(addr as u64, len as u64, io::Error::last_os_error()));
         }
         if reg.ioctls & (1 << UFFDIO_WRITEPROTECT_BIT) == 0 {
@@ -175,9 +181,12 @@ impl Uffd {
         }
         loop {
             let mut wp = UffdioWriteprotect { range: range(addr, len), mode };
+            let t0 = trace::ioctl_start();
             // SAFETY: UFFDIO_WRITEPROTECT reads exactly one `UffdioWriteprotect`;
             // it changes page protection only.
-            if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } == 0 {
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) };
+            trace::ioctl_end(t0, trace::Ioctl::WriteProtect);
+            if rc == 0 {
                 return Ok(());
             }
             let err = io::Error::last_os_error();
@@ -203,3 +212,178 @@ pub(crate) fn range(addr: usize, len: usize) -> UffdioRange {
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
+
+pub mod trace {
+    //! Timestamps of the write-fault path, for benchmarks (`densevm bench cow`):
+    //! per batch of faults the handler thread read, the TSC when its `poll`
+    //! returned, when the events were read, when resolution started and ended
+    //! (with the time spent in this module's protection and registration
+    //! ioctls meanwhile) and when the wakes were done. Off by default; when
+    //! off, every hook is one relaxed atomic load. Only the thread that opened
+    //! a batch ([`crate::protector`]'s handler) records into it.
+
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    static ENABLED: AtomicBool = AtomicBool::new(false);
+    /// Most batches kept between two [`take`]s (later ones are dropped).
+    const MAX_BATCHES: usize = 1 << 20;
+    static DONE: Mutex<Vec<Batch>> = Mutex::new(Vec::new());
+
+    thread_local! {
+        static OPEN: RefCell<Option<Batch>> = const { RefCell::new(None) };
+    }
+
+    /// The timestamps (TSC) of one batch of write faults on the handler thread.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+    pub struct Batch {
+        /// `poll` on the userfaultfd returned (the handler runs).
+        pub poll_return: u64,
+        /// The events were read.
+        pub read_done: u64,
+        /// Write faults in the batch.
+        pub faults: u32,
+        /// The lowest faulting page (host address).
+        pub first_page: u64,
+        /// The resolver was called (before it takes the manager's lock).
+        pub resolve_start: u64,
+        /// The resolver returned (lock released).
+        pub resolve_end: u64,
+        /// Every writer was woken.
+        pub wake_end: u64,
+        /// `UFFDIO_WRITEPROTECT` calls during resolution.
+        pub protect_ioctls: u32,
+        /// TSC cycles in them.
+        pub protect_cycles: u64,
+        /// `UFFDIO_REGISTER` calls during resolution.
+        pub register_ioctls: u32,
+        /// TSC cycles in them.
+        pub register_cycles: u64,
+        /// `UFFDIO_WAKE` calls.
+        pub wake_ioctls: u32,
+    }
+
+    /// Which ioctl [`ioctl_end`] timed.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Ioctl {
+        /// `UFFDIO_WRITEPROTECT`.
+        WriteProtect,
+        /// `UFFDIO_REGISTER`.
+        Register,
+    }
+
+    /// The time stamp counter.
+    pub fn tsc() -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `rdtsc` reads the time stamp counter; it touches no memory.
+        return unsafe { core::arch::x86_64::_rdtsc() };
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    }
+
+    /// Starts (clearing what was recorded) or stops recording.
+    pub fn enable(on: bool) {
+        if on {
+            DONE.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        ENABLED.store(on, Ordering::Release);
+    }
+
+    /// Whether recording is on.
+    pub fn enabled() -> bool {
+        ENABLED.load(Ordering::Relaxed)
+    }
+
+    /// Takes the batches recorded so far.
+    pub fn take() -> Vec<Batch> {
+        std::mem::take(&mut *DONE.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Opens a batch on this thread, stamped now (its `poll` returned).
+    pub(crate) fn begin() {
+        if enabled() {
+            let b = Batch { poll_return: tsc(), ..Batch::default() };
+            OPEN.with(|o| *o.borrow_mut() = Some(b));
+        }
+    }
+
+    /// Updates this thread's open batch, if any.
+    pub(crate) fn with(f: impl FnOnce(&mut Batch)) {
+        if enabled() {
+            OPEN.with(|o| o.borrow_mut().as_mut().map(f));
+        }
+    }
+
+    /// Closes this thread's open batch; keeps it if it held a fault.
+    pub(crate) fn finish() {
+        if !enabled() {
+            return;
+        }
+        if let Some(b) = OPEN.with(|o| o.borrow_mut().take()).filter(|b| b.faults > 0) {
+            let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+            if done.len() < MAX_BATCHES {
+                done.push(b);
+            }
+        }
+    }
+
+    /// The start of a timed ioctl: its TSC, or 0 when recording is off.
+    pub(crate) fn ioctl_start() -> u64 {
+        if enabled() {
+            tsc()
+        } else {
+            0
+        }
+    }
+
+    /// Adds the ioctl started at `t0` (from [`ioctl_start`]) to the open batch.
+    pub(crate) fn ioctl_end(t0: u64, what: Ioctl) {
+        if t0 == 0 {
+            return;
+        }
+        let dt = tsc().saturating_sub(t0);
+        with(|b| match what {
+            Ioctl::WriteProtect => {
+                b.protect_ioctls += 1;
+                b.protect_cycles += dt;
+            }
+            Ioctl::Register => {
+                b.register_ioctls += 1;
+                b.register_cycles += dt;
+            }
+        });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn records_batches_with_faults_only_while_enabled() {
+            let page = 0xdead_0000;
+            let mark = |b: &mut Batch| (b.faults, b.first_page) = (1, page);
+            begin();
+            with(mark);
+            finish();
+            assert!(!take().iter().any(|b| b.first_page == page), "recorded while off");
+            enable(true);
+            begin();
+            with(mark);
+            let t0 = ioctl_start();
+            ioctl_end(t0, Ioctl::WriteProtect);
+            ioctl_end(ioctl_start(), Ioctl::Register);
+            with(|b| b.wake_end = tsc());
+            finish();
+            begin();
+            finish();
+            enable(false);
+            assert_eq!(ioctl_start(), 0, "no timestamp while off");
+            let got: Vec<Batch> = take().into_iter().filter(|b| b.first_page == page).collect();
+            assert_eq!(got.len(), 1, "{got:?}");
+            let b = got[0];
+            assert_eq!((b.protect_ioctls, b.register_ioctls), (1, 1));
+            assert!(b.poll_return > 0 && b.wake_end >= b.poll_return, "{b:?}");
+        }
+    }
+}

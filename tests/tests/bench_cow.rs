@@ -1,7 +1,9 @@
 //! `densevm bench cow --quick` through the real binary: every case is present with
 //! positive numbers, the guests verified every page, the copy and reuse cases went
-//! through the intended fault paths, and the KSM knobs are as they were before. No
-//! timing is asserted (the benchmark reports it).
+//! through the intended fault paths, and the KSM knobs are as they were before;
+//! with `--repeat 2` both orders run (densevm first, then the kernel first) and
+//! every figure has its min / median / max over both, and every target of issue
+//! 11 a verdict. No timing is asserted (the benchmark reports it).
 
 use e2e::{densevm, kvm_available};
 use serde_json::Value;
@@ -26,7 +28,7 @@ fn bench_cow_quick_reports_every_case() {
     }
     let json = std::env::temp_dir().join(format!("densevm-bench-cow-{}.json", std::process::id()));
     let before = ksm_knobs();
-    let out = densevm(&["bench", "cow", "--quick", "--json", json.to_str().unwrap()]);
+    let out = densevm(&["bench", "cow", "--quick", "--repeat", "2", "--json", json.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench cow failed: {stdout}\n{stderr}");
@@ -87,4 +89,35 @@ fn bench_cow_quick_reports_every_case() {
     }
     assert!(v["ratios"]["reuse_over_copy"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("reuse / copy"), "{stdout}");
+
+    // Two interleaved repetitions, each with every case; spreads over both.
+    assert_eq!(v["repeat"], 2);
+    assert!(stdout.contains("repetition 2/2 (kernel first)"), "{stdout}");
+    let reps = v["repetitions"].as_array().unwrap();
+    assert_eq!(reps.len(), 2);
+    for r in reps {
+        let names_here: Vec<_> = r["cases"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names_here, names, "{r}");
+        for c in r["cases"].as_array().unwrap() {
+            assert_eq!(c["mismatches"], 0, "the guests verified every page: {c}");
+        }
+    }
+    let mut figures =
+        vec!["private", "wp-only", "copy", "reuse", "wp-host", "copy-host", "reuse-host", "reuse_over_copy"];
+    if ksm {
+        figures.extend(["ksm-guest", "ksm-host", "copy_over_ksm_guest", "copy_host_over_ksm_host"]);
+    }
+    for f in figures {
+        let s = &v["spreads"][f];
+        assert_eq!(s["n"], 2, "{f}: {s}");
+        let (min, median, max) =
+            (s["min"].as_f64().unwrap(), s["median"].as_f64().unwrap(), s["max"].as_f64().unwrap());
+        assert!(min > 0.0 && min <= median && median <= max, "{f}: {s}");
+        assert_eq!(v["ratios"][f].as_f64(), Some(median), "{f}");
+    }
+    for t in ["guest_copy", "sole_mapped", "host_thread"] {
+        let met = &v["targets"][t]["met"];
+        assert!(if ksm || t == "sole_mapped" { met.is_boolean() } else { met.is_null() }, "{t}: {}", v["targets"]);
+    }
+    assert!(stdout.contains("targets of issue 11"), "{stdout}");
 }

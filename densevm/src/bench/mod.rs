@@ -7,6 +7,7 @@ pub mod compact;
 pub mod cow;
 pub mod ksm;
 pub mod merge;
+pub mod report;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
@@ -93,7 +94,7 @@ pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
     match args.which {
         BenchKind::Api { requests, load_clients, json } => api_latency::main(requests, load_clients, json.as_deref()),
         BenchKind::Compact { quick, json, repeat } => compact::main(quick, json.as_deref(), repeat),
-        BenchKind::Cow { quick, json } => cow::main(quick, json.as_deref()),
+        BenchKind::Cow { quick, json, repeat } => cow::main(quick, json.as_deref(), repeat),
         BenchKind::Merge { quick, json, policies, repeat, image_pair, image_clones, clones } => {
             merge::main(&merge::Options { quick, json, policies, repeat, image_pair, image_clones, clones })
         }

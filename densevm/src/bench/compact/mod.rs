@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmm::host::{Host, HostConfig};
 
+use crate::bench::report::fmt;
 use crate::commands::CommandError;
 use report::RepNumbers;
 
@@ -99,10 +100,6 @@ impl Params {
     fn data_bytes(&self) -> u64 {
         (u64::from(self.vms) * u64::from(self.fill_mib)) << 20
     }
-}
-
-fn fmt(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
 /// densevm's side of repetition `i`.

@@ -1,8 +1,9 @@
 //! The summary of `densevm bench compact`: min / median / max over the
 //! repetitions of each metric, and the targets judged at the median.
 
-use serde::Serialize;
 use serde_json::{json, Value};
+
+use crate::bench::report::{say, spread, Spread};
 
 /// One repetition's numbers that the summary spreads.
 #[derive(Clone, Debug, Default)]
@@ -45,39 +46,6 @@ impl RepNumbers {
     pub fn region_ratio(&self) -> Option<f64> {
         let (d, k) = (self.densevm_pages_per_s?, self.kernel_region_pages_per_s?);
         (k > 0.0 && d.is_finite()).then(|| d / k)
-    }
-}
-
-/// Smallest, median and largest of a metric over the repetitions.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct Spread {
-    /// Smallest.
-    pub min: f64,
-    /// Median (mean of the middle two for an even count).
-    pub median: f64,
-    /// Largest.
-    pub max: f64,
-    /// Repetitions that measured it.
-    pub n: usize,
-}
-
-/// The spread of the measured values (`None` when none was measured).
-pub fn spread(values: impl IntoIterator<Item = Option<f64>>) -> Option<Spread> {
-    let mut v: Vec<f64> = values.into_iter().flatten().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Some(Spread { min: v[0], median, max: v[n - 1], n })
-}
-
-fn say(met: Option<bool>) -> &'static str {
-    match met {
-        Some(true) => "met",
-        Some(false) => "NOT met",
-        None => "not measured",
     }
 }
 
@@ -147,15 +115,6 @@ pub fn summarize(reps: &[RepNumbers]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spread_is_min_median_max() {
-        let s = spread([Some(3.0), None, Some(1.0), Some(2.0), Some(f64::NAN)]).unwrap();
-        assert_eq!((s.min, s.median, s.max, s.n), (1.0, 2.0, 3.0, 3));
-        let s = spread([Some(4.0), Some(1.0)]).unwrap();
-        assert_eq!(s.median, 2.5);
-        assert!(spread([None]).is_none());
-    }
 
     #[test]
     fn ratio_needs_both() {

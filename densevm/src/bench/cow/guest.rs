@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::breakdown::Samples;
 use super::prepare::{prepare, wait_ksm_merged, Prep};
 use super::{check_interrupt, rt, spec, Params};
 use crate::bench::ksm::KsmControl;
@@ -72,6 +73,9 @@ pub(super) struct GuestCase {
     pub(super) protect_faults: u64,
     pub(super) mismatches: u64,
     pub(super) exit_reasons: Vec<String>,
+    /// The handler's stages of the measured faults (densevm's cases).
+    #[serde(skip)]
+    pub(super) samples: Samples,
 }
 
 fn weighted_median(samples: &mut [(f64, u64)]) -> f64 {
@@ -153,36 +157,18 @@ fn run_case(
         )));
     }
     let c0 = host.memory().stats().counters;
-    host.vm_mut(ids[0])?.resume().map_err(rt)?;
-
-    // The first pass over A's pages: report deltas while pages_written <= npages.
-    let mut last = base;
-    let mut samples = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        check_interrupt()?;
-        std::thread::sleep(POLL);
-        host.vm_mut(ids[0])?.handle_events();
-        let r = report(host, ids[0])?;
-        if r.pages_written > n {
-            break;
-        }
-        let dp = r.pages_written - last.pages_written;
-        if dp > 0 {
-            let dc = r.write_first_cycles_sum.saturating_sub(last.write_first_cycles_sum);
-            samples.push((dc as f64 / dp as f64, dp));
-            last = r;
-        }
-        if r.pages_written == n || host.vm(ids[0])?.state() != VmState::Running || Instant::now() > deadline {
-            break;
-        }
-    }
+    memory::uffd::trace::enable(prep != Prep::Ksm);
+    let pass = host.vm_mut(ids[0])?.resume().map_err(rt).and_then(|()| first_pass(host, ids[0], n, base));
+    memory::uffd::trace::enable(false);
+    let batches = memory::uffd::trace::take();
+    let (last, mut intervals) = pass?;
     let c1 = host.memory().stats().counters;
     let measured = last.pages_written;
     if measured == 0 {
         return Err(rt(format!("{}: the guest wrote no page", ids[0])));
     }
     let ns = |cycles: f64| cycles * 1e6 / cfg.tsc_khz as f64;
+    let samples = Samples::from_batches(&batches, data_host..data_host + n * 4096, cfg.tsc_khz, None);
 
     // B resumes too; both run to their end and verify every page.
     if host.vm(ids[1])?.state() == VmState::Paused {
@@ -212,14 +198,48 @@ fn run_case(
         pages_prepared: prepared,
         pages_measured: measured,
         mean_ns: ns(last.write_first_cycles_sum as f64 / measured as f64),
-        median_ns: ns(weighted_median(&mut samples)),
+        median_ns: ns(weighted_median(&mut intervals)),
         max_ns: ns(last.write_first_cycles_max as f64),
-        intervals: samples.len(),
+        intervals: intervals.len(),
         tsc_khz: cfg.tsc_khz,
         cow_copies: c1.cow_copies - c0.cow_copies,
         cow_reuses: c1.cow_reuses - c0.cow_reuses,
         protect_faults: c1.protect_faults - c0.protect_faults,
         mismatches,
         exit_reasons,
+        samples,
     })
+}
+
+/// The first pass over A's `n` pages after it resumed from `base`: report
+/// deltas while `pages_written <= n`; returns the last report of the pass and
+/// the per-poll (mean first-store cycles, pages) intervals.
+fn first_pass(
+    host: &mut Host,
+    id: &str,
+    n: u64,
+    base: WorkloadReport,
+) -> Result<(WorkloadReport, Vec<(f64, u64)>), CommandError> {
+    let mut last = base;
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        check_interrupt()?;
+        std::thread::sleep(POLL);
+        host.vm_mut(id)?.handle_events();
+        let r = report(host, id)?;
+        if r.pages_written > n {
+            break;
+        }
+        let dp = r.pages_written - last.pages_written;
+        if dp > 0 {
+            let dc = r.write_first_cycles_sum.saturating_sub(last.write_first_cycles_sum);
+            samples.push((dc as f64 / dp as f64, dp));
+            last = r;
+        }
+        if r.pages_written == n || host.vm(id)?.state() != VmState::Running || Instant::now() > deadline {
+            break;
+        }
+    }
+    Ok((last, samples))
 }

@@ -8,7 +8,8 @@ use serde_json::json;
 
 use super::images::{self, ImageSet};
 use super::kernel::KernelRuns;
-use super::{fmt, interrupted, rank, rt, summary, Options};
+use super::{interrupted, rank, rt, summary, Options};
+use crate::bench::report::fmt;
 use crate::commands::CommandError;
 
 fn print_images(rows: &[images::ImageResult]) {

@@ -41,6 +41,7 @@ use std::time::Duration;
 use memory::Tunables;
 use serde_json::json;
 
+use crate::bench::report::{fmt, ratio};
 use crate::commands::CommandError;
 use kernel::KernelRuns;
 use policy::{Merging, Params, Policy, PolicyResult};
@@ -96,14 +97,6 @@ fn ksm_policies() -> [Policy; 2] {
             merging: Merging::Ksm { pages_to_scan: 100, sleep_ms: 20 },
         },
     ]
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    a.zip(b).filter(|&(a, b)| b > 0.0 && a.is_finite() && b.is_finite()).map(|(a, b)| a / b)
-}
-
-pub(crate) fn fmt(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
 fn print_table(results: &[PolicyResult], p: &Params) {

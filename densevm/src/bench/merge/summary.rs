@@ -1,31 +1,15 @@
 //! The ratios of `densevm bench merge`: densevm against the kernel's KSM per
 //! repetition, their min / median / max over the repetitions (the spread
-//! helper of `bench compact`), and the targets judged at the median.
+//! helper shared by the benchmarks, [`crate::bench::report`]), and the targets judged at the median.
 
 use serde_json::{json, Map, Value};
 
 use super::images::ImageResult;
 use super::policy::PolicyResult;
-use crate::bench::compact::report::{spread, Spread};
+use crate::bench::report::{fmt, ratio, say, spread, Spread};
 
 /// The pairs of contenders compared (densevm, kernel).
 pub const PAIRS: [(&str, &str); 2] = [("densevm-full", "ksm-full"), ("densevm-default", "ksm-default")];
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    a.zip(b).filter(|&(a, b)| b > 0.0 && a.is_finite() && b.is_finite()).map(|(a, b)| a / b)
-}
-
-fn fmt(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
-}
-
-fn say(met: Option<bool>) -> &'static str {
-    match met {
-        Some(true) => "met",
-        Some(false) => "NOT met",
-        None => "not measured",
-    }
-}
 
 /// One repetition's ratios of the synthetic clones, per pair (printed).
 pub fn synthetic_rep(results: &[PolicyResult]) -> Map<String, Value> {
