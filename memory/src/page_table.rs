@@ -16,6 +16,17 @@
 //! | `MAPPED PROTECTED ZERO MERGED_ZERO` | zeroed by the merger (KSM's zero pages)           |
 //! | `MAPPED PROTECTED SHARED ZERO`      | a zero page merged with others                    |
 //!
+//! A `ZERO` page comes in two forms, told apart by its frame: on the pool's
+//! **zero region** ([`crate::FramePool::zero_frame`]; the normal form of a
+//! discarded or merger-zeroed page: its own frame went back to the pool, a
+//! read allocates nothing, the frame is counted by no reference, and its write
+//! fault maps a fresh frame of its own, `core/fault.rs`), or on a frame of its
+//! own, punched (a fresh frame given by a device write, or the fallback when
+//! the VMA budget refuses the zero region's mappings: a read of it allocates a
+//! page, its write fault just unprotects). A page on the zero region is
+//! always `PROTECTED | ZERO`, never `SHARED`, and never made writable in place
+//! (`Txn::unprotect_page` refuses it).
+//!
 //! `DEVICE_WRITTEN`, `WRITE_FAULTED` and `MERGE_DIRTY` are records that may
 //! accompany any state. Invariants: `SHARED` or `ZERO` implies `PROTECTED`;
 //! a frame with more than one mapper has every mapper `PROTECTED | SHARED`;
@@ -40,10 +51,13 @@
 //!   every mapper of the kept frame. Cleared by `Txn::unprotect_page`,
 //!   copy-on-write (`Txn::cow_copy`), discard and `unshare_range`; the last
 //!   mapper of a formerly shared frame keeps it until its next write (reuse).
-//! - `ZERO`: set by discard (still a hole after the punch), `zero_run`, and
-//!   `merge_frames` when a merged page was zero. Cleared by
+//! - `ZERO`: set by discard and `zero_run` (with the move to the zero region,
+//!   `Txn::drop_to_zero_region`, or after an in-place punch if the page is
+//!   still a hole), and `merge_frames` when a merged page was zero. Cleared by
 //!   `Txn::unprotect_page`, copy-on-write, device writes (`write_bytes`),
-//!   discard (written between punch and re-protect) and `unshare_range`.
+//!   a write fault or unprotect leaving the zero region
+//!   (`Txn::leave_zero_region`), discard in place (written between punch and
+//!   re-protect) and `unshare_range`.
 //! - `MERGED_ZERO`: set by `zero_run`; cleared with `ZERO` and by discard.
 //! - `DEVICE_WRITTEN`: set by device writes (`write_bytes`); cleared by
 //!   [`crate::GuestMap::take_device_written`].

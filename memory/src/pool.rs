@@ -11,9 +11,19 @@
 //! frame: a punch walks every mapping of the memfd (the kernel's
 //! `unmap_mapping_range`), so its cost grows with the number of guest VMAs.
 //!
-//! The **alias** is a `MAP_SHARED` mapping of the whole memfd that is never
+//! The **alias** is a `MAP_SHARED` mapping of the whole pool that is never
 //! registered with userfaultfd: densevm reads, compares and copies frames only
 //! through it, so it never faults on write protection.
+//!
+//! The **zero region**: the memfd is one 2 MiB frame longer than the pool. Those
+//! [`HUGE_FRAME_PAGES`] frames after the pool's last one belong to no buddy
+//! block, no reference count and no alias: nothing ever writes them, and every
+//! guest page whose content was dropped (merger's zero pages, discards) maps one
+//! of them read-only and write-protected, page `p` the frame
+//! [`FramePool::zero_frame`]`(p)`, so that a run of such pages maps consecutive
+//! offsets (one mapping per run). A read of such a page allocates at most the
+//! region's own 2 MiB once for the whole host, where reading a punched frame of
+//! its own allocated a page per page read (see docs/MERGE_COST.md).
 
 use std::ffi::CString;
 use std::io;
@@ -126,8 +136,9 @@ impl FramePool {
         }
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on the fd we own.
-        if unsafe { libc::ftruncate(memfd.as_raw_fd(), capacity as libc::off_t) } != 0 {
+        let length = capacity + HUGE_FRAME_SIZE as u64; // the pool, then the zero region
+                                                        // SAFETY: ftruncate on the fd we own.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), length as libc::off_t) } != 0 {
             return Err(Error::Truncate(io::Error::last_os_error()));
         }
         let alias = sys::map_shared(memfd.as_raw_fd(), 0, capacity as usize).map_err(Error::Alias)?;
@@ -172,6 +183,27 @@ impl FramePool {
     /// Number of 2 MiB frames punched because they became empty, since creation.
     pub fn huge_frames_returned(&self) -> u64 {
         self.huge_frames_returned
+    }
+
+    /// The zero-region frame that guest page `page` maps once its content was
+    /// dropped (never written, outside the pool: see the module documentation).
+    pub fn zero_frame(&self, page: u32) -> FrameNo {
+        self.zero_base() + page % HUGE_FRAME_PAGES
+    }
+
+    /// Whether `frame` lies in the zero region.
+    pub fn is_zero_frame(&self, frame: FrameNo) -> bool {
+        frame >= self.zero_base() && frame - self.zero_base() < HUGE_FRAME_PAGES
+    }
+
+    /// Frees the host memory the zero region holds (reads allocated it; it
+    /// reads as zero after, as before).
+    pub fn punch_zero_region(&self) -> Result<()> {
+        self.punch(self.zero_base(), u64::from(HUGE_FRAME_PAGES))
+    }
+
+    fn zero_base(&self) -> FrameNo {
+        self.buddy.huge_frames() * HUGE_FRAME_PAGES
     }
 
     /// Byte offset of `frame` in the memfd.

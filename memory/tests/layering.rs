@@ -35,7 +35,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("remap protocol", &["remap.rs"]),
     ("core vocabulary", &["core/commit.rs", "core/error.rs", "core/counters.rs", "core/merge_settings.rs"]),
     ("core state", &["core/state.rs"]),
-    ("transaction", &["core/txn.rs", "core/unshare.rs"]),
+    ("transaction", &["core/txn.rs", "core/unshare.rs", "core/zero_region.rs"]),
     ("core", &["core/mod.rs"]),
     (
         "core operations",

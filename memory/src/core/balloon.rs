@@ -1,16 +1,20 @@
 //! Batched discard of a range of guest pages (`impl Core`): the balloon's
-//! inflate and free-page-reporting path.
+//! inflate and free-page-reporting path, and [`Core::discard`] (a batch of one).
 //!
-//! Same semantics as [`Core::discard`] per page, batched: each page keeps a
-//! (punched) frame, reads as zero and its next write is resolved by the fault
-//! handler (and seen). One transaction per batch of at most
-//! [`DISCARD_BATCH`] pages, so that a fault waiting for the lock is served
-//! between batches; within a batch the private pages are write-protected with
-//! one ioctl per run of consecutive pages, their frames punched once per run
-//! of consecutive frames, and a page of a shared frame drops its reference and
-//! gets a fresh (zero) frame of its own.
+//! Each page drops its content and reads as zero, write-protected; its next
+//! write is resolved by the fault handler (and seen). One transaction per
+//! batch of at most [`DISCARD_BATCH`] pages, so that a fault waiting for the
+//! lock is served between batches. Within a batch the pages are
+//! write-protected with one ioctl per run of consecutive pages and moved onto
+//! the pool's zero region with one mapping per run
+//! ([`Txn::drop_to_zero_region`]): their frames go back to the pool (punched
+//! once per run of consecutive frames; a shared frame just loses a
+//! reference), so the pool's used frames fall and a later read allocates
+//! nothing. If the VMA budget refuses the runs (or a run's `mmap` fails), the
+//! pages are discarded in place as before: a private page keeps its frame,
+//! punched, and a page of a shared frame gets a fresh (zero) frame of its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::counters::Counter;
 use super::error::{Error, Result};
@@ -70,10 +74,56 @@ impl Core {
 }
 
 /// Discards pages `first..first + n` of `vm` in transaction `t`.
-fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<DiscardReport> {
+pub(crate) fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<DiscardReport> {
     let mut report = DiscardReport { pages: u64::from(n), ..DiscardReport::default() };
-    let mut private = Vec::with_capacity(n as usize);
+    // Pages already on the zero region stay; the others are classified in page
+    // order as they leave (a shared frame's last leaver counts as private).
+    let mut pages = Vec::with_capacity(n as usize);
+    let mut unshares = Vec::with_capacity(n as usize);
+    let mut left: HashMap<FrameNo, u32> = HashMap::new();
     for page in first..first + n {
+        let m = Mapper { vm, page };
+        let e = t.entry(m)?;
+        if t.st.on_zero_region(m) {
+            t.set_flags(m, e.flags.without(PageFlags::MERGED_ZERO))?;
+            continue;
+        }
+        let refs = left.entry(e.frame).or_insert_with(|| t.st.frames().refs(e.frame));
+        unshares.push(*refs > 1);
+        *refs -= 1;
+        pages.push(page);
+    }
+    let mappers: Vec<Mapper> = pages.iter().map(|&page| Mapper { vm, page }).collect();
+    t.protect_group(&mappers)?;
+    let mut was_zero = Vec::with_capacity(pages.len());
+    for &m in &mappers {
+        was_zero.push(t.entry(m)?.flags.contains(PageFlags::ZERO));
+    }
+    let moved = t.drop_to_zero_region(vm, &pages, PageFlags::empty())?;
+    let mut rest = Vec::new();
+    for (i, &page) in pages.iter().enumerate() {
+        if !moved[i] {
+            rest.push(page);
+        } else if unshares[i] {
+            report.unshared += 1;
+        } else if !was_zero[i] {
+            report.backed += 1;
+        }
+    }
+    let in_place = discard_in_place(t, vm, &rest)?;
+    report.unshared += in_place.unshared;
+    report.backed += in_place.backed;
+    t.st.count_n(Counter::Discard, u64::from(n));
+    Ok(report)
+}
+
+/// Discards `pages` (sorted, of `vm`, none on the zero region) in place: a
+/// private page keeps its frame, punched; a page of a shared frame gets a
+/// fresh frame of its own (the fallback when the zero region cannot be used).
+fn discard_in_place(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<DiscardReport> {
+    let mut report = DiscardReport::default();
+    let mut private = Vec::with_capacity(pages.len());
+    for &page in pages {
         let m = Mapper { vm, page };
         let e = t.entry(m)?;
         if t.st.frames().refs(e.frame) > 1 {
@@ -119,7 +169,6 @@ fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<Discar
         }
         t.set_flags(m, flags)?;
     }
-    t.st.count_n(Counter::Discard, u64::from(n));
     Ok(report)
 }
 

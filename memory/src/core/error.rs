@@ -63,6 +63,9 @@ pub enum Error {
     /// The page maps a shared frame; use `unshare` first.
     #[error("VM {0} page {1} maps a shared frame")]
     Shared(VmId, u32),
+    /// The page maps the pool's zero region: it cannot be made writable in place.
+    #[error("VM {0} page {1} maps the zero region")]
+    ZeroRegion(VmId, u32),
     /// Sharing refused: the pages belong to different merge domains.
     #[error("VM {a} (domain {da}) and VM {b} (domain {db}) are in different merge domains")]
     CrossDomain {

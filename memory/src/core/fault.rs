@@ -7,7 +7,11 @@
 //! - frame mapped by more than one guest page: **copy** to a new frame, remap
 //!   the page to it (registered, not protected), drop one reference;
 //! - only mapping of a merged frame: **reuse** it in place (no copy);
-//! - only mapping of a discarded (zero) page, or an explicitly protected page:
+//! - page on the zero region (content dropped): map a **fresh frame** of its
+//!   own (it reads as zero: no copy), unprotected, and record the write (a
+//!   missing free frame is handled as for a copy);
+//! - a discarded page that kept its own frame (punched in place), or an
+//!   explicitly protected page:
 //!   remove protection, record the write.
 //!
 //! A resolution that fails is logged (`tracing::error!`) and counted
@@ -99,6 +103,17 @@ fn resolve_one(t: &mut Txn<'_>, addr: usize) -> Result<Resolved> {
     }
     if e.flags.contains(PageFlags::SHARED) {
         t.reuse(m)?;
+        return Ok(Resolved::Done);
+    }
+    if t.st.on_zero_region(m) {
+        if t.st.pool().buddy().free_frames() == 0 {
+            return Ok(Resolved::NoFrame(m.vm));
+        }
+        t.leave_zero_region(m, false)?;
+        t.st.count(Counter::ZeroPageFault);
+        let cleared = PageFlags::ZERO.with(PageFlags::MERGED_ZERO);
+        let flags = t.entry(m)?.flags.without(cleared).with(PageFlags::WRITE_FAULTED);
+        t.set_flags(m, flags)?;
         return Ok(Resolved::Done);
     }
     if e.flags.contains(PageFlags::ZERO) {

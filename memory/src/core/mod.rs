@@ -18,6 +18,8 @@
 //! - [`txn`]: [`Txn`], one lock-holding operation's page primitives (protect,
 //!   move a page, copy-on-write, reuse, domain check);
 //! - [`unshare`]: giving a range of pages private frames again (batched);
+//! - [`zero_region`]: pages whose content was dropped map the pool's zero
+//!   region (moving there in runs, leaving on a write);
 //! - this file: [`Core`], the lock and its fault-first discipline;
 //! - [`balloon`], [`fault`], [`guests`], [`page_ops`], [`registry`]: the
 //!   `impl Core` blocks (batched discard of page ranges; fault resolution;
@@ -36,6 +38,7 @@ pub(crate) mod registry;
 pub(crate) mod state;
 pub(crate) mod txn;
 pub(crate) mod unshare;
+pub(crate) mod zero_region;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;

@@ -18,9 +18,10 @@ pub enum MergeOutcome {
         /// The frame kept.
         frame: FrameNo,
     },
-    /// The pages already mapped the same frame.
+    /// The pages already mapped the same frame (or both the zero region).
     AlreadyShared,
-    /// The contents differ; nothing changed.
+    /// The contents differ, or one page maps the zero region (its content was
+    /// dropped: it merges with nothing else); nothing changed.
     Differs,
 }
 
@@ -53,8 +54,13 @@ impl Core {
     }
 
     /// Breaks sharing of page `m` as a write would; returns whether it changed.
+    /// A page on the zero region is left there (its content was dropped: it
+    /// shares nothing a write would have to copy).
     pub(crate) fn unshare(&self, m: Mapper) -> Result<bool> {
         self.with_txn(|t| {
+            if t.st.on_zero_region(m) {
+                return Ok(false);
+            }
             let changed = t.break_sharing(m)?;
             if changed {
                 t.st.count(Counter::Unshare);
@@ -65,40 +71,21 @@ impl Core {
 
     /// Moves `old`'s content to a new frame (`target`, or any free one) and
     /// remaps every page mapping it; returns the new frame.
+    /// A frame of the zero region stays where it is (returned as is) unless a
+    /// target is named (refused: it is no pool frame).
     pub(crate) fn migrate(&self, old: FrameNo, target: Option<FrameNo>) -> Result<FrameNo> {
-        self.with_txn(|t| migrate_frame(t, old, target))
+        self.with_txn(|t| {
+            if t.st.pool().is_zero_frame(old) {
+                return target.map_or(Ok(old), |_| Err(Error::FrameNotLive(old)));
+            }
+            migrate_frame(t, old, target)
+        })
     }
 
-    /// Drops page `m`'s content and host memory; it reads as zero, protected.
+    /// Drops page `m`'s content and host memory; it reads as zero, protected
+    /// (a batch of one page of [`Core::discard_range`]).
     pub(crate) fn discard(&self, m: Mapper) -> Result<()> {
-        self.with_txn(|t| {
-            let e = t.entry(m)?;
-            let zero = PageFlags::PROTECTED.with(PageFlags::ZERO);
-            if t.st.frames().refs(e.frame) > 1 {
-                // Leave the shared frame for a fresh (zero) one, protected.
-                let new = t.st.alloc(0)?;
-                t.set_flags(m, e.flags.without(PageFlags::SHARED))?;
-                if let Err(err) = t.move_page(m, new, true) {
-                    t.set_flags(m, e.flags)?;
-                    t.st.free_unmapped(new)?;
-                    return Err(err);
-                }
-            } else {
-                t.protect_page(m)?;
-                t.st.pool().punch(e.frame, 1)?;
-                // Protection must still hold after the punch zapped the page tables.
-                t.remap.protect(t.addr(m)?, PAGE_SIZE)?;
-            }
-            let mut flags = t.entry(m)?.flags.without(PageFlags::SHARED).without(PageFlags::MERGED_ZERO).with(zero);
-            // Known zero only if nothing was written between punch and re-protect.
-            let frame = t.entry(m)?.frame;
-            if !t.st.pool().is_hole(frame, 1).unwrap_or(false) {
-                flags = flags.without(PageFlags::ZERO);
-            }
-            t.set_flags(m, flags)?;
-            t.st.count(Counter::Discard);
-            Ok(())
-        })
+        self.with_txn(|t| super::balloon::discard_batch(t, m.vm, m.page, 1).map(|_| ()))
     }
 
     /// Write-protects page `m` (its next write is resolved and recorded).
@@ -112,6 +99,10 @@ impl Core {
             let e = t.entry(m)?;
             if e.flags.contains(PageFlags::SHARED) || t.st.frames().refs(e.frame) > 1 {
                 return Err(Error::Shared(m.vm, m.page));
+            }
+            if t.st.on_zero_region(m) {
+                // Writable means a frame of its own (reading as zero).
+                return t.leave_zero_region(m, false);
             }
             if e.flags.contains(PageFlags::PROTECTED) {
                 t.unprotect_page(m)?;
@@ -140,6 +131,10 @@ impl Core {
     pub(crate) fn read_bytes(&self, vm: VmId, gpa: u64, buf: &mut [u8]) -> Result<()> {
         self.with_txn(|t| {
             for (page, offset, range) in page_spans(t, vm, gpa, buf.len())? {
+                if t.st.on_zero_region(Mapper { vm, page }) {
+                    buf[range].fill(0); // the zero region is not in the alias
+                    continue;
+                }
                 let frame = t.entry(Mapper { vm, page })?.frame;
                 t.st.pool().read(frame, offset, &mut buf[range])?;
             }
@@ -178,6 +173,12 @@ fn page_spans(t: &Txn<'_>, vm: VmId, gpa: u64, len: usize) -> Result<Vec<(u32, u
 fn merge_frames(t: &mut Txn<'_>, fa: FrameNo, fb: FrameNo, keep_first: bool) -> Result<MergeOutcome> {
     if fa == fb {
         return Ok(MergeOutcome::AlreadyShared);
+    }
+    // A page on the zero region shares the zero region already, and only that.
+    match (t.st.pool().is_zero_frame(fa), t.st.pool().is_zero_frame(fb)) {
+        (true, true) => return Ok(MergeOutcome::AlreadyShared),
+        (true, false) | (false, true) => return Ok(MergeOutcome::Differs),
+        (false, false) => {}
     }
     let (ma, mb) = (t.st.frames().mappers(fa), t.st.frames().mappers(fb));
     if ma.is_empty() {

@@ -6,7 +6,8 @@
 //! named after what they do, which keep the invariants together:
 //!
 //! - a frame's reference count equals the number of page-table entries naming
-//!   it ([`State::repoint`] moves one entry and both counts at once;
+//!   it (frames of the pool's zero region, [`crate::FramePool::zero_frame`],
+//!   are counted by nobody: they are never allocated nor freed) ([`State::repoint`] moves one entry and both counts at once;
 //!   [`State::add_guest`] / [`State::remove_guest`] and
 //!   [`State::release_guest_frames`] do whole VMs);
 //! - a frame goes back to the pool only with no reference left
@@ -82,6 +83,12 @@ impl State {
     /// Every VM's page table (in no particular order).
     pub(crate) fn tables(&self) -> impl Iterator<Item = (VmId, &PageTable)> {
         self.vms.iter().map(|(&vm, t)| (vm, t))
+    }
+
+    /// Whether page `m` maps a frame of the pool's zero region (its content was
+    /// dropped: it is `PROTECTED | ZERO` and must never be made writable).
+    pub(crate) fn on_zero_region(&self, m: Mapper) -> bool {
+        self.entry(m).is_ok_and(|e| self.pool.is_zero_frame(e.frame))
     }
 
     /// Whether VM `vm` exists.
@@ -234,15 +241,20 @@ impl State {
     }
 
     /// Points page `m` at frame `new` with `flags` (the caller has remapped
-    /// it): takes the page's reference on `new` before dropping the one on its
+    /// it; a zero-region frame takes and drops no reference): takes the page's reference on `new` before dropping the one on its
     /// old frame. Returns the old frame if it has no mapper left (for the
     /// caller to free with [`State::free_unmapped`] once no mapping of it remains).
     pub(crate) fn repoint(&mut self, m: Mapper, new: FrameNo, flags: PageFlags) -> Result<Option<FrameNo>> {
         let old = self.entry(m)?.frame;
-        self.frames.add(new, m);
+        if !self.pool.is_zero_frame(new) {
+            self.frames.add(new, m);
+        }
         if let Some(table) = self.vms.get_mut(&m.vm) {
             table.set_frame(m.page, new);
             table.set_flags(m.page, flags);
+        }
+        if self.pool.is_zero_frame(old) {
+            return Ok(None);
         }
         Ok((self.frames.remove(old, m)? == 0).then_some(old))
     }
@@ -269,11 +281,18 @@ impl State {
     }
 
     /// Drops the references of a removed VM's pages and frees the frames left
-    /// without a mapper.
+    /// without a mapper; the last VM gone, gives back the zero region's memory
+    /// (reads of dropped pages allocated it).
     pub(crate) fn release_guest_frames(&mut self, table: &PageTable) -> Result<()> {
+        if self.vms.is_empty() {
+            self.pool.punch_zero_region()?;
+        }
         let vm = table.vm();
         let mut to_free = Vec::new();
         for (page, entry) in table.entries().iter().enumerate() {
+            if self.pool.is_zero_frame(entry.frame) {
+                continue;
+            }
             if self.frames.remove(entry.frame, Mapper { vm, page: page as u32 })? == 0 {
                 to_free.push(entry.frame);
             }

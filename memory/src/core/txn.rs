@@ -113,7 +113,9 @@ impl Txn<'_> {
     }
 
     /// Removes protection (without waking) and clears PROTECTED, SHARED and ZERO.
+    /// Refused for a page on the zero region (see [`Txn::leave_zero_region`]).
     pub(crate) fn unprotect_page(&mut self, m: Mapper) -> Result<()> {
+        self.refuse_zero_region(m)?;
         let e = self.entry(m)?;
         self.remap.unprotect(self.addr(m)?, PAGE_SIZE)?;
         let cleared = PageFlags::PROTECTED.with(PageFlags::SHARED).with(PageFlags::ZERO);
@@ -177,11 +179,15 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Breaks sharing of page `m` the way a write would (copy or reuse).
+    /// Breaks sharing of page `m` the way a write would (copy or reuse; a page
+    /// on the zero region gets a fresh frame, still protected and `ZERO`).
     /// Returns whether anything changed.
     pub(crate) fn break_sharing(&mut self, m: Mapper) -> Result<bool> {
         let e = self.entry(m)?;
-        if self.st.frames().refs(e.frame) > 1 {
+        if self.st.on_zero_region(m) {
+            self.leave_zero_region(m, true)?;
+            Ok(true)
+        } else if self.st.frames().refs(e.frame) > 1 {
             self.cow_copy(m)?;
             Ok(true)
         } else if e.flags.contains(PageFlags::SHARED) {

@@ -33,18 +33,25 @@ impl Txn<'_> {
     /// Gives every page of `first..first+n` of `vm` that maps a shared frame a
     /// private copy (copies in contiguous blocks, one `mmap` per block) and
     /// takes single-mapper merged frames over in place; with `include_zero`,
-    /// merger-zeroed pages become ordinary private pages too. Returns the number
-    /// of pages changed.
+    /// merger-zeroed pages become ordinary private pages too (those on the zero
+    /// region get fresh frames, as the copies do). Returns the number of pages
+    /// changed.
     pub(crate) fn unshare_range(&mut self, vm: VmId, first: u32, n: u32, include_zero: bool) -> Result<u64> {
         let mut changed = 0u64;
         let mut need_copy = vec![false; n as usize];
         for i in 0..n {
             let m = Mapper { vm, page: first + i };
             let e = self.entry(m)?;
-            if self.st.frames().refs(e.frame) > 1 {
-                need_copy[i as usize] = true;
-            } else if e.flags.contains(PageFlags::SHARED) || (include_zero && e.flags.contains(PageFlags::MERGED_ZERO))
+            let zero_region = self.st.on_zero_region(m);
+            if self.st.frames().refs(e.frame) > 1
+                || (zero_region && include_zero && e.flags.contains(PageFlags::MERGED_ZERO))
             {
+                // A merged zero page on the zero region gets a fresh block frame (no copy: `ZERO`).
+                need_copy[i as usize] = true;
+            } else if !zero_region
+                && (e.flags.contains(PageFlags::SHARED) || (include_zero && e.flags.contains(PageFlags::MERGED_ZERO)))
+            {
+                // (A discarded page on the zero region stays there.)
                 self.unprotect_page(m)?;
                 changed += 1;
             }

@@ -6,8 +6,10 @@
 //!   one `mmap` per contiguous matching stretch (clones of one image end as few
 //!   VMAs, not one per page);
 //! - [`zero_run`]: drop the host memory of zero pages (verified zero under
-//!   write protection), leaving them protected, with one punch per run of
-//!   consecutive frames and one protection ioctl per run of consecutive pages.
+//!   write protection): they move onto the pool's zero region, protected, with
+//!   one mapping per run of consecutive pages, and their frames are freed with
+//!   one punch per run of consecutive frames (punched in place instead if the
+//!   VMA budget refuses the runs).
 //!
 //! (Giving pages private frames again is the core's `Txn::unshare_range`.)
 
@@ -135,8 +137,9 @@ pub(crate) fn share_run(
 }
 
 /// Drops the host memory of every page of `pages` (sorted, of `vm`) that is
-/// private and all zero (checked under write protection); they stay
-/// protected, flagged `ZERO | MERGED_ZERO`. Returns which pages were zeroed.
+/// private and all zero (checked under write protection): they map the zero
+/// region ([`Txn::drop_to_zero_region`]), protected, flagged
+/// `ZERO | MERGED_ZERO`. Returns which pages were zeroed.
 pub(crate) fn zero_run(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<Vec<bool>> {
     let mut ok = vec![false; pages.len()];
     let mut cands = Vec::with_capacity(pages.len());
@@ -156,14 +159,12 @@ pub(crate) fn zero_run(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<Vec<b
     let newly = t.protect_group(&cands)?;
     // Zero pages in page order (`pages` is sorted), and their frames.
     let mut mappers = Vec::with_capacity(cands.len());
-    let mut frames = Vec::with_capacity(cands.len());
     for (i, &p) in pages.iter().enumerate() {
         if ok[i] {
             let frame = t.entry(Mapper { vm, page: p })?.frame;
             ok[i] = t.st.pool().frame_is_zero(frame)?;
             if ok[i] {
                 mappers.push(Mapper { vm, page: p });
-                frames.push(frame);
             }
         }
     }
@@ -173,6 +174,23 @@ pub(crate) fn zero_run(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<Vec<b
             t.unprotect_page(m)?;
         }
     }
+    // Onto the zero region, one mapping per run of pages; their frames go back
+    // to the pool with one punch per run of consecutive frames.
+    let pages: Vec<u32> = mappers.iter().map(|m| m.page).collect();
+    let moved = t.drop_to_zero_region(vm, &pages, PageFlags::MERGED_ZERO)?;
+    if moved.iter().all(|&b| b) {
+        return Ok(ok);
+    }
+    // Refused (VMA budget) or failed: the rest keep their frames, punched in place.
+    let mut rest = Vec::new();
+    let mut frames = Vec::new();
+    for (i, &m) in mappers.iter().enumerate() {
+        if !moved[i] {
+            rest.push(m);
+            frames.push(t.entry(m)?.frame);
+        }
+    }
+    let mappers = rest;
     // One punch per run of consecutive frames (a VM's pages usually map
     // consecutive frames, so a run of zero pages is one punch).
     t.st.pool().punch_frames(&mut frames)?;

@@ -1,12 +1,13 @@
 //! Zero pages: detection and the hash of an all-zero page.
 //!
-//! With `merge_zero_pages` the merger does not share a zero frame (every
-//! scattered remapped page would cost a VMA): it drops the page's host memory
-//! (punches its frame, one punch per run of consecutive frames) and keeps it
-//! write-protected, so it reads as zero and its first write is seen. A read
-//! does fault host memory back in (shmem maps no shared zero page: see
+//! With `merge_zero_pages` the merger does not share a zero frame through the
+//! frame table: it maps the page onto the pool's never-written zero region
+//! (one mapping per run of pages) and frees its frame (one punch per run of
+//! consecutive frames), keeping it write-protected, so it reads as zero, a
+//! read allocates no host memory, and its first write is seen (see
 //! docs/MERGE_COST.md). Such pages are counted as `zero_pages` (KSM's
-//! `ksm_zero_pages`) and, sharing nothing, are allowed in every domain.
+//! `ksm_zero_pages`) and, sharing nothing but the zero region, are allowed in
+//! every domain.
 
 use std::sync::OnceLock;
 
