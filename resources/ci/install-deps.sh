@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the host packages densevm's build and tests need (Debian), idempotently:
 # gcc/binutils build the embedded workload guest; cpio packs the Linux test guest's
-# initramfs (resources/linux/build-guest.sh); rustfmt/clippy for the style checks.
+# initramfs (resources/linux/build-guest.sh); acpica-tools gives iasl, which the ACPI
+# table test uses to disassemble the tables; rustfmt/clippy for the style checks.
 set -euo pipefail
 need=()
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
 command -v cpio >/dev/null || need+=(cpio)
+command -v iasl >/dev/null || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "install-deps: need ${need[*]} but not root; install them and retry" >&2

@@ -1,5 +1,6 @@
-//! x86-64 vCPU setup shared by the boot sources.
+//! x86-64 vCPU setup and ACPI tables shared by the boot sources.
 
+pub mod acpi;
 pub mod cpl3;
 pub mod cpuid;
 pub mod exit_report;

@@ -172,7 +172,7 @@ impl Vm {
             }
             BootSource::Linux(cfg) => {
                 let cfg = &balloon_slot(cfg, spec.balloon.is_some());
-                let setup = linux::load_linux(ram.memory(), ram.size(), cfg)?;
+                let setup = linux::load_linux(ram.memory(), ram.size(), spec.vcpus, cfg)?;
                 linux::configure_boot_vcpu(&pending[0], &setup)?;
                 None
             }

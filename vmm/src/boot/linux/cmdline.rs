@@ -5,16 +5,8 @@
 pub const DEFAULT_CMDLINE_MAX: usize = 2047;
 
 /// One virtio-mmio device, announced to the guest on the command line as
-/// `virtio_mmio.device=<size>@<addr>:<irq>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VirtioMmioSlot {
-    /// Guest-physical base address of the device's register window.
-    pub addr: u64,
-    /// Size of the register window in bytes (usually 4 KiB).
-    pub size: u64,
-    /// The GSI (legacy IRQ line) the device interrupts on.
-    pub irq: u32,
-}
+/// `virtio_mmio.device=<size>@<addr>:<irq>` (and in the DSDT, which owns the type).
+pub use crate::arch::acpi::VirtioMmioSlot;
 
 /// Errors building the command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -8,8 +8,12 @@
 //! The E820 map reports: RAM below the EBDA (`[0, 0x9fc00)`), the RAM from 1 MiB up to
 //! the end of low RAM, and the RAM above 4 GiB if any. The legacy hole
 //! `[0x9fc00, 1 MiB)` (EBDA, VGA, option ROMs, BIOS) is not RAM for the guest.
+//! The map a Linux guest gets ([`build_boot_e820`]) also reports its BIOS area
+//! `[0xe0000, 1 MiB)`, where the ACPI tables are (`crate::arch::acpi`), as reserved.
 
 use vm_memory::GuestAddress;
+
+use crate::arch::acpi::{ACPI_AREA_END, ACPI_AREA_START};
 
 /// E820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -85,6 +89,17 @@ pub fn build_e820(ram_size: u64) -> Result<Vec<E820Entry>, Error> {
     Ok(map)
 }
 
+/// [`build_e820`] with the ACPI tables' area `[ACPI_AREA_START, ACPI_AREA_END)`
+/// (in the legacy hole, never RAM) as [`E820_RESERVED`], in address order: the
+/// map a Linux guest is given.
+pub fn build_boot_e820(ram_size: u64) -> Result<Vec<E820Entry>, Error> {
+    let mut map = build_e820(ram_size)?;
+    let acpi = E820Entry { addr: ACPI_AREA_START, size: ACPI_AREA_END - ACPI_AREA_START, kind: E820_RESERVED };
+    let at = map.iter().position(|e| e.addr > acpi.addr).unwrap_or(map.len());
+    map.insert(at, acpi);
+    Ok(map)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +148,20 @@ mod tests {
     fn one_page_across_gap() {
         let map = build_e820(3 * GIB + 4096).unwrap();
         assert_eq!(map.last(), Some(&ram(4 * GIB, 4096)));
+    }
+
+    #[test]
+    fn boot_map_reserves_the_acpi_area() {
+        let reserved = E820Entry { addr: 0xe_0000, size: 0x2_0000, kind: E820_RESERVED };
+        let map = build_boot_e820(256 * MIB).unwrap();
+        assert_eq!(map, vec![ram(0, 0x9fc00), reserved, ram(MIB, 256 * MIB - MIB)]);
+        let map = build_boot_e820(4 * GIB).unwrap();
+        assert_eq!(map, vec![ram(0, 0x9fc00), reserved, ram(MIB, 3 * GIB - MIB), ram(4 * GIB, GIB)]);
+        // Sorted, and the reserved area overlaps no RAM.
+        for w in map.windows(2) {
+            assert!(w[0].addr + w[0].size <= w[1].addr, "{w:x?}");
+        }
+        assert_eq!(build_boot_e820(MIB), Err(Error::RamTooSmall(MIB)));
     }
 
     #[test]

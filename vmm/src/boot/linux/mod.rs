@@ -12,11 +12,18 @@
 //! | 0x8ff0 | initial stack pointer |
 //! | 0x9000..0xf000 | PML4, PDPT, 4 page directories (identity map of 4 GiB) |
 //! | 0x20000 | command line ([`CMDLINE_ADDR`]) |
+//! | 0xe0000..1 MiB | ACPI tables, RSDP first (`crate::arch::acpi`; reserved in the E820 map) |
 //! | 1 MiB | bzImage (protected-mode part); an ELF vmlinux goes to its `p_paddr`s |
 //! | top of low RAM | initrd, page-aligned, below the kernel's `initrd_addr_max` |
 //!
-//! No MP table and no ACPI tables are written: Linux then boots one CPU, with the
-//! 8259 PIC in virtual-wire mode (LINT0 = ExtINT, set by [`configure_boot_vcpu`]).
+//! ACPI tables (RSDP, XSDT, FADT, MADT, DSDT: `crate::arch::acpi`) describe the
+//! vCPUs, KVM's IOAPIC and local APICs, COM1, the i8042 and the virtio-mmio devices
+//! of [`LinuxBootConfig::virtio_mmio`] (which the command line announces too); the
+//! zero page's `acpi_rsdp_addr` points to the RSDP, which also sits where the
+//! kernel's BIOS-area scan finds it. A kernel with ACPI then runs HW-reduced ACPI
+//! with its interrupts through the IOAPIC. A kernel without ACPI (and no MP table is
+//! written) boots one CPU with the 8259 PIC in virtual-wire mode (LINT0 = ExtINT,
+//! set by [`configure_boot_vcpu`]).
 
 pub mod cmdline;
 pub mod e820;
@@ -30,6 +37,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::boot_file;
+use crate::arch::acpi::{self, AcpiTables};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::bootparam::{boot_params, setup_header, XLF_KERNEL_64};
@@ -72,7 +80,7 @@ pub struct LinuxBootConfig {
     pub initrd: Option<PathBuf>,
     /// The user's command line; see [`cmdline::build_cmdline`] for what is added.
     pub cmdline: String,
-    /// virtio-mmio devices to announce on the command line.
+    /// virtio-mmio devices to announce on the command line and in the DSDT.
     pub virtio_mmio: Vec<VirtioMmioSlot>,
     /// The kernel's System.map: checked at load, read again to name the kernel
     /// function at RIP in the report of an exit densevm cannot handle.
@@ -108,6 +116,8 @@ pub struct LinuxBootSetup {
     pub cmdline: String,
     /// The E820 map written to the zero page.
     pub e820: Vec<E820Entry>,
+    /// The ACPI tables written to guest memory.
+    pub acpi: AcpiTables,
     /// General registers of the boot vCPU.
     pub regs: kvm_regs,
 }
@@ -179,6 +189,9 @@ pub enum Error {
     /// The System.map is not usable.
     #[error(transparent)]
     SystemMap(#[from] system_map::Error),
+    /// The ACPI tables cannot be built or written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -215,14 +228,18 @@ pub fn place_initrd(size: u64, kernel_end: u64, initrd_addr_max: u64, ram_size: 
     Ok(GuestAddress(addr))
 }
 
-/// Loads the kernel, initrd, command line, zero page, GDT and page tables into `mem`,
-/// which holds `ram_size` bytes of RAM laid out as [`e820::ram_regions`].
+/// Loads the kernel, initrd, command line, zero page, ACPI tables (for `vcpus`
+/// vCPUs), GDT and page tables into `mem`, which holds `ram_size` bytes of RAM laid
+/// out as [`e820::ram_regions`].
 pub fn load_linux<M: GuestMemoryBackend>(
     mem: &M,
     ram_size: u64,
+    vcpus: u32,
     cfg: &LinuxBootConfig,
 ) -> Result<LinuxBootSetup, Error> {
-    let e820_map = e820::build_e820(ram_size)?;
+    let e820_map = e820::build_boot_e820(ram_size)?;
+    // Built (so checked) before any file is opened.
+    let acpi_tables = AcpiTables::build(vcpus, &cfg.virtio_mmio)?;
     if let Some(path) = &cfg.system_map {
         system_map::SystemMap::load(path)?;
     }
@@ -305,6 +322,8 @@ pub fn load_linux<M: GuestMemoryBackend>(
         slot.r#type = e.kind;
     }
     params.e820_entries = e820_map.len() as u8;
+    acpi_tables.write_to(mem)?;
+    params.acpi_rsdp_addr = acpi_tables.rsdp_addr();
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR)).map_err(mem_err("zero page"))?;
     regs::write_boot_tables(mem)?;
 
@@ -318,6 +337,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
         initrd,
         cmdline,
         e820: e820_map,
+        acpi: acpi_tables,
         regs: regs::boot_regs(entry, boot_params),
     })
 }

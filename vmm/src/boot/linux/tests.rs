@@ -136,7 +136,7 @@ fn boot_params_layout_from_synthetic_bzimage() {
     let initrd_bytes: Vec<u8> = (0..MIB + 123).map(|i| (i % 13) as u8).collect();
     let initrd = TempFile::new(&initrd_bytes);
     let mem = guest_mem(ram);
-    let setup = load_linux(&mem, ram, &config(&kernel, Some(&initrd), "quiet")).unwrap();
+    let setup = load_linux(&mem, ram, 1, &config(&kernel, Some(&initrd), "quiet")).unwrap();
 
     assert_eq!(setup.format, KernelFormat::BzImage);
     assert_eq!(setup.kernel_load, GuestAddress(0x10_0000));
@@ -172,10 +172,20 @@ fn boot_params_layout_from_synthetic_bzimage() {
     mem.read_slice(&mut back, addr).unwrap();
     assert!(back == initrd_bytes);
 
-    // E820 in the zero page.
-    assert_eq!(p.e820_entries, 2);
-    let e: Vec<(u64, u64, u32)> = p.e820_table[..2].iter().map(|e| ({ e.addr }, { e.size }, { e.r#type })).collect();
-    assert_eq!(e, vec![(0, 0x9fc00, 1), (MIB, ram - MIB, 1)]);
+    // E820 in the zero page: the RAM, and the ACPI tables' BIOS area reserved.
+    assert_eq!(p.e820_entries, 3);
+    let e: Vec<(u64, u64, u32)> = p.e820_table[..3].iter().map(|e| ({ e.addr }, { e.size }, { e.r#type })).collect();
+    assert_eq!(e, vec![(0, 0x9fc00, 1), (0xe_0000, 0x2_0000, 2), (MIB, ram - MIB, 1)]);
+    // ACPI: the zero page points to the RSDP, written where the tables say.
+    assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
+    for t in setup.acpi.tables() {
+        let mut back = vec![0u8; t.bytes.len()];
+        mem.read_slice(&mut back, GuestAddress(t.addr)).unwrap();
+        assert_eq!(back, t.bytes, "{} at {:#x}", t.name, t.addr);
+    }
+    let mut sig = [0u8; 8];
+    mem.read_slice(&mut sig, GuestAddress(0xe_0000)).unwrap();
+    assert_eq!(&sig, b"RSD PTR ");
 
     // Registers of the 64-bit boot protocol.
     assert_eq!(setup.regs.rip, 0x10_0200);
@@ -190,7 +200,7 @@ fn loads_synthetic_elf() {
     let ram = 64 * MIB;
     let mem = guest_mem(ram);
     let initrd = TempFile::new(&[7u8; 5000]);
-    let setup = load_linux(&mem, ram, &config(&kernel, Some(&initrd), "")).unwrap();
+    let setup = load_linux(&mem, ram, 1, &config(&kernel, Some(&initrd), "")).unwrap();
     assert_eq!(setup.format, KernelFormat::Elf);
     assert_eq!(setup.entry, GuestAddress(0x100_0000));
     assert_eq!(setup.kernel_end, 0x100_0000 + 4 + 0x2000);
@@ -227,7 +237,7 @@ fn initrd_too_big_for_ram_is_a_clear_error() {
     let kernel = TempFile::new(&synthetic_bzimage(&BZ_DEFAULT));
     let initrd = TempFile::new(&[]);
     std::fs::File::options().write(true).open(&initrd.0).unwrap().set_len(20 * MIB).unwrap();
-    let err = load_linux(&guest_mem(ram), ram, &config(&kernel, Some(&initrd), "")).unwrap_err();
+    let err = load_linux(&guest_mem(ram), ram, 1, &config(&kernel, Some(&initrd), "")).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::InitrdTooBig { size, .. } if size == 20 * MIB), "{msg}");
     assert!(msg.contains("does not fit in guest RAM"), "{msg}");
@@ -240,7 +250,7 @@ fn initrd_respects_initrd_addr_max() {
     let kernel = TempFile::new(&synthetic_bzimage(&params));
     let initrd = TempFile::new(&[1u8; 10000]);
     let mem = guest_mem(ram);
-    let setup = load_linux(&mem, ram, &config(&kernel, Some(&initrd), "")).unwrap();
+    let setup = load_linux(&mem, ram, 1, &config(&kernel, Some(&initrd), "")).unwrap();
     let (addr, size) = setup.initrd.unwrap();
     assert!(addr.0 + size <= 0x200_0000);
     assert_eq!(addr.0, (0x200_0000 - 10000) & !0xfff);
@@ -253,25 +263,25 @@ fn kernel_errors() {
     // Too long for the kernel's cmdline_size.
     let small = BzParams { cmdline_size: 64, ..BZ_DEFAULT };
     let kernel = TempFile::new(&synthetic_bzimage(&small));
-    let err = load_linux(&mem, ram, &config(&kernel, None, "x")).unwrap_err();
+    let err = load_linux(&mem, ram, 1, &config(&kernel, None, "x")).unwrap_err();
     assert!(matches!(err, Error::Cmdline(cmdline::Error::TooLong { max: 64, .. })), "{err}");
     // No 64-bit entry.
     let old = BzParams { xloadflags: 0, ..BZ_DEFAULT };
     let kernel = TempFile::new(&synthetic_bzimage(&old));
-    let err = load_linux(&mem, ram, &config(&kernel, None, "")).unwrap_err();
+    let err = load_linux(&mem, ram, 1, &config(&kernel, None, "")).unwrap_err();
     assert!(matches!(err, Error::NotLongModeKernel { .. }), "{err}");
     // Not a kernel.
     let kernel = TempFile::new(&[0u8; 4096]);
-    let err = load_linux(&mem, ram, &config(&kernel, None, "")).unwrap_err();
+    let err = load_linux(&mem, ram, 1, &config(&kernel, None, "")).unwrap_err();
     assert!(matches!(err, Error::UnknownKernelFormat(_)), "{err}");
     // Missing files.
     let cfg = LinuxBootConfig { kernel: "/nonexistent/vmlinux".into(), ..Default::default() };
-    let err = load_linux(&mem, ram, &cfg).unwrap_err();
+    let err = load_linux(&mem, ram, 1, &cfg).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     // Kernel larger than RAM.
     let kernel = TempFile::new(&synthetic_bzimage(&BZ_DEFAULT));
     let tiny = guest_mem(MIB + 0x2000);
-    let err = load_linux(&tiny, MIB + 0x2000, &config(&kernel, None, "")).unwrap_err();
+    let err = load_linux(&tiny, MIB + 0x2000, 1, &config(&kernel, None, "")).unwrap_err();
     assert!(matches!(err, Error::LoadKernel { .. }), "{err}");
 }
 
@@ -327,7 +337,7 @@ fn configure_boot_vcpu_on_kvm() {
     vcpu.set_cpuid2(&boot_cpuid(&kvm, 0).unwrap()).unwrap();
     let kernel = TempFile::new(&synthetic_bzimage(&BZ_DEFAULT));
     let mem = guest_mem(64 * MIB);
-    let setup = load_linux(&mem, 64 * MIB, &config(&kernel, None, "")).unwrap();
+    let setup = load_linux(&mem, 64 * MIB, 1, &config(&kernel, None, "")).unwrap();
     configure_boot_vcpu(&vcpu, &setup).unwrap();
     let r = vcpu.get_regs().unwrap();
     assert_eq!((r.rip, r.rsi, r.rflags), (0x10_0200, ZERO_PAGE_ADDR, 2));
@@ -366,7 +376,7 @@ fn loads_real_bzimage_when_built() {
         virtio_mmio: vec![],
         system_map: None,
     };
-    let setup = load_linux(&mem, ram, &cfg).unwrap();
+    let setup = load_linux(&mem, ram, 1, &cfg).unwrap();
     assert_eq!(setup.format, KernelFormat::BzImage);
     assert_eq!(setup.entry, GuestAddress(0x10_0200));
     let p = read_params(&mem);
@@ -387,10 +397,32 @@ fn low_memory_layout_does_not_overlap() {
         (PDPT_ADDR, PDPT_ADDR + 4096),
         (PD_ADDR, PD_ADDR + 4096 * regs::IDENTITY_MAPPED_GIB),
         (CMDLINE_ADDR, e820::EBDA_START),
+        (crate::arch::acpi::ACPI_AREA_START, crate::arch::acpi::ACPI_AREA_END),
     ];
     for (i, a) in areas.iter().enumerate() {
         for b in &areas[i + 1..] {
             assert!(a.1 <= b.0 || b.1 <= a.0, "{a:x?} overlaps {b:x?}");
         }
     }
+}
+
+#[test]
+fn acpi_tables_list_the_virtio_devices_and_refuse_bad_ones() {
+    let ram = 64 * MIB;
+    let kernel = TempFile::new(&synthetic_bzimage(&BZ_DEFAULT));
+    let mem = guest_mem(ram);
+    let setup = load_linux(&mem, ram, 1, &config(&kernel, None, "")).unwrap();
+    let dsdt = &setup.acpi.table("DSDT").unwrap().bytes;
+    assert_eq!(dsdt.windows(9).filter(|w| w == b"LNRO0005\0").count(), 1);
+    // The command line still announces the device, for kernels without ACPI.
+    assert!(setup.cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"), "{}", setup.cmdline);
+
+    // A device the DSDT cannot describe, or no vCPU: a clear error, nothing loaded.
+    let mut cfg = config(&kernel, None, "");
+    cfg.virtio_mmio[0].addr = 0x1_0000_0000;
+    let err = load_linux(&guest_mem(ram), ram, 1, &cfg).unwrap_err();
+    assert!(matches!(err, Error::Acpi(crate::arch::acpi::Error::BadVirtioDevice { .. })), "{err}");
+    assert!(err.to_string().contains("0x100000000"), "{err}");
+    let err = load_linux(&guest_mem(ram), ram, 0, &config(&kernel, None, "")).unwrap_err();
+    assert!(matches!(err, Error::Acpi(crate::arch::acpi::Error::BadVcpuCount(0))), "{err}");
 }
