@@ -111,7 +111,7 @@ impl Vm {
         }
         let is_linux = matches!(spec.boot, BootSource::Linux(_));
         if is_linux && spec.vcpus != 1 {
-            return Err(Error::Config("a Linux guest runs on exactly one vCPU (no MP table or ACPI yet)".into()));
+            return Err(Error::Config("a Linux guest runs on exactly one vCPU (the MADT lists every vCPU, but starting secondary vCPUs (INIT/SIPI) is not built yet)".into()));
         }
         if is_linux && spec.mem_mib > LINUX_MAX_MEM_MIB {
             return Err(Error::Config(format!("a Linux guest may have at most {LINUX_MAX_MEM_MIB} MiB of RAM")));
