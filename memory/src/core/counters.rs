@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Event counters kept under the manager's lock.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Counters {
     /// Write faults resolved by copying a shared frame.
     pub cow_copies: u64,
