@@ -16,7 +16,7 @@ use crate::core::figures::Figures;
 use crate::core::Core;
 use crate::frame_table::Mapper;
 use crate::image_load::{self, ImageLoad};
-use crate::memory_stats::{MemoryStats, VmMemoryStats};
+use crate::memory_stats::{MemoryStats, ProcessVmas, VmMemoryStats};
 use crate::merge::{DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeStats};
 use crate::page_table::PageFlags;
 use crate::pool::{FramePool, PoolConfig};
@@ -58,6 +58,8 @@ pub struct MemoryManager {
     merger: Merger,
     compactor: Compactor,
     protector: Protector,
+    /// The cached count of the process's mappings (statistics).
+    process_vmas: Arc<ProcessVmas>,
 }
 
 impl MemoryManager {
@@ -85,7 +87,7 @@ impl MemoryManager {
                 return Err(Error::CompactionThread(e));
             }
         };
-        Ok(Arc::new(MemoryManager { core, merger, compactor, protector }))
+        Ok(Arc::new(MemoryManager { core, merger, compactor, protector, process_vmas: ProcessVmas::new() }))
     }
 
     pub(crate) fn core(&self) -> &Core {
@@ -285,7 +287,7 @@ impl MemoryManager {
 
     fn stats_of(&self, figures: &Figures) -> MemoryStats {
         let mut stats = MemoryStats::collect(&self.core, figures, self.protector.counters());
-        stats.count_process_vmas();
+        stats.count_process_vmas(&self.process_vmas);
         stats.merge = self.merger.stats_with(figures);
         stats.compaction = self.compactor.stats_with(figures);
         stats

@@ -57,7 +57,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("merge scanner parts", &["merge/backoff.rs", "merge/visit.rs", "merge/decide.rs"]),
     ("merger", &["merge/mod.rs"]),
     ("compactor", &["compact/pass.rs", "compact/mod.rs"]),
-    ("facade", &["memory_stats/wire.rs", "memory_stats/mod.rs", "manager.rs", "guest_map.rs", "image_load.rs"]),
+    (
+        "facade",
+        &[
+            "memory_stats/process_vmas.rs",
+            "memory_stats/wire.rs",
+            "memory_stats/mod.rs",
+            "manager.rs",
+            "guest_map.rs",
+            "image_load.rs",
+        ],
+    ),
 ];
 
 /// Module path of a source file (`core/mod.rs` -> `core`).

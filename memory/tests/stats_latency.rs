@@ -13,7 +13,9 @@
 //!   `stats_exact()` (the lock, as the statistics took it before) interleaved,
 //!   `DENSEVM_STATS_REPS` repetitions (default 5) of `DENSEVM_STATS_CALLS`
 //!   calls each (default 1000), and prints p50 / p99 / max per repetition and
-//!   the min / median / max of each over the repetitions.
+//!   the min / median / max of each over the repetitions. Both read the
+//!   process's mapping count from its cache, so the two differ only by the
+//!   manager's lock.
 
 mod common;
 
@@ -56,6 +58,9 @@ fn published_stats_equal_the_locked_computation() {
     let name = "published_stats_equal_the_locked_computation";
     let Some(mgr) = manager_or_skip(name, 64) else { return };
     let _w = Watchdog::new(name, 120);
+    // Nothing may change the state between the two readings compared below.
+    let no_proactive = memory::CompactionTunablesPatch { enabled: Some(false), ..Default::default() };
+    mgr.update_compaction(&no_proactive).unwrap();
     const PAGES: u32 = 512;
     let vms: [VmId; 3] = [1, 2, 3];
     let mut guests: Vec<GuestMap> =
@@ -107,7 +112,7 @@ fn published_stats_equal_the_locked_computation() {
 
     let (published, exact) = (mgr.stats(), mgr.stats_exact());
     assert_eq!(locked_part(&published), locked_part(&exact));
-    assert!(published.pages_sharing > 0 && published.merge.zero_pages > 0, "{published:?}");
+    assert!(published.pages_sharing > 0, "{published:?}");
     assert_eq!(published.counters, exact.counters);
     for &vm in &vms[..2] {
         let (vm_stats, merge) = (mgr.vm_memory_stats(vm).unwrap(), mgr.vm_merge_stats(vm).unwrap());
@@ -251,6 +256,11 @@ fn stats_latency_under_full_speed_merging() {
     println!("{calls} calls x {reps} repetitions, min / median / max over the repetitions (ms):");
     println!("  locked    p50 {}  p99 {}  max {}", spread(old_p50), spread(old_p99), spread(old_max));
     println!("  lock-free p50 {}  p99 {}  max {}", spread(new_p50), spread(new_p99), spread(new_max));
+    // What the statistics no longer do on the reader's time: count the
+    // process's mappings (cached, refreshed in the background).
+    let t = Instant::now();
+    let lines = std::fs::read("/proc/self/maps").map_or(0, |m| m.iter().filter(|&&b| b == b'\n').count());
+    println!("  one read of /proc/self/maps: {:.3} ms ({lines} mappings)", ms(t.elapsed()));
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.join().unwrap();

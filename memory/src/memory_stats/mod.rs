@@ -18,15 +18,19 @@
 //! `core/figures.rs`: published by the lock's holders, at most a few
 //! milliseconds old while merging or compaction runs, exact once they stop);
 //! the Protector's counters are atomics, the merger's and the compactor's
-//! totals sit behind locks of their own.
+//! totals sit behind locks of their own, and the process's mapping count is
+//! cached (`process_vmas.rs`).
 
+pub(crate) mod process_vmas;
 mod wire;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 pub use crate::core::Counters;
+pub(crate) use process_vmas::ProcessVmas;
 pub use wire::{HostMemoryStats, VmMemoryStats};
 
 use crate::compact::CompactionStats;
@@ -75,7 +79,8 @@ pub struct MemoryStats {
     /// mappings).
     pub vma_count: u64,
     /// Mappings of the whole process (lines of /proc/self/maps: guest memory,
-    /// the pool alias, libraries, thread stacks); 0 if unreadable.
+    /// the pool alias, libraries, thread stacks), counted at most about a
+    /// second ago; 0 if unreadable.
     pub process_vma_count: u64,
     /// Guest VMAs beyond one per VM, per page saved by sharing
     /// (`pages_sharing`; 0 when nothing is shared): what sharing costs in host
@@ -177,10 +182,10 @@ impl MemoryStats {
         }
     }
 
-    /// Sets [`MemoryStats::process_vma_count`] from /proc/self/maps (a read
-    /// that grows with the number of mappings).
-    pub(crate) fn count_process_vmas(&mut self) {
-        self.process_vma_count = sys::process_map_count().unwrap_or(0) as u64;
+    /// Sets [`MemoryStats::process_vma_count`] from the cached count of
+    /// /proc/self/maps (at most about a second old: see [`ProcessVmas`]).
+    pub(crate) fn count_process_vmas(&mut self, vmas: &Arc<ProcessVmas>) {
+        self.process_vma_count = vmas.get();
     }
 
     /// The host-wide statistics the API serves (`GET /memory`).
