@@ -7,23 +7,22 @@
 //!   merged pages equal a count over its pages' frames.
 //! - `stats_latency_under_full_speed_merging` (ignored: a measurement, run with
 //!   `cargo test --release -p memory --test stats_latency -- --ignored --nocapture`):
-//!   four 64 MiB guests of clone content, writers rewriting pages with a few
-//!   patterns (so merging never converges), the merger at full speed without
-//!   back-off and proactive compaction; samples `stats()` (lock-free) and
-//!   `stats_exact()` (the lock, as the statistics took it before) interleaved,
+//!   per repetition, four fresh 64 MiB guests (90% of their pages clones
+//!   across them) that the merger merges at full speed (no back-off, proactive
+//!   compaction on) while `stats()` (lock-free) and `stats_exact()` (the lock,
+//!   as the statistics took it before) are called in turn, 100 µs apart;
 //!   `DENSEVM_STATS_REPS` repetitions (default 5) of `DENSEVM_STATS_CALLS`
-//!   calls each (default 1000), and prints p50 / p99 / max per repetition and
+//!   calls of each (default 1000); prints p50 / p99 / max per repetition and
 //!   the min / median / max of each over the repetitions. Both read the
 //!   process's mapping count from its cache, so the two differ only by the
 //!   manager's lock.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fill_page, fill_page_from_thread, manager_or_skip, Rng, Watchdog};
+use common::{fill_page, fill_page_from_thread, manager_or_skip, Watchdog};
 use memory::{ChangeDetection, GuestMap, MemoryManager, MemoryStats, Tunables, VmId, PAGE_SIZE};
 
 /// The statistics that come from the manager's locked state, as JSON (the
@@ -126,25 +125,23 @@ fn published_stats_equal_the_locked_computation() {
     assert!(mgr.vm_merge_stats(3).is_err());
 }
 
-/// Latency samples, sorted.
+/// Latency samples.
+#[derive(Default)]
 struct Samples(Vec<Duration>);
 
 impl Samples {
-    fn quantile(&self, q: f64) -> Duration {
-        let i = ((self.0.len() as f64 - 1.0) * q).round() as usize;
-        self.0[i]
-    }
-}
-
-fn sample(calls: usize, f: impl Fn() -> MemoryStats) -> Samples {
-    let mut v = Vec::with_capacity(calls);
-    for _ in 0..calls {
+    fn time(&mut self, f: impl FnOnce() -> MemoryStats) {
         let t = Instant::now();
         std::hint::black_box(f());
-        v.push(t.elapsed());
+        self.0.push(t.elapsed());
     }
-    v.sort_unstable();
-    Samples(v)
+
+    /// p50, p99 and max in milliseconds.
+    fn summary(mut self) -> [f64; 3] {
+        self.0.sort_unstable();
+        let q = |q: f64| ms(self.0[((self.0.len() as f64 - 1.0) * q).round() as usize]);
+        [q(0.5), q(0.99), q(1.0)]
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -157,6 +154,23 @@ fn spread(mut values: Vec<f64>) -> String {
     format!("{:.3} / {:.3} / {:.3}", values[0], values[values.len() / 2], values[values.len() - 1])
 }
 
+/// Creates `n` guests of `pages` pages (VM ids from `first`), 90% of their
+/// pages clones across the VMs (content seeded by `seed`), merging enabled.
+fn clone_guests(mgr: &Arc<MemoryManager>, first: VmId, n: u32, pages: u32, seed: u64) -> Vec<GuestMap> {
+    (first..first + n)
+        .map(|vm| {
+            let g = mgr.create_guest(vm, u64::from(pages) * PAGE_SIZE as u64).unwrap();
+            for p in 0..pages {
+                let v = if p % 10 == 0 { u64::from(vm) << 32 | u64::from(p) } else { seed << 40 | u64::from(p % 4096) };
+                // SAFETY: a page of a live guest map; no other writer yet.
+                unsafe { fill_page(g.page_addr(p).unwrap(), v) };
+            }
+            mgr.set_merge(vm, true, 1).unwrap();
+            g
+        })
+        .collect()
+}
+
 #[test]
 #[ignore = "a measurement: run with --ignored --nocapture"]
 fn stats_latency_under_full_speed_merging() {
@@ -166,104 +180,72 @@ fn stats_latency_under_full_speed_merging() {
     let (reps, calls) = (env("DENSEVM_STATS_REPS", 5), env("DENSEVM_STATS_CALLS", 1000));
     let _w = Watchdog::new(name, 3600);
     const GUEST_PAGES: u32 = 64 << 8; // 64 MiB
-    let guests: Vec<GuestMap> =
-        (1..=4).map(|vm| mgr.create_guest(vm, u64::from(GUEST_PAGES) * PAGE_SIZE as u64).unwrap()).collect();
-    for g in &guests {
-        for p in 0..GUEST_PAGES {
-            // 90% clone content across the VMs, the rest unique.
-            let v = if p % 10 == 0 { u64::from(g.vm_id()) << 32 | u64::from(p) } else { pattern(p) };
-            // SAFETY: a page of a live guest map; no other writer yet.
-            unsafe { fill_page(g.page_addr(p).unwrap(), v) };
-        }
-        mgr.set_merge(g.vm_id(), true, 1).unwrap();
-    }
     mgr.merger().set_backoff(false);
-    mgr.merger()
-        .set_tunables(Tunables {
-            run: true,
-            pages_to_scan: 100_000,
-            sleep_ms: 0,
-            merge_zero_pages: true,
-            change_detection: ChangeDetection::Checksum,
-            ..Tunables::default()
-        })
-        .unwrap();
-    mgr.update_compaction(&memory::CompactionTunablesPatch {
-        enabled: Some(true),
-        proactiveness: Some(1),
-        ..Default::default()
-    })
-    .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let bases: Vec<usize> = guests.iter().map(|g| g.host_addr()).collect();
-    let writers: Vec<_> = (0..2u64)
-        .map(|w| {
-            let (stop, writes, bases) = (stop.clone(), writes.clone(), bases.clone());
-            std::thread::spawn(move || {
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w + 1));
-                while !stop.load(Ordering::Relaxed) {
-                    let base = bases[rng.below(bases.len() as u64) as usize];
-                    let p = rng.below(u64::from(GUEST_PAGES)) as u32;
-                    // SAFETY: a page of a live guest map (the maps outlive the writers).
-                    unsafe { fill_page(base + p as usize * PAGE_SIZE, pattern(p + 1)) };
-                    writes.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            })
-        })
-        .collect();
-    // Let merging get going.
-    assert!(mgr.merger().wait_full_scans(1, Duration::from_secs(120)), "no full scan");
-    let (mut old_p50, mut old_p99, mut old_max) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut new_p50, mut new_p99, mut new_max) = (Vec::new(), Vec::new(), Vec::new());
+    let proactive =
+        memory::CompactionTunablesPatch { enabled: Some(true), proactiveness: Some(5), ..Default::default() };
+    mgr.update_compaction(&proactive).unwrap();
+    let mut results: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
     for rep in 0..reps {
-        let measure_old = |p50: &mut Vec<f64>, p99: &mut Vec<f64>, max: &mut Vec<f64>| {
-            let s = sample(calls, || mgr.stats_exact());
-            (p50.push(ms(s.quantile(0.5))), p99.push(ms(s.quantile(0.99))), max.push(ms(s.quantile(1.0))));
-            s
-        };
-        let measure_new = |p50: &mut Vec<f64>, p99: &mut Vec<f64>, max: &mut Vec<f64>| {
-            let s = sample(calls, || mgr.stats());
-            (p50.push(ms(s.quantile(0.5))), p99.push(ms(s.quantile(0.99))), max.push(ms(s.quantile(1.0))));
-            s
-        };
-        let (old, new) = if rep % 2 == 0 {
-            let old = measure_old(&mut old_p50, &mut old_p99, &mut old_max);
-            (old, measure_new(&mut new_p50, &mut new_p99, &mut new_max))
-        } else {
-            let new = measure_new(&mut new_p50, &mut new_p99, &mut new_max);
-            (measure_old(&mut old_p50, &mut old_p99, &mut old_max), new)
-        };
-        let st = mgr.stats();
+        // Fresh guests each repetition: the merger merges their clone pages
+        // (long chunks under the manager's lock) while the statistics are read.
+        let guests = clone_guests(&mgr, 1 + 4 * rep as u32, 4, GUEST_PAGES, rep as u64 + 1);
+        let merges_before = mgr.stats().counters.merges;
+        mgr.merger()
+            .set_tunables(Tunables {
+                run: true,
+                pages_to_scan: 100_000,
+                sleep_ms: 0,
+                merge_zero_pages: true,
+                change_detection: ChangeDetection::Checksum,
+                hold_vcpus: false,
+                ..Tunables::default()
+            })
+            .unwrap();
+        // One locked and one lock-free reading in turn (which goes first
+        // alternates), 100 µs apart, as clients polling would.
+        let (mut locked, mut free) = (Samples::default(), Samples::default());
+        let started = Instant::now();
+        for i in 0..calls {
+            if (i + rep) % 2 == 0 {
+                locked.time(|| mgr.stats_exact());
+                free.time(|| mgr.stats());
+            } else {
+                free.time(|| mgr.stats());
+                locked.time(|| mgr.stats_exact());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let elapsed = started.elapsed();
+        mgr.merger().set_run(false);
+        let st = mgr.stats_exact();
+        let (l, f) = (locked.summary(), free.summary());
         println!(
             "rep {rep}: locked p50 {:.3} p99 {:.3} max {:.3} ms | lock-free p50 {:.3} p99 {:.3} max {:.3} ms \
-             (pages_sharing {}, merges {}, cow {}, full scans {}, writes {}, vmas {})",
-            ms(old.quantile(0.5)),
-            ms(old.quantile(0.99)),
-            ms(old.quantile(1.0)),
-            ms(new.quantile(0.5)),
-            ms(new.quantile(0.99)),
-            ms(new.quantile(1.0)),
+             ({:.1} s, {} merges meanwhile, pages_sharing {}, compaction passes {}, process VMAs {})",
+            l[0],
+            l[1],
+            l[2],
+            f[0],
+            f[1],
+            f[2],
+            elapsed.as_secs_f64(),
+            st.counters.merges - merges_before,
             st.pages_sharing,
-            st.counters.merges,
-            st.counters.cow_copies + st.counters.cow_reuses,
-            st.merge.full_scans,
-            writes.load(Ordering::Relaxed),
+            st.compaction.passes,
             st.process_vma_count,
         );
+        results[0].push(l);
+        results[1].push(f);
+        drop(guests);
     }
     println!("{calls} calls x {reps} repetitions, min / median / max over the repetitions (ms):");
-    println!("  locked    p50 {}  p99 {}  max {}", spread(old_p50), spread(old_p99), spread(old_max));
-    println!("  lock-free p50 {}  p99 {}  max {}", spread(new_p50), spread(new_p99), spread(new_max));
+    for (label, r) in [("locked   ", &results[0]), ("lock-free", &results[1])] {
+        let col = |i: usize| spread(r.iter().map(|x| x[i]).collect());
+        println!("  {label} p50 {}  p99 {}  max {}", col(0), col(1), col(2));
+    }
     // What the statistics no longer do on the reader's time: count the
     // process's mappings (cached, refreshed in the background).
     let t = Instant::now();
     let lines = std::fs::read("/proc/self/maps").map_or(0, |m| m.iter().filter(|&&b| b == b'\n').count());
     println!("  one read of /proc/self/maps: {:.3} ms ({lines} mappings)", ms(t.elapsed()));
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.join().unwrap();
-    }
-    mgr.merger().set_run(false);
 }
