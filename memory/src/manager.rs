@@ -146,7 +146,7 @@ impl MemoryManager {
     /// [`MemoryManager::stats`]).
     pub fn vm_memory_stats(&self, vm: VmId) -> Result<VmMemoryStats> {
         let figures = self.core.figures();
-        let host_addr = figures.vms.get(&vm).map(|v| v.host_addr).ok_or(Error::UnknownVm(vm))?;
+        let host_addr = figures.vm(vm).map(|v| v.host_addr).ok_or(Error::UnknownVm(vm))?;
         Ok(VmMemoryStats::managed(host_addr, &self.merger.vm_stats_with(&figures, vm)?))
     }
 
@@ -270,8 +270,8 @@ impl MemoryManager {
     /// A snapshot of the statistics, without waiting for the manager's lock:
     /// the figures kept under it are the last ones its holders published (one
     /// instant of the state, consistent with each other; every operation that
-    /// returned before this call is in them, except at worst write faults
-    /// resolved just before while another fault holds the lock). Exact once
+    /// returned before this call is in them, except at worst those that ended
+    /// just before while a write fault holds the lock over 200 µs). Exact once
     /// merging, compaction and writers are quiet; see
     /// [`MemoryManager::stats_exact`] for the figures of this very instant.
     pub fn stats(&self) -> MemoryStats {

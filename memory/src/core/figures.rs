@@ -7,25 +7,24 @@
 //!
 //! When they are published (the rule `core/mod.rs`'s guard applies):
 //!
-//! - a holder of the lock that changed the state publishes when it releases
-//!   it, except the fault handler, which only marks the board dirty (and
-//!   publishes if the last publication is older than [`PUBLISH_PERIOD`]), so
-//!   that a write fault pays nothing but a flag and a clock read;
-//! - any other holder publishes when it takes a dirty board's lock (so what
-//!   faults changed is published before a long hold, a merge chunk or a
-//!   compaction batch, starts);
+//! - a holder of the lock that changed the state marks the board dirty when it
+//!   releases the lock, and publishes every [`PUBLISH_EVERY`]th such change
+//!   (so that a stream of short operations, write faults included, keeps the
+//!   publication close without paying for one each; no clock is read);
+//! - any holder but the fault handler publishes a dirty board when it takes
+//!   the lock, so that everything done before a long hold (a merge chunk, a
+//!   compaction batch, an API operation) is published before it starts;
 //! - a reader that finds the board dirty tries the lock for at most
 //!   [`READER_SPIN`] and publishes itself if it gets it.
 //!
 //! So a reader sees every operation that ended before its read began (at
-//! worst it misses write faults resolved just before, while another fault
-//! holds the lock longer than [`READER_SPIN`]); the figures of one publication
+//! worst it misses operations that ended just before while a write fault has
+//! held the lock longer than [`READER_SPIN`]); the figures of one publication
 //! are one instant of the state, consistent with each other.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -34,9 +33,9 @@ use super::merge_settings::DomainId;
 use super::state::State;
 use crate::VmId;
 
-/// Longest time the fault handler leaves changes unpublished while it is the
-/// only holder of the lock.
-pub(crate) const PUBLISH_PERIOD: Duration = Duration::from_millis(1);
+/// Most changing holds of the lock left unpublished in a row (a reader or the
+/// next holder publishes them sooner).
+pub(crate) const PUBLISH_EVERY: u32 = 64;
 
 /// Longest time a reader tries the lock to publish a dirty board before it
 /// settles for the last publication.
@@ -104,8 +103,8 @@ pub(crate) struct Figures {
     pub(crate) vma_limit_raised_to: Option<u64>,
     /// The event counters.
     pub(crate) counters: Counters,
-    /// Every VM's figures.
-    pub(crate) vms: HashMap<VmId, VmFigures>,
+    /// Every VM's figures (in no particular order; see [`Figures::vm`]).
+    pub(crate) vms: Vec<(VmId, VmFigures)>,
 }
 
 impl Figures {
@@ -128,7 +127,7 @@ impl Figures {
             vma_refused: budget.refused,
             vma_limit_raised_to: budget.raised_to.map(|v| v as u64),
             counters: st.counters().clone(),
-            vms: HashMap::new(),
+            vms: Vec::with_capacity(st.tables().size_hint().0),
             ..Figures::default()
         };
         for (vm, table) in st.tables() {
@@ -150,9 +149,14 @@ impl Figures {
             f.zero_pages += table.zero_count() as u64;
             f.merged_zero_pages += vmf.merged_zero_pages;
             f.vma_count += vmf.vma_count;
-            f.vms.insert(vm, vmf);
+            f.vms.push((vm, vmf));
         }
         f
+    }
+
+    /// The figures of VM `vm`, if it exists.
+    pub(crate) fn vm(&self, vm: VmId) -> Option<&VmFigures> {
+        self.vms.iter().find(|(id, _)| *id == vm).map(|(_, v)| v)
     }
 
     /// Guest pages mapping a shared frame beyond the first mapping of each
@@ -167,9 +171,8 @@ pub(crate) struct StatsBoard {
     published: ArcSwap<Figures>,
     /// The state changed since the last publication.
     dirty: AtomicBool,
-    /// When the last publication was made, in nanoseconds since `epoch`.
-    published_at: AtomicU64,
-    epoch: Instant,
+    /// Changing holds since the last publication (changed under the lock only).
+    pending: AtomicU32,
 }
 
 impl StatsBoard {
@@ -178,8 +181,7 @@ impl StatsBoard {
         StatsBoard {
             published: ArcSwap::from_pointee(Figures::of(st)),
             dirty: AtomicBool::new(false),
-            published_at: AtomicU64::new(0),
-            epoch: Instant::now(),
+            pending: AtomicU32::new(0),
         }
     }
 
@@ -196,23 +198,18 @@ impl StatsBoard {
     /// Publishes the figures of `st` (the caller holds the lock).
     pub(crate) fn publish(&self, st: &State) {
         self.published.store(Arc::new(Figures::of(st)));
-        self.published_at.store(self.now_ns(), Ordering::Relaxed);
+        self.pending.store(0, Ordering::Relaxed);
         self.dirty.store(false, Ordering::Release);
     }
 
     /// Records a change of `st` by its holder (called before the lock is
-    /// released): published now if `now`, or if the last publication is older
-    /// than [`PUBLISH_PERIOD`]; else the board is left dirty.
-    pub(crate) fn changed(&self, st: &State, now: bool) {
-        let age = self.now_ns().saturating_sub(self.published_at.load(Ordering::Relaxed));
-        if now || age >= PUBLISH_PERIOD.as_nanos() as u64 {
+    /// released): published every [`PUBLISH_EVERY`]th change, else the board
+    /// is left dirty.
+    pub(crate) fn changed(&self, st: &State) {
+        if self.pending.fetch_add(1, Ordering::Relaxed) + 1 >= PUBLISH_EVERY {
             self.publish(st);
         } else {
             self.dirty.store(true, Ordering::Release);
         }
-    }
-
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
     }
 }

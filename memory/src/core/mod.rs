@@ -83,13 +83,11 @@ pub(crate) struct Core {
     thp: ThpStatus,
 }
 
-/// The manager's lock, held: the [`State`], and on release the publication
-/// of its figures if it was changed (the rule is [`figures`]'s).
+/// The manager's lock, held: the [`State`], and on release the record of a
+/// change on the stats board (the rule is [`figures`]'s).
 pub(crate) struct StateGuard<'a> {
     guard: MutexGuard<'a, State>,
     board: &'a StatsBoard,
-    /// Taken for a fault: publishes at most every [`figures::PUBLISH_PERIOD`].
-    fault: bool,
     /// The state was borrowed mutably.
     changed: bool,
 }
@@ -112,7 +110,7 @@ impl DerefMut for StateGuard<'_> {
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         if self.changed {
-            self.board.changed(&self.guard, !self.fault);
+            self.board.changed(&self.guard);
         }
     }
 }
@@ -140,22 +138,23 @@ impl Core {
         }
     }
 
-    /// Takes the manager's lock (publishing the figures first if write faults
+    /// Takes the manager's lock (publishing the figures first if changes
     /// left them dirty: see [`figures`]).
     pub(crate) fn lock(&self) -> StateGuard<'_> {
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if self.board.is_dirty() {
             self.board.publish(&guard);
         }
-        StateGuard { guard, board: &self.board, fault: false, changed: false }
+        StateGuard { guard, board: &self.board, changed: false }
     }
 
-    /// Takes the lock on behalf of a faulting writer (others yield to it).
+    /// Takes the lock on behalf of a faulting writer (others yield to it; it
+    /// leaves a dirty board to the next holder or reader).
     pub(crate) fn lock_for_fault(&self) -> StateGuard<'_> {
         self.fault_waiters.fetch_add(1, Ordering::AcqRel);
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.fault_waiters.fetch_sub(1, Ordering::AcqRel);
-        StateGuard { guard, board: &self.board, fault: true, changed: false }
+        StateGuard { guard, board: &self.board, changed: false }
     }
 
     /// The statistics' figures without waiting for the manager's lock: the

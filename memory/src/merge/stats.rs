@@ -138,7 +138,7 @@ impl VmMergeStats {
     /// per-VM counts (`pages_volatile`, `pages_unshared`, `dirty_log`) are left
     /// for the caller.
     pub(crate) fn of_figures(f: &Figures, vm: VmId) -> Option<Self> {
-        let v = f.vms.get(&vm)?;
+        let v = f.vm(vm)?;
         Some(VmMergeStats {
             vm,
             enabled: v.merge_enabled,
