@@ -58,6 +58,8 @@ pub struct FrameTable {
     live_frames: u64,
     mappings: u64,
     shared_mappings: u64,
+    /// Per VM: its guest pages mapping a frame with `refs > 1` (absent: none).
+    shared_by_vm: HashMap<VmId, u64>,
 }
 
 impl FrameTable {
@@ -104,6 +106,24 @@ impl FrameTable {
         self.shared_mappings
     }
 
+    /// Guest pages of `vm` mapping a frame that another guest page maps too
+    /// (its share of [`FrameTable::shared_mappings`]; kept as mappings change).
+    pub fn shared_mappings_of(&self, vm: VmId) -> u64 {
+        self.shared_by_vm.get(&vm).copied().unwrap_or(0)
+    }
+
+    fn count_shared(&mut self, vm: VmId, add: bool) {
+        let n = self.shared_by_vm.entry(vm).or_default();
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.shared_by_vm.remove(&vm);
+            }
+        }
+    }
+
     /// Records that `mapper` maps `frame`; returns the new count.
     pub fn add(&mut self, frame: FrameNo, mapper: Mapper) -> u32 {
         let (hf, i) = split(frame);
@@ -112,22 +132,27 @@ impl FrameTable {
         let meta = &mut chunk[i];
         meta.refs += 1;
         self.mappings += 1;
-        match meta.refs {
+        let refs = meta.refs;
+        match refs {
             1 => {
                 meta.owner = mapper;
                 self.live_frames += 1;
                 self.live_in_chunk[hf] += 1;
             }
             2 => {
-                self.shared.insert(frame, vec![meta.owner, mapper]);
+                let owner = meta.owner;
+                self.shared.insert(frame, vec![owner, mapper]);
                 self.shared_mappings += 2;
+                self.count_shared(owner.vm, true);
+                self.count_shared(mapper.vm, true);
             }
             _ => {
                 self.shared.entry(frame).or_default().push(mapper);
                 self.shared_mappings += 1;
+                self.count_shared(mapper.vm, true);
             }
         }
-        meta.refs
+        refs
     }
 
     /// Records that `mapper` no longer maps `frame`; returns the new count
@@ -158,14 +183,20 @@ impl FrameTable {
         let pos = list.iter().position(|&m| m == mapper).ok_or(Error::NotAMapper { mapper, frame })?;
         list.swap_remove(pos);
         meta.refs -= 1;
+        let refs = meta.refs;
+        let last = (refs == 1).then(|| list[0]);
+        if let Some(owner) = last {
+            meta.owner = owner;
+        }
         self.mappings -= 1;
         self.shared_mappings -= 1;
-        if meta.refs == 1 {
-            meta.owner = list[0];
+        self.count_shared(mapper.vm, false);
+        if let Some(owner) = last {
             self.shared.remove(&frame);
             self.shared_mappings -= 1;
+            self.count_shared(owner.vm, false);
         }
-        Ok(meta.refs)
+        Ok(refs)
     }
 
     /// One mapper of `frame` (the first recorded), without allocating.
@@ -204,12 +235,20 @@ mod tests {
         assert_eq!(t.add(7, a), 1);
         assert_eq!(t.add(7, b), 2);
         assert_eq!((t.shared_frames(), t.shared_mappings()), (1, 2));
+        assert_eq!((t.shared_mappings_of(1), t.shared_mappings_of(2)), (1, 1));
+        assert_eq!(t.add(7, Mapper { vm: 2, page: 6 }), 3);
+        assert_eq!(t.shared_mappings_of(2), 2);
+        assert_eq!(t.remove(7, Mapper { vm: 2, page: 6 }), Ok(2));
+        assert_eq!(t.shared_mappings_of(2), 1);
         assert_eq!(
             t.remove(7, Mapper { vm: 3, page: 0 }),
             Err(Error::NotAMapper { mapper: Mapper { vm: 3, page: 0 }, frame: 7 })
         );
         assert_eq!(t.remove(7, a), Ok(1));
         assert_eq!(t.mappers(7), vec![b]);
+        // One mapper left: no VM maps a shared frame any more.
+        assert_eq!((t.shared_mappings_of(1), t.shared_mappings_of(2)), (0, 0));
+        assert!(t.shared_by_vm.is_empty());
         assert_eq!(t.remove(7, b), Ok(0));
         assert_eq!(t.remove(7, b), Err(Error::NotLive(7)));
         assert_eq!((t.live_frames(), t.mappings()), (0, 0));

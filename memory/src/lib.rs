@@ -42,7 +42,9 @@
 //! 4. [`remap`]: the remap protocol;
 //! 5. the core vocabulary: `core/error.rs`, `core/counters.rs`,
 //!    `core/merge_settings.rs`;
-//! 6. `core/state.rs`: `State`, the manager's locked state;
+//! 6. `core/state.rs`: `State`, the manager's locked state, and
+//!    `core/figures.rs`: the statistics' figures taken from it, published
+//!    by the lock's holders for readers that never take the lock;
 //! 7. the transaction: `core/txn.rs`, `core/unshare.rs`;
 //! 8. `core/mod.rs`: `Core`, the lock;
 //! 9. the core's operations (every `impl Core`): `core/balloon.rs`,
@@ -55,7 +57,8 @@
 //! 12. the compactor: [`compact::pass`] (one pass: plan, batched migrations
 //!     under the lock), then [`compact`] itself (`Compactor`, the proactive
 //!     thread);
-//! 13. the facade: [`memory_stats`], [`manager`], [`guest_map`], [`image_load`]
+//! 13. the facade: [`memory_stats`] (its wire types in `memory_stats/wire.rs`),
+//!     [`manager`], [`guest_map`], [`image_load`]
 //!     (bulk loading of a RAM image before a VM starts).
 //!
 //! A guest write fault walks down the layers once, never back up into a file

@@ -106,6 +106,12 @@
 //!    (condvar `wake`) and `Shared::totals` (under `Shared::pass` at most,
 //!    never with the manager's lock).
 //!
+//! The statistics never wait for the manager's lock: its holders publish the
+//! figures the statistics need on `Core::board` (`core/figures.rs`, an
+//! `ArcSwap` store under the lock, a leaf), readers load the last
+//! publication and only `try_lock` (bounded, never blocking) to refresh a
+//! stale one.
+//!
 //! Lock-free: the Protector's counters, the merger's `generation` and `tid`,
 //! the compactor's `generation` and `stop`,
 //! `fault_waiters`, and `write_retry`'s range and in-flight slots (read by

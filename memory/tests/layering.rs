@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("pool and protector", &["pool.rs", "protector.rs"]),
     ("remap protocol", &["remap.rs"]),
     ("core vocabulary", &["core/commit.rs", "core/error.rs", "core/counters.rs", "core/merge_settings.rs"]),
-    ("core state", &["core/state.rs"]),
+    ("core state", &["core/state.rs", "core/figures.rs"]),
     ("transaction", &["core/txn.rs", "core/unshare.rs", "core/zero_region.rs"]),
     ("core", &["core/mod.rs"]),
     (
@@ -57,7 +57,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("merge scanner parts", &["merge/backoff.rs", "merge/visit.rs", "merge/decide.rs"]),
     ("merger", &["merge/mod.rs"]),
     ("compactor", &["compact/pass.rs", "compact/mod.rs"]),
-    ("facade", &["memory_stats.rs", "manager.rs", "guest_map.rs", "image_load.rs"]),
+    (
+        "facade",
+        &[
+            "memory_stats/process_vmas.rs",
+            "memory_stats/wire.rs",
+            "memory_stats/mod.rs",
+            "manager.rs",
+            "guest_map.rs",
+            "image_load.rs",
+        ],
+    ),
 ];
 
 /// Module path of a source file (`core/mod.rs` -> `core`).

@@ -33,6 +33,7 @@ pub use tunables::{
     CompactionTunables, CompactionTunablesPatch, MAX_MAX_PAGES_PER_S, MAX_PROACTIVENESS, MIN_MAX_PAGES_PER_S,
 };
 
+use crate::core::figures::Figures;
 use crate::core::Core;
 use crate::thread_hook::{ThreadKind, ThreadStartHook};
 use pass::{Occupancy, PassLimits};
@@ -143,9 +144,15 @@ impl Compactor {
         report
     }
 
-    /// The pool's fragmentation and the totals since start.
+    /// The pool's fragmentation and the totals since start (without the
+    /// manager's lock: the pool's counts are the core's last publication).
     pub fn stats(&self) -> CompactionStats {
-        let occ = Occupancy::of(&self.core.lock());
+        self.stats_with(&self.core.figures())
+    }
+
+    /// The pool's fragmentation in the figures `f` and the totals since start.
+    pub(crate) fn stats_with(&self, f: &Figures) -> CompactionStats {
+        let occ = Occupancy::of_figures(f);
         let t = self.shared.totals();
         CompactionStats {
             free_frames: occ.free_frames,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::plan::{self, FreeLists, HugeFrameUse};
 use super::stats::{CompactionFailures, CompactionReport};
 use crate::core::error::Error;
+use crate::core::figures::Figures;
 use crate::core::page_ops::{migrate_frame, migrate_run};
 use crate::core::{Core, State, Txn};
 use crate::frame_table::Mapper;
@@ -65,15 +66,23 @@ impl Occupancy {
     /// Counts the pool of `st`.
     pub(crate) fn of(st: &State) -> Self {
         let buddy = st.pool().buddy();
-        let free_frames = buddy.free_frames();
-        let free_huge = u64::from(buddy.empty_huge_frames());
-        let in_use = u64::from(buddy.huge_frames()) - free_huge;
+        let huge_frames = u64::from(buddy.huge_frames());
+        Self::counted(huge_frames, buddy.free_frames(), u64::from(buddy.empty_huge_frames()))
+    }
+
+    /// Counts the pool as the published figures `f` saw it (no lock).
+    pub(crate) fn of_figures(f: &Figures) -> Self {
+        Self::counted(f.huge_frames, f.frames_free, f.huge_frames_empty)
+    }
+
+    fn counted(huge_frames: u64, free_frames: u64, free_huge: u64) -> Self {
+        let total = huge_frames * u64::from(HUGE_FRAME_PAGES);
         Occupancy {
             free_frames,
-            free_in_partial: free_frames - free_huge * u64::from(HUGE_FRAME_PAGES),
+            free_in_partial: free_frames.saturating_sub(free_huge * u64::from(HUGE_FRAME_PAGES)),
             free_huge,
-            in_use,
-            ideal: plan::ideal_huge_frames(buddy.total_frames() - free_frames),
+            in_use: huge_frames.saturating_sub(free_huge),
+            ideal: plan::ideal_huge_frames(total.saturating_sub(free_frames)),
         }
     }
 

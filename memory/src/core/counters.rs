@@ -1,13 +1,16 @@
 //! Event counters kept under the manager's lock (part of
 //! [`crate::MemoryStats`]). Code outside the core bumps them with
-//! [`super::State::count`] and reads them with [`super::State::counters`].
+//! [`super::State::count`] and reads them with [`super::State::counters`];
+//! the statistics read the copy published with the core's figures
+//! (`core/figures.rs`), never under the lock, so the counters of one reading
+//! are those of one instant, consistent with the pool and sharing figures.
 
 use std::time::Duration;
 
 use serde::Serialize;
 
 /// Event counters kept under the manager's lock.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Counters {
     /// Write faults resolved by copying a shared frame.
     pub cow_copies: u64,

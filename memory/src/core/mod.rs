@@ -15,6 +15,9 @@
 //! - [`merge_settings`]: per-VM merge settings and the [`DirtyLog`] trait;
 //! - [`state`]: [`State`], its fields private, changed through intent-named
 //!   methods that keep refcounts, page tables and the pool in step;
+//! - [`figures`]: the statistics' [`figures::Figures`], published by the
+//!   lock's holders on a [`figures::StatsBoard`] for readers that never take
+//!   the lock;
 //! - [`txn`]: [`Txn`], one lock-holding operation's page primitives (protect,
 //!   move a page, copy-on-write, reuse, domain check);
 //! - [`unshare`]: giving a range of pages private frames again (batched);
@@ -31,6 +34,7 @@ pub(crate) mod commit;
 pub(crate) mod counters;
 pub(crate) mod error;
 pub(crate) mod fault;
+pub(crate) mod figures;
 pub(crate) mod guests;
 pub(crate) mod merge_settings;
 pub(crate) mod page_ops;
@@ -41,9 +45,11 @@ pub(crate) mod unshare;
 pub(crate) mod zero_region;
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Instant;
 
 pub use commit::{CommitPolicy, OutOfMemoryHandler};
 pub use counters::Counters;
@@ -52,12 +58,13 @@ pub use merge_settings::{DirtyLog, DomainId, VmMergeConfig};
 pub(crate) use state::State;
 pub(crate) use txn::Txn;
 
-use crate::pool::FramePool;
+use crate::pool::{FramePool, ThpStatus};
 use crate::remap::RemapProtocol;
 use crate::uffd::Uffd;
 use crate::vcpu_gate::VcpuGate;
 use crate::vma_budget::VmaBudget;
 use crate::VmId;
+use figures::{Figures, StatsBoard};
 
 /// Shared core: the lock, the userfaultfd and immutable facts.
 pub(crate) struct Core {
@@ -73,6 +80,42 @@ pub(crate) struct Core {
     vcpu_gates: Mutex<HashMap<VmId, Arc<dyn VcpuGate>>>,
     /// Commitment policy and VMs out of memory (see [`commit`]).
     pub(crate) commit: commit::Commitment,
+    /// The figures published for the statistics (see [`figures`]).
+    board: StatsBoard,
+    /// The pool's transparent huge page status (fixed at creation).
+    thp: ThpStatus,
+}
+
+/// The manager's lock, held: the [`State`], and on release the record of a
+/// change on the stats board (the rule is [`figures`]'s).
+pub(crate) struct StateGuard<'a> {
+    guard: MutexGuard<'a, State>,
+    board: &'a StatsBoard,
+    /// The state was borrowed mutably.
+    changed: bool,
+}
+
+impl Deref for StateGuard<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.changed = true;
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            self.board.changed(&self.guard);
+        }
+    }
 }
 
 impl Core {
@@ -81,8 +124,11 @@ impl Core {
     pub(crate) fn new(pool: FramePool, budget: VmaBudget, uffd: Arc<Uffd>) -> Self {
         let huge_pages = pool.thp().requested;
         let memfd = pool.fd();
+        let thp = pool.thp().clone();
+        let state = State::new(pool, budget);
+        let board = StatsBoard::new(&state);
         Core {
-            state: Mutex::new(State::new(pool, budget)),
+            state: Mutex::new(state),
             uffd,
             memfd,
             huge_pages,
@@ -90,20 +136,63 @@ impl Core {
             dirty_logs: Mutex::new(HashMap::new()),
             vcpu_gates: Mutex::new(HashMap::new()),
             commit: commit::Commitment::default(),
+            board,
+            thp,
         }
     }
 
-    /// Takes the manager's lock.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes the manager's lock (publishing the figures first if changes
+    /// left them dirty: see [`figures`]).
+    pub(crate) fn lock(&self) -> StateGuard<'_> {
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.board.is_dirty() {
+            self.board.publish(&guard);
+        }
+        StateGuard { guard, board: &self.board, changed: false }
     }
 
-    /// Takes the lock on behalf of a faulting writer (others yield to it).
-    pub(crate) fn lock_for_fault(&self) -> MutexGuard<'_, State> {
+    /// Takes the lock on behalf of a faulting writer (others yield to it; it
+    /// leaves a dirty board to the next holder or reader).
+    pub(crate) fn lock_for_fault(&self) -> StateGuard<'_> {
         self.fault_waiters.fetch_add(1, Ordering::AcqRel);
-        let guard = self.lock();
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.fault_waiters.fetch_sub(1, Ordering::AcqRel);
-        guard
+        StateGuard { guard, board: &self.board, changed: false }
+    }
+
+    /// The statistics' figures without waiting for the manager's lock: the
+    /// last publication, made fresh first if the state changed since and the
+    /// lock can be had within [`figures::READER_SPIN`].
+    pub(crate) fn figures(&self) -> Arc<Figures> {
+        let start = Instant::now();
+        while self.board.is_dirty() {
+            match self.state.try_lock() {
+                Ok(st) => self.board.publish(&st),
+                Err(TryLockError::Poisoned(e)) => self.board.publish(&e.into_inner()),
+                Err(TryLockError::WouldBlock) if start.elapsed() < figures::READER_SPIN => std::thread::yield_now(),
+                Err(TryLockError::WouldBlock) => break,
+            }
+        }
+        self.board.load()
+    }
+
+    /// The statistics' figures now, waiting for the manager's lock (exact at
+    /// the instant of the call; published for the lock-free readers too).
+    pub(crate) fn figures_exact(&self) -> Arc<Figures> {
+        let st = self.lock();
+        self.board.publish(&st);
+        drop(st);
+        self.board.load()
+    }
+
+    /// The pool's transparent huge page status.
+    pub(crate) fn thp(&self) -> &ThpStatus {
+        &self.thp
+    }
+
+    /// The pool's memfd (for `fstat` without the lock).
+    pub(crate) fn memfd(&self) -> RawFd {
+        self.memfd
     }
 
     /// Whether a fault resolver waits for the lock (long lock holders end

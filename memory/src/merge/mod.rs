@@ -45,6 +45,7 @@ pub use error::Error;
 pub use stats::{MergeStats, VmMergeStats};
 pub use tunables::{ChangeDetection, Tunables};
 
+use crate::core::figures::Figures;
 use crate::core::{self, Core};
 use crate::thread_hook::{ThreadKind, ThreadStartHook};
 use crate::VmId;
@@ -199,43 +200,30 @@ impl Merger {
         control.unmerge_result.clone().map_err(Error::Unmerge)
     }
 
-    /// Host-wide merge statistics.
+    /// Host-wide merge statistics (without the manager's lock: the sharing
+    /// figures are the core's last publication).
     pub fn stats(&self) -> MergeStats {
+        self.stats_with(&self.core.figures())
+    }
+
+    /// Host-wide merge statistics with the sharing figures of `f`.
+    pub(crate) fn stats_with(&self, f: &Figures) -> MergeStats {
         let mut s = self.shared.stats().clone();
         s.tunables = self.tunables();
         s.run = s.tunables.run;
         s.scanner_tid = self.shared.tid.load(Ordering::Relaxed);
-        let st = self.core.lock();
-        s.pages_shared = st.frames().shared_frames();
-        s.pages_sharing = st.frames().shared_mappings() - st.frames().shared_frames();
-        s.zero_pages = st.tables().map(|(_, t)| t.merged_zero_count() as u64).sum();
-        drop(st);
-        let saved = (s.pages_sharing + s.zero_pages) * crate::PAGE_SIZE as u64;
-        s.general_profit = saved as i64 - s.metadata_bytes as i64;
+        s.set_sharing(f);
         s
     }
 
-    /// Merge statistics of VM `vm`.
+    /// Merge statistics of VM `vm` (without the manager's lock).
     pub fn vm_stats(&self, vm: VmId) -> core::Result<VmMergeStats> {
-        let mut s = {
-            let st = self.core.lock();
-            let table = st.table(vm).ok_or(core::Error::UnknownVm(vm))?;
-            let cfg = st.merge_config(vm);
-            let (cow_copies, cow_reuses) = table.cow_counts();
-            let merged_pages = table.entries().iter().filter(|e| st.frames().refs(e.frame) > 1).count() as u64;
-            VmMergeStats {
-                vm,
-                enabled: cfg.enabled,
-                domain: cfg.domain,
-                guest_pages: u64::from(table.len()),
-                merged_pages,
-                zero_pages: table.merged_zero_count() as u64,
-                vma_count: table.vma_count() as u64,
-                cow_copies,
-                cow_reuses,
-                ..VmMergeStats::default()
-            }
-        };
+        self.vm_stats_with(&self.core.figures(), vm)
+    }
+
+    /// Merge statistics of VM `vm` from the figures `f`.
+    pub(crate) fn vm_stats_with(&self, f: &Figures, vm: VmId) -> core::Result<VmMergeStats> {
+        let mut s = VmMergeStats::of_figures(f, vm).ok_or(core::Error::UnknownVm(vm))?;
         if let Some(&(volatile, unshared, dirty_log)) =
             self.shared.vm_counts.lock().unwrap_or_else(|e| e.into_inner()).get(&vm)
         {

@@ -1,8 +1,13 @@
 //! Statistics of the merger, with Linux KSM's names and meanings
 //! (Documentation/admin-guide/mm/ksm.rst).
+//!
+//! The figures that live under the manager's lock (sharing, zero pages, the
+//! per-VM counts) are read from the core's published [`Figures`], never under
+//! the lock ([`MergeStats::set_sharing`], [`VmMergeStats::of_figures`]).
 
 use serde::Serialize;
 
+use crate::core::figures::Figures;
 use crate::VmId;
 
 use super::domains::DomainId;
@@ -87,6 +92,18 @@ pub struct MergeStats {
     pub tunables: Tunables,
 }
 
+impl MergeStats {
+    /// Sets the sharing figures (`pages_shared`, `pages_sharing`,
+    /// `zero_pages`) from `f` and `general_profit` from them.
+    pub(crate) fn set_sharing(&mut self, f: &Figures) {
+        self.pages_shared = f.frames_shared;
+        self.pages_sharing = f.pages_sharing();
+        self.zero_pages = f.merged_zero_pages;
+        let saved = (self.pages_sharing + self.zero_pages) * crate::PAGE_SIZE as u64;
+        self.general_profit = saved as i64 - self.metadata_bytes as i64;
+    }
+}
+
 /// Merge statistics of one VM.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VmMergeStats {
@@ -114,4 +131,25 @@ pub struct VmMergeStats {
     pub pages_unshared: u64,
     /// The scanner uses the VM's dirty log (false: checksums).
     pub dirty_log: bool,
+}
+
+impl VmMergeStats {
+    /// The statistics of VM `vm` in `f` (None: no such VM); the scanner's
+    /// per-VM counts (`pages_volatile`, `pages_unshared`, `dirty_log`) are left
+    /// for the caller.
+    pub(crate) fn of_figures(f: &Figures, vm: VmId) -> Option<Self> {
+        let v = f.vm(vm)?;
+        Some(VmMergeStats {
+            vm,
+            enabled: v.merge_enabled,
+            domain: v.domain,
+            guest_pages: v.guest_pages,
+            merged_pages: v.merged_pages,
+            zero_pages: v.merged_zero_pages,
+            vma_count: v.vma_count,
+            cow_copies: v.cow_copies,
+            cow_reuses: v.cow_reuses,
+            ..VmMergeStats::default()
+        })
+    }
 }

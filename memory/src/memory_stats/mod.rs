@@ -9,20 +9,34 @@
 //!   from [`crate::MemoryManager::vm_memory_stats`] (managed RAM) or
 //!   [`VmMemoryStats::unmanaged`] (RAM the manager does not hold).
 //!
-//! [`HostMemoryStats`] and [`VmMemoryStats`] are wire types: the `api` crate
-//! re-exports them, and with the `openapi` feature they describe themselves to
-//! utoipa. Their field comments are the API's descriptions.
+//! [`HostMemoryStats`] and [`VmMemoryStats`] are wire types (`wire.rs`): the
+//! `api` crate re-exports them, and with the `openapi` feature they describe
+//! themselves to utoipa. Their field comments are the API's descriptions.
+//!
+//! None of them takes the manager's lock: the figures that live under it come
+//! from the last publication of the core's statistics board (see
+//! `core/figures.rs`: published by the lock's holders, at most a few
+//! milliseconds old while merging or compaction runs, exact once they stop);
+//! the Protector's counters are atomics, the merger's and the compactor's
+//! totals sit behind locks of their own, and the process's mapping count is
+//! cached (`process_vmas.rs`).
+
+pub(crate) mod process_vmas;
+mod wire;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use crate::core::Counters;
+pub(crate) use process_vmas::ProcessVmas;
+pub use wire::{HostMemoryStats, VmMemoryStats};
 
 use crate::compact::CompactionStats;
-use crate::core::commit::Commitment;
-use crate::core::State;
-use crate::merge::{MergeStats, VmMergeStats};
+use crate::core::figures::Figures;
+use crate::core::Core;
+use crate::merge::MergeStats;
 use crate::pool::ThpStatus;
 use crate::protector::ProtectorCounters;
 use crate::{sys, HUGE_FRAME_PAGES, PAGE_SIZE};
@@ -65,7 +79,8 @@ pub struct MemoryStats {
     /// mappings).
     pub vma_count: u64,
     /// Mappings of the whole process (lines of /proc/self/maps: guest memory,
-    /// the pool alias, libraries, thread stacks); 0 if unreadable.
+    /// the pool alias, libraries, thread stacks), counted at most about a
+    /// second ago; 0 if unreadable.
     pub process_vma_count: u64,
     /// Guest VMAs beyond one per VM, per page saved by sharing
     /// (`pages_sharing`; 0 when nothing is shared): what sharing costs in host
@@ -111,65 +126,66 @@ pub struct MemoryStats {
 }
 
 impl MemoryStats {
-    pub(crate) fn collect(st: &State, protector: &ProtectorCounters, commit: &Commitment) -> Self {
-        let buddy = st.pool().buddy();
-        let total = buddy.total_frames();
-        let free = buddy.free_frames();
-        let hf_total = u64::from(buddy.huge_frames());
-        let hf_empty = u64::from(buddy.empty_huge_frames());
-        let in_use = hf_total - hf_empty;
-        let holes = free - hf_empty * u64::from(HUGE_FRAME_PAGES);
+    /// The statistics of `core` from its published figures `f` (no lock of
+    /// the manager is taken); `merge` and `compaction` are left for the caller.
+    pub(crate) fn collect(core: &Core, f: &Figures, protector: &ProtectorCounters) -> Self {
+        let total = f.frames_total;
+        let free = f.frames_free;
+        let hf_total = f.huge_frames;
+        let hf_empty = f.huge_frames_empty;
+        let in_use = hf_total.saturating_sub(hf_empty);
+        let holes = free.saturating_sub(hf_empty * u64::from(HUGE_FRAME_PAGES));
         let fragmentation =
             if in_use == 0 { 0.0 } else { holes as f64 / (in_use * u64::from(HUGE_FRAME_PAGES)) as f64 };
-        let guest_pages: u64 = st.tables().map(|(_, t)| u64::from(t.len())).sum();
-        let (frames, budget) = (st.frames(), st.budget());
-        let vma_count = st.guest_vmas() as u64;
-        let extra_vmas = vma_count.saturating_sub(st.tables().count() as u64);
-        let pages_sharing = frames.shared_mappings() - frames.shared_frames();
+        let guest_pages = f.guest_pages;
+        let vma_count = f.vma_count;
+        let extra_vmas = vma_count.saturating_sub(f.vms.len() as u64);
+        let pages_sharing = f.pages_sharing();
         let vmas_per_shared_page = if pages_sharing == 0 { 0.0 } else { extra_vmas as f64 / pages_sharing as f64 };
+        let commit = &core.commit;
         MemoryStats {
             frames_total: total,
             frames_used: total - free,
             frames_free: free,
-            frames_live: frames.live_frames(),
-            frames_shared: frames.shared_frames(),
+            frames_live: f.frames_live,
+            frames_shared: f.frames_shared,
             pages_sharing,
             guest_pages,
             huge_frames_total: hf_total,
             huge_frames_in_use: in_use,
             huge_frames_empty: hf_empty,
-            huge_frames_returned: st.pool().huge_frames_returned(),
+            huge_frames_returned: f.huge_frames_returned,
             fragmentation,
-            protected_pages: st.tables().map(|(_, t)| t.protected_count() as u64).sum(),
-            zero_pages: st.tables().map(|(_, t)| t.zero_count() as u64).sum(),
+            protected_pages: f.protected_pages,
+            zero_pages: f.zero_pages,
             vma_count,
-            // Filled without the manager's lock ([`MemoryStats::count_process_vmas`]).
+            // Filled by [`MemoryStats::count_process_vmas`].
             process_vma_count: 0,
             vmas_per_shared_page,
-            punch_calls: st.pool().punch_calls(),
-            vma_limit: budget.limit as u64,
-            vma_refused: budget.refused,
-            vma_limit_raised_to: budget.raised_to.map(|v| v as u64),
-            host_bytes: st.pool().host_bytes(),
+            punch_calls: f.punch_calls,
+            vma_limit: f.vma_limit,
+            vma_refused: f.vma_refused,
+            vma_limit_raised_to: f.vma_limit_raised_to,
+            host_bytes: sys::allocated_bytes(core.memfd()).unwrap_or(0),
             guest_bytes: guest_pages * PAGE_SIZE as u64,
             committed_bytes: guest_pages * PAGE_SIZE as u64,
             commit_limit_bytes: commit.policy().limit_pages(total) * PAGE_SIZE as u64,
             vms_out_of_memory: commit.out_of_memory_count(),
-            counters: st.counters().clone(),
+            counters: f.counters.clone(),
             uffd_faults: protector.faults.load(Ordering::Relaxed),
             uffd_remap_events: protector.remap_events.load(Ordering::Relaxed),
             uffd_wake_errors: protector.wake_errors.load(Ordering::Relaxed),
             uffd_held_writers: protector.held_writers.load(Ordering::Relaxed),
-            thp: st.pool().thp().clone(),
+            thp: core.thp().clone(),
             merge: MergeStats::default(),
             compaction: CompactionStats::default(),
         }
     }
 
-    /// Sets [`MemoryStats::process_vma_count`] from /proc/self/maps (a read
-    /// that grows with the number of mappings: done without the manager's lock).
-    pub(crate) fn count_process_vmas(&mut self) {
-        self.process_vma_count = sys::process_map_count().unwrap_or(0) as u64;
+    /// Sets [`MemoryStats::process_vma_count`] from the cached count of
+    /// /proc/self/maps (at most about a second old: see [`ProcessVmas`]).
+    pub(crate) fn count_process_vmas(&mut self, vmas: &Arc<ProcessVmas>) {
+        self.process_vma_count = vmas.get();
     }
 
     /// The host-wide statistics the API serves (`GET /memory`).
@@ -201,160 +217,6 @@ impl MemoryStats {
             committed_bytes: self.committed_bytes,
             commit_limit_bytes: self.commit_limit_bytes,
             cow_no_frame: c.cow_no_frame,
-        }
-    }
-}
-
-/// Host-wide memory and merging statistics with KSM-style names: the merger's
-/// counters ([`MergeStats`]), the pool's 2 MiB frames, host memory, VMAs and
-/// copy-on-write counters. Made by [`MemoryStats::host`]; the `api` crate
-/// serves it as `GET /memory`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[cfg_attr(
-    feature = "openapi",
-    schema(
-        as = HostMemoryStats,
-        description = "`GET /memory`: host-wide memory and merging statistics (KSM-style names)."
-    )
-)]
-#[serde(deny_unknown_fields)]
-pub struct HostMemoryStats {
-    /// Shared frames in use (each mapped by at least two guest pages).
-    pub pages_shared: u64,
-    /// Guest pages mapping a shared frame, beyond the first mapping of each.
-    pub pages_sharing: u64,
-    /// Pages checked by the merger that are unique so far.
-    pub pages_unshared: u64,
-    /// Pages changing too fast to be merged.
-    pub pages_volatile: u64,
-    /// Pages scanned since start.
-    pub pages_scanned: u64,
-    /// Completed full scans of all mergeable memory.
-    pub full_scans: u64,
-    /// Guest pages mapping the zero page.
-    pub zero_pages: u64,
-    /// Bytes saved by merging minus the merger's own metadata (may be negative).
-    pub general_profit: i64,
-    /// 2 MiB host frames in the frame pool.
-    pub frames_2m_total: u64,
-    /// 2 MiB host frames holding at least one live 4 KiB frame.
-    pub frames_2m_in_use: u64,
-    /// 2 MiB host frames given back to the host.
-    pub frames_2m_returned: u64,
-    /// Fragmentation of the in-use 2 MiB frames (0 = packed, 1 = fully scattered).
-    pub fragmentation: f64,
-    /// Host memory used for guest memory, in bytes.
-    pub host_bytes_used: u64,
-    /// Host mappings (VMAs) of guest memory: every VM's runs of consecutive
-    /// frames of the frame pool.
-    pub vma_count: u64,
-    /// Host mappings (VMAs) of the whole densevm process (/proc/self/maps),
-    /// guest memory included.
-    #[serde(default)]
-    pub process_vma_count: u64,
-    /// Guest memory mappings beyond one per VM, per page saved by sharing
-    /// (`pages_sharing`; 0 when nothing is shared): about 2 when shared pages
-    /// are isolated (each splits the mapping of its VM), near 0 for long runs
-    /// of shared pages.
-    #[serde(default)]
-    pub vmas_per_shared_page: f64,
-    /// Holes punched in the frame pool (`fallocate(PUNCH_HOLE)` calls) since start.
-    #[serde(default)]
-    pub punch_calls: u64,
-    /// Copy-on-write copies, all VMs.
-    pub cow_copies: u64,
-    /// Copy-on-write reuses in place, all VMs.
-    pub cow_reuses: u64,
-    /// Merge chunks that held the merging VMs' vCPUs out of guest mode (`hold_vcpus`).
-    #[serde(default)]
-    pub vcpu_holds: u64,
-    /// Total time those vCPUs were held, in milliseconds.
-    #[serde(default)]
-    pub vcpu_hold_ms: f64,
-    /// Compaction: fragmentation of the 2 MiB frames and the compactor's totals.
-    #[serde(default)]
-    pub compaction: CompactionStats,
-
-    /// Guest memory committed: the sizes of all VMs whose RAM the pool holds,
-    /// merged or not (admission counts this, never free frames).
-    #[serde(default)]
-    pub committed_bytes: u64,
-    /// Most guest memory the pool admits (its capacity x the overcommit ratio).
-    #[serde(default)]
-    pub commit_limit_bytes: u64,
-    /// Write faults whose copy-on-write found no free frame (possible only
-    /// with overcommit; each stops its VM with an out-of-memory exit reason).
-    #[serde(default)]
-    pub cow_no_frame: u64,
-}
-
-/// One VM's memory in 4 KiB guest pages: its size, its residency (`mincore(2)`
-/// over its guest RAM: pages whose frame holds host memory) and, for RAM the
-/// manager holds, the merger's per-VM counts ([`VmMergeStats`]). The `api`
-/// crate serves it as `GET /vms/{vm_id}/memory`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[cfg_attr(
-    feature = "openapi",
-    schema(as = VmMemoryStats, description = "`GET /vms/{vm_id}/memory`: one VM's memory, in 4 KiB guest pages.")
-)]
-#[serde(deny_unknown_fields)]
-pub struct VmMemoryStats {
-    /// Guest memory size in pages.
-    pub guest_pages: u64,
-    /// Guest pages backed by a host frame.
-    pub resident_pages: u64,
-    /// Guest pages mapping a merged (shared) frame.
-    pub merged_pages: u64,
-    /// Guest pages mapping the zero page.
-    pub zero_pages: u64,
-    /// Host mappings (VMAs) of its guest memory (runs of consecutive frames;
-    /// 1 when nothing is remapped, 0 for RAM the manager does not hold).
-    #[serde(default)]
-    pub vma_count: u64,
-    /// Writes to merged pages that copied the frame.
-    pub cow_copies: u64,
-    /// Writes to merged pages that took the frame over in place (single mapping left).
-    pub cow_reuses: u64,
-}
-
-impl VmMemoryStats {
-    /// Statistics of managed guest RAM realized at `host_addr`, whose merge
-    /// statistics are `merge` (its size is `merge.guest_pages`).
-    pub(crate) fn managed(host_addr: usize, merge: &VmMergeStats) -> Self {
-        VmMemoryStats {
-            guest_pages: merge.guest_pages,
-            resident_pages: resident_pages(host_addr, merge.guest_pages.saturating_mul(PAGE_SIZE as u64)),
-            merged_pages: merge.merged_pages,
-            zero_pages: merge.zero_pages,
-            vma_count: merge.vma_count,
-            cow_copies: merge.cow_copies,
-            cow_reuses: merge.cow_reuses,
-        }
-    }
-
-    /// Statistics of guest RAM the manager does not hold (e.g. private
-    /// anonymous memory), `size` bytes at `host_addr`: its size and residency;
-    /// nothing is merged.
-    pub fn unmanaged(host_addr: u64, size: u64) -> Self {
-        let resident_pages = usize::try_from(host_addr).map_or(0, |addr| resident_pages(addr, size));
-        VmMemoryStats { guest_pages: size / PAGE_SIZE as u64, resident_pages, ..VmMemoryStats::default() }
-    }
-}
-
-/// Pages of `addr..addr+size` that hold host memory (`mincore`); 0 (logged)
-/// if the range cannot be inspected.
-fn resident_pages(addr: usize, size: u64) -> u64 {
-    let mut residency = Vec::new();
-    let result = usize::try_from(size)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-        .and_then(|len| sys::mincore(addr, len, &mut residency));
-    match result {
-        Ok(()) => residency.iter().filter(|b| **b & 1 != 0).count() as u64,
-        Err(e) => {
-            tracing::warn!("mincore of guest RAM at {addr:#x} ({size} bytes): {e}");
-            0
         }
     }
 }
@@ -468,52 +330,5 @@ mod tests {
         assert_eq!((parsed.vcpu_holds, parsed.vcpu_hold_ms), (0, 0.0));
         assert_eq!((parsed.process_vma_count, parsed.vmas_per_shared_page, parsed.punch_calls), (0, 0.0, 0));
         assert_eq!(parsed.compaction, CompactionStats::default());
-    }
-
-    #[test]
-    fn vm_stats_of_merge_stats_and_unmanaged_ram() {
-        let merge = VmMergeStats {
-            guest_pages: 4,
-            merged_pages: 2,
-            zero_pages: 1,
-            vma_count: 3,
-            cow_copies: 3,
-            cow_reuses: 4,
-            ..Default::default()
-        };
-        let len = 4 * PAGE_SIZE;
-        // SAFETY: a new private anonymous mapping, unmapped below; the result is checked.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        // SAFETY: the second page of the mapping above.
-        unsafe { *addr.cast::<u8>().add(PAGE_SIZE) = 1 };
-        let managed = VmMemoryStats::managed(addr as usize, &merge);
-        assert_eq!(
-            managed,
-            VmMemoryStats {
-                guest_pages: 4,
-                resident_pages: 1,
-                merged_pages: 2,
-                zero_pages: 1,
-                vma_count: 3,
-                cow_copies: 3,
-                cow_reuses: 4
-            }
-        );
-        let unmanaged = VmMemoryStats::unmanaged(addr as u64, len as u64);
-        assert_eq!(unmanaged, VmMemoryStats { guest_pages: 4, resident_pages: 1, ..VmMemoryStats::default() });
-        // SAFETY: the mapping above, no longer used.
-        assert_eq!(unsafe { libc::munmap(addr, len) }, 0);
-        // A range that is not mapped reads as nothing resident, not as an error.
-        assert_eq!(VmMemoryStats::unmanaged(addr as u64, len as u64).resident_pages, 0);
     }
 }
