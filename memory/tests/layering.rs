@@ -23,6 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "vma_budget.rs",
             "write_retry.rs",
             "vcpu_gate.rs",
+            "thread_hook.rs",
             "tunable_range.rs",
             "merge/tunables.rs",
             "merge/error.rs",
