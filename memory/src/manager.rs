@@ -347,11 +347,23 @@ impl MemoryManager {
     }
 
     /// Frames unmerging every page needs, and frames free: one frame per
-    /// guest page mapping a shared frame beyond the first of each.
+    /// guest page mapping a shared frame beyond the first of each, and one per
+    /// merged zero page mapping the pool's zero region.
     pub fn unmerge_room(&self) -> (u64, u64) {
         let st = self.core.lock();
         let frames = st.frames();
-        (frames.shared_mappings() - frames.shared_frames(), st.pool().buddy().free_frames())
+        // A merged zero page on the pool's zero region needs a frame of its own
+        // when unmerged (one that fell back to a punched frame of its own does not).
+        let merged_zero: u64 = st
+            .tables()
+            .map(|(_, t)| {
+                t.entries()
+                    .iter()
+                    .filter(|e| e.flags.contains(PageFlags::MERGED_ZERO) && st.pool().is_zero_frame(e.frame))
+                    .count() as u64
+            })
+            .sum();
+        (frames.shared_mappings() - frames.shared_frames() + merged_zero, st.pool().buddy().free_frames())
     }
 
     /// The merger's unmerge-all ([`Merger::unmerge_all`]), refused up front with

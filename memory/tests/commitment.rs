@@ -223,3 +223,41 @@ fn page_holds(addr: usize, value: u64) -> bool {
     // SAFETY: `addr` is a page of a live guest map (kept alive by the test).
     unsafe { page_is(addr, value) }
 }
+
+/// Merged zero pages map the pool's zero region and give their frames back,
+/// so unmerging them needs a frame each: with those frames taken by an
+/// overcommitted VM, unmerge-all is refused up front naming them.
+#[test]
+fn unmerge_all_counts_the_frames_merged_zero_pages_need() {
+    let test = "unmerge_all_counts_the_frames_merged_zero_pages_need";
+    let Some(mgr) = manager_or_skip(test, POOL_MIB) else {
+        return;
+    };
+    let _w = Watchdog::new(test, 120);
+    let a = mgr.create_guest(1, VM_BYTES).unwrap();
+    for p in 0..VM_PAGES {
+        // SAFETY: a page of a guest map this test keeps alive; no other thread writes it.
+        unsafe { fill_page(a.page_addr(p).unwrap(), 0) };
+    }
+    mgr.set_merge(1, true, DOMAIN).unwrap();
+    let t = memory::Tunables { merge_zero_pages: true, ..memory::Tunables::full_speed() };
+    mgr.merger().set_tunables(t).unwrap();
+    wait_for("every page to be merged as a zero page", || mgr.stats().zero_pages == u64::from(VM_PAGES));
+    mgr.merger().set_run(false);
+    let free = mgr.stats().frames_free;
+    assert!(free >= 2 * u64::from(VM_PAGES) - 8, "zero pages kept their frames: {free} free");
+    mgr.set_commit_policy(CommitPolicy { overcommit_ratio: 2.0, cow_reserve_frames: 0 }).unwrap();
+    let c = mgr.create_guest(2, free * PAGE_SIZE as u64).unwrap();
+    assert_eq!(mgr.stats().frames_free, 0);
+    match mgr.unmerge_all() {
+        Err(Error::Commit(CommitError::NoRoomToUnmerge { needed, free, missing })) => {
+            assert_eq!((needed, free, missing), (u64::from(VM_PAGES), 0, u64::from(VM_PAGES)));
+        }
+        other => panic!("expected a refusal naming the zero pages' frames, got {other:?}"),
+    }
+    drop(c);
+    assert!(mgr.unmerge_all().is_ok());
+    for p in 0..VM_PAGES {
+        assert!(page_holds(a.page_addr(p).unwrap(), 0), "page {p}");
+    }
+}
