@@ -62,6 +62,8 @@ impl host::Error {
         match self {
             host::Error::NoSuchVm(_) => ErrorKind::NotFound,
             host::Error::Exists(_) | host::Error::OverBudget { .. } => ErrorKind::Conflict,
+            host::Error::Admission(e) if e.is_invalid_input() => ErrorKind::InvalidInput,
+            host::Error::Admission(_) => ErrorKind::Conflict,
             host::Error::Memory(e) => memory_error_kind(e),
             host::Error::Vm(e) => e.kind(),
             _ => ErrorKind::Internal,
