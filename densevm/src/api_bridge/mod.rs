@@ -6,7 +6,8 @@
 //! [`ReplySender`]); the slow requests are answered from helper threads: `GET /`
 //! (host facts gathered once in the background, [`facts`]), `UnmergeAll` (the
 //! merger's unmerge-all waits until every page is private, [`memory`]), `Compact`
-//! (one compaction pass, one at a time, [`compaction`]), and `PUT /vms/{id}` and
+//! (one compaction pass, one at a time, [`compaction`]), `GET /memory` (the
+//! manager's lock may be held long by another thread, [`stats`]), and `PUT /vms/{id}` and
 //! `DELETE /vms/{id}` (the VM is built or freed on a worker thread and finished
 //! here when the loop is woken through [`ApiBridge::wake_fd`], [`lifecycle`]).
 //! What the Host does not keep lives here: the API configuration each VM was created
@@ -18,6 +19,7 @@ mod facts;
 mod lifecycle;
 mod memory;
 mod report;
+mod stats;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,6 +43,7 @@ pub struct ApiBridge {
     configs: BTreeMap<String, VmConfig>,
     compaction: compaction::OnDemand,
     workers: lifecycle::Workers,
+    stats: stats::StatsThread,
 }
 
 impl ApiBridge {
@@ -52,6 +55,7 @@ impl ApiBridge {
             configs: BTreeMap::new(),
             compaction: compaction::OnDemand::default(),
             workers: lifecycle::Workers::new()?,
+            stats: stats::StatsThread::default(),
         })
     }
 
@@ -122,6 +126,7 @@ impl ApiBridge {
             ApiAction::GetInfo => self.facts.reply(reply),
             ApiAction::MergeAction(MergeActionType::UnmergeAll) => memory::unmerge_all(host.memory(), reply),
             ApiAction::CompactionAction(CompactionActionType::Compact) => self.compaction.compact(host.memory(), reply),
+            ApiAction::GetMemory => self.stats.host(host.memory(), reply),
             _ => return Some(reply),
         }
         None
@@ -145,7 +150,7 @@ impl ApiBridge {
                 let vm = host.vm(&id).map_err(host_error)?;
                 memory::vm_stats(host.memory(), vm).map(ApiReply::VmMemory)
             }
-            ApiAction::GetMemory => Ok(ApiReply::Memory(Box::new(memory::host_stats(host.memory())))),
+            ApiAction::GetMemory => Err(ApiError::internal("this request is answered by a helper thread")),
             ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(memory::merge_config(host.memory()))),
             ApiAction::PatchMergeConfig(patch) => {
                 let c = memory::patch_merge_config(host.memory(), &patch)?;

@@ -26,7 +26,7 @@ pub enum Error {
         "the open-files hard limit (RLIMIT_NOFILE) is {hard}, but --max-vms {max_vms} and --max-vcpus {max_vcpus} \
          with {connections} API connections need up to {needed} file descriptors ({base} for the daemon, \
          {per_vm} per VM, {per_vcpu} per vCPU, 1 per connection): raise the hard limit (ulimit -Hn, or \
-         LimitNOFILE= in a systemd unit) or lower --max-vms/--max-vcpus",
+         LimitNOFILE= in a systemd unit) or lower --max-vms, --max-vcpus or --api-max-connections-*",
         base = FDS_BASE, per_vm = FDS_PER_VM, per_vcpu = FDS_PER_VCPU
     )]
     TooFewFds {
