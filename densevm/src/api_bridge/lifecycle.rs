@@ -29,7 +29,7 @@ pub enum Done {
         /// Its API configuration.
         config: VmConfig,
         /// The built VM, or why not.
-        result: Result<Vm, host::Error>,
+        result: Box<Result<Vm, host::Error>>,
         /// Where the answer goes.
         reply: ReplySender,
         /// When the request was admitted.
@@ -73,6 +73,7 @@ impl Workers {
         let started = Instant::now();
         spawn_or_run("densevm-vmcreate", move || {
             let result = creation.build();
+            let result = Box::new(result);
             post(&tx, wake.as_ref(), Done::Created { id, config, result, reply, started });
         });
     }

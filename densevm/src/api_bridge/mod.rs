@@ -72,7 +72,7 @@ impl ApiBridge {
         for done in self.workers.take_done() {
             match done {
                 lifecycle::Done::Created { id, config, result, reply, started } => {
-                    let result = match host.finish_create(&id, result) {
+                    let result = match host.finish_create(&id, *result) {
                         Ok(()) => {
                             log_created(&id, &config, started);
                             self.configs.insert(id, config);
