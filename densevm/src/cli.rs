@@ -88,6 +88,26 @@ pub struct ServeArgs {
     /// `off` installs none (README, "Security: seccomp filters per thread kind").
     #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
+    /// A directory kernels, initrds and other files named in requests may be read
+    /// from (beneath it, symlinks resolved); repeatable. Paths elsewhere are refused
+    /// (400). Default: anywhere except /proc, /dev and /sys, which are always refused.
+    #[arg(long = "allowed-dir")]
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Most VMs at once; creation beyond is refused (409). Default: 64 per host CPU,
+    /// cut down to what the open-files limit holds.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_vms: Option<usize>,
+    /// Most vCPUs of all VMs at once; creation beyond is refused (409, or 400 for one
+    /// VM asking for more). Default: 64 per host CPU, cut down to what the open-files
+    /// limit holds.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_vcpus: Option<u64>,
+    /// The daemon's oom_score_adj (-999..=1000; -1000, unkillable, is refused): below
+    /// 0 the kernel's OOM killer prefers other processes, but may still end the daemon
+    /// (and every VM in it) as a last resort.
+    #[arg(long, default_value_t = crate::commands::daemon_limits::DEFAULT_OOM_SCORE_ADJ,
+          allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-999..=1000))]
+    pub oom_score_adj: i32,
 }
 
 /// `densevm run`.

@@ -18,10 +18,11 @@ pub enum ErrorKind {
     UnbootableKernel,
     /// The VM named does not exist (HTTP 404, CLI exit 1).
     NotFound,
-    /// The request does not fit the current state: the VM exists already, its
-    /// state does not allow the operation, the frame pool is full, memory
-    /// commitment or the host memory budget refuses a new VM, or unmerging has
-    /// no room (HTTP 409, CLI exit 1).
+    /// The request does not fit the current state: the VM exists already or is
+    /// being created or deleted, its state does not allow the operation, the
+    /// frame pool is full, memory commitment, the host memory budget or the
+    /// daemon's maxima of VMs and vCPUs refuse a new VM, or unmerging has no
+    /// room (HTTP 409, CLI exit 1).
     Conflict,
     /// Anything else: KVM, host I/O, the memory manager (HTTP 500, CLI exit 1).
     Internal,
@@ -62,6 +63,8 @@ impl host::Error {
         match self {
             host::Error::NoSuchVm(_) => ErrorKind::NotFound,
             host::Error::Exists(_) | host::Error::OverBudget { .. } => ErrorKind::Conflict,
+            host::Error::Admission(e) if e.is_invalid_input() => ErrorKind::InvalidInput,
+            host::Error::Admission(_) => ErrorKind::Conflict,
             host::Error::Memory(e) => memory_error_kind(e),
             host::Error::Vm(e) => e.kind(),
             _ => ErrorKind::Internal,

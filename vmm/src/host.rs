@@ -14,6 +14,7 @@ use memory::{ManagerConfig, MemoryManager};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::admission::{self, Admission, Limits};
 use crate::control::{ControlGate, ControlOutOfMemory, VcpuEvent};
 use crate::dirty_log::KvmDirtyLog;
 use crate::vm::{self, Vm, VmSpec, VmState};
@@ -66,6 +67,9 @@ pub enum Error {
     /// A balloon request failed.
     #[error(transparent)]
     Balloon(#[from] crate::balloon::Error),
+    /// Admission control refused the VM (its maxima, or the VM is in flight).
+    #[error(transparent)]
+    Admission(#[from] admission::Error),
 }
 
 /// Host-wide settings.
@@ -102,10 +106,70 @@ struct Entry {
     vm: Vm,
 }
 
+/// A VM admitted by [`Host::begin_create`], to be built by [`Creation::build`]
+/// (on any thread: building a big VM takes seconds, mostly in KVM's memslot
+/// setup) and then handed to [`Host::finish_create`] on the event loop.
+pub struct Creation {
+    kvm: Arc<Kvm>,
+    cpuid: CpuId,
+    memory: Arc<MemoryManager>,
+    mem_id: u32,
+    domain: u32,
+    spec: VmSpec,
+}
+
+impl Creation {
+    /// The id of the VM being created.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// Builds the VM: KVM VM, guest RAM, vCPUs, boot files, devices, and its
+    /// registration with the memory manager.
+    pub fn build(self) -> Result<Vm, Error> {
+        let Creation { kvm, cpuid, memory, mem_id, domain, spec } = self;
+        let merge = spec.merge.clone();
+        let vm = Vm::create(&kvm, &cpuid, &memory, mem_id, spec)?;
+        if vm.ram().guest_map().is_some() {
+            memory.set_merge(mem_id, merge.enabled, domain)?;
+            let oom = ControlOutOfMemory(vm.control().clone());
+            memory.set_out_of_memory_handler(mem_id, Box::new(oom))?;
+            if merge.enabled {
+                let log = KvmDirtyLog::new(vm.vm_fd().clone(), 0, vm.ram().size() as usize);
+                memory.set_dirty_log(mem_id, Box::new(log))?;
+                memory.set_vcpu_gate(mem_id, Box::new(ControlGate(vm.control().clone())))?;
+            }
+        } else if merge.enabled {
+            return Err(Error::Vm(vm::Error::Config(
+                "densevm merging needs managed RAM; anonymous RAM is merged by the kernel's KSM".into(),
+            )));
+        }
+        Ok(vm)
+    }
+}
+
+/// A VM taken out of the host by [`Host::begin_remove`]: stop and drop it
+/// with [`Removal::finish`] (on any thread: freeing a big VM's memory slots
+/// takes a while), then tell the host with [`Host::finish_remove`].
+pub struct Removal {
+    vm: Vm,
+}
+
+impl Removal {
+    /// The id of the VM being removed.
+    pub fn id(&self) -> &str {
+        self.vm.id()
+    }
+
+    /// Stops the VM's vCPUs and frees it.
+    pub fn finish(mut self) {
+        self.vm.stop();
+    }
+}
 /// All microVMs of this process.
 pub struct Host {
     domains: std::collections::HashMap<String, u32>,
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     memory: Arc<MemoryManager>,
     next_mem_id: u32,
     cpuid: CpuId,
@@ -117,6 +181,8 @@ pub struct Host {
     unregistered: Vec<u32>,
     /// Most guest memory (all VMs, committed at creation) in bytes; `None`: no budget.
     budget_bytes: Option<u64>,
+    /// The maxima and the VMs in flight.
+    admission: Admission,
 }
 
 static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
@@ -151,7 +217,7 @@ impl Host {
         })?;
         Ok(Host {
             domains: std::collections::HashMap::new(),
-            kvm,
+            kvm: Arc::new(kvm),
             memory,
             next_mem_id: 1,
             cpuid,
@@ -162,6 +228,7 @@ impl Host {
             log: Vec::new(),
             unregistered: Vec::new(),
             budget_bytes: None,
+            admission: Admission::default(),
         })
     }
 
@@ -201,9 +268,25 @@ impl Host {
         self.budget_bytes
     }
 
-    /// Guest memory of every VM (created until deleted), in bytes.
+    /// Guest memory of every VM (created until deleted, counting those being
+    /// built or torn down), in bytes.
     pub fn committed_guest_bytes(&self) -> u64 {
-        self.vms.values().map(|e| e.vm.ram().size()).sum()
+        self.vms.values().map(|e| e.vm.ram().size()).sum::<u64>() + self.admission.pending_bytes()
+    }
+
+    /// Sets the per-daemon maxima of VMs and vCPUs (default: none).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.admission.set_limits(limits);
+    }
+
+    /// The per-daemon maxima in force.
+    pub fn limits(&self) -> Limits {
+        self.admission.limits()
+    }
+
+    /// vCPUs of every VM (created until deleted).
+    fn vcpus_in_use(&self) -> u64 {
+        self.vms.values().map(|e| u64::from(e.vm.spec().vcpus)).sum()
     }
 
     fn check_budget(&self, spec: &VmSpec) -> Result<(), Error> {
@@ -228,39 +311,50 @@ impl Host {
     /// Creates a VM (not started). Register it with the event loop through
     /// [`Host::register_new`] when the loop already runs.
     pub fn create_vm(&mut self, spec: VmSpec) -> Result<(), Error> {
+        let creation = self.begin_create(spec)?;
+        let id = creation.id().to_string();
+        let built = creation.build();
+        self.finish_create(&id, built)
+    }
+
+    /// Admits a new VM (id free, maxima, memory budget) and reserves its place
+    /// until [`Host::finish_create`]; the returned [`Creation`] builds it.
+    pub fn begin_create(&mut self, spec: VmSpec) -> Result<Creation, Error> {
         if self.vms.contains_key(&spec.id) {
             return Err(Error::Exists(spec.id));
         }
+        self.admission.check_idle(&spec.id)?;
+        self.admission.check(spec.vcpus, self.vms.len(), self.vcpus_in_use())?;
         self.check_budget(&spec)?;
-        let id = spec.id.clone();
         let mem_id = self.next_mem_id;
-        let merge = spec.merge.clone();
-        let vm = Vm::create(&self.kvm, &self.cpuid, &self.memory, mem_id, spec)?;
-        self.next_mem_id += 1;
-        if vm.ram().guest_map().is_some() {
-            let domain = match &merge.domain {
-                Some(name) => self.domain_id(name),
-                None => mem_id,
-            };
-            self.memory.set_merge(mem_id, merge.enabled, domain)?;
-            let oom = ControlOutOfMemory(vm.control().clone());
-            self.memory.set_out_of_memory_handler(mem_id, Box::new(oom))?;
-            if merge.enabled {
-                let log = KvmDirtyLog::new(vm.vm_fd().clone(), 0, vm.ram().size() as usize);
-                self.memory.set_dirty_log(mem_id, Box::new(log))?;
-                self.memory.set_vcpu_gate(mem_id, Box::new(ControlGate(vm.control().clone())))?;
-            }
-        } else if merge.enabled {
-            return Err(Error::Vm(vm::Error::Config(
-                "densevm merging needs managed RAM; anonymous RAM is merged by the kernel's KSM".into(),
-            )));
-        }
+        self.next_mem_id = mem_id.checked_add(1).ok_or_else(|| Error::Io("out of memory-manager ids".into()))?;
+        let domain = match &spec.merge.domain {
+            Some(name) => self.domain_id(name),
+            None => mem_id,
+        };
+        self.admission.reserve(&spec.id, spec.vcpus, spec.mem_mib.saturating_mul(1 << 20), false);
+        Ok(Creation {
+            kvm: self.kvm.clone(),
+            cpuid: self.cpuid.clone(),
+            memory: self.memory.clone(),
+            mem_id,
+            domain,
+            spec,
+        })
+    }
+
+    /// Ends the creation of VM `id` begun by [`Host::begin_create`]: adds the
+    /// built VM (it joins the event loop at the next [`Host::register_new`]) or
+    /// releases its place.
+    pub fn finish_create(&mut self, id: &str, built: Result<Vm, Error>) -> Result<(), Error> {
+        self.admission.release(id);
+        let vm = built?;
         let token = self.next_token;
         self.next_token = token
             .checked_add(1 << FD_INDEX_BITS)
             .ok_or_else(|| Error::Io("out of event-loop tokens for new VMs".into()))?;
         self.unregistered.push(token);
-        self.vms.insert(id, Entry { token, vm });
+        self.vms.insert(id.to_string(), Entry { token, vm });
         Ok(())
     }
 
@@ -281,7 +375,17 @@ impl Host {
 
     /// Stops and removes a VM, unregistering its fds.
     pub fn remove_vm(&mut self, id: &str, ops: Option<&mut EventOps>) -> Result<(), Error> {
-        let mut entry = self.vms.remove(id).ok_or_else(|| Error::NoSuchVm(id.to_string()))?;
+        let removal = self.begin_remove(id, ops)?;
+        removal.finish();
+        self.finish_remove(id);
+        Ok(())
+    }
+
+    /// Takes VM `id` out of the host, unregistering its fds; it still counts
+    /// against the maxima and the budget until [`Host::finish_remove`].
+    pub fn begin_remove(&mut self, id: &str, ops: Option<&mut EventOps>) -> Result<Removal, Error> {
+        self.admission.check_idle(id)?;
+        let entry = self.vms.remove(id).ok_or_else(|| Error::NoSuchVm(id.to_string()))?;
         if let Some(ops) = ops {
             let _ = ops.remove(Events::with_data(entry.vm.event_fd(), entry.token, EventSet::IN));
             for (i, fd) in entry.vm.device_event_fds() {
@@ -289,8 +393,14 @@ impl Host {
             }
         }
         self.unregistered.retain(|t| *t != entry.token);
-        entry.vm.stop();
-        Ok(())
+        let spec = entry.vm.spec();
+        self.admission.reserve(id, spec.vcpus, entry.vm.ram().size(), true);
+        Ok(Removal { vm: entry.vm })
+    }
+
+    /// VM `id`, taken out by [`Host::begin_remove`], is gone.
+    pub fn finish_remove(&mut self, id: &str) {
+        self.admission.release(id);
     }
 
     /// Starts every created VM.
@@ -407,6 +517,14 @@ mod tests {
         assert_eq!(split_token(device_token(vm, 0)), (vm, 1));
         assert_eq!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)), (vm, MAX_SUBSCRIPTIONS as u32));
         assert_ne!(split_token(device_token(vm, MAX_SUBSCRIPTIONS - 1)).0, SIGNAL_TOKEN);
+    }
+
+    #[test]
+    fn creation_and_removal_move_to_worker_threads() {
+        fn send<T: Send>() {}
+        send::<Creation>();
+        send::<Removal>();
+        send::<Result<Vm, Error>>();
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! The `densevm` crate builds the command (CLI, API daemon, benchmarks) on top of
 //! this library; end-to-end tests use it directly too.
 
+pub mod admission;
 pub mod arch;
 pub mod balloon;
 pub mod boot;

@@ -5,8 +5,11 @@
 //! Host freely; it never waits for an HTTP client (replies go through the non-blocking
 //! [`ReplySender`]); the slow requests are answered from helper threads: `GET /`
 //! (host facts gathered once in the background, [`facts`]), `UnmergeAll` (the
-//! merger's unmerge-all waits until every page is private, [`memory`]) and `Compact`
-//! (one compaction pass, one at a time, [`compaction`]).
+//! merger's unmerge-all waits until every page is private, [`memory`]), `Compact`
+//! (one compaction pass, one at a time, [`compaction`]), `GET /memory` (the
+//! manager's lock may be held long by another thread, [`stats`]), and `PUT /vms/{id}` and
+//! `DELETE /vms/{id}` (the VM is built or freed on a worker thread and finished
+//! here when the loop is woken through [`ApiBridge::wake_fd`], [`lifecycle`]).
 //! The host memory budget policy of the balloons ([`balloon_policy`]) lives here
 //! too: the daemon's event loop calls [`ApiBridge::tick`] to step it.
 //! What the Host does not keep lives here: the API configuration each VM was created
@@ -16,8 +19,10 @@ mod balloon;
 mod balloon_policy;
 mod compaction;
 mod facts;
+mod lifecycle;
 mod memory;
 mod report;
+mod stats;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,6 +36,7 @@ use vmm::error_kind::ErrorKind;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{self, Host};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use facts::HostFacts;
 
@@ -40,23 +46,64 @@ pub struct ApiBridge {
     configs: BTreeMap<String, VmConfig>,
     compaction: compaction::OnDemand,
     policy: vmm::balloon::BalloonPolicy,
-}
-
-impl Default for ApiBridge {
-    fn default() -> Self {
-        Self::new()
-    }
+    workers: lifecycle::Workers,
+    stats: stats::StatsThread,
 }
 
 impl ApiBridge {
     /// A bridge with no VMs; starts gathering the host facts of `GET /` in the background
     /// (the ring-0 probe takes a while on some hosts).
-    pub fn new() -> Self {
-        ApiBridge {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ApiBridge {
             facts: HostFacts::gather_in_background(),
             configs: BTreeMap::new(),
             compaction: compaction::OnDemand::default(),
             policy: vmm::balloon::BalloonPolicy::default(),
+            workers: lifecycle::Workers::new()?,
+            stats: stats::StatsThread::default(),
+        })
+    }
+
+    /// Readable when a VM built or freed off the event loop is ready to be
+    /// finished ([`ApiBridge::finish_workers`]); register it with the event loop.
+    pub fn wake_fd(&self) -> &EventFd {
+        self.workers.wake_fd()
+    }
+
+    /// Finishes on `host` the VMs the worker threads built or freed, and answers
+    /// their requests. New VMs join the event loop at the Host's next
+    /// `register_new`.
+    pub fn finish_workers(&mut self, host: &mut Host) {
+        for done in self.workers.take_done() {
+            match done {
+                lifecycle::Done::Created { id, config, result, reply, started } => {
+                    let result = match host.finish_create(&id, *result) {
+                        Ok(()) => {
+                            log_created(&id, &config, started);
+                            self.configs.insert(id, config);
+                            Ok(ApiReply::Empty)
+                        }
+                        Err(e) => Err(host_error(e)),
+                    };
+                    send(reply, "PutVm", result);
+                }
+                lifecycle::Done::Deleted { id, reply, started } => {
+                    host.finish_remove(&id);
+                    tracing::info!(vm_id = %id, "deleted in {} ms", started.elapsed().as_millis());
+                    send(reply, "DeleteVm", Ok(ApiReply::Empty));
+                }
+            }
+        }
+    }
+
+    /// Answers with 503 the requests whose VMs the workers finished but the
+    /// event loop did not (the daemon is going away; those VMs are dropped).
+    pub fn refuse_finished(&mut self) {
+        for done in self.workers.take_done() {
+            let reply = match done {
+                lifecycle::Done::Created { reply, .. } | lifecycle::Done::Deleted { reply, .. } => reply,
+            };
+            let _ = reply.send(Err(ApiError::unavailable("densevm is shutting down")));
         }
     }
 
@@ -71,16 +118,15 @@ impl ApiBridge {
     /// subscriber that owns the Host's fds (needed to unregister a deleted VM).
     pub fn serve(&mut self, host: &mut Host, req: ApiRequest, ops: Option<&mut EventOps>) {
         let ApiRequest { action, reply } = req;
+        let action = match action {
+            ApiAction::PutVm { vm_id, config } => return self.create_vm(host, vm_id, config, reply),
+            ApiAction::DeleteVm(id) => return self.delete_vm(host, &id, ops, reply),
+            other => other,
+        };
         let Some(reply) = self.answer_later(host, &action, reply) else { return };
         let name = action.name();
         let result = self.answer(host, action, ops);
-        if let Err(e) = &result {
-            if e.kind == api::ErrorKind::Internal {
-                tracing::error!("{name} failed: {}", e.fault_message);
-            }
-        }
-        // False when the client gave up; the action was carried out anyway.
-        let _ = reply.send(result);
+        send(reply, name, result);
     }
 
     /// Hands the slow requests to the threads that answer them; gives the reply
@@ -91,6 +137,7 @@ impl ApiBridge {
             ApiAction::GetInfo => self.facts.reply(reply),
             ApiAction::MergeAction(MergeActionType::UnmergeAll) => memory::unmerge_all(host.memory(), reply),
             ApiAction::CompactionAction(CompactionActionType::Compact) => self.compaction.compact(host.memory(), reply),
+            ApiAction::GetMemory => self.stats.host(host.memory(), reply),
             _ => return Some(reply),
         }
         None
@@ -98,18 +145,13 @@ impl ApiBridge {
 
     fn answer(&mut self, host: &mut Host, action: ApiAction, ops: Option<&mut EventOps>) -> Result<ApiReply, ApiError> {
         match action {
-            ApiAction::GetInfo | ApiAction::MergeAction(_) | ApiAction::CompactionAction(_) => {
-                Err(ApiError::internal("this request is answered by a helper thread"))
-            }
-            ApiAction::PutVm { vm_id, config } => self.create_vm(host, vm_id, config),
+            ApiAction::GetInfo
+            | ApiAction::MergeAction(_)
+            | ApiAction::CompactionAction(_)
+            | ApiAction::PutVm { .. }
+            | ApiAction::DeleteVm(_) => Err(ApiError::internal("this request is answered by a helper thread")),
             ApiAction::ListVms => Ok(ApiReply::Vms(host.vms().map(|vm| self.vm_info(vm)).collect())),
             ApiAction::GetVm(id) => Ok(ApiReply::Vm(Box::new(self.vm_info(host.vm(&id).map_err(host_error)?)))),
-            ApiAction::DeleteVm(id) => {
-                host.remove_vm(&id, ops).map_err(host_error)?;
-                self.configs.remove(&id);
-                tracing::info!(vm_id = %id, "deleted");
-                Ok(ApiReply::Empty)
-            }
             ApiAction::VmAction { vm_id, action } => {
                 vm_action(host.vm_mut(&vm_id).map_err(host_error)?, action)?;
                 tracing::info!(vm_id = %vm_id, "{action:?}");
@@ -119,7 +161,7 @@ impl ApiBridge {
                 let vm = host.vm(&id).map_err(host_error)?;
                 memory::vm_stats(host.memory(), vm).map(ApiReply::VmMemory)
             }
-            ApiAction::GetMemory => Ok(ApiReply::Memory(Box::new(memory::host_stats(host.memory())))),
+            ApiAction::GetMemory => Err(ApiError::internal("this request is answered by a helper thread")),
             ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(memory::merge_config(host.memory()))),
             ApiAction::PatchMergeConfig(patch) => {
                 let c = memory::patch_merge_config(host.memory(), &patch)?;
@@ -165,24 +207,30 @@ impl ApiBridge {
         }
     }
 
-    fn create_vm(&mut self, host: &mut Host, vm_id: String, config: VmConfig) -> Result<ApiReply, ApiError> {
+    /// Admits the VM on the Host and has a worker build it; the answer is sent
+    /// when the worker is done ([`ApiBridge::finish_workers`]).
+    fn create_vm(&mut self, host: &mut Host, vm_id: String, config: VmConfig, reply: ReplySender) {
         if host.vm(&vm_id).is_ok() {
-            return Err(ApiError::conflict(format!("a VM with id {vm_id} already exists")));
+            let e = ApiError::conflict(format!("a VM with id {vm_id} already exists"));
+            return send(reply, "PutVm", Err(e));
         }
-        let spec = vm_spec(&vm_id, &config)?;
-        host.create_vm(spec).map_err(host_error)?;
-        tracing::info!(
-            vm_id = %vm_id,
-            "created: {} vCPU(s), {} MiB, {}",
-            config.vcpu_count,
-            config.mem_size_mib,
-            match &config.boot {
-                ApiBoot::Workload(s) => format!("workload guest filling {} MiB", s.fill_mib),
-                ApiBoot::Kernel(k) => format!("kernel {}", k.kernel_image_path),
+        let creation = vm_spec(&vm_id, &config).and_then(|spec| host.begin_create(spec).map_err(host_error));
+        match creation {
+            Ok(creation) => self.workers.create(creation, config, reply),
+            Err(e) => send(reply, "PutVm", Err(e)),
+        }
+    }
+
+    /// Takes the VM out of the Host (and the event loop) and has a worker stop
+    /// and free it; the answer is sent when the worker is done.
+    fn delete_vm(&mut self, host: &mut Host, id: &str, ops: Option<&mut EventOps>, reply: ReplySender) {
+        match host.begin_remove(id, ops) {
+            Ok(removal) => {
+                self.configs.remove(id);
+                self.workers.delete(removal, reply);
             }
-        );
-        self.configs.insert(vm_id, config);
-        Ok(ApiReply::Empty)
+            Err(e) => send(reply, "DeleteVm", Err(host_error(e))),
+        }
     }
 
     fn vm_info(&self, vm: &Vm) -> VmInfo {
@@ -195,6 +243,32 @@ impl ApiBridge {
             exit_reason: vm.timeline().exit_reason.clone(),
         }
     }
+}
+
+/// Sends `result` as the answer to the `name` request, logging internal errors.
+fn send(reply: ReplySender, name: &str, result: Result<ApiReply, ApiError>) {
+    if let Err(e) = &result {
+        if e.kind == api::ErrorKind::Internal {
+            tracing::error!("{name} failed: {}", e.fault_message);
+        }
+    }
+    // False when the client gave up; the action was carried out anyway.
+    let _ = reply.send(result);
+}
+
+/// Logs a VM created over the API.
+fn log_created(vm_id: &str, config: &VmConfig, started: std::time::Instant) {
+    tracing::info!(
+        vm_id = %vm_id,
+        "created in {} ms: {} vCPU(s), {} MiB, {}",
+        started.elapsed().as_millis(),
+        config.vcpu_count,
+        config.mem_size_mib,
+        match &config.boot {
+            ApiBoot::Workload(s) => format!("workload guest filling {} MiB", s.fill_mib),
+            ApiBoot::Kernel(k) => format!("kernel {}", k.kernel_image_path),
+        }
+    );
 }
 
 /// Builds the VMM's spec of a VM from its API configuration.

@@ -1,5 +1,6 @@
 //! The `densevm` subcommands.
 
+pub mod daemon_limits;
 pub mod demo;
 pub mod host_info;
 pub mod run;

@@ -13,15 +13,18 @@ use api::{ApiError, ApiServer, ApiServerConfig, VmmEndpoint};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
-use super::CommandError;
+use super::{daemon_limits, CommandError};
 use crate::api_bridge::ApiBridge;
 use crate::cli::ServeArgs;
 use crate::seccomp::Kind;
+use vmm::boot::boot_file::{self, PathPolicy};
 use vmm::driver::{log_event, Milestones};
 use vmm::host::{Host, HostConfig};
 
 /// Event data of the API wake-up eventfd (the Host uses small numbers from 0 up).
 const API_TOKEN: u32 = u32::MAX;
+/// Event data of the wake-up eventfd of the threads that build and free VMs.
+const WORKERS_TOKEN: u32 = u32::MAX - 1;
 /// Longest sleep of the event loop between checks for termination.
 const LOOP_TIMEOUT_MS: i32 = 200;
 
@@ -34,8 +37,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Wraps `host`; API requests arrive on `endpoint`.
-    pub fn new(host: Host, endpoint: VmmEndpoint) -> Self {
-        Daemon { host, endpoint, bridge: ApiBridge::new() }
+    pub fn new(host: Host, endpoint: VmmEndpoint) -> std::io::Result<Self> {
+        Ok(Daemon { host, endpoint, bridge: ApiBridge::new()? })
     }
 
     /// The Host.
@@ -59,6 +62,7 @@ impl Daemon {
         for req in self.endpoint.drain() {
             let _ = req.reply.send(Err(ApiError::unavailable("densevm is shutting down")));
         }
+        self.bridge.refuse_finished();
     }
 }
 
@@ -67,6 +71,9 @@ impl MutEventSubscriber for Daemon {
         if events.data() == API_TOKEN {
             self.serve_requests(Some(ops));
             // VMs created by the requests join the loop.
+            self.host.register_new(ops);
+        } else if events.data() == WORKERS_TOKEN {
+            self.bridge.finish_workers(&mut self.host);
             self.host.register_new(ops);
         } else {
             self.host.process(events, ops);
@@ -77,6 +84,9 @@ impl MutEventSubscriber for Daemon {
         self.host.init(ops);
         if let Err(e) = ops.add(Events::with_data(&self.endpoint.wake, API_TOKEN, EventSet::IN)) {
             tracing::error!("cannot watch the API channel: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::with_data(self.bridge.wake_fd(), WORKERS_TOKEN, EventSet::IN)) {
+            tracing::error!("cannot watch the VM worker threads: {e:?}");
         }
     }
 }
@@ -112,7 +122,24 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
         .map_err(|e| CommandError::Input(e.to_string()))?;
     let filters = crate::seccomp::Filters::build(args.seccomp).map_err(|e| CommandError::Runtime(e.to_string()))?;
     vmm::vcpu::set_thread_start_hook(filters.hook(Kind::Vcpu));
+    let policy = PathPolicy::new(&args.allowed_dirs).map_err(|e| CommandError::Input(e.to_string()))?;
+    let connections =
+        args.api_max_connections_unix as u64 + if tcp.is_some() { args.api_max_connections_tcp as u64 } else { 0 };
+    let hard = daemon_limits::raise_nofile().map_err(|e| CommandError::Runtime(e.to_string()))?;
+    let limits = daemon_limits::resolve(args.max_vms, args.max_vcpus, connections, hard, daemon_limits::host_cpus())
+        .map_err(|e| CommandError::Input(e.to_string()))?;
+    match daemon_limits::set_oom_score_adj(args.oom_score_adj) {
+        Ok(()) => tracing::info!("oom_score_adj: {}", args.oom_score_adj),
+        Err(e) => tracing::warn!("{e}"),
+    }
+    if !policy.allowed_dirs().is_empty() {
+        let dirs: Vec<_> = policy.allowed_dirs().iter().map(|d| d.display().to_string()).collect();
+        tracing::info!("files are read only from beneath {}", dirs.join(", "));
+    }
+    boot_file::set_policy(policy).map_err(|e| CommandError::Runtime(e.to_string()))?;
     let mut host = Host::new_hooked(HostConfig::default(), Some(filters.memory_hook()))?;
+    host.set_limits(limits);
+    tracing::info!("{}", daemon_limits::describe(&limits, hard));
     let (budget, source) = match args.host_budget_mib {
         Some(mib) => (mib.saturating_mul(1 << 20), "--host-budget-mib"),
         None => (vmm::host::mem_available_bytes()?, "MemAvailable at start"),
@@ -121,7 +148,8 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     tracing::info!("host memory budget: {} MiB of guest memory ({source})", budget >> 20);
     host.handle_termination_signals()?;
     let (chan, endpoint) = api::channel().map_err(|e| CommandError::Runtime(e.to_string()))?;
-    let daemon = Arc::new(Mutex::new(Daemon::new(host, endpoint)));
+    let daemon = Daemon::new(host, endpoint).map_err(|e| CommandError::Runtime(format!("eventfd: {e}")))?;
+    let daemon = Arc::new(Mutex::new(daemon));
     let mut em: EventManager<Arc<Mutex<Daemon>>> =
         EventManager::new().map_err(|e| CommandError::Runtime(format!("event manager: {e:?}")))?;
     em.add_subscriber(daemon.clone());

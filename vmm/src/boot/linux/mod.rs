@@ -245,9 +245,10 @@ pub fn load_linux<M: GuestMemoryBackend>(
     }
     // Both files are checked before either is read.
     let kernel = boot_file::open("kernel", &cfg.kernel, boot_file::MAX_KERNEL_BYTES)?;
-    // No cap on the initrd here: place_initrd refuses one that does not fit in guest
-    // RAM, with where it would have to go, before a byte of it is read.
-    let initrd_file = cfg.initrd.as_deref().map(|p| boot_file::open("initrd", p, u64::MAX)).transpose()?;
+    // Capped here; place_initrd also refuses one that does not fit in guest RAM,
+    // with where it would have to go, before a byte of it is read.
+    let initrd_file =
+        cfg.initrd.as_deref().map(|p| boot_file::open("initrd", p, boot_file::MAX_INITRD_BYTES)).transpose()?;
     let path = kernel.path.as_path();
     let mut file = kernel.file;
     let format = detect_format(&mut file, path)?;

@@ -7,7 +7,10 @@
 //! overlap kernel addresses or sit near zero, never name a RIP.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use crate::boot::boot_file;
 
 /// Largest System.map read (a distribution kernel's is ~4 MiB).
 pub const MAX_SYSTEM_MAP_BYTES: u64 = 64 << 20;
@@ -23,6 +26,10 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
+    /// The path is refused ([`boot_file`]: not a regular file, in `/proc`, `/dev`
+    /// or `/sys`, or outside the allowed directories).
+    #[error(transparent)]
+    Refused(boot_file::Error),
     /// The file is larger than [`MAX_SYSTEM_MAP_BYTES`].
     #[error("System.map {path} has {size} bytes, more than the {max} a System.map can have")]
     TooBig {
@@ -109,11 +116,18 @@ impl SystemMap {
     /// Reads and parses the System.map at `path`.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let io = |source| Error::Io { path: path.to_path_buf(), source };
-        let size = std::fs::metadata(path).map_err(io)?.len();
-        if size > MAX_SYSTEM_MAP_BYTES {
-            return Err(Error::TooBig { path: path.to_path_buf(), size, max: MAX_SYSTEM_MAP_BYTES });
+        let file = match boot_file::open("System.map", path, u64::MAX) {
+            Ok(f) => f,
+            Err(boot_file::Error::Resolve { source, .. } | boot_file::Error::Io { source, .. }) => {
+                return Err(io(source))
+            }
+            Err(e) => return Err(Error::Refused(e)),
+        };
+        if file.size > MAX_SYSTEM_MAP_BYTES {
+            return Err(Error::TooBig { path: path.to_path_buf(), size: file.size, max: MAX_SYSTEM_MAP_BYTES });
         }
-        let text = std::fs::read_to_string(path).map_err(io)?;
+        let mut text = String::new();
+        (&file.file).take(MAX_SYSTEM_MAP_BYTES).read_to_string(&mut text).map_err(io)?;
         Self::parse(&text, path)
     }
 
