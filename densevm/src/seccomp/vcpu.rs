@@ -15,6 +15,20 @@ pub fn rules() -> Rules {
     rules::allow(&mut r, &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime, libc::SYS_poll, libc::SYS_ppoll]);
     // Exit diagnostics: System.map, read-only.
     rules::allow_arg_masked(&mut r, libc::SYS_openat, 2, libc::O_ACCMODE as u64, libc::O_RDONLY as u64);
-    rules::allow(&mut r, &[libc::SYS_newfstatat, libc::SYS_fstat, libc::SYS_statx, libc::SYS_lseek]);
+    // The checks `vmm::boot::boot_file` makes on the opened file (its file system and
+    // its real path); openat2 is refused (EPERM: its flags cannot be checked here) and
+    // boot_file falls back to a read-only openat with O_NOFOLLOW.
+    rules::allow(
+        &mut r,
+        &[
+            libc::SYS_newfstatat,
+            libc::SYS_fstat,
+            libc::SYS_statx,
+            libc::SYS_lseek,
+            libc::SYS_fstatfs,
+            libc::SYS_readlink,
+            libc::SYS_readlinkat,
+        ],
+    );
     r
 }

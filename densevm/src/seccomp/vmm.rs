@@ -27,6 +27,7 @@ pub fn rules() -> Rules {
         &mut r,
         &[
             libc::SYS_openat,
+            libc::SYS_openat2,
             libc::SYS_open,
             libc::SYS_newfstatat,
             libc::SYS_fstat,
@@ -37,6 +38,7 @@ pub fn rules() -> Rules {
             libc::SYS_readv,
             libc::SYS_getdents64,
             libc::SYS_readlink,
+            libc::SYS_readlinkat,
             libc::SYS_fcntl,
             libc::SYS_dup,
             libc::SYS_dup3,

@@ -264,8 +264,8 @@ fn not_regular(what: &'static str, path: &Path, ft: std::fs::FileType) -> Result
 
 /// Opens `path` (resolved: no symlink in it when it was checked) read-only,
 /// non-blocking, close-on-exec, never as a controlling terminal, refusing
-/// (`ELOOP`) to follow a magic link. Kernels without `openat2` (before 5.6) open
-/// it with `O_NOFOLLOW` instead (the caller's checks on the opened file still
+/// (`ELOOP`) to follow a magic link. Kernels without `openat2` (before 5.6) and
+/// threads whose seccomp filter refuses it open it with `O_NOFOLLOW` instead (the caller's checks on the opened file still
 /// refuse what a swapped-in link could reach).
 fn open_no_magiclinks(path: &Path) -> std::io::Result<File> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -286,7 +286,9 @@ fn open_no_magiclinks(path: &Path) -> std::io::Result<File> {
             std::mem::size_of::<libc::open_how>(),
         )
     };
-    let fd = if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+    // ENOSYS: a kernel before 5.6; EPERM: a seccomp filter that refuses openat2
+    // because it cannot check its flags (densevm's vCPU threads).
+    let fd = if fd < 0 && matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
         // SAFETY: open with a valid NUL-terminated path.
         i64::from(unsafe { libc::open(c.as_ptr(), flags | libc::O_NOFOLLOW) })
     } else {
