@@ -235,6 +235,13 @@ impl MemoryManager {
         self.core.lock().frames().refs(frame)
     }
 
+    /// Whether `frame` is one of the pool's zero region (never written, mapped
+    /// read-only by dropped pages of every VM: it holds no guest's data, so its
+    /// sharing across domains leaks nothing; see `core/zero_region.rs`).
+    pub fn is_zero_region_frame(&self, frame: FrameNo) -> bool {
+        self.core.lock().pool().is_zero_frame(frame)
+    }
+
     /// Free 4 KiB frames in 2 MiB frame `hf` (frames `hf * 512..(hf + 1) * 512`;
     /// 0 outside the pool).
     pub fn huge_frame_free(&self, hf: u32) -> u32 {
