@@ -28,6 +28,9 @@ pub fn rules() -> Rules {
             libc::SYS_fstatfs,
             libc::SYS_readlink,
             libc::SYS_readlinkat,
+            libc::SYS_access,
+            libc::SYS_faccessat,
+            libc::SYS_faccessat2,
         ],
     );
     r

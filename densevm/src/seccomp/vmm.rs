@@ -28,6 +28,9 @@ pub fn rules() -> Rules {
         &[
             libc::SYS_openat,
             libc::SYS_openat2,
+            libc::SYS_access,
+            libc::SYS_faccessat,
+            libc::SYS_faccessat2,
             libc::SYS_open,
             libc::SYS_newfstatat,
             libc::SYS_fstat,
