@@ -75,6 +75,25 @@ mod tests {
         );
     }
 
+    /// A schema that forbids other properties cannot be a part of an `allOf` (a
+    /// `#[serde(flatten)]` of it): every value of the whole would violate it, as
+    /// schemathesis found for `GET /memory/balloon-policy`.
+    #[test]
+    fn no_closed_schema_is_flattened_into_another() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for (name, schema) in schemas {
+            for part in schema["allOf"].as_array().into_iter().flatten() {
+                let Some(target) = part["$ref"].as_str().and_then(|r| r.rsplit('/').next()) else { continue };
+                assert_ne!(
+                    schemas[target]["additionalProperties"],
+                    serde_json::Value::Bool(false),
+                    "{name} flattens {target}, which allows no other properties"
+                );
+            }
+        }
+    }
+
     #[test]
     fn document_basics() {
         let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();

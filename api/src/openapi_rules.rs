@@ -4,8 +4,10 @@
 //! TCP endpoint, and the ranges the server enforces on fields whose types another crate
 //! owns (taken from the owners' constants, so they cannot drift).
 
+use std::collections::BTreeMap;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::schema::{Object, Schema, Type};
+
+use utoipa::openapi::schema::{AdditionalProperties, Object, Schema, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::Number;
@@ -137,6 +139,43 @@ pub fn complete(doc: &mut OpenApi) {
                 p.min_length = Some(min);
                 p.max_length = Some(max);
                 p.pattern = Some(pattern.into());
+            }
+        }
+    }
+    open_flattened_parts(doc);
+}
+
+/// A `#[serde(flatten)]` of a struct that denies unknown fields (a request body
+/// elsewhere) comes out as an `allOf` holding a closed schema, which no value of
+/// the whole satisfies: such parts are inlined as open objects.
+fn open_flattened_parts(doc: &mut OpenApi) {
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let closed: BTreeMap<String, Object> = components
+        .schemas
+        .iter()
+        .filter_map(|(name, schema)| match schema {
+            RefOr::T(Schema::Object(o))
+                if matches!(o.additional_properties.as_deref(), Some(AdditionalProperties::FreeForm(false))) =>
+            {
+                Some((name.clone(), o.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    for schema in components.schemas.values_mut() {
+        let RefOr::T(Schema::AllOf(all)) = schema else {
+            continue;
+        };
+        for item in all.items.iter_mut() {
+            let RefOr::Ref(r) = item else {
+                continue;
+            };
+            if let Some(part) = r.ref_location.rsplit('/').next().and_then(|name| closed.get(name)) {
+                let mut open = part.clone();
+                open.additional_properties = None;
+                *item = RefOr::T(Schema::Object(open));
             }
         }
     }
