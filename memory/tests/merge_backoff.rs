@@ -42,24 +42,6 @@ fn holds(g: &GuestMap, page: u32, value: u64) -> bool {
     unsafe { page_is(g.page_addr(page).unwrap(), value) }
 }
 
-/// CPU seconds of thread `tid` of this process.
-fn thread_cpu_s(tid: i32) -> f64 {
-    let base = format!("/proc/self/task/{tid}");
-    if let Some(ns) = std::fs::read_to_string(format!("{base}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-    {
-        return ns as f64 / 1e9;
-    }
-    let stat = std::fs::read_to_string(format!("{base}/stat")).expect("task stat");
-    let rest = stat.rsplit_once(')').expect("stat format").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
 /// CPU seconds the scanner thread used during `secs` of wall time.
 fn scanner_cpu_over(mgr: &MemoryManager, secs: f64) -> f64 {
     let tid = mgr.merger().scanner_tid();

@@ -66,14 +66,6 @@ fn wait_sharing(mgr: &MemoryManager, want: u64, timeout: Duration) -> bool {
     false
 }
 
-/// On-CPU time of thread `tid` of this process (schedstat), in seconds.
-fn thread_cpu_s(tid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0.0, |ns| ns as f64 / 1e9)
-}
-
 #[test]
 fn zero_pages_are_punched_in_runs() {
     const PAGES: u32 = 4096;
@@ -207,12 +199,6 @@ fn check_content(pair: &Pair, pages: u32, fraction: f64, shuffled: bool, seed: u
             assert!(holds(&pair.b, p, unique(2, p)), "VM 2 page {p}");
         }
     }
-}
-
-fn print_line(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stderr().lock();
-    let _ = writeln!(out, "{line}");
 }
 
 #[test]

@@ -240,19 +240,6 @@ fn zero_region_churn_with_concurrent_writers() {
     assert!(s.counters.zero_page_faults > faults0, "no write left the zero region");
 }
 
-fn print_line(s: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{s}");
-}
-
-/// On-CPU time of thread `tid` of this process (schedstat), in seconds.
-fn thread_cpu_s(tid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0.0, |ns| ns as f64 / 1e9)
-}
-
 /// The cost of dropping zero pages and of reading them back, printed as one
 /// line per pattern (run it against two builds, interleaved, to compare):
 /// `runs` — 16384 pages, all zero but one in 64 (256 runs of 63); `scattered`

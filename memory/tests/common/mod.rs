@@ -172,3 +172,29 @@ pub fn pfn(addr: usize) -> u64 {
     assert_ne!(pfn, 0, "PFNs hidden (not root?)");
     pfn
 }
+
+/// CPU seconds of thread `tid` of this process, from
+/// /proc/self/task/<tid>/schedstat (nanoseconds) or, without schedstats, its
+/// stat (ticks).
+pub fn thread_cpu_s(tid: i32) -> f64 {
+    let base = format!("/proc/self/task/{tid}");
+    if let Some(ns) = std::fs::read_to_string(format!("{base}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+    {
+        return ns as f64 / 1e9;
+    }
+    let stat = std::fs::read_to_string(format!("{base}/stat")).expect("task stat");
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Writes `line` to stderr (shown with `--nocapture`; measurements print their rows).
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
