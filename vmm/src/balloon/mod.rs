@@ -155,38 +155,9 @@ pub struct BalloonStatistics {
     pub target_mib: u32,
     /// The guest's size in MiB.
     pub actual_mib: u32,
-    /// Memory swapped in (bytes).
-    pub swap_in: Option<u64>,
-    /// Memory swapped out (bytes).
-    pub swap_out: Option<u64>,
-    /// Major page faults.
-    pub major_faults: Option<u64>,
-    /// Minor page faults.
-    pub minor_faults: Option<u64>,
-    /// Free memory (bytes).
-    pub free_memory: Option<u64>,
-    /// Total memory (bytes).
-    pub total_memory: Option<u64>,
-    /// Available memory (bytes).
-    pub available_memory: Option<u64>,
-    /// Disk caches (bytes).
-    pub disk_caches: Option<u64>,
-    /// Successful hugetlb allocations.
-    pub hugetlb_allocations: Option<u64>,
-    /// Failed hugetlb allocations.
-    pub hugetlb_failures: Option<u64>,
-    /// OOM killer invocations.
-    pub oom_kills: Option<u64>,
-    /// Allocation stalls.
-    pub alloc_stalls: Option<u64>,
-    /// Pages scanned by kswapd.
-    pub async_scans: Option<u64>,
-    /// Pages scanned directly.
-    pub direct_scans: Option<u64>,
-    /// Pages reclaimed by kswapd.
-    pub async_reclaims: Option<u64>,
-    /// Pages reclaimed directly.
-    pub direct_reclaims: Option<u64>,
+    /// The guest's statistics (the spec's tags; absent when not sent).
+    #[serde(flatten)]
+    pub guest: BalloonStats,
     /// When the guest sent them, in seconds since the Unix epoch (None before
     /// the first statistics).
     pub updated_at_unix_s: Option<f64>,
@@ -199,22 +170,7 @@ impl BalloonStatistics {
             actual_pages,
             target_mib: target_pages / PAGES_PER_MIB,
             actual_mib: actual_pages / PAGES_PER_MIB,
-            swap_in: s.swap_in,
-            swap_out: s.swap_out,
-            major_faults: s.major_faults,
-            minor_faults: s.minor_faults,
-            free_memory: s.free_memory,
-            total_memory: s.total_memory,
-            available_memory: s.available_memory,
-            disk_caches: s.disk_caches,
-            hugetlb_allocations: s.hugetlb_allocations,
-            hugetlb_failures: s.hugetlb_failures,
-            oom_kills: s.oom_kills,
-            alloc_stalls: s.alloc_stalls,
-            async_scans: s.async_scans,
-            direct_scans: s.direct_scans,
-            async_reclaims: s.async_reclaims,
-            direct_reclaims: s.direct_reclaims,
+            guest: s.clone(),
             updated_at_unix_s: s.updated_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
         }
     }

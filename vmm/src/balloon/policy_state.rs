@@ -155,8 +155,11 @@ impl BalloonPolicy {
             let mut free_mib = None;
             if b.poll_period().is_some() {
                 let s = b.statistics();
-                let free =
-                    s.available_memory.or(s.free_memory).map(|bytes| u32::try_from(bytes >> 20).unwrap_or(u32::MAX));
+                let free = s
+                    .guest
+                    .available_memory
+                    .or(s.guest.free_memory)
+                    .map(|bytes| u32::try_from(bytes >> 20).unwrap_or(u32::MAX));
                 if let (Some(free), Some(at)) = (free, s.updated_at_unix_s) {
                     let seen = self.seen.entry(vm.id().to_string()).or_insert((at, actual_mib));
                     if seen.0 != at {

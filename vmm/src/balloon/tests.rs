@@ -232,7 +232,7 @@ fn inflate_and_deflate_through_the_vms_mmio_bus() {
     let info = lock(&host).balloon_info("b").unwrap();
     assert_eq!((info.spec.amount_mib, info.actual_mib), (4, 4));
     let s = lock(&host).balloon_statistics("b").unwrap();
-    assert_eq!(s.free_memory, Some(12345));
+    assert_eq!(s.guest.free_memory, Some(12345));
     assert!(s.updated_at_unix_s.is_some());
 
     // The stats timer (a timerfd in the event loop) returns the buffer once

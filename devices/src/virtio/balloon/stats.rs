@@ -44,7 +44,10 @@ pub mod tag {
 
 /// The latest statistics the driver reported; a field is `None` when the driver
 /// did not send its tag. Memory amounts are in bytes, the rest are counts.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serialized (for the API, which adds the balloon's size and the time as
+/// seconds since the epoch) without `updated_at`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalloonStats {
     /// Memory swapped in (bytes).
     pub swap_in: Option<u64>,
@@ -79,6 +82,7 @@ pub struct BalloonStats {
     /// Pages reclaimed directly.
     pub direct_reclaims: Option<u64>,
     /// When the device received them (None before the first buffer).
+    #[serde(skip)]
     pub updated_at: Option<SystemTime>,
 }
 
