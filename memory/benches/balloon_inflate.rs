@@ -19,7 +19,8 @@
 //! allocated bytes (`fstat` blocks; densevm: its pool's memfd) and the
 //! process's RSS before and after each discard, so that the memory is seen to
 //! go back. JSON goes to `$CARGO_TARGET_DIR/balloon_inflate.json` (default:
-//! the workspace's `target/`).
+//! the workspace's `target/`). `DENSEVM_BENCH_ONLY=NAME` runs one contender
+//! alone (for profiling).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
@@ -169,10 +170,15 @@ fn main() {
         }
     };
     let names = ["densevm", "memfd_punch", "anon_dontneed"];
+    // For profiling one contender alone.
+    let only = std::env::var("DENSEVM_BENCH_ONLY").ok();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); names.len()];
     for rep in 0..=reps {
         for k in 0..names.len() {
             let which = (k + rep) % names.len();
+            if only.as_deref().is_some_and(|o| o != names[which]) {
+                continue;
+            }
             let seed = rep as u64 * 7 + which as u64;
             let s = match which {
                 0 => densevm(&mgr, bytes, seed),
@@ -194,6 +200,9 @@ fn main() {
     let mut results = serde_json::Map::new();
     let mut medians = Vec::new();
     for (name, s) in names.iter().zip(&samples) {
+        if s.is_empty() {
+            continue;
+        }
         let wall = spread(s.iter().map(|x| x.wall_s).collect());
         let cpu = spread(s.iter().map(|x| x.cpu_s).collect());
         let last = s[s.len() - 1];
@@ -221,9 +230,10 @@ fn main() {
             }),
         );
     }
-    let (dw, dc) = medians[0];
     for (i, name) in names.iter().enumerate().skip(1) {
-        let (w, c) = medians[i];
+        let (Some(&(dw, dc)), Some(&(w, c)), None) = (medians.first(), medians.get(i), only.as_ref()) else {
+            break;
+        };
         println!("densevm / {name}: host time {:.2}x, CPU time {:.2}x (medians)", dw / w, dc / c);
     }
     let dir =
