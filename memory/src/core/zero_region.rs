@@ -74,9 +74,8 @@ impl Txn<'_> {
             let flags = PageFlags::PROTECTED.with(PageFlags::ZERO).with(add);
             for i in s..e {
                 let m = Mapper { vm, page: pages[i] };
-                let old = self.entry(m)?;
                 let zero = self.st.pool().zero_frame(m.page);
-                to_free.extend(self.st.repoint(m, zero, old.flags.without(cleared).with(flags))?);
+                to_free.extend(self.st.repoint_with(m, zero, |old| old.without(cleared).with(flags))?);
                 moved[i] = true;
             }
         }
