@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::buddy::{self, BuddyAllocator, FreeOutcome};
-use crate::{sys, FrameNo, HUGE_FRAME_PAGES, HUGE_FRAME_SIZE, PAGE_SIZE};
+use crate::{sys, FrameNo, HUGE_FRAME_PAGES, HUGE_FRAME_SIZE, MAX_ORDER, PAGE_SIZE};
 
 /// Errors of the frame pool.
 #[derive(Debug, thiserror::Error)]
@@ -250,20 +250,35 @@ impl FramePool {
     /// are punched all the same.
     ///
     /// No mapping other than the alias may still map the frames.
+    ///
+    /// Each run of consecutive frames goes to the buddy allocator as its
+    /// largest aligned blocks (a whole 2 MiB frame is one free of order 9,
+    /// not 512 of order 0); a block refused (one of its frames is free
+    /// already) is freed frame by frame up to the refused frame.
     pub fn free_frames(&mut self, frames: &mut [FrameNo]) -> Result<()> {
         frames.sort_unstable();
         let mut ranges: Vec<(FrameNo, u64)> = Vec::with_capacity(frames.len().min(64));
         let mut failed = None;
-        for &frame in frames.iter() {
-            match self.buddy.free(frame, 0) {
-                Ok(FreeOutcome::HugeFrameEmptied(hf)) => {
-                    self.huge_frames_returned += 1;
-                    ranges.push((hf * HUGE_FRAME_PAGES, u64::from(HUGE_FRAME_PAGES)));
-                }
-                Ok(FreeOutcome::PartlyUsed) => ranges.push((frame, 1)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+        'runs: for (start, len) in aligned_blocks(frames) {
+            let blocks = if len == 1 { vec![(start, 0)] } else { block_orders(start, len) };
+            for (frame, order) in blocks {
+                match self.buddy.free(frame, order) {
+                    Ok(outcome) => self.record_freed(&mut ranges, frame, order, outcome),
+                    Err(_) if order > 0 => {
+                        for f in frame..frame + (1 << order) {
+                            match self.buddy.free(f, 0) {
+                                Ok(outcome) => self.record_freed(&mut ranges, f, 0, outcome),
+                                Err(e) => {
+                                    failed = Some(e);
+                                    break 'runs;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break 'runs;
+                    }
                 }
             }
         }
@@ -271,6 +286,17 @@ impl FramePool {
             self.punch(start, len)?;
         }
         failed.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Notes the range to punch after a block of `2^order` frames at `frame` was freed.
+    fn record_freed(&mut self, ranges: &mut Vec<(FrameNo, u64)>, frame: FrameNo, order: u8, outcome: FreeOutcome) {
+        match outcome {
+            FreeOutcome::HugeFrameEmptied(hf) => {
+                self.huge_frames_returned += 1;
+                ranges.push((hf * HUGE_FRAME_PAGES, u64::from(HUGE_FRAME_PAGES)));
+            }
+            FreeOutcome::PartlyUsed => ranges.push((frame, 1u64 << order)),
+        }
     }
 
     /// Frees the host memory of every frame of `frames` (sorted and deduplicated
@@ -399,6 +425,36 @@ impl FramePool {
 }
 
 /// Sorts `ranges` (start, length) and merges the overlapping and adjacent ones.
+/// Runs `(first, length)` of consecutive frames of the sorted `frames` (a
+/// repeated frame starts a new run, so that its second free is refused).
+fn aligned_blocks(frames: &[FrameNo]) -> Vec<(FrameNo, u32)> {
+    let mut out: Vec<(FrameNo, u32)> = Vec::new();
+    for &f in frames {
+        match out.last_mut() {
+            Some((s, l)) if u64::from(*s) + u64::from(*l) == u64::from(f) => *l += 1,
+            _ => out.push((f, 1)),
+        }
+    }
+    out
+}
+
+/// The largest aligned buddy blocks `(first frame, order)` covering `len`
+/// frames from `start`, in order (none crosses a 2 MiB frame).
+fn block_orders(start: FrameNo, len: u32) -> Vec<(FrameNo, u8)> {
+    let mut out = Vec::new();
+    let (mut at, end) = (start, u64::from(start) + u64::from(len));
+    while u64::from(at) < end {
+        let left = end - u64::from(at);
+        let mut order = at.trailing_zeros().min(u32::from(MAX_ORDER)) as u8;
+        while (1u64 << order) > left {
+            order -= 1;
+        }
+        out.push((at, order));
+        at += 1 << order;
+    }
+    out
+}
+
 fn coalesce(mut ranges: Vec<(FrameNo, u64)>) -> Vec<(FrameNo, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(FrameNo, u64)> = Vec::with_capacity(ranges.len());
@@ -451,6 +507,41 @@ mod tests {
         assert_eq!(coalesce(vec![(9, 1), (3, 1), (4, 2), (10, 1), (20, 1)]), vec![(3, 3), (9, 2), (20, 1)]);
         assert_eq!(coalesce(vec![(0, 512), (5, 1), (511, 1), (512, 1)]), vec![(0, 513)]);
         assert_eq!(coalesce(Vec::new()), Vec::new());
+    }
+
+    #[test]
+    fn runs_split_into_largest_aligned_blocks() {
+        assert_eq!(aligned_blocks(&[1, 2, 3, 3, 7]), vec![(1, 3), (3, 1), (7, 1)]);
+        assert_eq!(block_orders(1, 3), vec![(1, 0), (2, 1)]);
+        assert_eq!(block_orders(0, 1024), vec![(0, 9), (512, 9)]);
+        assert_eq!(block_orders(510, 515), vec![(510, 1), (512, 9), (1024, 0)]);
+        let blocks = block_orders(3, 700);
+        assert_eq!(blocks.iter().map(|&(_, k)| 1u32 << k).sum::<u32>(), 700);
+        assert!(blocks.iter().all(|&(f, k)| f % (1 << k) == 0));
+    }
+
+    #[test]
+    fn free_frames_of_whole_huge_frames_and_a_double_free() {
+        let mut pool = pool();
+        for f in 0..1024 {
+            pool.alloc_specific(f).unwrap();
+        }
+        let mut frames: Vec<FrameNo> = (0..1024).filter(|&f| f != 700).collect();
+        let before = pool.punch_calls();
+        pool.free_frames(&mut frames).unwrap();
+        assert_eq!(pool.huge_frames_returned(), 1);
+        assert_eq!(pool.buddy().free_frames(), 1023);
+        assert_eq!(pool.punch_calls() - before, 2, "0..700 and 701..1024");
+        // 700 free, then a block holding a free frame: the frames before it are
+        // freed one by one, the rest stays.
+        pool.free_frames(&mut [700]).unwrap();
+        pool.alloc_specific(5).unwrap();
+        pool.alloc_specific(6).unwrap();
+        pool.alloc_specific(7).unwrap();
+        assert!(pool.free_frames(&mut [4, 5, 6, 7]).is_err());
+        assert_eq!(pool.buddy().free_frames(), 1024 - 3);
+        assert!(pool.free_frames(&mut [5, 6, 7]).is_ok());
+        assert_eq!(pool.buddy().free_frames(), 1024);
     }
 
     #[test]

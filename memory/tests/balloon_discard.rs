@@ -114,6 +114,70 @@ fn discard_range_with_concurrent_writers() {
     // re-backed the range: host bytes are not checked past this point.)
 }
 
+/// The pages being discarded are not write-protected before their run is
+/// mapped onto the zero region: a writer storing into them all along loses
+/// only what it wrote before the discard, every write after `discard_range`
+/// returned is seen, and no write reaches the zero region (the discarded
+/// pages nobody writes, which map the same zero frames, still read zero).
+#[test]
+fn discard_range_while_its_pages_are_written() {
+    let Some(mgr) = manager_or_skip("discard_range_while_its_pages_are_written", 64) else {
+        return;
+    };
+    let _w = Watchdog::new("discard_range_while_its_pages_are_written", 120);
+    let guest = mgr.create_guest(1, 16 << 20).unwrap();
+    let pages = guest.pages();
+    let half = pages / 2;
+    assert!(half >= 2 * DISCARD_BATCH, "the written pages cover every zero frame");
+    for p in 0..pages {
+        // SAFETY: the pages belong to a guest map this test keeps alive, and no other thread writes them now.
+        unsafe { fill_page(guest.page_addr(p).unwrap(), u64::from(p) + 1) };
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = done.clone();
+        let base = guest.page_addr(0).unwrap();
+        std::thread::spawn(move || {
+            // Rounds over pages 0..half until one that started after the discard returned.
+            let mut round = 0u64;
+            loop {
+                round += 1;
+                let after = done.load(Ordering::Acquire);
+                for p in 0..half {
+                    // SAFETY: the test keeps the GuestMap alive until the writer is joined; it is the only writer.
+                    unsafe { fill_page(base + p as usize * PAGE_SIZE, (round << 32) | u64::from(p)) };
+                }
+                if after {
+                    return round;
+                }
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let report = mgr.discard_range(1, 0, pages).unwrap();
+    done.store(true, Ordering::Release);
+    let last = writer.join().unwrap();
+    assert_eq!(report.pages, u64::from(pages));
+
+    let mut mismatches = Vec::new();
+    for p in 0..pages {
+        let want = if p < half { (last << 32) | u64::from(p) } else { 0 };
+        // SAFETY: the page belongs to a guest map this test keeps alive; the writer is joined.
+        if !unsafe { page_is(guest.page_addr(p).unwrap(), want) } {
+            mismatches.push(p);
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} pages differ, first {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(8)]
+    );
+    for p in half..pages {
+        assert!(mgr.is_zero_region_frame(mgr.frame_of(1, p).unwrap()), "page {p} still on the zero region");
+    }
+}
+
 #[test]
 fn discard_range_checks_the_range_first() {
     let Some(mgr) = manager_or_skip("discard_range_checks_the_range_first", 16) else {

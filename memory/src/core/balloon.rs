@@ -4,13 +4,14 @@
 //! Each page drops its content and reads as zero, write-protected; its next
 //! write is resolved by the fault handler (and seen). One transaction per
 //! batch of at most [`DISCARD_BATCH`] pages, so that a fault waiting for the
-//! lock is served between batches. Within a batch the pages are
-//! write-protected with one ioctl per run of consecutive pages and moved onto
-//! the pool's zero region with one mapping per run
-//! ([`Txn::drop_to_zero_region`]): their frames go back to the pool (punched
-//! once per run of consecutive frames; a shared frame just loses a
-//! reference), so the pool's used frames fall and a later read allocates
-//! nothing. If the VMA budget refuses the runs (or a run's `mmap` fails), the
+//! lock is served between batches. Within a batch the pages are moved onto
+//! the pool's zero region with one mapping per run of consecutive pages
+//! ([`Txn::drop_to_zero_region`]; no write protection first, see
+//! [`discard_batch`]): their frames go back to the pool (the buddy allocator
+//! frees each run as its largest aligned blocks, and the memfd is punched
+//! once per run of consecutive frames, a whole 2 MiB frame at once; a shared
+//! frame just loses a reference), so the pool's used frames fall and a later
+//! read allocates nothing. If the VMA budget refuses the runs (or a run's `mmap` fails), the
 //! pages are discarded in place as before: a private page keeps its frame,
 //! punched, and a page of a shared frame gets a fresh (zero) frame of its own.
 
@@ -74,30 +75,43 @@ impl Core {
 }
 
 /// Discards pages `first..first + n` of `vm` in transaction `t`.
+///
+/// The pages leaving their frames for the zero region are not write-protected
+/// first: their content is being dropped, so a write that completes before
+/// their run's `mmap` replaces the mapping is simply dropped with it (as if
+/// it came before the discard), and a later one meets the new mapping,
+/// read-only until it is registered and write-protected (see
+/// [`crate::remap`]), so it waits and is then resolved by the fault handler
+/// (and seen). Protecting them first would cost a second walk of every page
+/// table entry for nothing (about a sixth of the discard's time). A page of a
+/// shared frame is protected already; the pages the zero region refuses are
+/// protected by [`discard_in_place`].
 pub(crate) fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<DiscardReport> {
     let mut report = DiscardReport { pages: u64::from(n), ..DiscardReport::default() };
     // Pages already on the zero region stay; the others are classified in page
     // order as they leave (a shared frame's last leaver counts as private).
     let mut pages = Vec::with_capacity(n as usize);
     let mut unshares = Vec::with_capacity(n as usize);
+    let mut was_zero = Vec::with_capacity(n as usize);
     let mut left: HashMap<FrameNo, u32> = HashMap::new();
     for page in first..first + n {
         let m = Mapper { vm, page };
         let e = t.entry(m)?;
-        if t.st.on_zero_region(m) {
-            t.set_flags(m, e.flags.without(PageFlags::MERGED_ZERO))?;
+        if t.st.pool().is_zero_frame(e.frame) {
+            if e.flags.contains(PageFlags::MERGED_ZERO) {
+                t.set_flags(m, e.flags.without(PageFlags::MERGED_ZERO))?;
+            }
             continue;
         }
-        let refs = left.entry(e.frame).or_insert_with(|| t.st.frames().refs(e.frame));
-        unshares.push(*refs > 1);
-        *refs -= 1;
+        let refs = t.st.frames().refs(e.frame);
+        let unshare = refs > 1 && {
+            let left = left.entry(e.frame).or_insert(refs);
+            *left -= 1;
+            *left > 0
+        };
+        unshares.push(unshare);
+        was_zero.push(e.flags.contains(PageFlags::ZERO));
         pages.push(page);
-    }
-    let mappers: Vec<Mapper> = pages.iter().map(|&page| Mapper { vm, page }).collect();
-    t.protect_group(&mappers)?;
-    let mut was_zero = Vec::with_capacity(pages.len());
-    for &m in &mappers {
-        was_zero.push(t.entry(m)?.flags.contains(PageFlags::ZERO));
     }
     let moved = t.drop_to_zero_region(vm, &pages, PageFlags::empty())?;
     let mut rest = Vec::new();

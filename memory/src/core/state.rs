@@ -245,14 +245,26 @@ impl State {
     /// old frame. Returns the old frame if it has no mapper left (for the
     /// caller to free with [`State::free_unmapped`] once no mapping of it remains).
     pub(crate) fn repoint(&mut self, m: Mapper, new: FrameNo, flags: PageFlags) -> Result<Option<FrameNo>> {
-        let old = self.entry(m)?.frame;
+        self.repoint_with(m, new, |_| flags)
+    }
+
+    /// [`State::repoint`] with the new flags computed from the page's current
+    /// ones (one look-up of the VM's table: the discard of a batch repoints
+    /// every page).
+    pub(crate) fn repoint_with(
+        &mut self,
+        m: Mapper,
+        new: FrameNo,
+        flags: impl FnOnce(PageFlags) -> PageFlags,
+    ) -> Result<Option<FrameNo>> {
+        let table = self.vms.get_mut(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
+        let entry = table.get(m.page).ok_or(Error::OutOfRange(m.vm, u64::from(m.page)))?;
+        let old = entry.frame;
         if !self.pool.is_zero_frame(new) {
             self.frames.add(new, m);
         }
-        if let Some(table) = self.vms.get_mut(&m.vm) {
-            table.set_frame(m.page, new);
-            table.set_flags(m.page, flags);
-        }
+        table.set_frame(m.page, new);
+        table.set_flags(m.page, flags(entry.flags));
         if self.pool.is_zero_frame(old) {
             return Ok(None);
         }

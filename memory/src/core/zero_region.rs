@@ -31,8 +31,10 @@ use crate::page_table::PageFlags;
 use crate::{VmId, HUGE_FRAME_PAGES, PAGE_SIZE};
 
 impl Txn<'_> {
-    /// Maps every page of `pages` (sorted, of `vm`, write-protected, none on
-    /// the zero region) onto its zero-region frame, one `mmap` per run of
+    /// Maps every page of `pages` (sorted, of `vm`, none on the zero region;
+    /// write-protected, unless the caller drops their content, as discard
+    /// does: a write before the `mmap` is dropped with it, a later one meets
+    /// the read-only mapping) onto its zero-region frame, one `mmap` per run of
     /// consecutive pages (split where the zero frame wraps), flags
     /// `PROTECTED | ZERO | add` without `SHARED | MERGED_ZERO`; frees the frames
     /// left without a mapper (one punch per run of them). Returns which pages
@@ -52,9 +54,12 @@ impl Txn<'_> {
             if self.pending.is_full() {
                 self.finish_remaps()?;
             }
-            // SAFETY: `addr..` are pages of a guest range this manager owns, all
-            // write-protected (caller's precondition, held under the lock); the
-            // range is finished before the lock is released (`Txn::finish_remaps`).
+            // SAFETY: `addr..` are pages of a guest range this manager owns, held
+            // under the lock, all write-protected or with content being dropped
+            // (caller's precondition: no write that must survive can land in the
+            // old frames); the new mapping is read-only, so no write reaches a
+            // zero frame, and it is finished before the lock is released
+            // (`Txn::finish_remaps`).
             let remapped =
                 unsafe { self.remap.map_read_only(&mut self.pending, u64::from(vm), addr, (e - s) * PAGE_SIZE, zero) };
             if let Err(err) = remapped {
@@ -69,9 +74,8 @@ impl Txn<'_> {
             let flags = PageFlags::PROTECTED.with(PageFlags::ZERO).with(add);
             for i in s..e {
                 let m = Mapper { vm, page: pages[i] };
-                let old = self.entry(m)?;
                 let zero = self.st.pool().zero_frame(m.page);
-                to_free.extend(self.st.repoint(m, zero, old.flags.without(cleared).with(flags))?);
+                to_free.extend(self.st.repoint_with(m, zero, |old| old.without(cleared).with(flags))?);
                 moved[i] = true;
             }
         }
