@@ -281,8 +281,16 @@ enum Work {
 fn next_work(shared: &Shared, scanner: &mut Scanner) -> Work {
     let mut control = shared.control();
     loop {
-        for vm in control.forget.drain(..) {
-            scanner.forget(vm);
+        if !control.forget.is_empty() {
+            for vm in control.forget.drain(..) {
+                scanner.forget(vm);
+            }
+            // The freed metadata shows in the statistics at once, also while
+            // merging is stopped.
+            drop(control);
+            publish(shared, scanner, false);
+            control = shared.control();
+            continue;
         }
         if control.stop {
             return Work::Stop;
