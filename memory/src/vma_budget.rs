@@ -45,7 +45,9 @@ struct Claim {
 /// The exclusive lock on `<record>.lock` held while a process raises and
 /// claims, or releases and restores (the record itself is locked shared by
 /// every claim for as long as it lasts, so it cannot serve for this).
-struct Guard(File);
+struct Guard {
+    _locked: File,
+}
 
 impl Guard {
     fn take(record_path: &Path) -> io::Result<Guard> {
@@ -53,7 +55,7 @@ impl Guard {
         name.push(".lock");
         let f = open(Path::new(&name))?;
         flock(&f, libc::LOCK_EX)?;
-        Ok(Guard(f))
+        Ok(Guard { _locked: f })
     }
 }
 
