@@ -160,7 +160,7 @@ impl MemoryManager {
     /// scan). Called by [`crate::GuestMap`]'s `Drop`.
     pub fn destroy_guest(&self, vm: VmId) -> Result<()> {
         let result = self.core.destroy_guest(vm);
-        self.merger.forget_vm(vm);
+        self.merger.forget_destroyed_vm(vm);
         result
     }
 
