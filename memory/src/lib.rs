@@ -66,7 +66,7 @@
 //! given): `protector.rs` (poll, read the event) → `core/fault.rs` (resolve) →
 //! `core/mod.rs` (the lock, taken for a fault) → `core/txn.rs` (copy-on-write
 //! or reuse) → `core/state.rs` (allocate, repoint, count) → `pool.rs`,
-//! `buddy.rs`, `frame_table.rs`, `page_table.rs` → `remap.rs` → `sys.rs`
+//! `buddy.rs`, `frame_table.rs`, `page_table.rs` → `remap/mod.rs` → `sys.rs`
 //! (`mmap`) and `uffd.rs` (register) → back in `protector.rs`, the wake. The
 //! facade (`manager.rs`) is not on the path.
 

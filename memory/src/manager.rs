@@ -155,10 +155,13 @@ impl MemoryManager {
         Ok(VmMemoryStats::managed(host_addr, &self.merger.vm_stats_with(&figures, vm)?))
     }
 
-    /// Destroys VM `vm`: unmaps its RAM and drops its frame references.
-    /// Called by [`crate::GuestMap`]'s `Drop`.
+    /// Destroys VM `vm`: unmaps its RAM and drops its frame references, and
+    /// has the merger free what it learned of the VM at once (not at its next
+    /// scan). Called by [`crate::GuestMap`]'s `Drop`.
     pub fn destroy_guest(&self, vm: VmId) -> Result<()> {
-        self.core.destroy_guest(vm)
+        let result = self.core.destroy_guest(vm);
+        self.merger.forget_destroyed_vm(vm);
+        result
     }
 
     /// Maps guest page `page` of `vm` to `frame` if their contents are equal
@@ -408,5 +411,8 @@ impl Drop for MemoryManager {
         // the Protector goes.
         self.compactor.shutdown();
         self.merger.shutdown();
+        // No guest is left (each holds the manager): the raised
+        // vm.max_map_count is no longer needed by this manager.
+        self.core.lock().release_vma_budget();
     }
 }

@@ -201,3 +201,42 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         f(sig);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host thread's store into the page of a guest range beyond the 256th
+    /// (the table's size before it became [`RANGE_SLOTS`]), made in that page's
+    /// read-only instant, waits until the remap ends and lands.
+    #[test]
+    fn a_store_into_range_300_in_its_read_only_instant_is_retried() {
+        const RANGES: usize = 300;
+        install().expect("install the handler");
+        let base = crate::sys::reserve(RANGES * PAGE_SIZE, PAGE_SIZE).expect("address space");
+        crate::sys::protect(base, RANGES * PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE).expect("read-write");
+        for i in 0..RANGES {
+            add_range(base + i * PAGE_SIZE, PAGE_SIZE).expect("room in the table");
+        }
+        let target = base + (RANGES - 1) * PAGE_SIZE;
+        // The read-only instant of a remap of the last page.
+        let in_flight = InFlight::begin(target, PAGE_SIZE);
+        crate::sys::protect(target, PAGE_SIZE, libc::PROT_READ).expect("read-only");
+        let remapper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            crate::sys::protect(target, PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE).expect("writable");
+            drop(in_flight);
+        });
+        // SAFETY: a page of our own mapping; the store faults until the
+        // "remap" ends, then is retried by the handler's return.
+        unsafe { std::ptr::write_volatile(target as *mut u64, 0x300) };
+        remapper.join().expect("remapper");
+        // SAFETY: as above, readable.
+        assert_eq!(unsafe { std::ptr::read_volatile(target as *const u64) }, 0x300);
+        for i in 0..RANGES {
+            remove_range(base + i * PAGE_SIZE);
+        }
+        // SAFETY: our own mapping, no longer used.
+        unsafe { crate::sys::unmap(base, RANGES * PAGE_SIZE) }.expect("unmap");
+    }
+}

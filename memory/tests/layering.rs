@@ -33,7 +33,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("pool and protector", &["pool.rs", "protector.rs"]),
-    ("remap protocol", &["remap.rs"]),
+    ("remap protocol", &["remap/mod.rs", "remap/tests.rs"]),
     ("core vocabulary", &["core/commit.rs", "core/error.rs", "core/counters.rs", "core/merge_settings.rs"]),
     ("core state", &["core/state.rs", "core/figures.rs"]),
     ("transaction", &["core/txn.rs", "core/unshare.rs", "core/zero_region.rs"]),

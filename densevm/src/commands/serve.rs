@@ -181,6 +181,8 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     }
     let stopped = server.shutdown();
     lock(&daemon).refuse_pending();
+    // Every VM stopped: the host-wide vm.max_map_count goes back to what it was.
+    memory::vma_budget::restore_all();
     result?;
     stopped.map_err(|e| CommandError::Runtime(format!("API server: {e}")))?;
     tracing::info!("every VM stopped; bye");

@@ -47,7 +47,7 @@ pub(crate) mod zero_region;
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
@@ -84,6 +84,9 @@ pub(crate) struct Core {
     board: StatsBoard,
     /// The pool's transparent huge page status (fixed at creation).
     thp: ThpStatus,
+    /// A remap step failed and may have left a guest range read-only (see
+    /// [`RemapProtocol::failed`]).
+    remap_failed: AtomicBool,
 }
 
 /// The manager's lock, held: the [`State`], and on release the record of a
@@ -138,6 +141,7 @@ impl Core {
             commit: commit::Commitment::default(),
             board,
             thp,
+            remap_failed: AtomicBool::new(false),
         }
     }
 
@@ -213,7 +217,7 @@ impl Core {
 
     /// The remap protocol over this core's userfaultfd and pool memfd.
     pub(crate) fn remap(&self) -> RemapProtocol<'_> {
-        RemapProtocol::new(&self.uffd, self.memfd, self.huge_pages)
+        RemapProtocol::new(&self.uffd, self.memfd, self.huge_pages, &self.remap_failed)
     }
 
     /// Runs `f` as one transaction under the lock.

@@ -101,6 +101,12 @@ impl State {
         &self.budget
     }
 
+    /// Gives up the VMA budget's claim on the raised `vm.max_map_count` (see
+    /// [`VmaBudget::release`]).
+    pub(crate) fn release_vma_budget(&mut self) {
+        self.budget.release();
+    }
+
     /// The event counters.
     pub(crate) fn counters(&self) -> &Counters {
         &self.counters

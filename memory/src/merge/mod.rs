@@ -260,6 +260,14 @@ impl Merger {
         self.shared.changed();
     }
 
+    /// Makes the scanner free what it learned about the destroyed VM `vm`: at
+    /// once when it waits or pauses, else after its current batch (a batch is
+    /// not interrupted: VMs come and go all the time).
+    pub(crate) fn forget_destroyed_vm(&self, vm: VmId) {
+        self.shared.control().forget.push(vm);
+        self.shared.wake.notify_all();
+    }
+
     /// Stops the scanner thread and waits for it.
     pub(crate) fn shutdown(&self) {
         self.shared.control().stop = true;
@@ -281,8 +289,16 @@ enum Work {
 fn next_work(shared: &Shared, scanner: &mut Scanner) -> Work {
     let mut control = shared.control();
     loop {
-        for vm in control.forget.drain(..) {
-            scanner.forget(vm);
+        if !control.forget.is_empty() {
+            for vm in control.forget.drain(..) {
+                scanner.forget(vm);
+            }
+            // The freed metadata shows in the statistics at once, also while
+            // merging is stopped.
+            drop(control);
+            publish(shared, scanner, false);
+            control = shared.control();
+            continue;
         }
         if control.stop {
             return Work::Stop;
@@ -357,7 +373,9 @@ fn run_loop(core: Arc<Core>, shared: &Shared) {
                 // Sleep between batches (or until a change).
                 if !sleep.is_zero() && !interrupted() {
                     let control = shared.control();
-                    let _unused = shared.wake.wait_timeout_while(control, sleep, |_| !interrupted());
+                    // A destroyed VM's metadata is freed without waiting for the pause to end.
+                    let _unused =
+                        shared.wake.wait_timeout_while(control, sleep, |c| !interrupted() && c.forget.is_empty());
                 }
             }
         }

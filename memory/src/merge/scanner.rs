@@ -164,6 +164,7 @@ impl Scanner {
     /// Forgets the scan state of `vm` (its pages are re-learned).
     pub fn forget(&mut self, vm: VmId) {
         self.vms.remove(&vm);
+        self.unstable.forget_vm(vm);
         self.reset_backoff();
     }
 

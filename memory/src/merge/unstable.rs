@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use crate::frame_table::Mapper;
-use crate::FrameNo;
+use crate::{FrameNo, VmId};
 
 use super::stable::Key;
 
@@ -56,6 +56,15 @@ impl UnstableIndex {
     /// Whether the index is empty.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// Forgets the entries of VM `vm`'s pages (the VM is gone or re-learned)
+    /// and gives back the memory of an index left mostly empty.
+    pub fn forget_vm(&mut self, vm: VmId) {
+        self.map.retain(|_, e| e.mapper.vm != vm);
+        if self.map.len() < self.map.capacity() / 2 {
+            self.map.shrink_to_fit();
+        }
     }
 
     /// Forgets everything (start of a full scan).

@@ -28,7 +28,9 @@
 //! first half of `remap_protected`) and [`RemapProtocol::map_private`]
 //! (`remap_private` with its registration deferred), then one
 //! [`RemapProtocol::finish`] that registers each VM's span once, write-protects
-//! the read-only ranges and makes them writable with one `mprotect`. Deferring a
+//! the read-only ranges and makes them writable with one `mprotect` (once a
+//! step of any batch has failed and may have left a range read-only: one per
+//! stretch of ranges finished together, never over a gap). Deferring a
 //! private range's registration is safe for the same reason `remap_private` is:
 //! its frame is the page's alone and already final, so a write before the
 //! registration lands where it belongs; the caller only must not try to
@@ -49,6 +51,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::pool::FramePool;
 use crate::uffd::{self, Uffd};
@@ -117,14 +120,18 @@ pub struct RemapProtocol<'a> {
     uffd: &'a Uffd,
     memfd: RawFd,
     huge_pages: bool,
+    /// Set once a step failed and may have left a range read-only.
+    failed: &'a AtomicBool,
 }
 
 impl<'a> RemapProtocol<'a> {
     /// A protocol over `uffd` mapping frames of the pool memfd `memfd`;
     /// `huge_pages` asks for `MADV_HUGEPAGE` on new mappings (so they keep the
-    /// same VMA flags as their neighbours and can merge with them).
-    pub fn new(uffd: &'a Uffd, memfd: RawFd, huge_pages: bool) -> Self {
-        RemapProtocol { uffd, memfd, huge_pages }
+    /// same VMA flags as their neighbours and can merge with them). `failed`
+    /// is the mark, kept by the owner of the guest ranges across protocols,
+    /// that a step failed and may have left a range read-only; it is set here.
+    pub fn new(uffd: &'a Uffd, memfd: RawFd, huge_pages: bool, failed: &'a AtomicBool) -> Self {
+        RemapProtocol { uffd, memfd, huge_pages, failed }
     }
 
     /// Write-protects `addr..addr+len` (writers block from now on).
@@ -253,34 +260,78 @@ impl<'a> RemapProtocol<'a> {
     }
 
     /// [`RemapProtocol::finish`] for the ranges of one guest range.
+    ///
+    /// Only stretches of ranges that were registered and protected here are
+    /// made writable. The pages between them are read-write already, unless a
+    /// failed step (now or in an earlier batch) left a range read-only: once
+    /// that happened ([`RemapProtocol::failed`]) gaps are never covered, so such
+    /// a range stays read-only instead of becoming writable unprotected.
     fn finish_group(&self, group: &[PendingRange]) -> Result<()> {
         let start = group[0].addr;
         let end = group.iter().map(|r| r.addr + r.len).max().unwrap_or(start);
-        let writable = |addr: usize, len: usize| {
-            sys::protect(addr, len, libc::PROT_READ | libc::PROT_WRITE).map_err(|e| Error::Protect(addr, e))
-        };
         // Ranges already registered in the span are left as they are.
-        self.uffd.register_wp(start, end - start)?;
-        let read_only: Vec<&PendingRange> = group.iter().filter(|r| r.in_flight.is_some()).collect();
-        if read_only.is_empty() {
+        if let Err(e) = self.uffd.register_wp(start, end - start) {
+            self.failed.store(true, Ordering::Release);
+            return Err(e.into());
+        }
+        if group.iter().all(|r| r.in_flight.is_none()) {
             return Ok(());
         }
-        let protected: Vec<Result<()>> = read_only
-            .iter()
-            .map(|r| self.uffd.write_protect(r.addr, r.len, true, false).map_err(Error::from))
-            .collect();
-        if protected.iter().all(Result::is_ok) {
-            // Pages of the span outside the read-only ranges are read-write already.
-            let (first, last) = (read_only[0].addr, read_only.iter().map(|r| r.addr + r.len).max().unwrap_or(start));
-            return writable(first, last - first);
+        let protected: Vec<Option<Result<()>>> =
+            group.iter().map(|r| r.in_flight.as_ref().map(|_| self.protect_pending(r))).collect();
+        if protected.iter().any(|p| matches!(p, Some(Err(_)))) {
+            self.failed.store(true, Ordering::Release);
         }
+        let join_gaps = !self.failed.load(Ordering::Acquire);
         let mut first_error = None;
-        for (r, p) in read_only.iter().zip(protected) {
-            if let Err(e) = p.and_then(|()| writable(r.addr, r.len)) {
-                first_error.get_or_insert(e);
+        let mut stretch: Option<(usize, usize)> = None;
+        let flush = |stretch: Option<(usize, usize)>, first_error: &mut Option<Error>| {
+            if let Some((s, e)) = stretch {
+                if let Err(err) = sys::protect(s, e - s, libc::PROT_READ | libc::PROT_WRITE) {
+                    first_error.get_or_insert(Error::Protect(s, err));
+                }
+            }
+        };
+        for (r, p) in group.iter().zip(protected) {
+            let r_end = r.addr + r.len;
+            match p {
+                Some(Ok(())) => match stretch {
+                    Some((s, e)) if join_gaps || e >= r.addr => stretch = Some((s, e.max(r_end))),
+                    other => {
+                        flush(other, &mut first_error);
+                        stretch = Some((r.addr, r_end));
+                    }
+                },
+                // A private range of this batch is read-write: it may link two
+                // stretches it touches.
+                None => {
+                    if let Some((s, e)) = stretch.filter(|&(_, e)| e >= r.addr) {
+                        stretch = Some((s, e.max(r_end)));
+                    }
+                }
+                Some(Err(e)) => {
+                    flush(stretch.take(), &mut first_error);
+                    first_error.get_or_insert(e);
+                }
             }
         }
+        flush(stretch, &mut first_error);
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Write-protects the pending read-only range `r`.
+    fn protect_pending(&self, r: &PendingRange) -> Result<()> {
+        #[cfg(test)]
+        if tests::inject::fails(r.addr) {
+            let err = io::Error::from_raw_os_error(libc::EIO);
+            return Err(uffd::Error::WriteProtect(r.addr as u64, r.len as u64, err).into());
+        }
+        Ok(self.uffd.write_protect(r.addr, r.len, true, false)?)
+    }
+
+    /// Whether a step of some batch failed (see [`RemapProtocol::finish_group`]).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     fn advise(&self, addr: usize, len: usize) {
@@ -291,3 +342,6 @@ impl<'a> RemapProtocol<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
