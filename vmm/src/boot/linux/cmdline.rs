@@ -60,8 +60,13 @@ const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "
 ///   with ERMS/FSRM `memcpy`, `memset`, `clear_page` and the user copies are
 ///   `rep movsb`/`stosb`, which the emulator runs one byte per iteration; without
 ///   them they use `rep movsq`/`stosq`, 8 bytes per iteration.
+/// - `nowatchdog`: with kernel code ~100 times slower than native, the soft-lockup
+///   detector fires on ordinary boot work (the Debian kernel reported
+///   `ftrace_check_work_func`, its check of 37609 ftrace sites, stuck for 26 s at
+///   guest time 417 s, and again every 28 s), and each report's stack trace is
+///   itself a few seconds of emulated kallsyms lookups and console output.
 pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] =
-    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt,ssse3,erms,fsrm")];
+    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt,ssse3,erms,fsrm"), ("nowatchdog", "nowatchdog")];
 
 /// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
 fn size_str(size: u64) -> String {
@@ -181,11 +186,11 @@ mod tests {
     #[test]
     fn extra_params_when_absent() {
         let c = build_cmdline_with("quiet", &[], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm");
+        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog");
         let c = build_cmdline_with("noxsave -- a", &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
         assert_eq!(
             c,
-            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt,ssse3,erms,fsrm virtio_mmio.device=4K@0x1000:9 -- a"
+            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog virtio_mmio.device=4K@0x1000:9 -- a"
         );
     }
 
