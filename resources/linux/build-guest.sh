@@ -6,13 +6,18 @@
 #                        and powers off
 #   out/config           the kernel's /boot/config-* (checked for what densevm needs)
 #   out/kernel-version   the kernel release string
+#   out/vmlinux          the same kernel uncompressed (ELF, entered at its 64-bit
+#                        entry by densevm: no decompressor to run, which matters where
+#                        guest-kernel code is emulated); only when the tool of the
+#                        kernel's compression (lz4, xz, zstd or gzip) is installed
+#   out/initramfs.cpio   the initramfs uncompressed (no gunzip in the guest kernel)
 #   out/System.map       only with DENSEVM_SYSTEM_MAP=1: the kernel's symbol table, for
 #                        `densevm run --system-map` (names the kernel function at the RIP
 #                        of an exit densevm cannot handle). The image package's
 #                        System.map is a stub: the real one is taken from
 #                        linux-image-<version>-dbg, a ~280 MB download.
 #
-# Needs: apt-get (with Debian's package lists), dpkg-deb, cpio, gzip.
+# Needs: apt-get (with Debian's package lists), dpkg-deb, cpio, gzip; lz4 for out/vmlinux.
 # No network except the Debian archive through apt-get.
 # Idempotent: does nothing if out/ already holds a complete build (FORCE=1 rebuilds);
 # with DENSEVM_SYSTEM_MAP=1 and a complete build without System.map, fetches only it.
@@ -29,12 +34,53 @@ flavour="${DENSEVM_KERNEL_FLAVOUR:-cloud-amd64}"
 
 log() { echo "build-guest: $*" >&2; }
 
+# out/vmlinux from the bzImage: its payload is the compressed ELF vmlinux; find the
+# payload's magic number and decompress from there (what the kernel's
+# scripts/extract-vmlinux does). Skipped, with a note, if the tool is missing.
+extract_vmlinux() {
+    local bz="$1" dst="$2" config="$3" magic tool
+    case "$(grep -oE '^CONFIG_KERNEL_(LZ4|XZ|ZSTD|GZIP)=y' "$config" | head -n1)" in
+        CONFIG_KERNEL_LZ4=y) magic='\x02\x21\x4c\x18'; tool="lz4 -dc" ;;
+        CONFIG_KERNEL_XZ=y) magic='\xfd7zXZ\x00'; tool="xz -dc" ;;
+        CONFIG_KERNEL_ZSTD=y) magic='\x28\xb5\x2f\xfd'; tool="zstd -dc" ;;
+        CONFIG_KERNEL_GZIP=y) magic='\x1f\x8b\x08'; tool="gzip -dc" ;;
+        *) log "note: unknown kernel compression: no vmlinux"; return 0 ;;
+    esac
+    if ! command -v "${tool%% *}" >/dev/null; then
+        log "note: ${tool%% *} not installed: no vmlinux (the bzImage boots too, slower)"
+        return 0
+    fi
+    local off
+    off="$( (LC_ALL=C grep -obUaP "$magic" "$bz" || true) | head -n1 | cut -d: -f1)" || true
+    if [ -z "$off" ]; then
+        log "note: no compressed payload found in $bz: no vmlinux"; return 0
+    fi
+    # Trailing data after the stream makes the tools complain; the ELF is whole.
+    tail -c +"$((off + 1))" "$bz" | $tool > "$dst.tmp" 2>/dev/null || true
+    if [ "$(head -c 4 "$dst.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
+        mv "$dst.tmp" "$dst"
+        log "extracted $dst"
+    else
+        rm -f "$dst.tmp"; log "note: decompressing $bz gave no ELF: no vmlinux"
+    fi
+}
+
+# The uncompressed forms, from a complete build.
+uncompressed_forms() {
+    if [ ! -s "$out/initramfs.cpio" ]; then
+        gzip -dc "$out/initramfs.cpio.gz" > "$out/initramfs.cpio.tmp"
+        mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
+    fi
+    [ -s "$out/vmlinux" ] || extract_vmlinux "$out/bzImage" "$out/vmlinux" "$out/config"
+}
+
 want_map="${DENSEVM_SYSTEM_MAP:-}"
 only_map=""
 if [ -z "${FORCE:-}" ] && [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ] \
     && [ -s "$out/kernel-version" ]; then
     if [ -z "$want_map" ] || [ -s "$out/System.map" ]; then
         log "already built in $out (FORCE=1 to rebuild)"
+        uncompressed_forms
         exit 0
     fi
     only_map=1
@@ -82,6 +128,7 @@ fetch_system_map() {
 
 if [ -n "$only_map" ]; then
     fetch_system_map "$(cat "$out/kernel-version")"
+    uncompressed_forms
     exit 0
 fi
 
@@ -183,6 +230,8 @@ echo "$kver" > "$out/kernel-version.tmp"
 mv "$out/bzImage.tmp" "$out/bzImage"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 mv "$out/kernel-version.tmp" "$out/kernel-version"
+rm -f "$out/initramfs.cpio" "$out/vmlinux"
+uncompressed_forms
 log "built $out/bzImage ($kver) and $out/initramfs.cpio.gz"
 if [ -n "$want_map" ]; then
     rm -f "$out/System.map"

@@ -10,7 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::exit_report::{read_internal_error, ExitReport, UnexpectedExit};
-use crate::arch::{fwait, int3};
+use crate::arch::{fwait, int3, mxcsr, stack_scan};
 use crate::boot::linux::system_map::SystemMap;
 use crate::control::{kick_signal, VcpuEvent, VmControl};
 use crate::device_manager::{ExitAction, IoRouter};
@@ -57,13 +57,20 @@ impl ExitDiagnostics {
         ExitReport::collect(vcpu, &self.memory, exit)
     }
 
-    /// Names the kernel function at the report's RIP, when a System.map is known.
-    pub fn name_rip(&self, report: &mut ExitReport) {
+    /// Names the kernel function at the report's RIP and those whose return addresses
+    /// are on the stack of `vcpu` ([`stack_scan`]), when a System.map is known.
+    pub fn name_rip(&self, vcpu: &VcpuFd, report: &mut ExitReport) {
         if let (Some(path), Ok(cpu)) = (&self.system_map, &report.cpu) {
-            report.symbol = Some(match SystemMap::load(path) {
-                Ok(map) => map.lookup(cpu.rip).map_or_else(|| "no symbol".into(), |s| s.to_string()),
-                Err(e) => format!("no symbol: {e}"),
-            });
+            match SystemMap::load(path) {
+                Ok(map) => {
+                    report.symbol = Some(map.lookup(cpu.rip).map_or_else(|| "no symbol".into(), |s| s.to_string()));
+                    let stack = stack_scan::read_stack(&self.memory, cpu.rsp, stack_scan::STACK_WORDS, |gva| {
+                        vcpu.translate_gva(gva).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
+                    });
+                    report.callers = stack_scan::callers(&map, &stack);
+                }
+                Err(e) => report.symbol = Some(format!("no symbol: {e}")),
+            }
         }
     }
 }
@@ -93,6 +100,8 @@ pub struct VcpuStats {
     pub int3_delivered: u64,
     /// `fwait`s KVM's emulator stopped on that densevm completed ([`fwait`]).
     pub fwait_completed: u64,
+    /// `ldmxcsr`/`stmxcsr`s KVM's emulator stopped on that densevm completed ([`mxcsr`]).
+    pub mxcsr_completed: u64,
 }
 
 /// A running vCPU thread.
@@ -179,7 +188,21 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                         Err(e) => tracing::warn!(vcpu = ctx.index, "cannot complete an fwait: {e}"),
                     }
                 }
-                ctx.diag.name_rip(&mut report);
+                if let Some(insn) = mxcsr::unemulated_mxcsr(&report) {
+                    match mxcsr::complete(&vcpu, &ctx.diag.memory, &insn) {
+                        Ok(outcome) => {
+                            stats.mxcsr_completed += 1;
+                            tracing::debug!(
+                                vcpu = ctx.index,
+                                "completed the {:?} KVM could not emulate ({outcome:?}): {report}",
+                                insn.op
+                            );
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(vcpu = ctx.index, "cannot complete an ldmxcsr/stmxcsr: {e}"),
+                    }
+                }
+                ctx.diag.name_rip(&vcpu, &mut report);
                 let event = match report.exit {
                     // The guest's own doing: a shutdown, as before, with the details.
                     UnexpectedExit::Shutdown => {

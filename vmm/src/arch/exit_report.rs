@@ -167,6 +167,9 @@ pub struct ExitReport {
     /// The kernel symbol RIP is in (`name+0xoff`), when a System.map was given, or
     /// what went wrong looking it up.
     pub symbol: Option<String>,
+    /// The kernel functions named by return addresses on the stack (with a
+    /// System.map; [`super::stack_scan`]), innermost first.
+    pub callers: Vec<String>,
 }
 
 impl ExitReport {
@@ -174,10 +177,16 @@ impl ExitReport {
     /// (the instruction kvm_pvm's emulator could not run in guest-kernel code), so a
     /// caller can complete the instructions it knows ([`super::int3`], [`super::fwait`]).
     pub fn kernel_emulation_failure_opcode(&self) -> Option<u8> {
+        self.kernel_emulation_failure_code()?.first().copied()
+    }
+
+    /// The code bytes at RIP when this is an emulation failure of KVM at CPL 0 (see
+    /// [`Self::kernel_emulation_failure_opcode`]; [`super::mxcsr`] decodes them).
+    pub fn kernel_emulation_failure_code(&self) -> Option<&[u8]> {
         let emulation = matches!(self.exit, UnexpectedExit::InternalError { suberror, .. } if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION);
         let kernel = matches!(&self.cpu, Ok(c) if c.cpl == 0);
         match &self.code {
-            Ok(code) if emulation && kernel => code.first().copied(),
+            Ok(code) if emulation && kernel => Some(code),
             _ => None,
         }
     }
@@ -189,7 +198,7 @@ impl ExitReport {
             Ok(c) => read_code_at_rip(vcpu, mem, c.rip),
             Err(_) => Err("no registers".into()),
         };
-        ExitReport { exit, cpu, code, symbol: None }
+        ExitReport { exit, cpu, code, symbol: None, callers: Vec::new() }
     }
 }
 
@@ -256,6 +265,9 @@ impl fmt::Display for ExitReport {
                 if let Some(sym) = &self.symbol {
                     write!(f, " <{sym}>")?;
                 }
+                if !self.callers.is_empty() {
+                    write!(f, " stack [{}]", self.callers.join(" "))?;
+                }
                 write!(
                     f,
                     " cs {:#x} cpl {} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
@@ -280,6 +292,7 @@ pub(crate) fn test_report(suberror: u32, cpl: u8, code: &[u8]) -> ExitReport {
         cpu: Ok(CpuState { cpl, ..Default::default() }),
         code: Ok(code.to_vec()),
         symbol: None,
+        callers: Vec::new(),
     }
 }
 
@@ -317,13 +330,14 @@ mod tests {
             cpu: Ok(cpu()),
             code: Ok(vec![0x0f, 0x01, 0xd0, 0xc3]),
             symbol: Some("native_write_cr4+0x17".into()),
+            callers: vec!["x86_64_start_kernel+0x12".into(), "secondary_startup_64+0x9".into()],
         };
         assert_eq!(
             report.to_string(),
             "KVM_EXIT_INTERNAL_ERROR: suberror 1 KVM_INTERNAL_ERROR_EMULATION (KVM's instruction emulator \
              failed), instruction bytes (from KVM) 0f 01 d0, exit info: reason 0x30 info1 0x1 info2 0x0 \
              intr_info 0x0 error_code 0x0, more data [0x7]; rip 0xffffffff81001017 <native_write_cr4+0x17> \
-             cs 0x10 cpl 0 rsp 0xffffffff82603f00 rflags 0x46 cr0 0x80050033 cr2 0x0 cr3 0x260a000 \
+             stack [x86_64_start_kernel+0x12 secondary_startup_64+0x9] cs 0x10 cpl 0 rsp 0xffffffff82603f00 rflags 0x46 cr0 0x80050033 cr2 0x0 cr3 0x260a000 \
              cr4 0x2006b0 efer 0xd01; code at rip: 0f 01 d0 c3"
         );
     }
@@ -331,8 +345,13 @@ mod tests {
     #[test]
     fn other_suberrors_and_exits() {
         let exit = UnexpectedExit::InternalError { suberror: 3, data: vec![0x8000_0b0e, 0x31] };
-        let report =
-            ExitReport { exit, cpu: Err("KVM_GET_REGS: EIO".into()), code: Err("no registers".into()), symbol: None };
+        let report = ExitReport {
+            exit,
+            cpu: Err("KVM_GET_REGS: EIO".into()),
+            code: Err("no registers".into()),
+            symbol: None,
+            callers: vec![],
+        };
         assert_eq!(
             report.to_string(),
             "KVM_EXIT_INTERNAL_ERROR: suberror 3 KVM_INTERNAL_ERROR_DELIVERY_EV (exit while delivering an \
@@ -347,8 +366,13 @@ mod tests {
             .to_string()
             .contains("UNEXPECTED_EXIT_REASON"));
         assert!(UnexpectedExit::InternalError { suberror: 99, data: vec![] }.to_string().contains("99 unknown"));
-        let shutdown =
-            ExitReport { exit: UnexpectedExit::Shutdown, cpu: Ok(cpu()), code: Ok(vec![0x0f, 0x0b]), symbol: None };
+        let shutdown = ExitReport {
+            exit: UnexpectedExit::Shutdown,
+            cpu: Ok(cpu()),
+            code: Ok(vec![0x0f, 0x0b]),
+            symbol: None,
+            callers: vec![],
+        };
         let s = shutdown.to_string();
         assert!(s.starts_with("KVM_EXIT_SHUTDOWN (triple fault or reset); rip 0xffffffff81001017 cs 0x10"), "{s}");
         assert!(s.ends_with("code at rip: 0f 0b"), "{s}");

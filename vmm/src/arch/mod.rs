@@ -6,3 +6,6 @@ pub mod cpuid;
 pub mod exit_report;
 pub mod fwait;
 pub mod int3;
+pub mod modrm;
+pub mod mxcsr;
+pub mod stack_scan;

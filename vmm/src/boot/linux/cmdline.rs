@@ -49,8 +49,24 @@ const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "
 /// - `clearcpuid=popcnt` (same parameter): the emulator has no POPCNT; with smap
 ///   off the kernel stopped at `popcnt %rdi,%rax` in `__bitmap_weight+0x41` (the
 ///   patched `hweight64`); without the feature it calls the software version.
+/// - `clearcpuid=ssse3` (same parameter): kernel SIMD code needs instructions the
+///   emulator lacks. The Debian kernel stopped at `ldmxcsr 0x4(%rsp)` in
+///   `kernel_fpu_begin_mask+0x6e` (guest time 359 s, at the initramfs unpacking);
+///   of its callers in that kernel (System.map and the disassembly) only
+///   `blake2s_compress` (the RNG's hash, SSSE3 code) runs without EFI, and it uses
+///   SIMD only when the CPU has SSSE3. `ldmxcsr` itself is completed by densevm
+///   ([`crate::arch::mxcsr`]); the `pshufb`s after it could not be.
+/// - `clearcpuid=erms,fsrm` (same parameter): not an emulator gap but its cost:
+///   with ERMS/FSRM `memcpy`, `memset`, `clear_page` and the user copies are
+///   `rep movsb`/`stosb`, which the emulator runs one byte per iteration; without
+///   them they use `rep movsq`/`stosq`, 8 bytes per iteration.
+/// - `nowatchdog`: with kernel code ~100 times slower than native, the soft-lockup
+///   detector fires on ordinary boot work (the Debian kernel reported
+///   `ftrace_check_work_func`, its check of 37609 ftrace sites, stuck for 26 s at
+///   guest time 417 s, and again every 28 s), and each report's stack trace is
+///   itself a few seconds of emulated kallsyms lookups and console output.
 pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] =
-    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt")];
+    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt,ssse3,erms,fsrm"), ("nowatchdog", "nowatchdog")];
 
 /// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
 fn size_str(size: u64) -> String {
@@ -170,11 +186,11 @@ mod tests {
     #[test]
     fn extra_params_when_absent() {
         let c = build_cmdline_with("quiet", &[], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt");
+        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog");
         let c = build_cmdline_with("noxsave -- a", &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
         assert_eq!(
             c,
-            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt virtio_mmio.device=4K@0x1000:9 -- a"
+            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog virtio_mmio.device=4K@0x1000:9 -- a"
         );
     }
 

@@ -156,9 +156,12 @@ fn boot_params_layout_from_synthetic_bzimage() {
     assert_eq!({ hdr.cmdline_size } as usize, setup.cmdline.len() + 1);
     let cmdline = read_cstr(&mem, CMDLINE_ADDR, 4096);
     assert_eq!(cmdline, setup.cmdline);
-    // Where KVM emulates guest-kernel instructions, densevm adds `noxsave clearcpuid=smap,popcnt`.
-    let emulated =
-        if crate::arch::cpuid::kernel_instructions_emulated() { " noxsave clearcpuid=smap,popcnt" } else { "" };
+    // Where KVM emulates guest-kernel instructions, densevm adds `noxsave clearcpuid=... nowatchdog`.
+    let emulated = if crate::arch::cpuid::kernel_instructions_emulated() {
+        " noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog"
+    } else {
+        ""
+    };
     assert_eq!(cmdline, format!("quiet console=ttyS0 reboot=k panic=1{emulated} virtio_mmio.device=4K@0xd0000000:5"));
 
     // Initrd: page-aligned, at the top of RAM, content intact.
