@@ -10,8 +10,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::types::{
     Balloon, BalloonPolicyPatch, BalloonPolicyStatus, BalloonSpec, BalloonStatistics, CompactionActionType,
-    CompactionConfig, CompactionConfigPatch, CompactionReport, HostMemoryStats, InfoReply, MergeActionType,
-    MergeConfig, MergeConfigPatch, VmActionType, VmConfig, VmInfo, VmMemoryStats,
+    CompactionConfig, CompactionConfigPatch, CompactionReport, DomainInfo, DomainPolicy, HostMemoryStats, InfoReply,
+    MergeActionType, MergeConfig, MergeConfigPatch, VmActionType, VmConfig, VmInfo, VmMemoryStats,
 };
 
 /// What the HTTP API asks the VMM to do. Every id and body is already validated
@@ -93,6 +93,22 @@ pub enum ApiAction {
     /// `PATCH /memory/balloon-policy`: apply (the patch is validated) and reply
     /// [`ApiReply::BalloonPolicy`].
     PatchBalloonPolicy(BalloonPolicyPatch),
+    /// `PUT /domains/{domain_name}`: declare a merge domain; reply [`ApiReply::Empty`]
+    /// (also when it exists with this policy), or [`ErrorKind::Conflict`] if it exists
+    /// with another.
+    PutDomain {
+        /// The domain's name.
+        domain_name: String,
+        /// Its policy.
+        policy: DomainPolicy,
+    },
+    /// `GET /domains`: reply [`ApiReply::Domains`].
+    ListDomains,
+    /// `GET /domains/{domain_name}`: reply [`ApiReply::Domain`] or [`ErrorKind::NotFound`].
+    GetDomain(String),
+    /// `DELETE /domains/{domain_name}`: reply [`ApiReply::Empty`], or
+    /// [`ErrorKind::Conflict`] while VMs are its members.
+    DeleteDomain(String),
 }
 
 impl ApiAction {
@@ -120,6 +136,10 @@ impl ApiAction {
             ApiAction::PatchBalloonStatistics { .. } => "PatchBalloonStatistics",
             ApiAction::GetBalloonPolicy => "GetBalloonPolicy",
             ApiAction::PatchBalloonPolicy(_) => "PatchBalloonPolicy",
+            ApiAction::PutDomain { .. } => "PutDomain",
+            ApiAction::ListDomains => "ListDomains",
+            ApiAction::GetDomain(_) => "GetDomain",
+            ApiAction::DeleteDomain(_) => "DeleteDomain",
         }
     }
 }
@@ -151,6 +171,10 @@ pub enum ApiReply {
     BalloonStatistics(Box<BalloonStatistics>),
     /// Answer to [`ApiAction::GetBalloonPolicy`] and [`ApiAction::PatchBalloonPolicy`].
     BalloonPolicy(Box<BalloonPolicyStatus>),
+    /// Answer to [`ApiAction::ListDomains`].
+    Domains(Vec<DomainInfo>),
+    /// Answer to [`ApiAction::GetDomain`].
+    Domain(DomainInfo),
 }
 
 /// Class of a VMM-side failure; decides the HTTP status.
@@ -158,7 +182,7 @@ pub enum ApiReply {
 pub enum ErrorKind {
     /// The request is invalid in a way only the VMM can tell (e.g. a missing file): 400.
     BadRequest,
-    /// No such VM: 404.
+    /// No such VM (or merge domain): 404.
     NotFound,
     /// The VM's state (or an existing VM with that id) forbids the request: 409.
     Conflict,

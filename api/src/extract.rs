@@ -1,6 +1,6 @@
 //! Request extractors whose rejections use the fault shape: a JSON body with size and
-//! time limits, parse errors naming the offending field, and range validation; and a
-//! validated `{vm_id}` path segment.
+//! time limits, parse errors naming the offending field, and range validation; and
+//! validated `{vm_id}` and `{domain_name}` path segments.
 //!
 //! A body must be sent as `Content-Type: application/json` (415 otherwise) and be a
 //! JSON object; objects nested in it must be objects too (serde would also accept an
@@ -186,6 +186,22 @@ impl<S: Send + Sync> FromRequestParts<S> for VmId {
             .map_err(|e| Error::bad_request(format!("invalid path: {}", e.body_text())))?;
         validate_vm_id("vm_id", &id).map_err(|e| Error::bad_request(format!("invalid {e}")))?;
         Ok(VmId(id))
+    }
+}
+
+/// The `{domain_name}` path segment, checked against the id rules (those of a VM id).
+#[derive(Debug)]
+pub struct DomainName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for DomainName {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Error::bad_request(format!("invalid path: {}", e.body_text())))?;
+        validate_vm_id("domain_name", &name).map_err(|e| Error::bad_request(format!("invalid {e}")))?;
+        Ok(DomainName(name))
     }
 }
 

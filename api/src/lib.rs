@@ -24,6 +24,7 @@
 
 pub mod auth;
 pub mod channel;
+mod domain_routes;
 mod error;
 mod extract;
 pub mod metrics;

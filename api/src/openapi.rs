@@ -26,6 +26,8 @@ use crate::types::FaultResponse;
     tags(
         (name = "host", description = "Version, host facts, metrics, this document"),
         (name = "vms", description = "microVM life cycle"),
+        (name = "domains", description = "Merge domains: declared with a policy before a VM may join one; \
+            only VMs of one domain share frames"),
         (name = "memory", description = "Memory statistics, merge and compaction tuning"),
         (name = "balloon", description = "A VM's virtio-balloon, shaped like Firecracker's balloon API, and the host memory budget policy over every balloon"),
     )
@@ -154,6 +156,10 @@ mod tests {
             ("patch", "/memory/balloon-policy", &[200], true, true),
             ("get", "/metrics", &[200], true, false),
             ("get", "/openapi.json", &[200], false, false),
+            ("get", "/domains", &[200], true, false),
+            ("put", "/domains/{domain_name}", &[204, 409], true, true),
+            ("get", "/domains/{domain_name}", &[200, 404], true, false),
+            ("delete", "/domains/{domain_name}", &[204, 404, 409], true, false),
         ];
         let doc: serde_json::Value = serde_json::to_value(openapi()).unwrap();
         let mut seen = 0;
@@ -218,6 +224,7 @@ mod tests {
             ("BalloonSpec", "stats_polling_interval_s", 0, u64::from(u16::MAX)),
             ("BalloonUpdate", "amount_mib", 0, u64::from(MAX_MEM_SIZE_MIB)),
             ("BalloonStatsUpdate", "stats_polling_interval_s", 1, u64::from(u16::MAX)),
+            ("DomainPolicy", "max_vms", 1, u64::from(crate::types::MAX_DOMAIN_VMS)),
         ] {
             assert_eq!(range(s, f), (num(min), num(max)), "{s}.{f}");
         }
@@ -236,7 +243,7 @@ mod tests {
             );
             assert!(p["pattern"].is_string(), "{s}.{f}");
         }
-        // The vm_id path parameter of every operation that has one.
+        // The vm_id and domain_name path parameters of every operation that has one.
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
                 for param in op["parameters"].as_array().into_iter().flatten() {
@@ -279,6 +286,8 @@ mod tests {
             paths.iter().map(String::as_str).collect::<Vec<_>>(),
             [
                 "/",
+                "/domains",
+                "/domains/{domain_name}",
                 "/memory",
                 "/memory/balloon-policy",
                 "/memory/compaction",
@@ -298,7 +307,7 @@ mod tests {
         let methods = [Method::GET, Method::PUT, Method::POST, Method::PATCH, Method::DELETE];
         let mut routed = BTreeSet::new();
         for path in &paths {
-            let uri = path.replace("{vm_id}", "vm1");
+            let uri = path.replace("{vm_id}", "vm1").replace("{domain_name}", "d1");
             for m in &methods {
                 let req = Request::builder().method(m.clone()).uri(&uri).body(Body::from("{}")).unwrap();
                 let status = app.clone().oneshot(req).await.unwrap().status();
@@ -312,7 +321,7 @@ mod tests {
             }
         }
         assert_eq!(routed, documented, "router (left) vs OpenAPI document (right)");
-        for uri in ["/nope", "/vms/a/b/c", "/memory/merge/x", "/memory/compaction/x"] {
+        for uri in ["/nope", "/vms/a/b/c", "/memory/merge/x", "/memory/compaction/x", "/domains/a/b"] {
             let req = Request::get(uri).body(Body::empty()).unwrap();
             let status = app.clone().oneshot(req).await.unwrap().status();
             assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");

@@ -441,7 +441,7 @@ async fn get_openapi(State(s): State<AppState>) -> Response {
 /// The routes (without state, fallback and middleware) and the OpenAPI document
 /// describing exactly them.
 pub fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let router = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(get_info))
         .routes(routes!(list_vms))
         .routes(routes!(get_vm, put_vm, delete_vm))
@@ -456,8 +456,8 @@ pub fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(compaction_action))
         .routes(routes!(get_balloon_policy, patch_balloon_policy))
         .routes(routes!(get_metrics))
-        .routes(routes!(get_openapi))
-        .split_for_parts()
+        .routes(routes!(get_openapi));
+    crate::domain_routes::add(router).split_for_parts()
 }
 
 /// The complete application: routes, JSON 404 fallback and JSON error middleware.

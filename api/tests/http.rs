@@ -351,3 +351,47 @@ fn bodies_must_be_sent_as_json() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(h.req("DELETE", "/vms/nope", None).status, 404);
 }
+
+/// The domain routes over HTTP (the fake VMM keeps a real registry): declare,
+/// idempotent re-PUT, conflicting re-PUT, get, list, delete; bad names and
+/// policies are 400 before the VMM is asked.
+#[test]
+fn domain_routes() {
+    let h = Harness::new();
+    assert_eq!(h.req("GET", "/domains", None).json(), serde_json::json!({"domains": []}));
+    assert_eq!(h.req("PUT", "/domains/team-a", Some("{}")).status, 204);
+    assert_eq!(h.req("PUT", "/domains/team-a", Some(r#"{"merge_across_vms": true, "max_vms": 65536}"#)).status, 204);
+    let r = h.req("PUT", "/domains/team-a", Some(r#"{"max_vms": 2}"#));
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.fault().contains("exists with policy"), "{}", r.fault());
+    let solo = r#"{"merge_across_vms": false, "max_vms": 1}"#;
+    assert_eq!(h.req("PUT", "/domains/solo_1", Some(solo)).status, 204);
+    let r = h.req("GET", "/domains/solo_1", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"domain_name": "solo_1", "policy": {"merge_across_vms": false, "max_vms": 1}, "vm_count": 0})
+    );
+    let list = h.req("GET", "/domains", None).json();
+    let names: Vec<_> = list["domains"].as_array().unwrap().iter().map(|d| d["domain_name"].clone()).collect();
+    assert_eq!(names, ["solo_1", "team-a"]);
+    for (method, path, body, status, needle) in [
+        ("PUT", "/domains/a.b", Some("{}"), 400, "domain_name"),
+        ("PUT", &format!("/domains/{}", "x".repeat(65)), Some("{}"), 400, "domain_name"),
+        ("PUT", "/domains/d", Some(r#"{"max_vms": 0}"#), 400, "max_vms: must be in 1..=65536"),
+        ("PUT", "/domains/d", Some(r#"{"max_vms": 65537}"#), 400, "max_vms: must be in 1..=65536"),
+        ("PUT", "/domains/d", Some(r#"{"merge": true}"#), 400, "unknown field"),
+        ("PUT", "/domains/d", Some("[]"), 400, "expected a JSON object"),
+        ("GET", "/domains/nope", None, 404, "nope"),
+        ("DELETE", "/domains/nope", None, 404, "nope"),
+        ("GET", "/domains/a%20b", None, 400, "domain_name"),
+    ] {
+        let r = h.req(method, path, body);
+        assert_eq!(r.status, status, "{method} {path}: {r:?}");
+        assert!(r.fault().contains(needle), "{method} {path}: {}", r.fault());
+    }
+    assert_eq!(h.req("DELETE", "/domains/team-a", None).status, 204);
+    assert_eq!(h.req("GET", "/domains/team-a", None).status, 404);
+    // Declared again after deletion, with another policy.
+    assert_eq!(h.req("PUT", "/domains/team-a", Some(r#"{"max_vms": 2}"#)).status, 204);
+}

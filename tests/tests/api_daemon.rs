@@ -42,6 +42,7 @@ fn expect_status(r: &common::Response, status: u16, what: &str) {
 }
 
 fn create_and_start(d: &Daemon, ids: &[&str]) {
+    d.declare_domain("d1");
     for (i, id) in ids.iter().enumerate() {
         let r = d.req("PUT", &format!("/vms/{id}"), Some(&workload_vm(100 + i as u64)));
         expect_status(&r, 204, &format!("create {id}"));
@@ -86,6 +87,7 @@ fn three_vms_memory_stats_merging_and_lifecycle() {
         return;
     }
     let d = Daemon::start(&[]);
+    d.declare_domain("d1");
     let ids = ["vm-a", "vm-b", "vm-c"];
     for (i, id) in ids.iter().enumerate() {
         let r = d.req("PUT", &format!("/vms/{id}"), Some(&workload_vm(100 + i as u64)));
@@ -223,6 +225,7 @@ fn bad_requests_are_answered_with_fault_messages() {
         return;
     }
     let d = Daemon::start(&[]);
+    d.declare_domain("d1");
     let good = workload_vm(1);
     let cases: Vec<(&str, &str, String, u16, &str)> = vec![
         ("PUT", "/vms/x", "{not json".into(), 400, ""),

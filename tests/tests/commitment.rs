@@ -21,6 +21,7 @@ use common::{kvm_available, Daemon, ResponseExt};
 use memory::manager::CommitPolicy;
 use memory::merge::{ChangeDetection, Tunables};
 use serde_json::{json, Value};
+use vmm::domains::DomainPolicy;
 use vmm::error_kind::{memory_error_kind, ErrorKind};
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
@@ -56,6 +57,7 @@ fn daemon_refuses_a_vm_of_the_frames_merging_freed() {
     }
     let d = Daemon::start(&["--host-budget-mib", "40"]);
     assert!(d.log_text().contains("host memory budget: 40 MiB"), "budget not logged:\n{}", d.log_text());
+    d.declare_domain("d1");
     for id in ["vm-a", "vm-b"] {
         let r = d.req("PUT", &format!("/vms/{id}"), Some(&identical_vm()));
         assert_eq!(r.status, 204, "create {id}: {}", r.text());
@@ -201,6 +203,7 @@ fn overcommitted_cow_without_a_frame_stops_the_vm_with_an_exit_reason() {
         }
     };
     let mut f = Fleet { host, ids: vec!["a", "b"] };
+    f.host.declare_domain("d", DomainPolicy::default()).unwrap();
     for id in ["a", "b"] {
         f.host.create_vm(writer_spec(id, 16)).unwrap();
     }

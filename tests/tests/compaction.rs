@@ -122,6 +122,7 @@ fn scatter_and_compact(name: &str, delete_one: bool) {
         return;
     }
     let d = Daemon::start(&[]);
+    d.declare_domain("team");
     // No background pass: the one the test asks for must find the scatter.
     let c = patch(&d, "/memory/compaction", json!({"enabled": false}));
     assert_eq!(c["enabled"], false, "{c}");

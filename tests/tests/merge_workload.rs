@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use memory::merge::{ChangeDetection, MergeStats, Tunables};
 use memory::{MemoryManager, PageFlags, VmId};
+use vmm::domains::DomainPolicy;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec, VmState};
@@ -125,6 +126,9 @@ impl Fleet {
             }
         };
         let ids: Vec<&'static str> = defs.iter().map(|d| d.id).collect();
+        for name in defs.iter().filter_map(|d| d.domain) {
+            host.declare_domain(name, DomainPolicy::default()).unwrap();
+        }
         for d in defs {
             let spec = VmSpec {
                 id: d.id.into(),

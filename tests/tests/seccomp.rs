@@ -61,6 +61,7 @@ fn enforce_runs_merging_workload_vms_to_completion_with_every_thread_filtered() 
         return;
     }
     let mut d = Daemon::start(&["--seccomp", "enforce"]);
+    d.declare_domain("d1");
     let ids = ["sc-a", "sc-b"];
     for (i, id) in ids.iter().enumerate() {
         expect_status(&d.req("PUT", &format!("/vms/{id}"), Some(&workload_vm(40 + i as u64, 6))), 204, "create");

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use vmm::domains::DomainPolicy;
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
@@ -41,6 +42,7 @@ fn stopping_vms_returns_fds_threads_and_frames() {
             return;
         }
     };
+    host.declare_domain("t", DomainPolicy::default()).unwrap();
     let mut baseline = None;
     for round in 0..6 {
         for i in 0..3 {

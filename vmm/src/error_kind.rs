@@ -2,6 +2,7 @@
 //! outcome: the API bridge (an HTTP status) and the CLI (an exit code). Both map
 //! from [`ErrorKind`], so an error is classified once, here.
 
+use crate::domains;
 use crate::guest_ram;
 use crate::host;
 use crate::vm;
@@ -10,16 +11,17 @@ use crate::vm;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// The request itself is wrong: bad configuration, workload scenario or RAM
-    /// size (HTTP 400, CLI exit 2).
+    /// size, an undeclared merge domain (HTTP 400, CLI exit 2).
     InvalidInput,
     /// The Linux kernel or initrd given cannot be loaded or booted. The API
     /// answers 400 (its client chose the kernel); `densevm run` reports it as a
     /// runtime failure (exit 1), as it always has.
     UnbootableKernel,
-    /// The VM named does not exist (HTTP 404, CLI exit 1).
+    /// The VM or merge domain named does not exist (HTTP 404, CLI exit 1).
     NotFound,
     /// The request does not fit the current state: the VM exists already or is
-    /// being created or deleted, its state does not allow the operation, the
+    /// being created or deleted, its state does not allow the operation, a
+    /// merge domain exists with another policy, is full or still has VMs, the
     /// frame pool is full, memory commitment, the host memory budget or the
     /// daemon's maxima of VMs and vCPUs refuse a new VM, or unmerging has no
     /// room (HTTP 409, CLI exit 1).
@@ -65,6 +67,9 @@ impl host::Error {
             host::Error::Exists(_) | host::Error::OverBudget { .. } => ErrorKind::Conflict,
             host::Error::Admission(e) if e.is_invalid_input() => ErrorKind::InvalidInput,
             host::Error::Admission(_) => ErrorKind::Conflict,
+            host::Error::Domain(e) if e.is_invalid_input() => ErrorKind::InvalidInput,
+            host::Error::Domain(domains::Error::NotFound(_)) => ErrorKind::NotFound,
+            host::Error::Domain(_) => ErrorKind::Conflict,
             host::Error::Memory(e) => memory_error_kind(e),
             host::Error::Vm(e) => e.kind(),
             _ => ErrorKind::Internal,
@@ -107,5 +112,15 @@ mod tests {
         let bad = memory::manager::Error::Commit(CommitError::BadRatio(0.5));
         assert_eq!(memory_error_kind(&bad), ErrorKind::InvalidInput);
         assert_eq!(host::Error::Vm(vm::Error::Device("x".into())).kind(), ErrorKind::Internal);
+        let d = |e: domains::Error| host::Error::Domain(e).kind();
+        assert_eq!(d(domains::Error::Undeclared("a".into())), ErrorKind::InvalidInput);
+        assert_eq!(d(domains::Error::NotFound("a".into())), ErrorKind::NotFound);
+        assert_eq!(d(domains::Error::HasMembers { name: "a".into(), vms: vec![] }), ErrorKind::Conflict);
+        assert_eq!(d(domains::Error::Full { name: "a".into(), max_vms: 1 }), ErrorKind::Conflict);
+        let p = domains::DomainPolicy::default();
+        assert_eq!(
+            d(domains::Error::PolicyConflict { name: "a".into(), existing: p, requested: p }),
+            ErrorKind::Conflict
+        );
     }
 }

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::admission::{self, Admission, Limits};
 use crate::control::{ControlGate, ControlOutOfMemory, VcpuEvent};
 use crate::dirty_log::KvmDirtyLog;
+use crate::domains::{self, Declared, DomainInfo, DomainPolicy, Domains, FIRST_NAMED_DOMAIN};
 use crate::vm::{self, Vm, VmSpec, VmState};
 
 /// Event data of the termination-signal eventfd.
@@ -70,6 +71,9 @@ pub enum Error {
     /// Admission control refused the VM (its maxima, or the VM is in flight).
     #[error(transparent)]
     Admission(#[from] admission::Error),
+    /// A merge domain request failed (or a VM names an undeclared domain).
+    #[error(transparent)]
+    Domain(#[from] domains::Error),
 }
 
 /// Host-wide settings.
@@ -85,9 +89,6 @@ impl Default for HostConfig {
         HostConfig { pool_bytes: DEFAULT_POOL_BYTES }
     }
 }
-
-/// First numeric id of a named merge domain.
-const NAMED_DOMAIN_BASE: u32 = 1 << 31;
 
 /// Default frame-pool capacity: 64 GiB of address space.
 pub const DEFAULT_POOL_BYTES: u64 = 64 << 30;
@@ -168,7 +169,8 @@ impl Removal {
 }
 /// All microVMs of this process.
 pub struct Host {
-    domains: std::collections::HashMap<String, u32>,
+    /// The declared merge domains and their members.
+    domains: Domains,
     kvm: Arc<Kvm>,
     memory: Arc<MemoryManager>,
     next_mem_id: u32,
@@ -216,7 +218,7 @@ impl Host {
             ..ManagerConfig::with_capacity(config.pool_bytes)
         })?;
         Ok(Host {
-            domains: std::collections::HashMap::new(),
+            domains: Domains::default(),
             kvm: Arc::new(kvm),
             memory,
             next_mem_id: 1,
@@ -243,11 +245,32 @@ impl Host {
         Ok(())
     }
 
-    /// The numeric merge domain of a named domain (allocated on first use, above
-    /// the range of VM ids so that named domains never collide with a VM's own).
-    pub fn domain_id(&mut self, name: &str) -> u32 {
-        let next = NAMED_DOMAIN_BASE + self.domains.len() as u32;
-        *self.domains.entry(name.to_string()).or_insert(next)
+    /// Declares merge domain `name` (see [`crate::domains`]): VMs may name it
+    /// from now on. Again with the same policy: nothing changes.
+    pub fn declare_domain(&mut self, name: &str, policy: DomainPolicy) -> Result<Declared, Error> {
+        let declared = self.domains.declare(name, policy)?;
+        if declared == Declared::Created {
+            tracing::info!("merge domain {name:?} declared: {policy:?}");
+        }
+        Ok(declared)
+    }
+
+    /// Merge domain `name`.
+    pub fn domain(&self, name: &str) -> Result<DomainInfo, Error> {
+        Ok(self.domains.get(name)?)
+    }
+
+    /// Every merge domain, by name.
+    pub fn domains(&self) -> Vec<DomainInfo> {
+        self.domains.list()
+    }
+
+    /// Deletes merge domain `name`; refused while VMs (counting those being
+    /// created or deleted) are its members.
+    pub fn remove_domain(&mut self, name: &str) -> Result<(), Error> {
+        self.domains.remove(name)?;
+        tracing::info!("merge domain {name:?} deleted");
+        Ok(())
     }
 
     /// The memory manager that owns every VM's RAM.
@@ -327,11 +350,15 @@ impl Host {
         self.admission.check(spec.vcpus, self.vms.len(), self.vcpus_in_use())?;
         self.check_budget(&spec)?;
         let mem_id = self.next_mem_id;
-        self.next_mem_id = mem_id.checked_add(1).ok_or_else(|| Error::Io("out of memory-manager ids".into()))?;
+        // A VM's own merge domain is its memory-manager id: below the named domains'.
+        if mem_id >= FIRST_NAMED_DOMAIN {
+            return Err(Error::Io("out of memory-manager ids".into()));
+        }
         let domain = match &spec.merge.domain {
-            Some(name) => self.domain_id(name),
+            Some(name) => self.domains.join(&spec.id, name, mem_id)?,
             None => mem_id,
         };
+        self.next_mem_id = mem_id + 1;
         self.admission.reserve(&spec.id, spec.vcpus, spec.mem_mib.saturating_mul(1 << 20), false);
         Ok(Creation {
             kvm: self.kvm.clone(),
@@ -348,11 +375,20 @@ impl Host {
     /// releases its place.
     pub fn finish_create(&mut self, id: &str, built: Result<Vm, Error>) -> Result<(), Error> {
         self.admission.release(id);
-        let vm = built?;
         let token = self.next_token;
-        self.next_token = token
-            .checked_add(1 << FD_INDEX_BITS)
-            .ok_or_else(|| Error::Io("out of event-loop tokens for new VMs".into()))?;
+        let next = token.checked_add(1 << FD_INDEX_BITS);
+        let vm = match (built, next) {
+            (Ok(vm), Some(next)) => {
+                self.next_token = next;
+                vm
+            }
+            (built, _) => {
+                // Not created: the VM leaves its merge domain (and is dropped).
+                self.domains.leave(id);
+                built?;
+                return Err(Error::Io("out of event-loop tokens for new VMs".into()));
+            }
+        };
         self.unregistered.push(token);
         self.vms.insert(id.to_string(), Entry { token, vm });
         Ok(())
@@ -401,6 +437,7 @@ impl Host {
     /// VM `id`, taken out by [`Host::begin_remove`], is gone.
     pub fn finish_remove(&mut self, id: &str) {
         self.admission.release(id);
+        self.domains.leave(id);
     }
 
     /// Starts every created VM.

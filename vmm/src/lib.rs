@@ -10,6 +10,7 @@ pub mod boot;
 pub mod control;
 pub mod device_manager;
 pub mod dirty_log;
+pub mod domains;
 pub mod driver;
 pub mod error_kind;
 pub mod guest_ram;

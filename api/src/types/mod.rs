@@ -5,6 +5,7 @@
 //! message of the first violation.
 
 mod balloon;
+mod domain;
 mod memory;
 mod vm;
 
@@ -15,6 +16,7 @@ pub use balloon::{
     Balloon, BalloonInfo, BalloonPolicyAction, BalloonPolicyConfig, BalloonPolicyPatch, BalloonPolicyStatus,
     BalloonReport, BalloonSpec, BalloonStatistics, BalloonStatsUpdate, BalloonTargetChange, BalloonUpdate, PolicyBand,
 };
+pub use domain::{DomainInfo, DomainList, DomainPolicy, MAX_DOMAIN_VMS};
 pub use memory::{
     ChangeDetection, CompactionActionRequest, CompactionActionType, CompactionConfig, CompactionConfigPatch,
     CompactionFailures, CompactionReport, CompactionStats, HostMemoryStats, MergeActionRequest, MergeActionType,

@@ -156,8 +156,11 @@ impl Validate for KernelBoot {
 pub struct MergeSettings {
     /// Whether this VM's pages take part in same-page merging.
     pub enabled: bool,
-    /// Merge domain: pages merge only with VMs of the same domain (default: one global
-    /// domain). Same character rules as a VM id.
+    /// Merge domain, declared first with `PUT /domains/{domain_name}` (an undeclared
+    /// domain is refused, 400): the VM shares frames with the other VMs of the
+    /// domain if its policy has `merge_across_vms`. Absent: the VM is alone in a
+    /// domain of its own (its pages merge only with each other). Same character
+    /// rules as a VM id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
 }

@@ -35,6 +35,16 @@ struct Table {
     merge: MergeConfig,
     compaction: CompactionConfig,
     policy: BalloonPolicyConfig,
+    domains: vmm::domains::Domains,
+}
+
+/// The API error of a domain registry error (the statuses the daemon's bridge gives).
+fn domain_error(e: vmm::domains::Error) -> ApiError {
+    match e {
+        vmm::domains::Error::NotFound(_) => ApiError::not_found(e.to_string()),
+        e if e.is_invalid_input() => ApiError::bad_request(e.to_string()),
+        e => ApiError::conflict(e.to_string()),
+    }
 }
 
 fn policy_status(c: BalloonPolicyConfig) -> ApiReply {
@@ -161,6 +171,12 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
             t.policy = p.apply(&t.policy);
             Ok(policy_status(t.policy))
         }
+        ApiAction::PutDomain { domain_name, policy } => {
+            t.domains.declare(&domain_name, policy).map(|_| ApiReply::Empty).map_err(domain_error)
+        }
+        ApiAction::ListDomains => Ok(ApiReply::Domains(t.domains.list())),
+        ApiAction::GetDomain(name) => t.domains.get(&name).map(ApiReply::Domain).map_err(domain_error),
+        ApiAction::DeleteDomain(name) => t.domains.remove(&name).map(|()| ApiReply::Empty).map_err(domain_error),
     }
 }
 
@@ -189,6 +205,7 @@ impl FakeVmm {
                 },
                 compaction: CompactionConfig::default(),
                 policy: BalloonPolicyConfig::default(),
+                domains: vmm::domains::Domains::default(),
             };
             let epoll = Epoll::new().unwrap();
             epoll.ctl(ControlOperation::Add, end.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1)).unwrap();

@@ -12,12 +12,14 @@
 //! here when the loop is woken through [`ApiBridge::wake_fd`], [`lifecycle`]).
 //! The host memory budget policy of the balloons ([`balloon_policy`]) lives here
 //! too: the daemon's event loop calls [`ApiBridge::tick`] to step it.
+//! The merge domain requests go to the Host's registry ([`domains`]).
 //! What the Host does not keep lives here: the API configuration each VM was created
 //! with (`GET /vms/{id}` returns it).
 
 mod balloon;
 mod balloon_policy;
 mod compaction;
+mod domains;
 mod facts;
 mod lifecycle;
 mod memory;
@@ -144,6 +146,9 @@ impl ApiBridge {
     }
 
     fn answer(&mut self, host: &mut Host, action: ApiAction, ops: Option<&mut EventOps>) -> Result<ApiReply, ApiError> {
+        if let Some(result) = domains::answer(host, &action) {
+            return result;
+        }
         match action {
             ApiAction::GetInfo
             | ApiAction::MergeAction(_)
@@ -197,6 +202,10 @@ impl ApiBridge {
             ApiAction::GetBalloonPolicy => Ok(balloon_policy::get(&self.policy, host)),
             ApiAction::PatchBalloonPolicy(patch) => balloon_policy::patch(&mut self.policy, host, &patch),
             ApiAction::GetBalloonStatistics(id) => balloon::statistics(host, &id),
+            ApiAction::PutDomain { .. }
+            | ApiAction::ListDomains
+            | ApiAction::GetDomain(_)
+            | ApiAction::DeleteDomain(_) => Err(ApiError::internal("domain requests are answered by domains::answer")),
             ApiAction::PatchBalloonStatistics { vm_id, stats_polling_interval_s } => {
                 balloon::patch_statistics(host, &vm_id, stats_polling_interval_s)?;
                 if let Some(b) = self.configs.get_mut(&vm_id).and_then(|c| c.balloon.as_mut()) {

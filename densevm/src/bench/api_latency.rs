@@ -70,6 +70,7 @@ pub fn main(requests: u32, load_clients: u32, json: Option<&Path>) -> Result<Exi
     let sock: PathBuf = std::env::temp_dir().join(format!("densevm-bench-api-{}.sock", std::process::id()));
     let _daemon = start_daemon(&sock)?;
     let mut c = Client::unix(&sock).map_err(err)?;
+    expect(c.request("PUT", "/domains/bench", Some("{}")).map_err(err)?, 204, "declare the merge domain")?;
     for i in 0..VMS {
         let body = r#"{"vcpu_count": 1, "mem_size_mib": 48, "boot": {"workload": {"fill_mib": 32,
             "shared_fraction": 0.8, "zero_fraction": 0.1, "write_fraction": 0.1, "writes_per_s": 1000}},

@@ -68,6 +68,7 @@ fn progress_line(h: &Host, t0: Instant) {
 pub fn main(args: DemoArgs) -> Result<ExitCode, CommandError> {
     let mut host = Host::new(HostConfig::default())?;
     host.handle_termination_signals()?;
+    host.declare_domain("demo", vmm::domains::DomainPolicy::default())?;
     for i in 0..args.vms {
         let scenario = demo_scenario(&args, i);
         let merge = MergeSpec { enabled: !args.no_merge, domain: Some("demo".into()) };

@@ -128,6 +128,13 @@ impl Daemon {
         request(&self.sock, method, path, body)
     }
 
+    /// Declares merge domain `name` with the default policy (`PUT /domains/{name}`),
+    /// expecting 204: a VM may name only a declared domain.
+    pub fn declare_domain(&self, name: &str) {
+        let r = self.req("PUT", &format!("/domains/{name}"), Some("{}"));
+        assert_eq!(r.status, 204, "PUT /domains/{name}: {}", r.text());
+    }
+
     /// `GET path`, expecting 200 and JSON.
     pub fn get(&self, path: &str) -> Value {
         let r = self.req("GET", path, None);

@@ -96,8 +96,9 @@ pub struct VmSpec {
 pub struct MergeSpec {
     /// The merger scans this VM (opt-in).
     pub enabled: bool,
-    /// Merge domain: only VMs of one domain share frames (zero pages excepted).
-    /// `None`: the VM's own domain.
+    /// Merge domain, declared first ([`crate::host::Host::declare_domain`]): only
+    /// VMs of one domain share frames, if its policy merges across VMs (zero
+    /// pages excepted). `None`: the VM's own domain.
     pub domain: Option<String>,
 }
 

@@ -125,6 +125,7 @@ pub fn create(
     ids: &mut Vec<String>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<ScatterInfo, CommandError> {
+    host.declare_domain(DOMAIN, vmm::domains::DomainPolicy::default())?;
     for i in 0..p.vms {
         let id = format!("{tag}-{i}");
         host.create_vm(spec(id.clone(), i, p))?;

@@ -306,6 +306,7 @@ pub fn main(quick: bool, json_path: Option<&Path>, repeat: Option<u32>) -> Resul
         println!("note: fewer than {DEFAULT_REPEAT} repetitions; the spreads below are not the project's standard");
     }
     let mut host = Host::new(HostConfig { pool_bytes: 1 << 30 })?;
+    host.declare_domain(DOMAIN, vmm::domains::DomainPolicy::default())?;
     let mut reps = Vec::new();
     for i in 0..repeat {
         let kernel_first = i % 2 == 1;

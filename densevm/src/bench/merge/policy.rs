@@ -187,6 +187,7 @@ pub fn run(
 ) -> Result<PolicyResult, CommandError> {
     let ids: Vec<String> = (0..p.vms).map(|i| format!("merge-{}-{i}", policy.name)).collect();
     let mut res = Ok(PolicyResult::default());
+    host.declare_domain(DOMAIN, vmm::domains::DomainPolicy::default())?;
     for (i, id) in ids.iter().enumerate() {
         if let Err(e) = host.create_vm(spec(id.clone(), i as u32, p, policy.merging)) {
             res = Err(e.into());
