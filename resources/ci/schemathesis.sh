@@ -31,7 +31,9 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
     # The newest Python at hand: with 3.11.7, hypothesis hit CPython's "AST constructor
     # recursion depth mismatch" while describing a strategy (a runtime error, not a finding).
     py=
-    for candidate in ${DENSEVM_SCHEMATHESIS_PYTHON:-} python3.13 python3.12 python3; do
+    # pyenv's shims answer only for its selected version, so its installs are tried by path too.
+    pyenv_pythons=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV || true)
+    for candidate in ${DENSEVM_SCHEMATHESIS_PYTHON:-} python3.13 python3.12 $pyenv_pythons python3; do
         if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
             py=$candidate
             break
