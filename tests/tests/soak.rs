@@ -140,7 +140,7 @@ fn churn(s: &Soak, seed: u64) {
     let mut c = Caller::new(&s.sock, &s.tally, true);
     while s.running() {
         let n = s.next_vm.fetch_add(1, Ordering::Relaxed);
-        let (id, balloon) = (format!("churn-{n}"), n % 3 == 0);
+        let (id, balloon) = (format!("churn-{n}"), n.is_multiple_of(3));
         let path = format!("/vms/{id}");
         if c.call("PUT", &path, Some(&vm_body(1000 + n, 1 + n % 2, balloon)), &[204]).map(|r| r.status) != Some(204) {
             s.pause(500);
@@ -174,12 +174,12 @@ fn merger(s: &Soak) {
     while s.running() {
         i += 1;
         let (scan, sharing) = ([100, 1000, 10000, 100000][i as usize % 4], [2, 16, 256][i as usize % 3]);
-        let detection = if i % 3 == 0 { "dirty_log" } else { "checksum" };
-        let patch = json!({"run": true, "pages_to_scan": scan, "sleep_ms": 0, "merge_zero_pages": i % 2 == 0,
+        let detection = if i.is_multiple_of(3) { "dirty_log" } else { "checksum" };
+        let patch = json!({"run": true, "pages_to_scan": scan, "sleep_ms": 0, "merge_zero_pages": i.is_multiple_of(2),
             "change_detection": detection, "max_page_sharing": sharing});
         c.call("PATCH", "/memory/merge", Some(&patch.to_string()), &[200]);
         s.pause(300);
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             c.call("PUT", "/memory/merge/actions", Some(&action("UnmergeAll")), &[204]);
             s.unmerges.fetch_add(1, Ordering::Relaxed);
         }
@@ -221,7 +221,7 @@ fn balloons(s: &Soak) {
 /// One API client: reads everything, on the long-lived VMs (200) and the churn VMs (200 or 404).
 fn client(s: &Soak, n: usize) {
     let mut rng = Rng::new(n as u64 + 1000);
-    let mut c = Caller::new(&s.sock, &s.tally, n % 2 == 0);
+    let mut c = Caller::new(&s.sock, &s.tally, n.is_multiple_of(2));
     const HOST: [&str; 7] =
         ["/memory", "/vms", "/metrics", "/memory/merge", "/memory/compaction", "/", "/memory/balloon-policy"];
     while s.running() {
