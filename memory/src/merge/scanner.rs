@@ -322,9 +322,19 @@ impl Scanner {
                 let core = self.core.clone();
                 let mut guard = core.lock();
                 let mut t = Txn::new(&mut guard, core.remap());
-                total += t.unshare_range(target.vm, start, n, true)?;
+                let done = t.unshare_range(target.vm, start, n, true);
                 drop(t);
                 drop(guard);
+                match done {
+                    Ok(k) => total += k,
+                    // Destroyed since it was listed: its frames went with it, nothing
+                    // is left to unmerge (the table goes as a whole, under the lock).
+                    Err(Error::UnknownVm(vm)) if vm == target.vm => {
+                        tracing::debug!(vm, "VM gone while unmerging it; skipped");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.core.yield_to_faults();
                 start += n;
             }
