@@ -27,6 +27,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here/out}"
+# Absolute: the build below runs in a temporary directory.
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
 marker="DENSEVM-GUEST-READY"
 # The kernel flavour. "cloud" is the smallest Debian kernel built for VMs; it has
 # virtio-mmio, virtio-balloon and the 8250 serial console built in (checked below).
@@ -213,6 +215,11 @@ for d in /sys/bus/virtio/devices/*; do
     echo "  \${d##*/} device=\$(cat "\$d/device") vendor=\$(cat "\$d/vendor")"
 done
 echo "meminfo: \$(head -n1 /proc/meminfo)"
+# densevm.hold=S on the kernel command line: stay up S more seconds (e.g. for the
+# balloon driver to inflate to the host's target), then say the memory again.
+for a in \$(cat /proc/cmdline); do
+    case "\$a" in densevm.hold=*) sleep "\${a#*=}"; echo "meminfo: \$(head -n1 /proc/meminfo)" ;; esac
+done
 echo "DENSEVM-GUEST-POWEROFF"
 poweroff -f
 # poweroff can fail without ACPI: fall back to a reset (i8042), then spin.
