@@ -9,7 +9,8 @@
 # is unreachable. Environment:
 #   DENSEVM_SCHEMATHESIS_SECS   fuzzing budget in seconds (default 150)
 #   DENSEVM_SCHEMATHESIS_VENV   virtualenv to use/create (default ~/.cache/densevm-schemathesis/venv)
-#   DENSEVM_SCHEMATHESIS_PYTHON Python for a new virtualenv (default: newest of python3.13, 3.12, 3)
+#   DENSEVM_SCHEMATHESIS_PYTHON Python for a new virtualenv (default: the newest of python3.13, python3.12,
+#                               pyenv's 3.12+ installs, python3)
 #   DENSEVM_BIN                 densevm binary (default target/release/densevm)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,22 +24,34 @@ exclude_checks=positive_data_acceptance
 
 log() { echo "schemathesis.sh: $*" >&2; }
 
+# The newest Python at hand: with 3.11.7, hypothesis hits CPython's "AST constructor
+# recursion depth mismatch" while describing a strategy (a runtime error, not a finding;
+# seen twice in one run). pyenv's shims answer only for its selected version, so its
+# installs are tried by path too.
+newest_python() {
+    local candidate pyenv_pythons
+    pyenv_pythons=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV || true)
+    for candidate in ${DENSEVM_SCHEMATHESIS_PYTHON:-} python3.13 python3.12 $pyenv_pythons python3; do
+        if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done
+}
+at_least_312() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }
+
+py=$(newest_python)
+# A virtualenv left by an older run on a Python that hits the error above is replaced
+# when a newer Python is at hand.
+if [ -x "$venv/bin/schemathesis" ] && [ -n "$py" ] && at_least_312 "$py" && ! at_least_312 "$venv/bin/python"; then
+    log "replacing $venv ($("$venv/bin/python" --version)) with one on $("$py" --version)"
+    rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/schemathesis" ]; then
     if ! curl -fsS --max-time 15 -o /dev/null https://pypi.org/simple/schemathesis/; then
         log "SKIPPED: schemathesis is not installed in $venv and PyPI is unreachable"
         exit 0
     fi
-    # The newest Python at hand: with 3.11.7, hypothesis hit CPython's "AST constructor
-    # recursion depth mismatch" while describing a strategy (a runtime error, not a finding).
-    py=
-    # pyenv's shims answer only for its selected version, so its installs are tried by path too.
-    pyenv_pythons=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV || true)
-    for candidate in ${DENSEVM_SCHEMATHESIS_PYTHON:-} python3.13 python3.12 $pyenv_pythons python3; do
-        if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-            py=$candidate
-            break
-        fi
-    done
     [ -n "$py" ] || { log "SKIPPED: no Python >= 3.10 to run schemathesis"; exit 0; }
     log "installing schemathesis into $venv ($("$py" --version))"
     "$py" -m venv "$venv"
