@@ -93,9 +93,10 @@ pub struct ServeArgs {
     /// (400). Default: anywhere except /proc, /dev and /sys, which are always refused.
     #[arg(long = "allowed-dir")]
     pub allowed_dirs: Vec<PathBuf>,
-    /// Most VMs at once; creation beyond is refused (409). Default: 64 per host CPU,
-    /// cut down to what the open-files limit holds.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    /// Most VMs at once (1..=4096, the memory manager's guest-range table); creation
+    /// beyond is refused (409). Default: 64 per host CPU, cut down to what the
+    /// open-files limit holds.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=vmm::admission::MAX_VMS as u64))]
     pub max_vms: Option<usize>,
     /// Most vCPUs of all VMs at once; creation beyond is refused (409, or 400 for one
     /// VM asking for more). Default: 64 per host CPU, cut down to what the open-files
