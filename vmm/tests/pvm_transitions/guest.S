@@ -6,14 +6,16 @@
  * aliased in the high half at 0xffffffff81000000 like Linux's text). Page 0x13000:
  * user data (U=1). The host starts the vCPU at CPL 3 at one of the u_* entries.
  *
- * Reports: a qword write to the doorbell (VA 0x1ff000, outside RAM) is a
+ * Reports: a qword write to the doorbell (VA 0x1ff000 for user code, 0x1fe000 for
+ * kernel code; one guest-physical page outside RAM) is a
  * KVM_EXIT_MMIO whose data is the event code. Kernel-side records go to the
  * supervisor-only results page at 0x40000, user-side records to 0x13000.
  */
     .intel_syntax noprefix
     .code64
 
-    .equ DOORBELL, 0x1ff000
+    .equ DOORBELL, 0x1ff000     /* user-accessible alias of the doorbell */
+    .equ KDOORBELL, 0x1fe000    /* supervisor-only alias (usable under SMAP) */
     .equ RESULTS, 0x40000
     .equ R_SYSCALL, RESULTS + 0x000
     .equ R_INT80, RESULTS + 0x080
@@ -26,6 +28,10 @@
 
     .macro bell code
     mov qword ptr [DOORBELL], \code
+    .endm
+
+    .macro kbell code
+    mov qword ptr [KDOORBELL], \code
     .endm
 
     .text
@@ -78,7 +84,7 @@ u_back:
 /* ---------------- kernel code (page 0x11000, no U bit) ---------------- */
     .org 0x1000
 k_syscall_plain:                /* 0x11000: the simplest handler: no swapgs, user stack */
-    bell 0x10
+    kbell 0x10
     mov [R_SYSCALL + 0x08], rsp
     mov [R_SYSCALL + 0x10], rcx
     mov [R_SYSCALL + 0x18], r11
@@ -95,7 +101,7 @@ k_syscall_plain:                /* 0x11000: the simplest handler: no swapgs, use
     mov rax, cr3
     mov [R_SYSCALL + 0x40], rax
     mov qword ptr [R_SYSCALL], 1
-    bell 0x11
+    kbell 0x11
     mov rax, 0x600d
     sysretq
 
@@ -109,7 +115,7 @@ k_syscall_linux:                /* 0x11100: Linux's entry_SYSCALL_64 prologue */
     push r11
     push 0x33
     push rcx
-    bell 0x10
+    kbell 0x10
     mov [R_SYSCALL + 0x08], rsp
     mov [R_SYSCALL + 0x10], rcx
     mov [R_SYSCALL + 0x18], r11
@@ -126,7 +132,7 @@ k_syscall_linux:                /* 0x11100: Linux's entry_SYSCALL_64 prologue */
     mov rax, gs:[0]             /* per-cpu self pointer: proves GS is the kernel's */
     mov [R_SYSCALL + 0x48], rax
     mov qword ptr [R_SYSCALL], 2
-    bell 0x11
+    kbell 0x11
     pop rcx
     add rsp, 8
     pop r11
@@ -137,7 +143,7 @@ k_syscall_linux:                /* 0x11100: Linux's entry_SYSCALL_64 prologue */
 
     .org 0x1200
 k_int80:                        /* 0x11200: IDT gate 0x80, DPL 3 */
-    bell 0x20
+    kbell 0x20
     mov rax, [rsp + 0x00]
     mov [R_INT80 + 0x08], rax   /* RIP */
     mov rax, [rsp + 0x08]
@@ -153,13 +159,13 @@ k_int80:                        /* 0x11200: IDT gate 0x80, DPL 3 */
     mov [R_INT80 + 0x30], rax
     mov [R_INT80 + 0x38], rsp
     mov qword ptr [R_INT80], 1
-    bell 0x21
+    kbell 0x21
     mov rax, 0x600d
     iretq
 
     .org 0x1300
 k_pf:                           /* 0x11300: #PF (vector 14); records the first one */
-    bell 0x30
+    kbell 0x30
     inc qword ptr [R_PF + 0x48]
     cmp qword ptr [R_PF], 0
     jne 2f
@@ -180,7 +186,7 @@ k_pf:                           /* 0x11300: #PF (vector 14); records the first o
     mov rax, [rsp + 0x18]
     mov [R_PF + 0x40], rax      /* RFLAGS */
     mov qword ptr [R_PF], 1
-2:  bell 0x31
+2:  kbell 0x31
     add rsp, 8                  /* drop the error code */
     mov [rsp], r15              /* resume at the recovery address */
     mov rax, 0x600d
@@ -202,7 +208,7 @@ k_fault_common:                 /* any other exception: record, report, stop */
     mov rax, cr2
     mov [R_FAULT + 0x38], rax
     mov qword ptr [R_FAULT], 1
-    bell 0xee
+    kbell 0xee
 1:  hlt
     jmp 1b
 

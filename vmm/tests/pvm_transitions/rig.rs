@@ -2,7 +2,6 @@
 //! its GDT, TSS, IDT and page tables, runs one probe in a fresh VM and collects what
 //! the guest and KVM reported.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,12 +31,13 @@ const IDT: u64 = 0x9000;
 const LOAD: u64 = 0x10000;
 const KCODE: u64 = 0x11000;
 const USER_DATA: u64 = 0x13000;
-const KSTACK: u64 = 0x20000;
 const KSTACK_TOP: u64 = 0x21000;
 const USTACK_TOP: u64 = 0x31000;
 const RESULTS: u64 = 0x40000;
-const PERCPU: u64 = 0x40200;
+/// The per-cpu area the Linux-like entry reaches through GS (IA32_KERNEL_GS_BASE).
+pub const PERCPU: u64 = 0x40200;
 const DOORBELL_VA: u64 = 0x1ff000;
+const KDOORBELL_VA: u64 = 0x1fe000;
 const DOORBELL_GPA: u64 = 0xd000_0000;
 /// Where the kernel code pages are aliased in the high half (Linux's text address).
 pub const HIGH: u64 = 0xffff_ffff_8100_0000;
@@ -102,17 +102,14 @@ pub struct Probe {
     pub cr4_extra: u64,
     /// IA32_FMASK.
     pub fmask: u64,
-    /// Extra MSRs written before the run (index, value).
-    pub extra_msrs: Vec<(u32, u64)>,
-    /// A label for extra MSRs.
-    pub label: &'static str,
     /// Arm a hardware execute breakpoint at LSTAR (KVM_SET_GUEST_DEBUG) and complete
     /// the syscall in the VMM when it fires at CPL 3.
     pub complete_in_vmm: bool,
 }
 
 impl Probe {
-    fn base(test: Test) -> Self {
+    /// `test` with the simplest state: plain handler, low addresses, no CR4 extras.
+    pub fn base(test: Test) -> Self {
         Probe {
             test,
             entry: Entry::Plain,
@@ -120,8 +117,6 @@ impl Probe {
             kernel_pages_user: false,
             cr4_extra: 0,
             fmask: 0,
-            extra_msrs: Vec::new(),
-            label: "",
             complete_in_vmm: false,
         }
     }
@@ -144,27 +139,7 @@ impl Probe {
         if self.complete_in_vmm {
             n += "/vmm-completes";
         }
-        if !self.label.is_empty() {
-            n += "/";
-            n += self.label;
-        }
         n
-    }
-
-    /// The probes the experiment runs.
-    pub fn all() -> Vec<Probe> {
-        let mut v = Vec::new();
-        for test in [Test::Syscall, Test::Int80, Test::PageFault] {
-            v.push(Probe::base(test));
-            v.push(Probe { high: true, ..Probe::base(test) });
-        }
-        v.push(Probe { kernel_pages_user: true, ..Probe::base(Test::Syscall) });
-        v.push(Probe { entry: Entry::Linux, high: true, fmask: 0x47700, ..Probe::base(Test::Syscall) });
-        v.push(Probe { complete_in_vmm: true, ..Probe::base(Test::Syscall) });
-        v.push(Probe { complete_in_vmm: true, high: true, ..Probe::base(Test::Syscall) });
-        v.push(Probe { complete_in_vmm: true, ..Probe::base(Test::PageFault) });
-        v.push(Probe { entry: Entry::Linux, high: true, fmask: 0x47700, complete_in_vmm: true, ..Probe::base(Test::Syscall) });
-        v
     }
 }
 
@@ -300,6 +275,8 @@ fn build_memory(image: &[u8], probe: &Probe) -> GuestMemoryMmap {
             0
         } else if addr == DOORBELL_VA {
             DOORBELL_GPA | 7
+        } else if addr == KDOORBELL_VA {
+            DOORBELL_GPA | 3
         } else if user || (kcode && probe.kernel_pages_user) {
             addr | 7
         } else {
@@ -316,7 +293,6 @@ fn build_memory(image: &[u8], probe: &Probe) -> GuestMemoryMmap {
     // Per-cpu data for the Linux-like entry: self pointer, kernel stack top.
     w(PERCPU, PERCPU);
     w(PERCPU + 8, KSTACK_TOP);
-    let _ = KSTACK;
     mem
 }
 
@@ -364,13 +340,12 @@ pub fn run(image: &[u8], probe: &Probe) -> Result<Outcome, String> {
         Entry::Plain => 0,
         Entry::Linux => 0x100,
     } + if probe.high { HIGH } else { KCODE };
-    let mut msrs = vec![
+    let msrs = [
         (0xc000_0081, (0x23u64 << 48) | (0x10 << 32)),
         (0xc000_0082, lstar),
         (0xc000_0084, probe.fmask),
         (0xc000_0102, PERCPU),
     ];
-    msrs.extend_from_slice(&probe.extra_msrs);
     let entries: Vec<kvm_msr_entry> =
         msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
     let set = vcpu.set_msrs(&Msrs::from_entries(&entries).map_err(|e| format!("{e:?}"))?).map_err(|e| e.to_string())?;
@@ -464,6 +439,5 @@ pub fn run(image: &[u8], probe: &Probe) -> Result<Outcome, String> {
     o.results = read_page(RESULTS);
     o.user = read_page(USER_DATA);
     drop(vm);
-    let _: HashMap<u8, u8> = HashMap::new();
     Ok(o)
 }
