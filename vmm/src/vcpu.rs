@@ -183,7 +183,9 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                             Flow::Resume
                         }
                         Ok(DebugOutcome::Rearmed) => Flow::Resume,
-                        Ok(DebugOutcome::NotOurs) => Flow::Unexpected(UnexpectedExit::Other(format!("Debug({debug:?})"))),
+                        Ok(DebugOutcome::NotOurs) => {
+                            Flow::Unexpected(UnexpectedExit::Other(format!("Debug({debug:?})")))
+                        }
                         Err(e) => Flow::Unexpected(UnexpectedExit::Other(format!(
                             "Debug({debug:?}): completing a user syscall failed: {e}"
                         ))),
