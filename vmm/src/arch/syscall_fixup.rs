@@ -15,7 +15,9 @@
 //! emulated ring-0 code. So densevm puts an execute breakpoint on the guest's #PF
 //! handler (IDT vector 14, re-read as the guest changes its IDT). When it fires and
 //! the exception frame is that half-done `syscall` (user CS, RIP = CR2 = LSTAR, a
-//! user instruction fetch), densevm drops the frame and completes the instruction as
+//! user instruction fetch, RFLAGS = R11 masked by IA32_FMASK: see
+//! [`is_half_done_syscall`] for why a user jump to LSTAR does not pass), densevm drops
+//! the frame and completes the instruction as
 //! the CPU does: CS = IA32_STAR[47:32] (DPL 0), SS = that + 8, RIP = LSTAR, RSP and
 //! RFLAGS from the frame (already masked; RF cleared), RCX/R11 as kvm_pvm set them.
 //! Any other #PF is stepped over (single step without the breakpoint, then re-armed:
@@ -32,6 +34,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 pub const MSR_STAR: u32 = 0xc000_0081;
 /// IA32_LSTAR.
 pub const MSR_LSTAR: u32 = 0xc000_0082;
+/// IA32_FMASK.
+pub const MSR_FMASK: u32 = 0xc000_0084;
 /// Page-fault vector.
 pub const PF_VECTOR: u64 = 14;
 /// #PF error code: the access was from user mode.
@@ -57,7 +61,7 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     /// The MSR list for KVM_GET_MSRS could not be built, or KVM read fewer MSRs.
-    #[error("cannot read IA32_STAR and IA32_LSTAR")]
+    #[error("cannot read IA32_STAR, IA32_LSTAR and IA32_FMASK")]
     Msrs,
     /// A guest virtual address did not translate.
     #[error("guest address {0:#x} is not mapped")]
@@ -100,14 +104,31 @@ impl PfFrame {
     }
 }
 
-/// True when `frame` (with CR2 `cr2`) is the #PF kvm_pvm raises for a half-done user
-/// `syscall`: a user-mode instruction fetch at LSTAR, from a user CS.
-pub fn is_half_done_syscall(frame: &PfFrame, cr2: u64, lstar: u64) -> bool {
+/// The syscall MSRs the completion reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyscallMsrs {
+    /// IA32_STAR.
+    pub star: u64,
+    /// IA32_LSTAR.
+    pub lstar: u64,
+    /// IA32_FMASK.
+    pub fmask: u64,
+}
+
+/// True when `frame` (with CR2 `cr2` and R11 `r11`) is the #PF kvm_pvm raises for a
+/// half-done user `syscall`: a user-mode instruction fetch at LSTAR, from a user CS,
+/// with RFLAGS = R11 masked by FMASK (RF aside, which the fault sets). The last
+/// condition tells it from user code that jumps to LSTAR itself: that fault's RFLAGS
+/// are not masked, and with IF in FMASK (as Linux sets it) CPL-3 code cannot clear
+/// IF to fake it, so it cannot enter the kernel with RFLAGS or R11 of its choosing.
+pub fn is_half_done_syscall(frame: &PfFrame, cr2: u64, r11: u64, msrs: &SyscallMsrs) -> bool {
+    let lstar = msrs.lstar;
     lstar != 0
         && frame.rip == lstar
         && cr2 == lstar
         && frame.cs & 3 == 3
         && frame.error_code & (PF_USER | PF_FETCH) == PF_USER | PF_FETCH
+        && frame.rflags & !RFLAGS_RF == r11 & !msrs.fmask & !RFLAGS_RF
 }
 
 /// Where and how the CPU is after a completed `syscall`.
@@ -192,14 +213,14 @@ fn set_debug(vcpu: &VcpuFd, breakpoint: Option<u64>, step: bool) -> Result<(), E
     vcpu.set_guest_debug(&dbg).map_err(kvm("KVM_SET_GUEST_DEBUG"))
 }
 
-fn read_msrs(vcpu: &VcpuFd) -> Result<(u64, u64), Error> {
-    let entries = [MSR_STAR, MSR_LSTAR].map(|index| kvm_msr_entry { index, ..Default::default() });
+fn read_msrs(vcpu: &VcpuFd) -> Result<SyscallMsrs, Error> {
+    let entries = [MSR_STAR, MSR_LSTAR, MSR_FMASK].map(|index| kvm_msr_entry { index, ..Default::default() });
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::Msrs)?;
     if vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))? != entries.len() {
         return Err(Error::Msrs);
     }
     let s = msrs.as_slice();
-    Ok((s[0].data, s[1].data))
+    Ok(SyscallMsrs { star: s[0].data, lstar: s[1].data, fmask: s[2].data })
 }
 
 impl SyscallFixup {
@@ -261,14 +282,14 @@ impl SyscallFixup {
             *w = read_u64(vcpu, mem, regs.rsp.wrapping_add(8 * i as u64))?;
         }
         let frame = PfFrame::from_words(words);
-        let (star, lstar) = read_msrs(vcpu)?;
-        if !is_half_done_syscall(&frame, sregs.cr2, lstar) {
+        let msrs = read_msrs(vcpu)?;
+        if !is_half_done_syscall(&frame, sregs.cr2, regs.r11, &msrs) {
             self.stepping = true;
             self.stepped += 1;
             set_debug(vcpu, None, true)?;
             return Ok(DebugOutcome::Stepping);
         }
-        let entry = completed_entry(&frame, star, lstar);
+        let entry = completed_entry(&frame, msrs.star, msrs.lstar);
         sregs.cs.selector = entry.cs;
         sregs.cs.dpl = 0;
         sregs.cs.l = 1;
@@ -294,20 +315,42 @@ mod tests {
     const LSTAR: u64 = 0xffff_ffff_8120_0040;
 
     fn frame(error_code: u64, rip: u64, cs: u64) -> PfFrame {
-        PfFrame::from_words([error_code, rip, cs, 0x1_0002, 0x7fff_ed5d_f3c0, 0x2b])
+        PfFrame::from_words([error_code, rip, cs, 0x1_0046, 0x7fff_ed5d_f3c0, 0x2b])
     }
+
+    const MSRS: SyscallMsrs = SyscallMsrs { star: (0x23 << 48) | (0x10 << 32), lstar: LSTAR, fmask: 0x47700 };
+    /// RFLAGS of the user code at the `syscall` (IF set), so R11.
+    const USER_RFLAGS: u64 = 0x246;
 
     #[test]
     fn recognizes_the_half_done_syscall() {
-        // What the Linux guest reported: error 0x15 (P|U|fetch) at entry_SYSCALL_64.
-        assert!(is_half_done_syscall(&frame(0x15, LSTAR, 0x33), LSTAR, LSTAR));
-        assert!(is_half_done_syscall(&frame(0x14, LSTAR, 0x33), LSTAR, LSTAR), "not-present page");
-        assert!(!is_half_done_syscall(&frame(0x15, LSTAR, 0x10), LSTAR, LSTAR), "kernel CS");
-        assert!(!is_half_done_syscall(&frame(0x05, LSTAR, 0x33), LSTAR, LSTAR), "data read");
-        assert!(!is_half_done_syscall(&frame(0x11, LSTAR, 0x33), LSTAR, LSTAR), "supervisor access");
-        assert!(!is_half_done_syscall(&frame(0x15, LSTAR + 4, 0x33), LSTAR + 4, LSTAR), "other RIP");
-        assert!(!is_half_done_syscall(&frame(0x15, LSTAR, 0x33), 0x1000, LSTAR), "other CR2");
-        assert!(!is_half_done_syscall(&frame(0x15, 0, 0x33), 0, 0), "no LSTAR");
+        // What the Linux guest reported: error 0x15 (P|U|fetch) at entry_SYSCALL_64,
+        // RFLAGS masked (IF cleared), RF set by the fault.
+        let ok = |f: &PfFrame| is_half_done_syscall(f, LSTAR, USER_RFLAGS, &MSRS);
+        assert!(ok(&frame(0x15, LSTAR, 0x33)));
+        assert!(ok(&frame(0x14, LSTAR, 0x33)), "not-present page");
+        assert!(!ok(&frame(0x15, LSTAR, 0x10)), "kernel CS");
+        assert!(!ok(&frame(0x05, LSTAR, 0x33)), "data read");
+        assert!(!ok(&frame(0x11, LSTAR, 0x33)), "supervisor access");
+        assert!(!ok(&frame(0x15, LSTAR + 4, 0x33)), "other RIP");
+        assert!(!is_half_done_syscall(&frame(0x15, LSTAR, 0x33), 0x1000, USER_RFLAGS, &MSRS), "other CR2");
+        let no_lstar = SyscallMsrs { lstar: 0, ..MSRS };
+        assert!(!is_half_done_syscall(&frame(0x15, 0, 0x33), 0, USER_RFLAGS, &no_lstar), "no LSTAR");
+    }
+
+    #[test]
+    fn a_user_jump_to_lstar_is_not_a_syscall() {
+        // `jmp LSTAR` at CPL 3: the same fault, but RFLAGS not masked (IF still set),
+        // whatever the user put in R11.
+        let mut jumped = frame(0x15, LSTAR, 0x33);
+        jumped.rflags = 0x1_0246;
+        for r11 in [USER_RFLAGS, 0x3246, 0x246 & !0x200, 0x1_0246] {
+            assert!(!is_half_done_syscall(&jumped, LSTAR, r11, &MSRS), "r11 {r11:#x}");
+        }
+        // A real syscall's R11 may differ from the frame only in FMASK's bits (IOPL 3
+        // after iopl(3), say); in any other bit the fault was not a syscall.
+        assert!(is_half_done_syscall(&frame(0x15, LSTAR, 0x33), LSTAR, 0x3246, &MSRS));
+        assert!(!is_half_done_syscall(&frame(0x15, LSTAR, 0x33), LSTAR, 0x247, &MSRS), "CF");
     }
 
     #[test]
@@ -316,7 +359,7 @@ mod tests {
         let e = completed_entry(&frame(0x15, LSTAR, 0x33), star, LSTAR);
         assert_eq!(
             e,
-            SyscallEntry { rip: LSTAR, rsp: 0x7fff_ed5d_f3c0, rflags: 0x2, cs: 0x10, ss: 0x18 },
+            SyscallEntry { rip: LSTAR, rsp: 0x7fff_ed5d_f3c0, rflags: 0x46, cs: 0x10, ss: 0x18 },
             "RF cleared, kernel CS/SS from STAR, user RSP kept"
         );
         // An RPL in STAR's kernel field is dropped (the CPU forces RPL 0).
