@@ -57,7 +57,7 @@ fn check_architectural(p: &Probe, o: &Outcome) -> Result<(), String> {
     let want_bells: &[u64] = match p.test {
         Test::Syscall => &[0x01, 0x10, 0x11, 0x02, 0xff],
         Test::Int80 => &[0x01, 0x20, 0x21, 0x02, 0xff],
-        Test::PageFault => &[0x01, 0x30, 0x31, 0x02, 0xff],
+        Test::PageFault | Test::JumpToLstar => &[0x01, 0x30, 0x31, 0x02, 0xff],
     };
     if o.bells != want_bells {
         return Err(format!("doorbells {:x?}, want {want_bells:x?}; {}", o.bells, o.fault_summary()));
@@ -90,6 +90,13 @@ fn check_architectural(p: &Probe, o: &Outcome) -> Result<(), String> {
             // Not present, read, user: error code 4, at the load.
             if r[1] != 4 || r[5] != NOT_PRESENT || r[6] != 0x10 || r[3] != 0x33 {
                 return Err(format!("error {:#x} cr2 {:#x} frame CS {:#x} handler CS {:#x}", r[1], r[5], r[3], r[6]));
+            }
+        }
+        Test::JumpToLstar => {
+            let r = &o.results[R_PF..R_PF + 8];
+            // Present, user, instruction fetch, at the supervisor-only handler.
+            if (r[1], r[2], r[3], r[5]) != (0x15, 0x11000, 0x33, 0x11000) {
+                return Err(format!("error {:#x} rip {:#x} frame CS {:#x} cr2 {:#x}", r[1], r[2], r[3], r[5]));
             }
         }
     }
@@ -129,6 +136,20 @@ fn page_fault_from_cpl3_is_architectural() {
             }
         }
     }
+}
+
+/// User code that jumps to LSTAR itself gets the #PF the CPU raises, on every host:
+/// densevm's completion does not take it for a syscall (its RFLAGS are not masked
+/// by FMASK), whatever the user put in R11.
+#[test]
+fn user_jump_to_lstar_is_not_completed() {
+    let Some(g) = guest("user_jump_to_lstar_is_not_completed") else { return };
+    let p = Probe { fmask: LINUX_FMASK, complete_in_vmm: true, ..Probe::base(Test::JumpToLstar) };
+    let o = probe(&g, &p);
+    if let Err(e) = check_architectural(&p, &o) {
+        panic!("{}: {e}", p.name());
+    }
+    assert!(!o.fixups.iter().any(|f| matches!(f, DebugOutcome::Completed(_))), "{o}");
 }
 
 /// With densevm completing it, a user `syscall` is architectural on every host:

@@ -59,12 +59,12 @@ u_pf:                           /* 0x10080 */
     mov rax, [NOT_PRESENT]
     jmp u_back
     .org 0xc0
-u_syscall_gs:                   /* 0x100c0: syscall with a user GS base to check swapgs */
+u_jump_lstar:                   /* 0x100c0: user code jumping to the syscall entry itself */
     bell 0x01
     lea r15, [rip + u_back]
-    mov rax, 0x5151
-    syscall
-    jmp u_back
+    mov r11, 0x46               /* what a masked RFLAGS would look like */
+    mov rax, 0x11000            /* LSTAR of the plain low handler */
+    jmp rax
     .org 0x100
 u_back:
     mov [USER_DATA + 0x00], rcx

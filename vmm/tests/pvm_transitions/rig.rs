@@ -76,6 +76,8 @@ pub enum Test {
     Int80,
     /// A read of a not-present user page: #PF, `iretq` to a recovery address.
     PageFault,
+    /// A `jmp` to LSTAR (the plain low handler) from CPL 3: a #PF, never a syscall.
+    JumpToLstar,
 }
 
 /// Which syscall handler LSTAR points to.
@@ -321,6 +323,7 @@ pub fn run(image: &[u8], probe: &Probe) -> Result<Outcome, String> {
             Test::Syscall => LOAD,
             Test::Int80 => LOAD + 0x40,
             Test::PageFault => LOAD + 0x80,
+            Test::JumpToLstar => LOAD + 0xc0,
         },
         rsp: USTACK_TOP - 0x100,
         rdi: 0,
