@@ -155,13 +155,12 @@ const BALLOON_MIB: u64 = 16;
 /// Seconds the guest's /init stays up after the marker (`densevm.hold=`), for its
 /// balloon driver to inflate to the target.
 const HOLD_S: u64 = 20;
-/// What was measured on the development host (2 shared cores, kvm_pvm), the reason
-/// the small kernel is not built by `.ci/run`.
-const MEASURED: &str = "on the 2-core kvm_pvm development host the small kernel took 3574 s to \
-     build at load ~16 and 376 s at load ~4 (nice, -j2): above .ci/run's 10-minute budget when the \
-     machine is busy; with densevm completing the user syscalls kvm_pvm leaves half done, its /init \
-     printed the marker 141 s after `densevm run` (load ~15); set DENSEVM_LINUX_SLOW=1 to build and \
-     boot it, or DENSEVM_MICROVM_KERNEL=DIR for a built one";
+/// Why the test skips when the small kernel is not built, with what was measured on
+/// the development host (2 shared cores, kvm_pvm).
+const MEASURED: &str = "`.ci/run` builds it first (resources/linux/build-microvm-kernel.sh; 376 s at \
+     load ~4 on the 2-core kvm_pvm development host, 3574 s at load ~16); with densevm completing the user \
+     syscalls kvm_pvm leaves half done, its /init printed the marker 141-183 s after `densevm run` (load \
+     ~15); set DENSEVM_LINUX_SLOW=1 to build and boot it here, or DENSEVM_MICROVM_KERNEL=DIR for a built one";
 
 /// Where the small kernel is (building it in the slow tier), or why the test skips.
 fn microvm_kernel_dir() -> Result<PathBuf, String> {
