@@ -1,6 +1,8 @@
 //! End-to-end tests of densevm: they drive the real `densevm` binary. This library
 //! holds what the test files share.
 
+pub mod linux;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -15,7 +15,7 @@
 //!   `SKIPPED microvm_kernel_boots_with_balloon: <what was measured>`.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ const MARKER: &str = "DENSEVM-GUEST-READY";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 use e2e::densevm_bin as densevm_binary;
+use e2e::linux::{build_guest, microvm_kernel_dir};
 
 /// Whether ring-0 guests run natively, and why: from `densevm host-info --json`, or,
 /// if the binary has no such subcommand, from the loaded KVM modules.
@@ -53,22 +54,6 @@ fn ring0_native(bin: &Path) -> (bool, String) {
         );
     }
     (true, "no kvm_pvm module; assuming VMX/SVM KVM".into())
-}
-
-/// Runs the guest build script (a no-op when its output exists) and returns
-/// (bzImage, initramfs).
-fn build_guest() -> (PathBuf, PathBuf) {
-    let linux = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux");
-    let out = linux.join("out");
-    let status = Command::new("bash")
-        .arg(linux.join("build-guest.sh"))
-        .arg(&out)
-        .status()
-        .expect("run resources/linux/build-guest.sh");
-    assert!(status.success(), "resources/linux/build-guest.sh failed: {status}");
-    let (kernel, initrd) = (out.join("bzImage"), out.join("initramfs.cpio.gz"));
-    assert!(kernel.exists() && initrd.exists(), "guest build produced no output in {}", out.display());
-    (kernel, initrd)
 }
 
 #[test]
@@ -143,11 +128,6 @@ fn linux_guest_boots_to_marker() {
     eprintln!("guest printed {MARKER} after {elapsed:?}");
 }
 
-/// Directory holding the small kernel's `vmlinux` (and `System.map`), as written by
-/// `resources/linux/build-microvm-kernel.sh`.
-const MICROVM_DIR_ENV: &str = "DENSEVM_MICROVM_KERNEL";
-/// Set to 1: the slow tier, which builds the small kernel first when it is missing.
-const SLOW_ENV: &str = "DENSEVM_LINUX_SLOW";
 /// Time allowed from `densevm run` to the guest's power-off (boot, hold, reset).
 const MICROVM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Balloon target given to the small kernel's guest, MiB.
@@ -155,40 +135,6 @@ const BALLOON_MIB: u64 = 16;
 /// Seconds the guest's /init stays up after the marker (`densevm.hold=`), for its
 /// balloon driver to inflate to the target.
 const HOLD_S: u64 = 20;
-/// Why the test skips when the small kernel is not built, with what was measured on
-/// the development host (2 shared cores, kvm_pvm).
-const MEASURED: &str = "`.ci/run` builds it first (resources/linux/build-microvm-kernel.sh; 376 s at \
-     load ~4 on the 2-core kvm_pvm development host, 3574 s at load ~16); with densevm completing the user \
-     syscalls kvm_pvm leaves half done, its /init printed the marker 141-183 s after `densevm run` (load \
-     ~15); set DENSEVM_LINUX_SLOW=1 to build and boot it here, or DENSEVM_MICROVM_KERNEL=DIR for a built one";
-
-/// Where the small kernel is (building it in the slow tier), or why the test skips.
-fn microvm_kernel_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os(MICROVM_DIR_ENV) {
-        let dir = PathBuf::from(dir);
-        assert!(dir.join("vmlinux").exists(), "{MICROVM_DIR_ENV}={} has no vmlinux", dir.display());
-        return Ok(dir);
-    }
-    let linux = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux");
-    let out = linux.join("out-microvm");
-    let slow = std::env::var(SLOW_ENV).is_ok_and(|v| v == "1");
-    if slow {
-        let start = Instant::now();
-        let status = Command::new("bash")
-            .arg(linux.join("build-microvm-kernel.sh"))
-            .arg(&out)
-            .status()
-            .expect("run resources/linux/build-microvm-kernel.sh");
-        assert!(status.success(), "resources/linux/build-microvm-kernel.sh failed: {status}");
-        eprintln!("small kernel ready after {:?}", start.elapsed());
-    }
-    if out.join("vmlinux").exists() {
-        Ok(out)
-    } else {
-        Err(format!("the small kernel is not built ({} has no vmlinux): {MEASURED}", out.display()))
-    }
-}
-
 /// Lines of a `densevm run` stdout, or the end of it.
 enum Console {
     Line(String),
