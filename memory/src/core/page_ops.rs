@@ -322,9 +322,13 @@ pub(crate) struct RunOutcome {
 ///    memfd, read through the guest view (no alias mapping is left behind);
 /// 3. map each stretch of equal protection with one `mmap`: the pages that
 ///    were protected read-only ([`crate::remap::RemapProtocol::map_read_only`]),
-///    the others read-write ([`crate::remap::RemapProtocol::map_private`]);
-///    their registration, protection and `mprotect` are batched in `t.pending`
-///    and finished per VM before the lock is released;
+///    the others read-write ([`crate::remap::RemapProtocol::map_private`]),
+///    and fill its page table entries at once
+///    ([`crate::remap::RemapProtocol::populate`]: the guests' next accesses
+///    then take KVM's lockless path instead of faulting each page in under the
+///    `mmap_lock` the next `mmap` needs for writing); their registration,
+///    protection and `mprotect` are batched in `t.pending` and finished per VM
+///    before the lock is released;
 /// 4. repoint the pages and add the old frames to `to_free`, for the caller to
 ///    free once its batch of runs is done (still under the lock: one punch per
 ///    run of them for the whole batch instead of one per run).
@@ -416,6 +420,10 @@ fn migrate_run_inner(
             // pages alone and hold their final content (copied above).
             unsafe { t.remap.map_private(&mut t.pending, group, addr, len, frame) }
         };
+        if remapped.is_ok() {
+            // Before the batch's finish registers and protects the range (see `populate`).
+            t.remap.populate(addr, len, !was_protected[s]);
+        }
         if let Err(err) = remapped {
             if matches!(err, crate::remap::Error::Map(..)) {
                 // The old mappings of this stretch and the later ones are still in place.
