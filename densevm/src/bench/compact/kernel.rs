@@ -250,10 +250,12 @@ fn thread_cpu_s() -> Option<f64> {
     (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }
 
-/// Writes 1 to compact_memory once; returns how long the write took, the
-/// writing thread's CPU time meanwhile and the `/proc/vmstat` counters that
-/// changed meanwhile.
-fn compact_machine() -> Result<(f64, Option<f64>, BTreeMap<String, i64>), Error> {
+/// One write to compact_memory: seconds it took, the writing thread's CPU
+/// seconds meanwhile, and the `/proc/vmstat` counters that changed meanwhile.
+type Compaction = (f64, Option<f64>, BTreeMap<String, i64>);
+
+/// Writes 1 to compact_memory once (see [`Compaction`]).
+fn compact_machine() -> Result<Compaction, Error> {
     let mut file =
         std::fs::OpenOptions::new().write(true).open(COMPACT_MEMORY).map_err(sys("opening compact_memory"))?;
     let counters0 = vmstat();
