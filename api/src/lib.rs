@@ -32,6 +32,7 @@ pub mod openapi;
 mod openapi_rules;
 mod routes;
 pub mod scenario;
+pub mod sched;
 pub mod server;
 pub mod socket;
 mod state;
@@ -41,3 +42,4 @@ pub use channel::{
     channel, ApiAction, ApiError, ApiReply, ApiRequest, ErrorKind, ReplySender, VmmChannel, VmmEndpoint,
 };
 pub use server::{ApiServer, ApiServerConfig};
+pub use state::HostStatsReader;

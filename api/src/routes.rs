@@ -237,10 +237,7 @@ async fn patch_balloon_statistics(
         (status = 503, description = "VMM unavailable", body = FaultResponse),
     ))]
 async fn get_memory(State(s): State<AppState>) -> Result<Json<HostMemoryStats>, Error> {
-    match s.call(ApiAction::GetMemory).await? {
-        ApiReply::Memory(m) => Ok(Json(*m)),
-        other => Err(unexpected("GetMemory", &other)),
-    }
+    s.host_memory().await.map(Json)
 }
 
 /// The merger's settings.
@@ -380,10 +377,7 @@ async fn patch_balloon_policy(
         (status = 503, description = "VMM unavailable", body = FaultResponse),
     ))]
 async fn get_metrics(State(s): State<AppState>) -> Result<Response, Error> {
-    let host = match s.call(ApiAction::GetMemory).await? {
-        ApiReply::Memory(m) => *m,
-        other => return Err(unexpected("GetMemory", &other)),
-    };
+    let host = s.host_memory().await?;
     let vms = match s.call(ApiAction::ListVms).await? {
         ApiReply::Vms(v) => v,
         other => return Err(unexpected("ListVms", &other)),

@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::auth::{self, TcpGuard, Token};
 use crate::channel::VmmChannel;
 use crate::socket::{self, SocketFile};
-use crate::state::{AppState, Limits};
+use crate::state::{AppState, HostStatsReader, Limits};
 
 /// Default request body cap (64 KiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -91,6 +91,9 @@ pub struct ApiServerConfig {
     /// Run first thing on every thread of the server (the accept thread and the
     /// runtime's threads), e.g. to install the API seccomp filter; none by default.
     pub thread_start: Option<ThreadStart>,
+    /// Reads the host statistics on the server's own threads (`GET /memory` and
+    /// `/metrics` then never wait for the VMM's event loop); none by default.
+    pub host_stats: Option<HostStatsReader>,
 }
 
 /// A function run first thing on each API server thread.
@@ -118,6 +121,7 @@ impl ApiServerConfig {
             vmm_timeout: DEFAULT_VMM_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             thread_start: None,
+            host_stats: None,
         }
     }
 }
@@ -152,9 +156,13 @@ impl ApiServer {
         let tcp_addr = std_tcp.as_ref().map(|l| l.local_addr()).transpose().map_err(Error::Runtime)?;
         let hook = config.thread_start.clone();
         let mut rt = tokio::runtime::Builder::new_multi_thread();
-        if let Some(h) = hook.clone() {
-            rt.on_thread_start(move || (h.0)());
-        }
+        let start_hook = hook.clone();
+        rt.on_thread_start(move || {
+            crate::sched::shorten_this_threads_slice();
+            if let Some(h) = &start_hook {
+                (h.0)();
+            }
+        });
         let rt = rt.worker_threads(WORKER_THREADS).thread_name("densevm-api-rt").enable_all().build();
         let rt = rt.map_err(Error::Runtime)?;
         let (std_unix, socket) = socket::bind_unix(&config.socket_path)?;
@@ -169,7 +177,9 @@ impl ApiServer {
             body_timeout: config.request_timeout,
             vmm_timeout: config.vmm_timeout,
         };
-        let app = crate::routes::app(AppState::new(vmm, limits, crate::openapi::openapi_json()));
+        let state =
+            AppState::new(vmm, limits, crate::openapi::openapi_json()).with_host_stats(config.host_stats.clone());
+        let app = crate::routes::app(state);
         let tcp = match (tcp, tcp_addr, token) {
             (Some(l), Some(addr), Some(token)) => {
                 let guard = TcpGuard::new(token, addr, &config.tcp_hosts);
@@ -185,6 +195,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("densevm-api".into())
             .spawn(move || {
+                crate::sched::shorten_this_threads_slice();
                 if let Some(h) = hook {
                     (h.0)();
                 }

@@ -7,6 +7,20 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::channel::{ApiAction, ApiError, ApiReply, ApiRequest, ReplySender, VmmChannel};
 use crate::error::Error;
+use crate::types::HostMemoryStats;
+
+/// Reads the host memory statistics (`GET /memory`, the host part of `/metrics`)
+/// directly on the API server's threads, without a round trip through the VMM's
+/// event loop. It must be cheap and must not block: the memory manager's
+/// lock-free `stats()` is what `densevm serve` gives.
+#[derive(Clone)]
+pub struct HostStatsReader(pub Arc<dyn Fn() -> HostMemoryStats + Send + Sync>);
+
+impl std::fmt::Debug for HostStatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostStatsReader")
+    }
+}
 
 /// Largest number of requests queued for (or being handled by) the VMM at once; more
 /// are answered 503 at once, so a stuck VMM cannot make the queue grow without bound.
@@ -35,6 +49,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The OpenAPI document, serialized once.
     pub openapi_json: Arc<String>,
+    /// Reads the host statistics without the VMM (else they are asked of it).
+    host_stats: Option<HostStatsReader>,
 }
 
 impl AppState {
@@ -45,6 +61,25 @@ impl AppState {
             pending: Arc::new(Semaphore::new(MAX_PENDING_VMM_REQUESTS)),
             limits,
             openapi_json: Arc::new(openapi_json),
+            host_stats: None,
+        }
+    }
+
+    /// Serves the host statistics with `reader` instead of asking the VMM.
+    pub fn with_host_stats(mut self, reader: Option<HostStatsReader>) -> Self {
+        self.host_stats = reader;
+        self
+    }
+
+    /// The host memory statistics: read here if a [`HostStatsReader`] was given,
+    /// else asked of the VMM.
+    pub async fn host_memory(&self) -> Result<HostMemoryStats, Error> {
+        if let Some(r) = &self.host_stats {
+            return Ok((r.0)());
+        }
+        match self.call(ApiAction::GetMemory).await? {
+            ApiReply::Memory(m) => Ok(*m),
+            other => Err(unexpected("GetMemory", &other)),
         }
     }
 

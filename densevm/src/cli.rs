@@ -93,9 +93,10 @@ pub struct ServeArgs {
     /// (400). Default: anywhere except /proc, /dev and /sys, which are always refused.
     #[arg(long = "allowed-dir")]
     pub allowed_dirs: Vec<PathBuf>,
-    /// Most VMs at once; creation beyond is refused (409). Default: 64 per host CPU,
-    /// cut down to what the open-files limit holds.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    /// Most VMs at once (1..=4096, the memory manager's guest-range table); creation
+    /// beyond is refused (409). Default: 64 per host CPU, cut down to what the
+    /// open-files limit holds.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=vmm::admission::MAX_VMS as u64))]
     pub max_vms: Option<usize>,
     /// Most vCPUs of all VMs at once; creation beyond is refused (409, or 400 for one
     /// VM asking for more). Default: 64 per host CPU, cut down to what the open-files
@@ -213,12 +214,24 @@ pub enum BenchKind {
     },
     /// Latency of GET /memory on a real daemon while VMs run and merging scans.
     Api {
-        /// Timed GET /memory requests.
-        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        /// Timed GET /memory requests per run.
+        #[arg(long, default_value_t = 20000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         requests: u32,
-        /// Concurrent clients loading /metrics and /vms meanwhile.
+        /// Concurrent clients loading /metrics and /vms in the loaded case (0: the
+        /// idle case only).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=64))]
         load_clients: u32,
+        /// Repetitions of every case, interleaved.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
+        /// Another densevm binary (e.g. an older build) whose daemon is measured the
+        /// same way in the same run, interleaved, for ratios.
+        #[arg(long)]
+        baseline_exe: Option<PathBuf>,
+        /// The scheduler slice the timed client asks for, in microseconds (Linux
+        /// 6.12+, 100..=100000; default: the kernel's own slice).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(100..=100_000))]
+        client_slice_us: Option<u64>,
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,

@@ -92,7 +92,8 @@ impl MemoryManager {
                 return Err(Error::CompactionThread(e));
             }
         };
-        Ok(Arc::new(MemoryManager { core, merger, compactor, protector, process_vmas: ProcessVmas::new() }))
+        let process_vmas = ProcessVmas::new(config.thread_start.clone());
+        Ok(Arc::new(MemoryManager { core, merger, compactor, protector, process_vmas }))
     }
 
     pub(crate) fn core(&self) -> &Core {

@@ -1,5 +1,5 @@
 //! The thread-start hook: the memory manager's background threads (merger,
-//! compactor, userfaultfd fault handler) call it first thing, with their kind, so
+//! compactor, userfaultfd fault handler, mapping counter) call it first thing, with their kind, so
 //! that the embedding binary can confine each of them (a seccomp filter per thread
 //! kind) without this crate knowing how.
 
@@ -15,6 +15,9 @@ pub enum ThreadKind {
     Compactor,
     /// The userfaultfd fault-handler thread ([`crate::Protector`]).
     FaultHandler,
+    /// The thread that recounts the process's mappings for the statistics
+    /// (`densevm-vmacount`; reads `/proc/self/maps`).
+    VmaCounter,
 }
 
 /// A function run first thing on each background thread with its kind (see
@@ -74,7 +77,7 @@ mod tests {
             }
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while seen.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+        while seen.lock().unwrap().len() < 4 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         drop(mgr);
@@ -86,6 +89,7 @@ mod tests {
                 (ThreadKind::Merger, "densevm-merger".to_string()),
                 (ThreadKind::Compactor, "densevm-compact".to_string()),
                 (ThreadKind::FaultHandler, "uffd-handler".to_string()),
+                (ThreadKind::VmaCounter, "densevm-vmacount".to_string()),
             ]
         );
     }

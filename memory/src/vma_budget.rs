@@ -231,8 +231,20 @@ impl Drop for VmaBudget {
 /// stopped): the limit is restored unless another densevm process relies on
 /// it. Later releases do nothing.
 pub fn restore_all() {
-    let all = std::mem::take(&mut *claims());
-    for claim in all {
+    restore_claims_on(|_| true);
+}
+
+/// Releases this process's claims whose record is accepted by `record`
+/// ([`restore_all`] takes them all; tests take only their stand-in files', so as
+/// not to release a raise another test of the process relies on).
+fn restore_claims_on(record: impl Fn(&Path) -> bool) {
+    let taken: Vec<Claim> = {
+        let mut all = claims();
+        let (taken, kept) = std::mem::take(&mut *all).into_iter().partition(|c| record(&c.record_path));
+        *all = kept;
+        taken
+    };
+    for claim in taken {
         release(claim);
     }
 }
@@ -346,7 +358,9 @@ mod tests {
         let f = Files::new("exit", 1000);
         let budget = f.budget(100_000, true);
         assert!(f.value() > 100_000);
-        restore_all();
+        // restore_all() itself would also release the real raise of any other
+        // test of this process: the same release, scoped to this test's files.
+        restore_claims_on(|r| r == f.record);
         assert_eq!(f.value(), 1000);
         f.set(7777);
         drop(budget);

@@ -30,6 +30,9 @@ out="${1:-$here/out}"
 # Absolute: the build below runs in a temporary directory.
 mkdir -p "$out" && out="$(cd "$out" && pwd)"
 marker="DENSEVM-GUEST-READY"
+# Revision of the initramfs's /init: an out/ built with another one is rebuilt.
+# 2: resets instead of powering off where the kernel has no ACPI.
+init_rev=2
 # The kernel flavour. "cloud" is the smallest Debian kernel built for VMs; it has
 # virtio-mmio, virtio-balloon and the 8250 serial console built in (checked below).
 flavour="${DENSEVM_KERNEL_FLAVOUR:-cloud-amd64}"
@@ -79,7 +82,7 @@ uncompressed_forms() {
 want_map="${DENSEVM_SYSTEM_MAP:-}"
 only_map=""
 if [ -z "${FORCE:-}" ] && [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ] \
-    && [ -s "$out/kernel-version" ]; then
+    && [ -s "$out/kernel-version" ] && [ "$(cat "$out/init-rev" 2>/dev/null)" = "$init_rev" ]; then
     if [ -z "$want_map" ] || [ -s "$out/System.map" ]; then
         log "already built in $out (FORCE=1 to rebuild)"
         uncompressed_forms
@@ -221,8 +224,10 @@ for a in \$(cat /proc/cmdline); do
     case "\$a" in densevm.hold=*) sleep "\${a#*=}"; echo "meminfo: \$(head -n1 /proc/meminfo)" ;; esac
 done
 echo "DENSEVM-GUEST-POWEROFF"
-poweroff -f
-# poweroff can fail without ACPI: fall back to a reset (i8042), then spin.
+# Without ACPI (the small microVM kernel) a power-off only halts the CPU, which the
+# VMM never sees: reset instead (the kernel falls back to the i8042, whose reset
+# request ends the VM). With ACPI, power off; a reset is the fallback.
+[ -d /sys/firmware/acpi ] && poweroff -f
 reboot -f
 while :; do sleep 60; done
 EOF
@@ -237,6 +242,7 @@ echo "$kver" > "$out/kernel-version.tmp"
 mv "$out/bzImage.tmp" "$out/bzImage"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 mv "$out/kernel-version.tmp" "$out/kernel-version"
+echo "$init_rev" > "$out/init-rev"
 rm -f "$out/initramfs.cpio" "$out/vmlinux"
 uncompressed_forms
 log "built $out/bzImage ($kver) and $out/initramfs.cpio.gz"

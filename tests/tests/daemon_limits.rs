@@ -51,6 +51,24 @@ fn vm_and_vcpu_maxima_refuse_with_clear_errors() {
 }
 
 #[test]
+fn more_vms_than_the_memory_manager_can_hold_is_refused_at_start() {
+    let dir = scratch_dir("maxvms");
+    let out = Command::new(densevm_binary())
+        .arg("serve")
+        .arg("--api-sock")
+        .arg(dir.join("api.sock"))
+        .args(["--max-vms", "4097"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run densevm serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("4097") && stderr.contains("1..=4096"), "{stderr}");
+    assert!(!dir.join("api.sock").exists(), "no API was served");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_hard_open_files_limit_too_small_for_the_maxima_stops_the_start() {
     let dir = scratch_dir("rlimit");
     let mut cmd = Command::new(densevm_binary());

@@ -6,6 +6,10 @@
 
 use std::collections::BTreeMap;
 
+/// The most VMs one daemon can hold: the memory manager's write-retry table has
+/// a slot per guest RAM range ([`memory::write_retry::RANGE_SLOTS`]).
+pub const MAX_VMS: usize = memory::write_retry::RANGE_SLOTS;
+
 /// File descriptors a VM holds besides its vCPUs': the KVM VM fd, its vCPU-event
 /// eventfd, the serial console's and i8042's event fds, the workload doorbell or
 /// a balloon's ioeventfds, irqfd and timerfd, and headroom. Measured: a workload
@@ -103,12 +107,13 @@ impl Limits {
     /// Default maxima for a daemon with `fds` file descriptors left for VMs
     /// (after its base and API connections) on a host of `cpus` CPUs: 64 vCPUs
     /// per host CPU (microVMs are mostly idle; vCPU threads are overcommitted),
-    /// and as many VMs as vCPUs, both cut down to what `fds` can hold.
+    /// and as many VMs as vCPUs, both cut down to what `fds` can hold, and the VMs
+    /// to [`MAX_VMS`].
     pub fn defaults_for(fds: u64, cpus: u64) -> Limits {
         let max_vcpus = cpus.max(1).saturating_mul(VCPUS_PER_HOST_CPU);
         // Each VM has at least one vCPU: n VMs of one vCPU need n * (VM + vCPU) fds.
         let by_fds = fds / (FDS_PER_VM + FDS_PER_VCPU);
-        let max_vms = max_vcpus.min(by_fds).max(1);
+        let max_vms = max_vcpus.min(by_fds).min(MAX_VMS as u64).max(1);
         // The vCPUs of fewer, bigger VMs: whatever fds are left once the VMs' own are paid.
         let vcpus_by_fds = fds.saturating_sub(max_vms * FDS_PER_VM) / FDS_PER_VCPU;
         Limits {
@@ -227,5 +232,8 @@ mod tests {
         assert!(l.fds_needed() <= FDS_BASE + 130, "{l:?}");
         assert!(l.max_vcpus >= 10);
         assert!(Limits::default().fds_needed() == u64::MAX);
+        // A host with many CPUs and fds: no more VMs than the guest-range table holds.
+        let l = Limits::defaults_for(1 << 30, 1024);
+        assert_eq!(l.max_vms, MAX_VMS, "{l:?}");
     }
 }

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::exit_report::{read_internal_error, ExitReport, UnexpectedExit};
+use crate::arch::syscall_fixup::{DebugOutcome, SyscallFixup};
 use crate::arch::{fwait, int3, mxcsr, stack_scan};
 use crate::boot::linux::system_map::SystemMap;
 use crate::control::{kick_signal, VcpuEvent, VmControl};
@@ -39,6 +40,9 @@ pub struct VcpuContext {
     pub io: Arc<IoRouter>,
     /// What the report of an exit the loop cannot handle reads.
     pub diag: ExitDiagnostics,
+    /// Complete guest user-mode `syscall`s that KVM leaves half done (a Linux guest
+    /// where kvm_pvm emulates ring 0; see [`crate::arch::syscall_fixup`]).
+    pub complete_syscalls: bool,
 }
 
 /// What the vCPU reads to report an exit it cannot handle: the code at RIP in guest
@@ -102,6 +106,11 @@ pub struct VcpuStats {
     pub fwait_completed: u64,
     /// `ldmxcsr`/`stmxcsr`s KVM's emulator stopped on that densevm completed ([`mxcsr`]).
     pub mxcsr_completed: u64,
+    /// User-mode `syscall`s KVM left half done that densevm completed
+    /// ([`crate::arch::syscall_fixup`]).
+    pub syscalls_completed: u64,
+    /// Other guest page faults stepped over by the syscall completion's breakpoint.
+    pub page_faults_stepped: u64,
 }
 
 /// A running vCPU thread.
@@ -148,14 +157,42 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     let mut stats = VcpuStats::default();
     let mut efault_since: Option<Instant> = None;
     ctx.control.register_thread();
+    let mut fixup = ctx.complete_syscalls.then(SyscallFixup::new);
     while ctx.control.wait_runnable() {
+        if let Some(f) = fixup.as_mut() {
+            // Follows the guest's #PF handler as it sets up and changes its IDT.
+            if let Err(e) = f.refresh(&vcpu, &ctx.diag.memory) {
+                tracing::trace!(vcpu = ctx.index, "syscall fixup: IDT not readable yet: {e}");
+            }
+        }
         let exit = vcpu.run();
         ctx.control.left_guest();
         stats.exits += 1;
         match exit {
             Ok(exit) => {
                 efault_since = None;
-                let unexpected = match handle_exit(exit, &ctx, &mut stats) {
+                let flow = match (exit, fixup.as_mut()) {
+                    (VcpuExit::Debug(debug), Some(f)) => match f.on_debug(&vcpu, &ctx.diag.memory, &debug) {
+                        Ok(DebugOutcome::Completed(entry)) => {
+                            stats.syscalls_completed += 1;
+                            tracing::trace!(vcpu = ctx.index, "completed a user syscall: {entry:x?}");
+                            Flow::Resume
+                        }
+                        Ok(DebugOutcome::Stepping) => {
+                            stats.page_faults_stepped += 1;
+                            Flow::Resume
+                        }
+                        Ok(DebugOutcome::Rearmed) => Flow::Resume,
+                        Ok(DebugOutcome::NotOurs) => {
+                            Flow::Unexpected(UnexpectedExit::Other(format!("Debug({debug:?})")))
+                        }
+                        Err(e) => Flow::Unexpected(UnexpectedExit::Other(format!(
+                            "Debug({debug:?}): completing a user syscall failed: {e}"
+                        ))),
+                    },
+                    (exit, _) => handle_exit(exit, &ctx, &mut stats),
+                };
+                let unexpected = match flow {
                     Flow::Resume => continue,
                     Flow::Stop => break,
                     Flow::InternalError => read_internal_error(&mut vcpu),
@@ -232,6 +269,14 @@ fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                 break;
             }
         }
+    }
+    if stats.syscalls_completed > 0 || stats.page_faults_stepped > 0 {
+        tracing::info!(
+            vcpu = ctx.index,
+            "completed {} user syscalls that KVM left half done (stepped over {} other page faults)",
+            stats.syscalls_completed,
+            stats.page_faults_stepped
+        );
     }
     ctx.control.unregister_thread();
     stats

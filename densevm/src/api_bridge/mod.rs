@@ -24,7 +24,6 @@ mod facts;
 mod lifecycle;
 mod memory;
 mod report;
-mod stats;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,7 +48,6 @@ pub struct ApiBridge {
     compaction: compaction::OnDemand,
     policy: vmm::balloon::BalloonPolicy,
     workers: lifecycle::Workers,
-    stats: stats::StatsThread,
 }
 
 impl ApiBridge {
@@ -62,7 +60,6 @@ impl ApiBridge {
             compaction: compaction::OnDemand::default(),
             policy: vmm::balloon::BalloonPolicy::default(),
             workers: lifecycle::Workers::new()?,
-            stats: stats::StatsThread::default(),
         })
     }
 
@@ -139,7 +136,6 @@ impl ApiBridge {
             ApiAction::GetInfo => self.facts.reply(reply),
             ApiAction::MergeAction(MergeActionType::UnmergeAll) => memory::unmerge_all(host.memory(), reply),
             ApiAction::CompactionAction(CompactionActionType::Compact) => self.compaction.compact(host.memory(), reply),
-            ApiAction::GetMemory => self.stats.host(host.memory(), reply),
             _ => return Some(reply),
         }
         None
@@ -166,7 +162,9 @@ impl ApiBridge {
                 let vm = host.vm(&id).map_err(host_error)?;
                 memory::vm_stats(host.memory(), vm).map(ApiReply::VmMemory)
             }
-            ApiAction::GetMemory => Err(ApiError::internal("this request is answered by a helper thread")),
+            // `serve` reads these on the API's threads (api::HostStatsReader); an API
+            // server without a reader asks here: lock-free, so the loop never waits.
+            ApiAction::GetMemory => Ok(ApiReply::Memory(Box::new(memory::host_stats(host.memory())))),
             ApiAction::GetMergeConfig => Ok(ApiReply::MergeConfig(memory::merge_config(host.memory()))),
             ApiAction::PatchMergeConfig(patch) => {
                 let c = memory::patch_merge_config(host.memory(), &patch)?;

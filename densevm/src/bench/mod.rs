@@ -92,7 +92,17 @@ fn launch_once(exe: &std::path::Path, i: u32) -> Result<(f64, f64), CommandError
 /// Runs `densevm bench`.
 pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
     match args.which {
-        BenchKind::Api { requests, load_clients, json } => api_latency::main(requests, load_clients, json.as_deref()),
+        BenchKind::Api { requests, load_clients, repeat, baseline_exe, client_slice_us, json } => {
+            let client_slice = client_slice_us.map(std::time::Duration::from_micros);
+            api_latency::main(&api_latency::Options {
+                requests,
+                load_clients,
+                repeat,
+                baseline_exe,
+                client_slice,
+                json,
+            })
+        }
         BenchKind::Compact { quick, json, repeat } => compact::main(quick, json.as_deref(), repeat),
         BenchKind::Cow { quick, json, repeat } => cow::main(quick, json.as_deref(), repeat),
         BenchKind::Merge { quick, json, policies, repeat, image_pair, image_clones, clones } => {

@@ -148,6 +148,7 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     tracing::info!("host memory budget: {} MiB of guest memory ({source})", budget >> 20);
     host.handle_termination_signals()?;
     let (chan, endpoint) = api::channel().map_err(|e| CommandError::Runtime(e.to_string()))?;
+    let stats_mgr = host.memory().clone();
     let daemon = Daemon::new(host, endpoint).map_err(|e| CommandError::Runtime(format!("eventfd: {e}")))?;
     let daemon = Arc::new(Mutex::new(daemon));
     let mut em: EventManager<Arc<Mutex<Daemon>>> =
@@ -162,6 +163,9 @@ pub fn main(args: ServeArgs) -> Result<ExitCode, CommandError> {
     config.max_connections_unix = args.api_max_connections_unix;
     config.max_connections_tcp = args.api_max_connections_tcp;
     config.thread_start = Some(api::server::ThreadStart(filters.hook(Kind::Api)));
+    // GET /memory and /metrics read the lock-free statistics on the API's own
+    // threads: no wait behind the event loop's other requests.
+    config.host_stats = Some(api::HostStatsReader(Arc::new(move || stats_mgr.stats().host())));
     let server = ApiServer::start(config, chan).map_err(server_error)?;
     tracing::info!(
         pid = std::process::id(),

@@ -12,6 +12,7 @@
 //! | [`Kind::Merger`] | `densevm-merger` | memory's thread-start hook |
 //! | [`Kind::Compactor`] | `densevm-compact` | memory's thread-start hook |
 //! | [`Kind::FaultHandler`] | `uffd-handler` | memory's thread-start hook |
+//! | [`Kind::VmaCounter`] | `densevm-vmacount` | memory's thread-start hook |
 //!
 //! A syscall outside a thread's list is refused with `EPERM` ([`Mode::Enforce`]),
 //! or allowed and logged by the kernel ([`Mode::Log`]: `SECCOMP_RET_LOG`, seen in
@@ -23,6 +24,7 @@ mod fault_handler;
 mod merger;
 mod rules;
 mod vcpu;
+mod vma_counter;
 mod vmm;
 
 use std::collections::HashMap;
@@ -56,11 +58,14 @@ pub enum Kind {
     Compactor,
     /// The userfaultfd fault handler.
     FaultHandler,
+    /// The memory manager's mapping counter (statistics).
+    VmaCounter,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 6] = [Kind::Api, Kind::Vmm, Kind::Vcpu, Kind::Merger, Kind::Compactor, Kind::FaultHandler];
+    pub const ALL: [Kind; 7] =
+        [Kind::Api, Kind::Vmm, Kind::Vcpu, Kind::Merger, Kind::Compactor, Kind::FaultHandler, Kind::VmaCounter];
 
     /// The allow-list of this kind.
     fn rules(self) -> rules::Rules {
@@ -71,6 +76,7 @@ impl Kind {
             Kind::Merger => merger::rules(),
             Kind::Compactor => compactor::rules(),
             Kind::FaultHandler => fault_handler::rules(),
+            Kind::VmaCounter => vma_counter::rules(),
         }
     }
 }
@@ -81,6 +87,7 @@ impl From<memory::ThreadKind> for Kind {
             memory::ThreadKind::Merger => Kind::Merger,
             memory::ThreadKind::Compactor => Kind::Compactor,
             memory::ThreadKind::FaultHandler => Kind::FaultHandler,
+            memory::ThreadKind::VmaCounter => Kind::VmaCounter,
         }
     }
 }

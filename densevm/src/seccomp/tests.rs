@@ -101,7 +101,7 @@ fn a_vcpu_thread_may_use_kvm_ioctls_but_no_others() {
 #[test]
 fn memory_threads_and_the_api_cannot_exec_or_use_kvm() {
     const KVM_CREATE_VM: u64 = 0xAE01;
-    for kind in [Kind::Merger, Kind::Compactor, Kind::FaultHandler, Kind::Api] {
+    for kind in [Kind::Merger, Kind::Compactor, Kind::FaultHandler, Kind::Api, Kind::VmaCounter] {
         let (exec, kvm) = in_filtered_thread(Mode::Enforce, kind, || (execve(), ioctl(KVM_CREATE_VM)));
         assert_eq!(exec, libc::EPERM, "{kind:?}: execve");
         assert_eq!(kvm, libc::EPERM, "{kind:?}: KVM ioctl");
@@ -112,6 +112,18 @@ fn memory_threads_and_the_api_cannot_exec_or_use_kvm() {
     let get_dirty_log = in_filtered_thread(Mode::Enforce, Kind::Merger, || ioctl(merger::KVM_GET_DIRTY_LOG));
     assert_eq!(get_dirty_log, libc::EBADF, "merger: KVM_GET_DIRTY_LOG");
     assert_eq!(u64::from(kvm_ioctls_dirty_log_nr()), merger::KVM_GET_DIRTY_LOG, "KVM_GET_DIRTY_LOG number");
+}
+
+#[test]
+fn the_mapping_counter_reads_its_maps_and_nothing_else() {
+    let (maps, sock) = in_filtered_thread(Mode::Enforce, Kind::VmaCounter, || {
+        (std::fs::read("/proc/self/maps").map(|m| m.len()).map_err(|e| e.to_string()), socket())
+    });
+    assert!(maps.expect("reads /proc/self/maps") > 0);
+    assert_eq!(sock, libc::EPERM, "mapping counter: socket");
+    // The API threads read the statistics but may not open files.
+    let api_open = in_filtered_thread(Mode::Enforce, Kind::Api, || std::fs::read("/proc/self/maps").is_ok());
+    assert!(!api_open, "an API thread cannot open /proc/self/maps");
 }
 
 /// `_IOW(KVMIO, 0x42, struct kvm_dirty_log)` computed from the struct's size.

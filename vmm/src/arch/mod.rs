@@ -9,3 +9,4 @@ pub mod int3;
 pub mod modrm;
 pub mod mxcsr;
 pub mod stack_scan;
+pub mod syscall_fixup;

@@ -272,8 +272,15 @@ impl Vm {
                 BootSource::Workload(_) => None,
             };
             let diag = ExitDiagnostics { memory: self.ram.memory().clone(), system_map };
-            let ctx =
-                VcpuContext { index: i as u32, control: self.control.clone(), io: self.devices.io().clone(), diag };
+            let complete_syscalls =
+                matches!(self.spec.boot, BootSource::Linux(_)) && crate::arch::cpuid::kernel_instructions_emulated();
+            let ctx = VcpuContext {
+                index: i as u32,
+                control: self.control.clone(),
+                io: self.devices.io().clone(),
+                diag,
+                complete_syscalls,
+            };
             let t = VcpuThread::spawn(vcpu, ctx).map_err(|e| Error::Io("spawning a vCPU thread".into(), e))?;
             self.threads.push(t);
         }
