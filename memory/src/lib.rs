@@ -94,7 +94,8 @@ mod sys;
 
 pub use buddy::BuddyAllocator;
 pub use compact::{
-    CompactionFailures, CompactionReport, CompactionStats, CompactionTunables, CompactionTunablesPatch, Compactor,
+    CompactionFailures, CompactionReport, CompactionStats, CompactionTiming, CompactionTunables,
+    CompactionTunablesPatch, Compactor,
 };
 pub use guest_map::GuestMap;
 pub use image_load::ImageLoad;

@@ -282,10 +282,31 @@ impl FramePool {
                 }
             }
         }
-        for (start, len) in coalesce(ranges) {
+        for (start, len) in self.bridge_free_gaps(coalesce(ranges)) {
             self.punch(start, len)?;
         }
         failed.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Joins consecutive ranges to punch (sorted, disjoint) that lie in one
+    /// 2 MiB frame and are separated only by free frames: a free frame is a
+    /// hole already (every free is punched) and nothing maps it but the alias,
+    /// so punching it again changes nothing, and one `fallocate` replaces
+    /// several (compaction frees the scattered live frames of a 2 MiB frame).
+    fn bridge_free_gaps(&self, ranges: Vec<(FrameNo, u64)>) -> Vec<(FrameNo, u64)> {
+        let mut out: Vec<(FrameNo, u64)> = Vec::with_capacity(ranges.len());
+        for (start, len) in ranges {
+            if let Some((s, l)) = out.last_mut() {
+                let end = u64::from(*s) + *l;
+                let same_huge = (end - 1) / u64::from(HUGE_FRAME_PAGES) == u64::from(start / HUGE_FRAME_PAGES);
+                if same_huge && (end..u64::from(start)).all(|f| self.buddy.is_free(f as FrameNo)) {
+                    *l = u64::from(start) + len - u64::from(*s);
+                    continue;
+                }
+            }
+            out.push((start, len));
+        }
+        out
     }
 
     /// Notes the range to punch after a block of `2^order` frames at `frame` was freed.
@@ -518,6 +539,30 @@ mod tests {
         let blocks = block_orders(3, 700);
         assert_eq!(blocks.iter().map(|&(_, k)| 1u32 << k).sum::<u32>(), 700);
         assert!(blocks.iter().all(|&(f, k)| f % (1 << k) == 0));
+    }
+
+    #[test]
+    fn free_frames_punches_across_free_gaps_of_one_huge_frame() {
+        let mut pool = pool();
+        for f in 0..1024 {
+            pool.alloc_specific(f).unwrap();
+        }
+        for f in [10, 12, 511, 512] {
+            fill(&pool, f);
+        }
+        pool.free_frames(&mut (4..9).collect::<Vec<_>>()).unwrap();
+        // 3 and 9 around the free 4..9: one punch of 3..10; 11 and 13 around the
+        // allocated 12: two; 510 and 513 in two 2 MiB frames: two.
+        for (frames, punches) in [(vec![9, 3], 1), (vec![11, 13], 2), (vec![510, 513], 2)] {
+            let before = pool.punch_calls();
+            pool.free_frames(&mut frames.clone()).unwrap();
+            assert_eq!(pool.punch_calls() - before, punches, "{frames:?}");
+        }
+        assert!((3..10).chain([11, 13, 510, 513]).all(|f| pool.buddy().is_free(f)));
+        // The allocated frames between keep their content.
+        for f in [10, 12, 511, 512] {
+            assert!(!pool.buddy().is_free(f) && !pool.is_hole(f, 1).unwrap(), "{f}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use memory_stats::{HostMemoryStats, VmMemoryStats};
 /// to `PUT /memory/compaction/actions` a [`compact::CompactionReport`] and
 /// `GET /memory`'s `compaction` a [`compact::CompactionStats`], owned by the memory crate.
 pub use compact::{
-    CompactionFailures, CompactionReport, CompactionStats, CompactionTunables as CompactionConfig,
+    CompactionFailures, CompactionReport, CompactionStats, CompactionTiming, CompactionTunables as CompactionConfig,
     CompactionTunablesPatch as CompactionConfigPatch, MAX_MAX_PAGES_PER_S, MAX_PROACTIVENESS, MIN_MAX_PAGES_PER_S,
 };
 

@@ -19,9 +19,9 @@ pub use balloon::{
 pub use domain::{DomainInfo, DomainList, DomainPolicy, MAX_DOMAIN_VMS};
 pub use memory::{
     ChangeDetection, CompactionActionRequest, CompactionActionType, CompactionConfig, CompactionConfigPatch,
-    CompactionFailures, CompactionReport, CompactionStats, HostMemoryStats, MergeActionRequest, MergeActionType,
-    MergeConfig, MergeConfigPatch, VmMemoryStats, MAX_MAX_PAGES_PER_S, MAX_MAX_PAGE_SHARING, MAX_PAGES_TO_SCAN,
-    MAX_PROACTIVENESS, MAX_SLEEP_MS, MIN_MAX_PAGES_PER_S, MIN_MAX_PAGE_SHARING,
+    CompactionFailures, CompactionReport, CompactionStats, CompactionTiming, HostMemoryStats, MergeActionRequest,
+    MergeActionType, MergeConfig, MergeConfigPatch, VmMemoryStats, MAX_MAX_PAGES_PER_S, MAX_MAX_PAGE_SHARING,
+    MAX_PAGES_TO_SCAN, MAX_PROACTIVENESS, MAX_SLEEP_MS, MIN_MAX_PAGES_PER_S, MIN_MAX_PAGE_SHARING,
 };
 pub use vm::{
     validate_vm_id, BootSource, KernelBoot, MergeSettings, VmActionRequest, VmActionType, VmConfig, VmInfo, VmList,

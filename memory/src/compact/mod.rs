@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use stats::{CompactionFailures, CompactionReport, CompactionStats};
+pub use stats::{CompactionFailures, CompactionReport, CompactionStats, CompactionTiming};
 pub use tunables::{
     CompactionTunables, CompactionTunablesPatch, MAX_MAX_PAGES_PER_S, MAX_PROACTIVENESS, MIN_MAX_PAGES_PER_S,
 };

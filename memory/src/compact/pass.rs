@@ -108,6 +108,7 @@ fn snapshot(st: &State) -> Vec<HugeFrameUse> {
 /// Runs one pass over `core`.
 pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
     let start = Instant::now();
+    let cpu_start = thread_cpu();
     let (before, mut plan) = {
         let st = core.lock();
         (Occupancy::of(&st), plan::plan(&snapshot(&st)))
@@ -117,6 +118,7 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
         ideal_frames_2m: before.ideal,
         ..CompactionReport::default()
     };
+    report.timing.plan_ms = ms(start.elapsed());
     report.failures.no_target += plan.unplaced.len() as u64;
     let batch = match limits.max_pages_per_s {
         Some(rate) => (rate / 100).clamp(1, BATCH as u64) as usize,
@@ -124,57 +126,101 @@ pub(crate) fn run(core: &Core, limits: &PassLimits<'_>) -> CompactionReport {
     };
     let mut next = 0;
     while next < plan.moves.len() && !(limits.interrupted)() {
-        let (done, migrated, returned) = {
-            let mut guard = core.lock();
-            let held = Instant::now();
-            let returned_before = guard.pool().huge_frames_returned();
-            let mut txn = Txn::new(&mut guard, core.remap());
-            let mut done = 0;
-            let mut migrated = 0;
-            let mut run: Option<Run> = None;
-            for &(from, to) in &plan.moves[next..(next + batch).min(plan.moves.len())] {
-                done += 1;
-                let to = target(&txn, to, &mut plan.spare);
-                match private_mapper(&txn, from, to) {
-                    Some(m) if run.as_ref().is_some_and(|r| r.extends(m, from, to)) => {
-                        if let Some(r) = run.as_mut() {
-                            r.n += 1;
-                        }
-                    }
-                    Some(m) => {
-                        if let Some(r) = run.replace(Run { vm: m.vm, page: m.page, from, to, n: 1 }) {
-                            migrated += r.migrate(&mut txn, &mut report.failures);
-                        }
-                    }
-                    None => {
-                        if let Some(r) = run.take() {
-                            migrated += r.migrate(&mut txn, &mut report.failures);
-                        }
-                        migrated += u64::from(move_one(&mut txn, from, to, &mut report.failures));
-                    }
-                }
-                if core.faults_waiting() && held.elapsed() >= FAULT_HOLD {
-                    break;
-                }
-            }
-            if let Some(r) = run.take() {
-                migrated += r.migrate(&mut txn, &mut report.failures);
-            }
-            drop(txn);
-            (done, migrated, guard.pool().huge_frames_returned() - returned_before)
-        };
+        let wait = Instant::now();
+        let mut guard = core.lock();
+        let held = Instant::now();
+        report.timing.lock_wait_ms += ms(held - wait);
+        report.timing.lock_holds += 1;
+        let returned_before = guard.pool().huge_frames_returned();
+        let moves = &plan.moves[next..(next + batch).min(plan.moves.len())];
+        let (done, migrated, handoff) = migrate_batch(core, &mut guard, moves, &mut plan.spare, &mut report.failures);
+        let returned = guard.pool().huge_frames_returned() - returned_before;
+        drop(guard);
+        report.timing.hold_ms += ms(held.elapsed());
+        report.timing.fault_handoffs += u64::from(handoff);
         next += done;
         (limits.on_batch)(migrated, returned);
         report.pages_migrated += migrated;
         report.frames_2m_returned += returned;
+        let yielding = Instant::now();
         core.yield_to_faults();
+        report.timing.yield_ms += ms(yielding.elapsed());
         if let Some(rate) = limits.max_pages_per_s {
+            let pacing = Instant::now();
             pace(start, report.pages_migrated, rate, limits.interrupted);
+            report.timing.pace_ms += ms(pacing.elapsed());
         }
     }
     report.frames_2m_in_use_after = Occupancy::of(&core.lock()).in_use;
-    report.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+    report.duration_ms = ms(start.elapsed());
+    report.timing.cpu_ms = thread_cpu().zip(cpu_start).map_or(0.0, |(b, a)| ms(b.saturating_sub(a)));
     report
+}
+
+/// Migrates the planned `moves` in one hold of the manager's lock (`guard`):
+/// runs of private frames with [`migrate_run`], others with
+/// [`migrate_frame`]; the old frames of the runs are freed together at the
+/// end (one punch per stretch of them for the whole batch). Stops early, once
+/// it held the lock [`FAULT_HOLD`], for a waiting write fault. Returns (moves
+/// done, frames migrated, whether it stopped for a fault).
+fn migrate_batch(
+    core: &Core,
+    guard: &mut State,
+    moves: &[(FrameNo, FrameNo)],
+    spare: &mut FreeLists,
+    failures: &mut CompactionFailures,
+) -> (usize, u64, bool) {
+    let held = Instant::now();
+    let mut txn = Txn::new(guard, core.remap());
+    let (mut done, mut migrated, mut handoff) = (0, 0, false);
+    let mut to_free = Vec::with_capacity(moves.len());
+    let mut run: Option<Run> = None;
+    for &(from, to) in moves {
+        done += 1;
+        let to = target(&txn, to, spare);
+        match private_mapper(&txn, from, to) {
+            Some(m) if run.as_ref().is_some_and(|r| r.extends(m, from, to)) => {
+                if let Some(r) = run.as_mut() {
+                    r.n += 1;
+                }
+            }
+            Some(m) => {
+                if let Some(r) = run.replace(Run { vm: m.vm, page: m.page, from, to, n: 1 }) {
+                    migrated += r.migrate(&mut txn, failures, &mut to_free);
+                }
+            }
+            None => {
+                if let Some(r) = run.take() {
+                    migrated += r.migrate(&mut txn, failures, &mut to_free);
+                }
+                migrated += u64::from(move_one(&mut txn, from, to, failures));
+            }
+        }
+        if core.faults_waiting() && held.elapsed() >= FAULT_HOLD {
+            handoff = true;
+            break;
+        }
+    }
+    if let Some(r) = run.take() {
+        migrated += r.migrate(&mut txn, failures, &mut to_free);
+    }
+    if let Err(e) = txn.st.free_unmapped_frames(&mut to_free) {
+        // Nothing maps them any more: they stay allocated (counted by the pool), never lost content.
+        tracing::error!("compaction: freeing {} migrated-from frames: {e}", to_free.len());
+    }
+    (done, migrated, handoff)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Option<Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
 /// The planned target `to` if it is still free, else a spare slot of the
@@ -209,9 +255,10 @@ impl Run {
         m.vm == self.vm && m.page == self.page + n && from == self.from + n && to == self.to + n
     }
 
-    /// Migrates the run; returns the frames moved, counting failures by reason.
-    fn migrate(self, t: &mut Txn<'_>, failures: &mut CompactionFailures) -> u64 {
-        let out = migrate_run(t, self.vm, self.page, self.from, self.to, self.n);
+    /// Migrates the run; returns the frames moved, counting failures by reason
+    /// (the old frames go to `to_free`).
+    fn migrate(self, t: &mut Txn<'_>, failures: &mut CompactionFailures, to_free: &mut Vec<FrameNo>) -> u64 {
+        let out = migrate_run(t, self.vm, (self.page, self.from, self.to, self.n), to_free);
         if let Some(e) = out.error {
             let stayed = u64::from(self.n - out.moved);
             count_failure(&e, stayed, failures);

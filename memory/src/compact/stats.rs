@@ -61,6 +61,35 @@ pub struct CompactionReport {
     pub failures: CompactionFailures,
     /// Wall time of the pass in milliseconds.
     pub duration_ms: f64,
+    /// Where the pass's wall time went.
+    #[serde(default)]
+    pub timing: CompactionTiming,
+}
+
+/// Where one pass's wall time went (milliseconds unless said otherwise). The
+/// wall time is about `plan_ms + lock_wait_ms + hold_ms + yield_ms + pace_ms`;
+/// `hold_ms - cpu_ms` (when positive) is time the pass was off the CPU
+/// while holding the manager's lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CompactionTiming {
+    /// CPU time of the thread that ran the pass (user and system).
+    pub cpu_ms: f64,
+    /// Taking the snapshot of the pool and planning the pass.
+    pub plan_ms: f64,
+    /// Waiting to take the manager's lock for the batches.
+    pub lock_wait_ms: f64,
+    /// Holding the manager's lock for the batches (migrating).
+    pub hold_ms: f64,
+    /// Holds of the manager's lock (batches).
+    pub lock_holds: u64,
+    /// Batches ended early because a write fault waited for the lock.
+    pub fault_handoffs: u64,
+    /// Letting waiting write faults take the lock between batches.
+    pub yield_ms: f64,
+    /// Sleeping to keep the rate limit (proactive passes).
+    pub pace_ms: f64,
 }
 
 /// The compactor's view of the pool and its totals since start.

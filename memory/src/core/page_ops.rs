@@ -322,10 +322,16 @@ pub(crate) struct RunOutcome {
 ///    memfd, read through the guest view (no alias mapping is left behind);
 /// 3. map each stretch of equal protection with one `mmap`: the pages that
 ///    were protected read-only ([`crate::remap::RemapProtocol::map_read_only`]),
-///    the others read-write ([`crate::remap::RemapProtocol::map_private`]);
-///    their registration, protection and `mprotect` are batched in `t.pending`
-///    and finished per VM before the lock is released;
-/// 4. repoint the pages and free the old frames (one punch per run of them).
+///    the others read-write ([`crate::remap::RemapProtocol::map_private`]),
+///    and fill its page table entries at once
+///    ([`crate::remap::RemapProtocol::populate`]: the guests' next accesses
+///    then take KVM's lockless path instead of faulting each page in under the
+///    `mmap_lock` the next `mmap` needs for writing); their registration,
+///    protection and `mprotect` are batched in `t.pending` and finished per VM
+///    before the lock is released;
+/// 4. repoint the pages and add the old frames to `to_free`, for the caller to
+///    free once its batch of runs is done (still under the lock: one punch per
+///    run of them for the whole batch instead of one per run).
 ///
 /// Why it is safe: as [`migrate_frame`] for each page. Every page is
 /// write-protected before the copy, so no write is lost; a new mapping is
@@ -333,20 +339,23 @@ pub(crate) struct RunOutcome {
 /// frame that already holds the final content; the old frames are punched
 /// only after no page maps them. On failure the pages from the failed stretch
 /// on stay on their old frames, writable again if they were.
-pub(crate) fn migrate_run(t: &mut Txn<'_>, vm: VmId, page: u32, old: FrameNo, new: FrameNo, n: u32) -> RunOutcome {
+pub(crate) fn migrate_run(
+    t: &mut Txn<'_>,
+    vm: VmId,
+    (page, old, new, n): (u32, FrameNo, FrameNo, u32),
+    to_free: &mut Vec<FrameNo>,
+) -> RunOutcome {
     let mut moved = 0;
-    let error = migrate_run_inner(t, vm, page, old, new, n, &mut moved).err();
+    let error = migrate_run_inner(t, vm, (page, old, new, n), &mut moved, to_free).err();
     RunOutcome { moved, error }
 }
 
 fn migrate_run_inner(
     t: &mut Txn<'_>,
     vm: VmId,
-    page: u32,
-    old: FrameNo,
-    new: FrameNo,
-    n: u32,
+    (page, old, new, n): (u32, FrameNo, FrameNo, u32),
     moved: &mut u32,
+    to_free: &mut Vec<FrameNo>,
 ) -> Result<()> {
     let mappers: Vec<Mapper> = (0..n).map(|i| Mapper { vm, page: page + i }).collect();
     let mut entries = Vec::with_capacity(n as usize);
@@ -391,7 +400,6 @@ fn migrate_run_inner(
             return Err(err);
         }
     }
-    let mut to_free = Vec::with_capacity(n as usize);
     for (s, e) in stretches {
         if t.pending.is_full() {
             if let Err(err) = t.finish_remaps() {
@@ -412,11 +420,15 @@ fn migrate_run_inner(
             // pages alone and hold their final content (copied above).
             unsafe { t.remap.map_private(&mut t.pending, group, addr, len, frame) }
         };
+        if remapped.is_ok() {
+            // Before the batch's finish registers and protects the range (see `populate`).
+            t.remap.populate(addr, len, !was_protected[s]);
+        }
         if let Err(err) = remapped {
             if matches!(err, crate::remap::Error::Map(..)) {
                 // The old mappings of this stretch and the later ones are still in place.
                 undo_run_protection(t, &mappers[s..], &was_protected[s..], old + s as u32);
-                t.st.free_unmapped_frames(&mut to_free)?;
+                t.st.free_unmapped_frames(to_free)?;
                 free_new(t, new + s as u32, n - s as u32);
                 return Err(err.into());
             }
@@ -434,7 +446,7 @@ fn migrate_run_inner(
             *moved += 1;
         }
     }
-    t.st.free_unmapped_frames(&mut to_free)
+    Ok(())
 }
 
 /// Maximal stretches `(start, end)` of equal values in `v`.

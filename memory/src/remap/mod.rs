@@ -334,6 +334,27 @@ impl<'a> RemapProtocol<'a> {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// Fills the page table entries of `addr..addr+len`, mapped by
+    /// [`RemapProtocol::map_private`] (`write`: writable) or
+    /// [`RemapProtocol::map_read_only`] (read-only) in this lock hold, so that
+    /// the guest's next access finds them (KVM's lockless `get_user_pages`
+    /// fast path) instead of faulting the page in through the `mmap_lock`.
+    /// Changes no content. Must run before [`RemapProtocol::finish`]: a
+    /// writable fill of a registered, write-protected range would wait for the
+    /// fault handler, which waits for the manager's lock. A failure only
+    /// leaves the entries to be filled on access (logged).
+    pub fn populate(&self, addr: usize, len: usize, write: bool) {
+        let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+        // SAFETY: the range is a guest range this protocol just mapped onto pool
+        // frames (caller's contract); populating only installs page table
+        // entries for pages that exist, changing no memory content, and an
+        // invalid range yields an error, not undefined behaviour.
+        let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+        if rc != 0 {
+            tracing::debug!("populating {addr:#x}+{len:#x}: {}", io::Error::last_os_error());
+        }
+    }
+
     fn advise(&self, addr: usize, len: usize) {
         if self.huge_pages {
             if let Err(e) = sys::advise(addr, len, libc::MADV_HUGEPAGE) {

@@ -71,10 +71,15 @@ pub struct KernelResult {
     pub pages_freed: u64,
     /// Seconds the write to compact_memory took.
     pub compact_s: f64,
+    /// CPU seconds of the writing thread during the write: the kernel compacts
+    /// in the writer's context, so this is its compaction's CPU time.
+    pub compact_cpu_s: Option<f64>,
     /// `pgmigrate_success` delta: pages the kernel migrated in that time, machine-wide.
     pub pages_migrated: u64,
     /// `pages_migrated / compact_s`.
     pub pages_per_s: Option<f64>,
+    /// `pages_migrated / compact_cpu_s`: per CPU second, less sensitive to a busy host.
+    pub pages_per_cpu_s: Option<f64>,
     /// Deltas of the `/proc/vmstat` counters `pgmigrate_*`, `compact_*`, `thp_*` that changed.
     pub vmstat_deltas: BTreeMap<String, i64>,
     /// Pages of our region whose physical frame changed (`None` without frame numbers).
@@ -215,10 +220,11 @@ pub fn run(bytes: u64, freed: f64, seed: u64) -> Result<KernelResult, Error> {
     let before = region.pfns()?;
     let have_pfns = before.iter().zip(&keep).any(|(&p, &k)| k && p > 1);
     r.region_before = frames_of(&before, have_pfns);
-    let (compact_s, deltas) = compact_machine()?;
-    (r.compact_s, r.vmstat_deltas) = (compact_s, deltas);
+    let (compact_s, cpu_s, deltas) = compact_machine()?;
+    (r.compact_s, r.compact_cpu_s, r.vmstat_deltas) = (compact_s, cpu_s, deltas);
     r.pages_migrated = r.vmstat_deltas.get("pgmigrate_success").copied().unwrap_or(0).max(0) as u64;
     r.pages_per_s = (r.compact_s > 0.0).then(|| r.pages_migrated as f64 / r.compact_s);
+    r.pages_per_cpu_s = r.compact_cpu_s.filter(|&c| c > 0.0).map(|c| r.pages_migrated as f64 / c);
     let after = region.pfns()?;
     r.region_after = frames_of(&after, have_pfns);
     r.region_pages_moved =
@@ -236,15 +242,26 @@ pub fn run(bytes: u64, freed: f64, seed: u64) -> Result<KernelResult, Error> {
     Ok(r)
 }
 
-/// Writes 1 to compact_memory once; returns how long the write took and the
-/// `/proc/vmstat` counters that changed meanwhile.
-fn compact_machine() -> Result<(f64, BTreeMap<String, i64>), Error> {
+/// CPU seconds of the calling thread.
+fn thread_cpu_s() -> Option<f64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
+/// One write to compact_memory: seconds it took, the writing thread's CPU
+/// seconds meanwhile, and the `/proc/vmstat` counters that changed meanwhile.
+type Compaction = (f64, Option<f64>, BTreeMap<String, i64>);
+
+/// Writes 1 to compact_memory once (see [`Compaction`]).
+fn compact_machine() -> Result<Compaction, Error> {
     let mut file =
         std::fs::OpenOptions::new().write(true).open(COMPACT_MEMORY).map_err(sys("opening compact_memory"))?;
     let counters0 = vmstat();
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), thread_cpu_s());
     file.write_all(b"1\n").map_err(sys("writing compact_memory"))?;
-    let took = t0.elapsed().as_secs_f64();
+    let (took, cpu) = (t0.elapsed().as_secs_f64(), thread_cpu_s().zip(cpu0).map(|(b, a)| b - a));
     let mut deltas = BTreeMap::new();
     for (k, v1) in vmstat() {
         let d = v1 - counters0.get(&k).copied().unwrap_or(0);
@@ -252,5 +269,5 @@ fn compact_machine() -> Result<(f64, BTreeMap<String, i64>), Error> {
             deltas.insert(k, d);
         }
     }
-    Ok((took, deltas))
+    Ok((took, cpu, deltas))
 }

@@ -15,6 +15,13 @@ pub struct RepNumbers {
     pub densevm_pages_per_cpu_s: Option<f64>,
     /// The kernel's compaction, pages migrated per second (machine-wide).
     pub kernel_pages_per_s: Option<f64>,
+    /// The kernel's compaction, pages migrated (machine-wide) per CPU second of
+    /// the thread writing compact_memory (the kernel compacts in its context).
+    pub kernel_pages_per_cpu_s: Option<f64>,
+    /// densevm's pass: CPU time of its thread over its wall time.
+    pub densevm_on_cpu_share: Option<f64>,
+    /// The kernel's compact_memory write: CPU time of the writer over its wall time.
+    pub kernel_on_cpu_share: Option<f64>,
     /// The kernel's compaction, pages of its own region moved per second.
     pub kernel_region_pages_per_s: Option<f64>,
     /// Share of the freeable 2 MiB frames the pass returned.
@@ -42,6 +49,12 @@ impl RepNumbers {
         (k > 0.0 && d.is_finite()).then(|| d / k)
     }
 
+    /// densevm pages per CPU second over the kernel's, in this repetition.
+    pub fn cpu_ratio(&self) -> Option<f64> {
+        let (d, k) = (self.densevm_pages_per_cpu_s?, self.kernel_pages_per_cpu_s?);
+        (k > 0.0 && d.is_finite()).then(|| d / k)
+    }
+
     /// densevm pages/s over the kernel's on its own region, in this repetition.
     pub fn region_ratio(&self) -> Option<f64> {
         let (d, k) = (self.densevm_pages_per_s?, self.kernel_region_pages_per_s?);
@@ -52,7 +65,7 @@ impl RepNumbers {
 /// Prints the spreads and the targets; returns them as JSON.
 pub fn summarize(reps: &[RepNumbers]) -> Value {
     type Metric = (&'static str, &'static str, fn(&RepNumbers) -> Option<f64>, usize);
-    let metrics: [Metric; 14] = [
+    let metrics: [Metric; 18] = [
         ("densevm_pages_per_s", "densevm pages migrated/s (full-rate pass)", |r| r.densevm_pages_per_s, 0),
         (
             "densevm_pages_per_cpu_s",
@@ -62,6 +75,15 @@ pub fn summarize(reps: &[RepNumbers]) -> Value {
         ),
         ("kernel_pages_per_s", "kernel pages migrated/s (compact_memory, machine-wide)", |r| r.kernel_pages_per_s, 0),
         ("ratio_densevm_to_kernel", "ratio densevm / kernel (machine-wide)", RepNumbers::ratio, 2),
+        (
+            "kernel_pages_per_cpu_s",
+            "kernel pages migrated per CPU second (machine-wide)",
+            |r| r.kernel_pages_per_cpu_s,
+            0,
+        ),
+        ("ratio_densevm_to_kernel_cpu", "ratio densevm / kernel per CPU second", RepNumbers::cpu_ratio, 2),
+        ("densevm_on_cpu_share", "densevm pass: CPU time / wall time", |r| r.densevm_on_cpu_share, 2),
+        ("kernel_on_cpu_share", "kernel compact_memory: CPU time / wall time", |r| r.kernel_on_cpu_share, 2),
         ("kernel_region_pages_per_s", "kernel pages of its own region moved/s", |r| r.kernel_region_pages_per_s, 0),
         ("ratio_densevm_to_kernel_region", "ratio densevm / kernel (own region)", RepNumbers::region_ratio, 2),
         ("fraction_returned", "fraction of freeable 2 MiB frames returned", |r| r.fraction_returned, 3),
