@@ -11,7 +11,7 @@
 //! |-------------------------------------|---------------------------------------------------|
 //! | `MAPPED`                            | private, writable (the common case)               |
 //! | `MAPPED PROTECTED`                  | private, explicitly protected (next write faults) |
-//! | `MAPPED PROTECTED SHARED`           | maps a merged frame; with one mapper left, the next write reuses it |
+//! | `MAPPED PROTECTED SHARED`           | maps a merged frame; with one mapper left, it is queued for background reuse (made `MAPPED`, writable, by the Protector's thread), or the next write reuses it |
 //! | `MAPPED PROTECTED ZERO`             | discarded: no host memory, reads as zero          |
 //! | `MAPPED PROTECTED ZERO MERGED_ZERO` | zeroed by the merger (KSM's zero pages)           |
 //! | `MAPPED PROTECTED SHARED ZERO`      | a zero page merged with others                    |
@@ -43,6 +43,7 @@
 //!   `share_run` and `zero_run`, `merge/ops.rs`), `Txn::move_page` ending
 //!   protected, and `share_run` for the pages it remaps. Cleared by
 //!   `Txn::unprotect_page` (fault resolution of a protect or zero fault, reuse,
+//!   background reuse of sole-mapped merged pages (`Txn::reuse_in_background`),
 //!   `MemoryManager::unprotect`, undo after a failed compare, `unshare_range`
 //!   taking a merged frame over), by `Txn::move_page` ending unprotected
 //!   (copy-on-write, migration of an unprotected page) and by `unshare_range`'s
@@ -50,7 +51,11 @@
 //! - `SHARED`: set by `merge_frames` (`core/page_ops.rs`) and `share_run` on
 //!   every mapper of the kept frame. Cleared by `Txn::unprotect_page`,
 //!   copy-on-write (`Txn::cow_copy`), discard and `unshare_range`; the last
-//!   mapper of a formerly shared frame keeps it until its next write (reuse).
+//!   mapper of a formerly shared frame keeps it until the background reuse
+//!   drains it from the queue (`core/background_reuse.rs`: re-checked under
+//!   the lock, one `UFFDIO_WRITEPROTECT` per run of pages, `PROTECTED` and
+//!   `SHARED` cleared together) or its next write (fault-time reuse),
+//!   whichever comes first.
 //! - `ZERO`: set by discard and `zero_run` (with the move to the zero region,
 //!   `Txn::drop_to_zero_region`, or after an in-place punch if the page is
 //!   still a hole), and `merge_frames` when a merged page was zero. Cleared by
@@ -194,6 +199,8 @@ pub struct PageTable {
     cow_copies: u64,
     /// Write faults on this VM's pages resolved by reusing a merged frame.
     cow_reuses: u64,
+    /// Merged frames this VM's pages took over in the background (no fault).
+    cow_background_reuses: u64,
 }
 
 impl PageTable {
@@ -201,7 +208,7 @@ impl PageTable {
     pub fn new(vm: VmId, host_addr: usize, frames: &[FrameNo]) -> Self {
         let pages: Vec<PageEntry> = frames.iter().map(|&frame| PageEntry { frame, flags: PageFlags::MAPPED }).collect();
         let breaks = frames.windows(2).filter(|w| u64::from(w[1]) != u64::from(w[0]) + 1).count();
-        PageTable { vm, host_addr, pages, breaks, protected: 0, zero: 0, merged_zero: 0, cow_copies: 0, cow_reuses: 0 }
+        PageTable { vm, host_addr, pages, breaks, protected: 0, zero: 0, merged_zero: 0, cow_copies: 0, cow_reuses: 0, cow_background_reuses: 0 }
     }
 
     /// The VM this table belongs to.
@@ -311,6 +318,16 @@ impl PageTable {
     /// Counts a write fault on this VM resolved by reusing a merged frame.
     pub(crate) fn count_cow_reuse(&mut self) {
         self.cow_reuses += 1;
+    }
+
+    /// Merged frames this VM's pages took over in place in the background.
+    pub fn cow_background_reuses(&self) -> u64 {
+        self.cow_background_reuses
+    }
+
+    /// Counts a merged frame taken over in the background by a page of this VM.
+    pub(crate) fn count_cow_background_reuse(&mut self) {
+        self.cow_background_reuses += 1;
     }
 
     fn breaks_around(&self, i: usize) -> usize {
