@@ -294,11 +294,15 @@ impl State {
         let table = self.vms.get_mut(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
         let entry = table.get(m.page).ok_or(Error::OutOfRange(m.vm, u64::from(m.page)))?;
         let old = entry.frame;
-        if !self.pool.is_zero_frame(new) {
-            self.frames.add(new, m);
-        }
+        let new_refs = if self.pool.is_zero_frame(new) { 0 } else { self.frames.add(new, m) };
+        let new_flags = flags(entry.flags);
         table.set_frame(m.page, new);
-        table.set_flags(m.page, flags(entry.flags));
+        table.set_flags(m.page, new_flags);
+        if new_refs == 1 && new_flags.contains(PageFlags::SHARED) && self.reuse.enabled() {
+            // A sole-mapped merged page moved (migration): queued again with its
+            // new frame (the entry of its old frame is stale now).
+            self.reuse.push(m, new);
+        }
         if self.pool.is_zero_frame(old) {
             return Ok(None);
         }
