@@ -88,8 +88,12 @@ impl MemoryManager {
             let core = core.clone();
             Background { bell, work: Box::new(move || core.drain_background_reuse()) }
         };
-        let protector =
-            Protector::start_with_background(uffd, config.thread_start.clone(), core.fault_resolver(), Some(background))?;
+        let protector = Protector::start_with_background(
+            uffd,
+            config.thread_start.clone(),
+            core.fault_resolver(),
+            Some(background),
+        )?;
         let merger = Merger::start(core.clone(), config.thread_start.clone())?;
         let compactor = match Compactor::start(core.clone(), config.thread_start.clone()) {
             Ok(c) => c,

@@ -208,7 +208,18 @@ impl PageTable {
     pub fn new(vm: VmId, host_addr: usize, frames: &[FrameNo]) -> Self {
         let pages: Vec<PageEntry> = frames.iter().map(|&frame| PageEntry { frame, flags: PageFlags::MAPPED }).collect();
         let breaks = frames.windows(2).filter(|w| u64::from(w[1]) != u64::from(w[0]) + 1).count();
-        PageTable { vm, host_addr, pages, breaks, protected: 0, zero: 0, merged_zero: 0, cow_copies: 0, cow_reuses: 0, cow_background_reuses: 0 }
+        PageTable {
+            vm,
+            host_addr,
+            pages,
+            breaks,
+            protected: 0,
+            zero: 0,
+            merged_zero: 0,
+            cow_copies: 0,
+            cow_reuses: 0,
+            cow_background_reuses: 0,
+        }
     }
 
     /// The VM this table belongs to.

@@ -91,12 +91,14 @@ impl Txn<'_> {
     /// queued with; returns how many. One `UFFDIO_WRITEPROTECT` per run of
     /// consecutive eligible pages.
     pub(crate) fn reuse_in_background(&mut self, batch: &[(Mapper, FrameNo)]) -> Result<u64> {
-        let eligible: Vec<Mapper> = batch.iter().filter(|&&(m, f)| self.sole_merged_mapper(m, f)).map(|e| e.0).collect();
+        let eligible: Vec<Mapper> =
+            batch.iter().filter(|&&(m, f)| self.sole_merged_mapper(m, f)).map(|e| e.0).collect();
         let mut done = 0u64;
         let mut i = 0;
         while i < eligible.len() {
             let mut j = i + 1;
-            while j < eligible.len() && eligible[j].vm == eligible[i].vm && eligible[j].page == eligible[j - 1].page + 1 {
+            while j < eligible.len() && eligible[j].vm == eligible[i].vm && eligible[j].page == eligible[j - 1].page + 1
+            {
                 j += 1;
             }
             let addr = self.addr(eligible[i])?;
