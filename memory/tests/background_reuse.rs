@@ -112,7 +112,7 @@ fn tag(p: u32) -> u64 {
 
 /// Pages of A no writer touches: their sharers come and go (re-merged with C).
 fn churned(p: u32) -> bool {
-    p % 4 == 0
+    p.is_multiple_of(4)
 }
 
 #[test]
@@ -167,7 +167,7 @@ fn concurrent_writers_while_sharers_leave() {
         let (stop, mgr, b_final) = (stop.clone(), mgr.clone(), b_final.clone());
         threads.push(std::thread::spawn(move || {
             let mut rng = Rng(0x51ed_2701);
-            let mut n = 0;
+            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let p = rng.below(u64::from(PAGES)) as u32;
                 match rng.below(8) {
@@ -186,7 +186,7 @@ fn concurrent_writers_while_sharers_leave() {
                     }
                 }
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }

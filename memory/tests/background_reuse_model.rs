@@ -259,8 +259,7 @@ fn run(ops: Vec<Op>, background: bool) -> Result<(), TestCaseError> {
             }
         }
         // Counts, flags and contents against the model.
-        for i in 0..n {
-            let (vm, p) = pages[i];
+        for (i, &(vm, p)) in pages.iter().enumerate() {
             let frame = mgr.frame_of(vm, p).unwrap();
             let flags = mgr.page_flags(vm, p).unwrap();
             let group = model.group_size(i);
