@@ -44,7 +44,7 @@ use crate::page_table::PageFlags;
 use crate::{FrameNo, PAGE_SIZE};
 
 /// Most queue entries handled under one hold of the manager's lock.
-pub(crate) const DRAIN_BATCH: usize = 512;
+pub(crate) const DRAIN_BATCH: usize = 256;
 
 impl Core {
     /// One batch of background reuse (on the Protector's handler thread, or a
