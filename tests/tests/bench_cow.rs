@@ -86,7 +86,7 @@ fn bench_cow_quick_reports_every_case() {
             _ => {}
         }
     }
-    for name in ["wp-host", "copy-host", "reuse-host", "reuse-bg-host"] {
+    for name in ["private-host", "wp-host", "copy-host", "reuse-host", "reuse-bg-host"] {
         let h = &v["host_thread_writes"][name];
         for f in ["median_ns", "p99_ns", "mean_ns", "pages_measured"] {
             positive(h, f);
@@ -96,6 +96,8 @@ fn bench_cow_quick_reports_every_case() {
         if name == "reuse-bg-host" {
             assert_eq!(faulted, 0, "writes after background reuse faulted: {h}");
             assert_eq!(h["background_reuses"], h["pages"], "{h}");
+        } else if name == "private-host" {
+            assert_eq!(faulted, 0, "writes to private pages faulted: {h}");
         } else {
             assert_eq!(faulted, h["pages"].as_u64().unwrap(), "every write faulted: {name} {h}");
         }

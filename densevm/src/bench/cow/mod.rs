@@ -214,6 +214,7 @@ fn densevm_side(host: &mut Host, p: Params) -> Result<DensevmSide, CommandError>
     let tsc_khz = cases.first().map_or(0, |c| c.tsc_khz);
     let (mut host_rows, mut host_samples) = (Vec::new(), Vec::new());
     let host_cases = [
+        ("private-host", Prep::Private),
         ("wp-host", Prep::Protect),
         ("copy-host", Prep::Copy),
         ("reuse-host", Prep::Reuse),
@@ -295,6 +296,7 @@ fn print_table(rep: &Rep, tsc_khz: u64) {
     }
     println!("host thread (no VM exit), one 8-byte store per page:");
     let what = |n: &str| match n {
+        "private-host" => "densevm: private page",
         "wp-host" => "densevm: write-protected private page",
         "copy-host" => "densevm: frame shared by 2 guest pages (copy)",
         "reuse-host" => "densevm: sole mapper of a merged frame, reused at its fault",

@@ -10,7 +10,7 @@ use crate::bench::report::{fmt, ratio, say, spread};
 type Figure = (&'static str, &'static str, usize);
 
 /// Latencies (ns, medians of one repetition), then ratios, in the order printed.
-pub(super) const FIGURES: [Figure; 24] = [
+pub(super) const FIGURES: [Figure; 26] = [
     ("private", "guest: private page, ns", 0),
     ("wp-only", "guest: write-protected private page (round trip), ns", 0),
     ("copy", "guest: frame shared by 2 pages (copy), ns", 0),
@@ -18,6 +18,7 @@ pub(super) const FIGURES: [Figure; 24] = [
     ("reuse-bg", "guest: sole mapper of a merged frame, background reuse, ns", 0),
     ("ksm-guest", "guest: kernel KSM copy-on-write, ns", 0),
     ("reuse_bg_faulted", "guest: background-reuse case, writes that still faulted", 0),
+    ("private-host", "host thread: private page, ns", 0),
     ("wp-host", "host thread: write-protected private page, ns", 0),
     ("copy-host", "host thread: copy, ns", 0),
     ("reuse-host", "host thread: fault-time reuse, ns", 0),
@@ -34,6 +35,7 @@ pub(super) const FIGURES: [Figure; 24] = [
     ("wp_host_over_ksm_host", "ratio host wp-only / kernel KSM (host)", 2),
     ("reuse_host_over_copy_host", "ratio host reuse / host copy", 2),
     ("reuse_bg_host_over_copy_host", "ratio host background reuse / host copy", 2),
+    ("reuse_bg_host_over_private_host", "ratio host background reuse / host private page", 2),
     ("copy_over_ksm_host", "ratio guest copy / kernel KSM (host thread)", 2),
 ];
 
@@ -52,6 +54,7 @@ pub(super) fn ratios(lat: &Map<String, Value>) -> Map<String, Value> {
         ("reuse_bg_over_copy", "reuse-bg", "copy"),
         ("reuse_bg_over_private", "reuse-bg", "private"),
         ("reuse_bg_host_over_copy_host", "reuse-bg-host", "copy-host"),
+        ("reuse_bg_host_over_private_host", "reuse-bg-host", "private-host"),
         ("copy_over_ksm_host", "copy", "ksm-host"),
     ];
     pairs.iter().map(|&(key, a, b)| (key.to_string(), json!(ratio(at(a), at(b))))).collect()
