@@ -86,7 +86,8 @@
 //! 2. The manager's lock, `Core::state` (`Mutex<State>`): API calls, the
 //!    Protector's handler thread (`Core::lock_for_fault`, announced in the
 //!    `fault_waiters` atomic so that the scanner and the compactor yield
-//!    between chunks), the merge scanner (one chunk per hold) and a compaction
+//!    between chunks; and, between faults, `Core::lock` for one batch of
+//!    background reuse: `core/background_reuse.rs`), the merge scanner (one chunk per hold) and a compaction
 //!    pass (one batch of at most 64 migrations per hold, ended early when a
 //!    fault waits). Nothing done under it waits for the
 //!    handler thread: writers blocked in a userfaultfd fault are woken by the
@@ -97,7 +98,9 @@
 //!    wait for vCPUs to leave guest mode is bounded), the remap protocol's
 //!    in-flight marks (`write_retry` atomics: set before a read-only mapping,
 //!    cleared once it is writable again; the SIGSEGV handler only spins on
-//!    them), and the kernel's `mmap_lock` (mmap, mprotect, userfaultfd
+//!    them), the Protector's doorbell (a non-blocking eventfd write when the
+//!    lock is released after pages were queued for background reuse), and
+//!    the kernel's `mmap_lock` (mmap, mprotect, userfaultfd
 //!    register and write-protect). The VMA budget and the counters are fields
 //!    of `State` with no lock of their own. Memory commitment's three mutexes
 //!    (`Commitment::policy`, `out_of_memory`, `handlers`: see
