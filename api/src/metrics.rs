@@ -201,7 +201,12 @@ pub fn render(host: &HostMemoryStats, rows: &[VmRow]) -> String {
         ("pages_scanned_total", "Pages scanned by the merger.", h.pages_scanned),
         ("full_scans_total", "Completed full scans.", h.full_scans),
         ("cow_copies_total", "Copy-on-write copies.", h.cow_copies),
-        ("cow_reuses_total", "Copy-on-write reuses in place.", h.cow_reuses),
+        ("cow_reuses_total", "Copy-on-write reuses in place at a write fault.", h.cow_reuses),
+        (
+            "cow_background_reuses_total",
+            "Merged frames made writable in place in the background once their other mappers left.",
+            h.cow_background_reuses,
+        ),
         ("vcpu_holds_total", "Merge chunks that held the merging VMs' vCPUs out of guest mode.", h.vcpu_holds),
         ("punch_calls_total", "Holes punched in the frame pool (fallocate calls).", h.punch_calls),
     ];
@@ -225,14 +230,20 @@ pub fn render(host: &HostMemoryStats, rows: &[VmRow]) -> String {
         w.sample("densevm_vm_memory_size_bytes", &[("vm_id", &vm.vm_id)], bytes);
     }
     type Field = fn(&VmMemoryStats) -> u64;
-    let per_vm: [(&str, Kind, &str, Field); 7] = [
+    let per_vm: [(&str, Kind, &str, Field); 8] = [
         ("guest_pages", Gauge, "Guest memory size in pages.", |m| m.guest_pages),
         ("resident_pages", Gauge, "Guest pages backed by a frame.", |m| m.resident_pages),
         ("merged_pages", Gauge, "Guest pages mapping a merged frame.", |m| m.merged_pages),
         ("zero_pages", Gauge, "Guest pages mapping the zero page.", |m| m.zero_pages),
         ("vma_count", Gauge, "Host mappings (VMAs) of the guest memory.", |m| m.vma_count),
         ("cow_copies_total", Counter, "Copy-on-write copies.", |m| m.cow_copies),
-        ("cow_reuses_total", Counter, "Copy-on-write reuses in place.", |m| m.cow_reuses),
+        ("cow_reuses_total", Counter, "Copy-on-write reuses in place at a write fault.", |m| m.cow_reuses),
+        (
+            "cow_background_reuses_total",
+            Counter,
+            "Merged frames made writable in place in the background once their other mappers left.",
+            |m| m.cow_background_reuses,
+        ),
     ];
     for (name, kind, help, get) in per_vm {
         let name = format!("densevm_vm_{name}");
@@ -337,9 +348,16 @@ mod tests {
             punch_calls: 7,
             committed_bytes: 3 << 30,
             cow_no_frame: 2,
+            cow_background_reuses: 11,
             ..Default::default()
         };
-        let mem = VmMemoryStats { guest_pages: 32768, merged_pages: 7, vma_count: 3, ..Default::default() };
+        let mem = VmMemoryStats {
+            guest_pages: 32768,
+            merged_pages: 7,
+            vma_count: 3,
+            cow_background_reuses: 4,
+            ..Default::default()
+        };
         let balloon = Balloon {
             info: crate::types::BalloonInfo {
                 spec: crate::types::BalloonSpec { amount_mib: 16, ..Default::default() },
@@ -384,6 +402,9 @@ mod tests {
             "densevm_vm_guest_pages{vm_id=\"a\"} 32768",
             "densevm_vm_merged_pages{vm_id=\"a\"} 7",
             "densevm_vm_vma_count{vm_id=\"a\"} 3",
+            "# TYPE densevm_memory_cow_background_reuses_total counter",
+            "densevm_memory_cow_background_reuses_total 11",
+            "densevm_vm_cow_background_reuses_total{vm_id=\"a\"} 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

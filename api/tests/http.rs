@@ -49,15 +49,18 @@ fn every_endpoint_happy_path() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["guest_pages"], 128 * 256);
     assert_eq!(r.json()["cow_reuses"], 2);
+    assert_eq!(r.json()["cow_background_reuses"], 6);
 
     let r = h.req("GET", "/memory", None);
     assert_eq!(r.status, 200);
     let m = r.json();
     assert_eq!(m["pages_sharing"], 33);
     assert_eq!(m["fragmentation"], 0.5);
-    // 21 fields, `compaction` (the compactor's statistics) and memory
-    // commitment's 3 (`committed_bytes`, `commit_limit_bytes`, `cow_no_frame`).
-    assert_eq!(m.as_object().unwrap().len(), 25);
+    // 22 fields (with `cow_background_reuses`), `compaction` (the compactor's
+    // statistics) and memory commitment's 3 (`committed_bytes`,
+    // `commit_limit_bytes`, `cow_no_frame`).
+    assert_eq!(m.as_object().unwrap().len(), 26);
+    assert_eq!(m["cow_background_reuses"], 0);
     assert_eq!((m["committed_bytes"].as_u64(), m["cow_no_frame"].as_u64()), (Some(0), Some(0)));
     assert!(m["compaction"].is_object(), "{m}");
 

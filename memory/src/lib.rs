@@ -41,14 +41,15 @@
 //!    userfaultfd handler thread and the event side of the descriptor);
 //! 4. [`remap`]: the remap protocol;
 //! 5. the core vocabulary: `core/error.rs`, `core/counters.rs`,
-//!    `core/merge_settings.rs`;
+//!    `core/merge_settings.rs`, `core/reuse_queue.rs`;
 //! 6. `core/state.rs`: `State`, the manager's locked state, and
 //!    `core/figures.rs`: the statistics' figures taken from it, published
 //!    by the lock's holders for readers that never take the lock;
 //! 7. the transaction: `core/txn.rs`, `core/unshare.rs`;
 //! 8. `core/mod.rs`: `Core`, the lock;
-//! 9. the core's operations (every `impl Core`): `core/balloon.rs`,
-//!    `core/fault.rs`, `core/guests.rs`, `core/page_ops.rs`, `core/registry.rs`;
+//! 9. the core's operations (every `impl Core`): `core/background_reuse.rs`,
+//!    `core/balloon.rs`, `core/fault.rs`, `core/guests.rs`, `core/page_ops.rs`,
+//!    `core/registry.rs`;
 //! 10. the merger's indexes and batched operations: [`merge::domains`],
 //!     [`merge::zero`], [`merge::stable`], [`merge::unstable`], `merge/pages.rs`,
 //!     [`merge::stats`], `merge/ops.rs`;

@@ -20,7 +20,7 @@ use crate::memory_stats::{MemoryStats, ProcessVmas, VmMemoryStats};
 use crate::merge::{DirtyLog, DomainId, Merger, VcpuGate, VmMergeConfig, VmMergeStats};
 use crate::page_table::PageFlags;
 use crate::pool::{FramePool, PoolConfig};
-use crate::protector::Protector;
+use crate::protector::{Background, Doorbell, Protector};
 use crate::thread_hook::ThreadStartHook;
 use crate::uffd::{self, Uffd};
 use crate::vma_budget::VmaBudget;
@@ -81,9 +81,19 @@ impl MemoryManager {
         }
         let pool = FramePool::new(&config.pool)?;
         let budget = VmaBudget::new(pool.buddy().total_frames(), config.raise_max_map_count);
-        let core = Arc::new(Core::new(pool, budget, uffd.clone()));
+        let bell = Arc::new(Doorbell::new()?);
+        let core = Arc::new(Core::new(pool, budget, uffd.clone(), bell.clone()));
         core.commit.set_policy(config.commit)?;
-        let protector = Protector::start(uffd, config.thread_start.clone(), core.fault_resolver())?;
+        let background = {
+            let core = core.clone();
+            Background { bell, work: Box::new(move || core.drain_background_reuse()) }
+        };
+        let protector = Protector::start_with_background(
+            uffd,
+            config.thread_start.clone(),
+            core.fault_resolver(),
+            Some(background),
+        )?;
         let merger = Merger::start(core.clone(), config.thread_start.clone())?;
         let compactor = match Compactor::start(core.clone(), config.thread_start.clone()) {
             Ok(c) => c,
@@ -217,6 +227,29 @@ impl MemoryManager {
     /// (which records it as written).
     pub fn protect(&self, vm: VmId, page: u32) -> Result<()> {
         self.core.protect(Mapper { vm, page })
+    }
+
+    /// Turns background reuse on (the default) or off: with it on, a merged
+    /// frame whose other mappers all left is made writable in place by the
+    /// fault handler's thread between faults (counted in
+    /// `cow_background_reuses`), so its last mapper's next write does not
+    /// fault; off, that write reuses the frame at fault time (`cow_reuses`).
+    /// Turning it off forgets the pages queued.
+    pub fn set_background_reuse(&self, on: bool) {
+        self.core.set_background_reuse(on);
+    }
+
+    /// Runs the background reuse of every page queued now, on the calling
+    /// thread (the fault handler's thread does it on its own: for tests and
+    /// benchmarks that want it done at a known instant).
+    pub fn drain_background_reuse(&self) {
+        self.core.drain_background_reuse_all();
+    }
+
+    /// Pages queued for background reuse and not yet drained (see
+    /// [`MemoryManager::set_background_reuse`]).
+    pub fn background_reuse_pending(&self) -> usize {
+        self.core.background_reuse_pending()
     }
 
     /// Removes explicit write protection (fails for pages of shared frames).

@@ -11,7 +11,7 @@
 //! |-------------------------------------|---------------------------------------------------|
 //! | `MAPPED`                            | private, writable (the common case)               |
 //! | `MAPPED PROTECTED`                  | private, explicitly protected (next write faults) |
-//! | `MAPPED PROTECTED SHARED`           | maps a merged frame; with one mapper left, the next write reuses it |
+//! | `MAPPED PROTECTED SHARED`           | maps a merged frame; with one mapper left, it is queued for background reuse (made `MAPPED`, writable, by the Protector's thread), or the next write reuses it |
 //! | `MAPPED PROTECTED ZERO`             | discarded: no host memory, reads as zero          |
 //! | `MAPPED PROTECTED ZERO MERGED_ZERO` | zeroed by the merger (KSM's zero pages)           |
 //! | `MAPPED PROTECTED SHARED ZERO`      | a zero page merged with others                    |
@@ -43,6 +43,7 @@
 //!   `share_run` and `zero_run`, `merge/ops.rs`), `Txn::move_page` ending
 //!   protected, and `share_run` for the pages it remaps. Cleared by
 //!   `Txn::unprotect_page` (fault resolution of a protect or zero fault, reuse,
+//!   background reuse of sole-mapped merged pages (`Txn::reuse_in_background`),
 //!   `MemoryManager::unprotect`, undo after a failed compare, `unshare_range`
 //!   taking a merged frame over), by `Txn::move_page` ending unprotected
 //!   (copy-on-write, migration of an unprotected page) and by `unshare_range`'s
@@ -50,7 +51,11 @@
 //! - `SHARED`: set by `merge_frames` (`core/page_ops.rs`) and `share_run` on
 //!   every mapper of the kept frame. Cleared by `Txn::unprotect_page`,
 //!   copy-on-write (`Txn::cow_copy`), discard and `unshare_range`; the last
-//!   mapper of a formerly shared frame keeps it until its next write (reuse).
+//!   mapper of a formerly shared frame keeps it until the background reuse
+//!   drains it from the queue (`core/background_reuse.rs`: re-checked under
+//!   the lock, one `UFFDIO_WRITEPROTECT` per run of pages, `PROTECTED` and
+//!   `SHARED` cleared together) or its next write (fault-time reuse),
+//!   whichever comes first.
 //! - `ZERO`: set by discard and `zero_run` (with the move to the zero region,
 //!   `Txn::drop_to_zero_region`, or after an in-place punch if the page is
 //!   still a hole), and `merge_frames` when a merged page was zero. Cleared by
@@ -81,7 +86,8 @@
 //! 2. The manager's lock, `Core::state` (`Mutex<State>`): API calls, the
 //!    Protector's handler thread (`Core::lock_for_fault`, announced in the
 //!    `fault_waiters` atomic so that the scanner and the compactor yield
-//!    between chunks), the merge scanner (one chunk per hold) and a compaction
+//!    between chunks; and, between faults, `Core::lock` for one batch of
+//!    background reuse: `core/background_reuse.rs`), the merge scanner (one chunk per hold) and a compaction
 //!    pass (one batch of at most 64 migrations per hold, ended early when a
 //!    fault waits). Nothing done under it waits for the
 //!    handler thread: writers blocked in a userfaultfd fault are woken by the
@@ -92,7 +98,9 @@
 //!    wait for vCPUs to leave guest mode is bounded), the remap protocol's
 //!    in-flight marks (`write_retry` atomics: set before a read-only mapping,
 //!    cleared once it is writable again; the SIGSEGV handler only spins on
-//!    them), and the kernel's `mmap_lock` (mmap, mprotect, userfaultfd
+//!    them), the Protector's doorbell (a non-blocking eventfd write when the
+//!    lock is released after pages were queued for background reuse), and
+//!    the kernel's `mmap_lock` (mmap, mprotect, userfaultfd
 //!    register and write-protect). The VMA budget and the counters are fields
 //!    of `State` with no lock of their own. Memory commitment's three mutexes
 //!    (`Commitment::policy`, `out_of_memory`, `handlers`: see
@@ -194,6 +202,8 @@ pub struct PageTable {
     cow_copies: u64,
     /// Write faults on this VM's pages resolved by reusing a merged frame.
     cow_reuses: u64,
+    /// Merged frames this VM's pages took over in the background (no fault).
+    cow_background_reuses: u64,
 }
 
 impl PageTable {
@@ -201,7 +211,18 @@ impl PageTable {
     pub fn new(vm: VmId, host_addr: usize, frames: &[FrameNo]) -> Self {
         let pages: Vec<PageEntry> = frames.iter().map(|&frame| PageEntry { frame, flags: PageFlags::MAPPED }).collect();
         let breaks = frames.windows(2).filter(|w| u64::from(w[1]) != u64::from(w[0]) + 1).count();
-        PageTable { vm, host_addr, pages, breaks, protected: 0, zero: 0, merged_zero: 0, cow_copies: 0, cow_reuses: 0 }
+        PageTable {
+            vm,
+            host_addr,
+            pages,
+            breaks,
+            protected: 0,
+            zero: 0,
+            merged_zero: 0,
+            cow_copies: 0,
+            cow_reuses: 0,
+            cow_background_reuses: 0,
+        }
     }
 
     /// The VM this table belongs to.
@@ -311,6 +332,16 @@ impl PageTable {
     /// Counts a write fault on this VM resolved by reusing a merged frame.
     pub(crate) fn count_cow_reuse(&mut self) {
         self.cow_reuses += 1;
+    }
+
+    /// Merged frames this VM's pages took over in place in the background.
+    pub fn cow_background_reuses(&self) -> u64 {
+        self.cow_background_reuses
+    }
+
+    /// Counts a merged frame taken over in the background by a page of this VM.
+    pub(crate) fn count_cow_background_reuse(&mut self) {
+        self.cow_background_reuses += 1;
     }
 
     fn breaks_around(&self, i: usize) -> usize {

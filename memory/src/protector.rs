@@ -10,6 +10,13 @@
 //! lock holder does waits for this thread (no non-cooperative userfaultfd
 //! events are enabled).
 //!
+//! Between faults the same thread does background work ([`Background`]):
+//! whoever queues some rings its [`Doorbell`]; the thread then calls the
+//! work function, one bounded batch per call, and goes on calling it while
+//! it reports more left, taking the faults that arrived in between first
+//! (the memory core's background reuse of sole-mapped merged pages:
+//! `core/background_reuse.rs`).
+//!
 //! This module owns the event side of the userfaultfd: the `uffd_msg` format,
 //! [`Uffd::read_events`] and [`Uffd::wake`] (the descriptor and its protection
 //! ioctls are [`crate::uffd`]'s). So a write fault's walk enters each file
@@ -142,6 +149,53 @@ pub struct ProtectorCounters {
     pub held_writers: AtomicU64,
 }
 
+/// An eventfd that wakes the handler thread for its [`Background`] work.
+#[derive(Debug)]
+pub struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    /// A new, silent doorbell.
+    pub fn new() -> Result<Self> {
+        // SAFETY: plain syscall creating a new descriptor; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(Error::EventFd(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Rings: the handler thread runs its background work soon (rings before
+    /// it ran coalesce into one run).
+    pub fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd. It cannot block
+        // (non-blocking) and can only fail on counter overflow, when it is rung anyway.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Silences the bell (called by the handler thread before it runs the work).
+    fn clear(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 (non-blocking: EAGAIN when silent).
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+
+    fn fd(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Work the handler thread does when its [`Doorbell`] rings and no fault
+/// waits: `work` does one bounded batch and returns whether more is left
+/// (then it is called again after the faults that arrived meanwhile).
+pub struct Background {
+    /// Rung by whoever queues work.
+    pub bell: Arc<Doorbell>,
+    /// One batch of the work; true if more is left.
+    pub work: Box<dyn FnMut() -> bool + Send>,
+}
+
 /// Owns the fault-handling thread of a userfaultfd; stops it on drop.
 pub struct Protector {
     uffd: Arc<Uffd>,
@@ -164,6 +218,20 @@ impl Protector {
     where
         F: FnMut(&[u64], &mut Vec<u64>) + Send + 'static,
     {
+        Self::start_with_background(uffd, hook, resolve, None)
+    }
+
+    /// [`Protector::start`], the thread also doing `background`'s work
+    /// between faults (faults always go first).
+    pub fn start_with_background<F>(
+        uffd: Arc<Uffd>,
+        hook: Option<ThreadStartHook>,
+        resolve: F,
+        background: Option<Background>,
+    ) -> Result<Self>
+    where
+        F: FnMut(&[u64], &mut Vec<u64>) + Send + 'static,
+    {
         // SAFETY: plain syscall creating a new descriptor; the result is checked.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -180,7 +248,7 @@ impl Protector {
                 .name("uffd-handler".into())
                 .spawn(move || {
                     crate::thread_hook::started(hook.as_ref(), ThreadKind::FaultHandler);
-                    handle_loop(&uffd, stop_fd, &counters, resolve)
+                    handle_loop(&uffd, stop_fd, &counters, resolve, background)
                 })
                 .map_err(|e| Error::Spawn("uffd-handler", e))?
         };
@@ -216,17 +284,24 @@ fn handle_loop<F: FnMut(&[u64], &mut Vec<u64>)>(
     stop_fd: i32,
     counters: &ProtectorCounters,
     mut resolve: F,
+    mut background: Option<Background>,
 ) {
     let mut events = Vec::with_capacity(64);
     let mut faults = Vec::with_capacity(64);
     let mut held = Vec::new();
+    // Background work is left over from the last batch: poll without waiting.
+    let mut more_background = false;
+    let bell_fd = background.as_ref().map_or(-1, |b| b.bell.fd());
     loop {
         let mut fds = [
             libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
+            // A negative descriptor is ignored by poll.
+            libc::pollfd { fd: bell_fd, events: libc::POLLIN, revents: 0 },
         ];
-        // SAFETY: `fds` is a valid array of two pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let timeout = if more_background { 0 } else { -1 };
+        // SAFETY: `fds` is a valid array of three pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EINTR) {
@@ -238,51 +313,78 @@ fn handle_loop<F: FnMut(&[u64], &mut Vec<u64>)>(
         if fds[1].revents != 0 {
             return;
         }
-        uffd::trace::begin();
-        events.clear();
-        if let Err(e) = uffd.read_events(&mut events) {
-            tracing::error!("{e}");
-            return;
-        }
-        uffd::trace::with(|b| b.read_done = uffd::trace::tsc());
-        faults.clear();
-        for event in &events {
-            match *event {
-                Event::PageFault { addr, .. } => {
-                    counters.faults.fetch_add(1, Ordering::Relaxed);
-                    faults.push(addr & !(PAGE_SIZE as u64 - 1));
-                }
-                Event::Remap { .. } => {
-                    counters.remap_events.fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Other(code) => {
-                    counters.other_events.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("ignored userfaultfd event {code:#x}");
-                }
+        if fds[0].revents != 0 {
+            uffd::trace::begin();
+            events.clear();
+            if let Err(e) = uffd.read_events(&mut events) {
+                tracing::error!("{e}");
+                return;
+            }
+            uffd::trace::with(|b| b.read_done = uffd::trace::tsc());
+            handle_faults(uffd, counters, &events, &mut faults, &mut held, &mut resolve);
+            uffd::trace::finish();
+            if !faults.is_empty() {
+                // Faults first: look for more before any background work.
+                continue;
             }
         }
-        if faults.is_empty() {
-            continue;
+        let Some(bg) = background.as_mut() else { continue };
+        if fds[2].revents != 0 {
+            bg.bell.clear();
+            more_background = true;
         }
-        faults.sort_unstable();
-        faults.dedup();
-        held.clear();
-        uffd::trace::with(|b| {
-            (b.faults, b.first_page, b.resolve_start) = (faults.len() as u32, faults[0], uffd::trace::tsc())
-        });
-        resolve(&faults, &mut held);
-        uffd::trace::with(|b| b.resolve_end = uffd::trace::tsc());
-        held.sort_unstable();
-        counters.held_writers.fetch_add(held.len() as u64, Ordering::Relaxed);
-        for &page in faults.iter().filter(|p| held.binary_search(p).is_err()) {
-            if let Err(e) = uffd.wake(page as usize, PAGE_SIZE) {
-                counters.wake_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("waking writers at {page:#x}: {e}");
-            }
+        if more_background {
+            more_background = (bg.work)();
         }
-        uffd::trace::with(|b| {
-            (b.wake_ioctls, b.wake_end) = (faults.len().saturating_sub(held.len()) as u32, uffd::trace::tsc())
-        });
-        uffd::trace::finish();
     }
+}
+
+/// Counts `events`, resolves their faults and wakes the writers not held;
+/// leaves the faults' pages in `faults`.
+fn handle_faults<F: FnMut(&[u64], &mut Vec<u64>)>(
+    uffd: &Uffd,
+    counters: &ProtectorCounters,
+    events: &[Event],
+    faults: &mut Vec<u64>,
+    held: &mut Vec<u64>,
+    resolve: &mut F,
+) {
+    faults.clear();
+    for event in events {
+        match *event {
+            Event::PageFault { addr, .. } => {
+                counters.faults.fetch_add(1, Ordering::Relaxed);
+                faults.push(addr & !(PAGE_SIZE as u64 - 1));
+            }
+            Event::Remap { .. } => {
+                counters.remap_events.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Other(code) => {
+                counters.other_events.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("ignored userfaultfd event {code:#x}");
+            }
+        }
+    }
+    if faults.is_empty() {
+        return;
+    }
+    faults.sort_unstable();
+    faults.dedup();
+    held.clear();
+    uffd::trace::with(|b| {
+        (b.faults, b.first_page, b.resolve_start) = (faults.len() as u32, faults[0], uffd::trace::tsc())
+    });
+    resolve(faults, held);
+    uffd::trace::with(|b| b.resolve_end = uffd::trace::tsc());
+    held.sort_unstable();
+    counters.held_writers.fetch_add(held.len() as u64, Ordering::Relaxed);
+    for &page in faults.iter().filter(|p| held.binary_search(p).is_err()) {
+        if let Err(e) = uffd.wake(page as usize, PAGE_SIZE) {
+            counters.wake_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("waking writers at {page:#x}: {e}");
+        }
+    }
+    uffd::trace::with(|b| {
+        (b.wake_ioctls, b.wake_end) = (faults.len().saturating_sub(held.len()) as u32, uffd::trace::tsc())
+    });
 }

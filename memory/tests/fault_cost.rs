@@ -30,6 +30,10 @@ fn copy_and_reuse_fault_cost() {
         return;
     };
     let _w = Watchdog::new("fault_cost", 120);
+    // The fault paths are measured: the sole mappers left by the copies must
+    // still fault (fault-time reuse), not be made writable in the background
+    // (tests/background_reuse.rs covers that).
+    mgr.set_background_reuse(false);
     let g = mgr.create_guest(1, u64::from(2 * PAIRS + 64) * PAGE_SIZE as u64).unwrap();
     let a = |i: u32| g.page_addr(2 * i).unwrap();
     let b = |i: u32| g.page_addr(2 * i + 1).unwrap();

@@ -34,13 +34,23 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("pool and protector", &["pool.rs", "protector.rs"]),
     ("remap protocol", &["remap/mod.rs", "remap/tests.rs"]),
-    ("core vocabulary", &["core/commit.rs", "core/error.rs", "core/counters.rs", "core/merge_settings.rs"]),
+    (
+        "core vocabulary",
+        &["core/commit.rs", "core/error.rs", "core/counters.rs", "core/merge_settings.rs", "core/reuse_queue.rs"],
+    ),
     ("core state", &["core/state.rs", "core/figures.rs"]),
     ("transaction", &["core/txn.rs", "core/unshare.rs", "core/zero_region.rs"]),
     ("core", &["core/mod.rs"]),
     (
         "core operations",
-        &["core/balloon.rs", "core/fault.rs", "core/guests.rs", "core/page_ops.rs", "core/registry.rs"],
+        &[
+            "core/background_reuse.rs",
+            "core/balloon.rs",
+            "core/fault.rs",
+            "core/guests.rs",
+            "core/page_ops.rs",
+            "core/registry.rs",
+        ],
     ),
     (
         "merge indexes and batched ops",

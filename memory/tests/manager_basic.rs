@@ -41,6 +41,9 @@ fn merge_copy_then_reuse() {
         return;
     };
     let _w = Watchdog::new("merge_copy_then_reuse", 60);
+    // This test follows fault-time reuse (background reuse, which would make
+    // the sole mapper writable before its write, is tests/background_reuse.rs's).
+    mgr.set_background_reuse(false);
     let a = mgr.create_guest(1, 1 << 20).unwrap();
     let b = mgr.create_guest(2, 1 << 20).unwrap();
     // Frames are shared only inside a merge domain: put both VMs in domain 7.

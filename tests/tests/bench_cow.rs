@@ -39,7 +39,7 @@ fn bench_cow_quick_reports_every_case() {
     assert!(v["tsc_khz"].as_u64().unwrap() > 0);
 
     let ksm = v["kernel_ksm"]["available"].as_bool().unwrap();
-    let mut names = vec!["private", "wp-only", "copy", "reuse"];
+    let mut names = vec!["private", "wp-only", "copy", "reuse", "reuse-bg"];
     if ksm {
         names.push("ksm-guest");
         let host = &v["kernel_ksm"]["host_write"];
@@ -77,15 +77,30 @@ fn bench_cow_quick_reports_every_case() {
                 assert_eq!(c["cow_reuses"].as_u64().unwrap(), pages, "reuse path: {c}");
                 assert_eq!(c["cow_copies"], 0, "{c}");
             }
+            "reuse-bg" => {
+                // Every page was taken over in the background before the writes,
+                // and no measured write faulted.
+                assert_eq!(c["cow_background_reuses"].as_u64().unwrap(), pages, "background reuse: {c}");
+                assert_eq!((c["cow_reuses"].as_u64(), c["faulted_writes"].as_u64()), (Some(0), Some(0)), "{c}");
+            }
             _ => {}
         }
     }
-    for name in ["wp-host", "copy-host", "reuse-host"] {
+    for name in ["private-host", "wp-host", "copy-host", "reuse-host", "reuse-bg-host"] {
         let h = &v["host_thread_writes"][name];
         for f in ["median_ns", "p99_ns", "mean_ns", "pages_measured"] {
             positive(h, f);
         }
         assert_eq!(h["pages"], h["pages_measured"], "every page prepared: {name} {h}");
+        let faulted = h["faulted_writes"].as_u64().unwrap();
+        if name == "reuse-bg-host" {
+            assert_eq!(faulted, 0, "writes after background reuse faulted: {h}");
+            assert_eq!(h["background_reuses"], h["pages"], "{h}");
+        } else if name == "private-host" {
+            assert_eq!(faulted, 0, "writes to private pages faulted: {h}");
+        } else {
+            assert_eq!(faulted, h["pages"].as_u64().unwrap(), "every write faulted: {name} {h}");
+        }
     }
     assert!(v["ratios"]["reuse_over_copy"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("reuse / copy"), "{stdout}");
@@ -102,8 +117,19 @@ fn bench_cow_quick_reports_every_case() {
             assert_eq!(c["mismatches"], 0, "the guests verified every page: {c}");
         }
     }
-    let mut figures =
-        vec!["private", "wp-only", "copy", "reuse", "wp-host", "copy-host", "reuse-host", "reuse_over_copy"];
+    let mut figures = vec![
+        "private",
+        "wp-only",
+        "copy",
+        "reuse",
+        "reuse-bg",
+        "wp-host",
+        "copy-host",
+        "reuse-host",
+        "reuse-bg-host",
+        "reuse_over_copy",
+        "reuse_bg_over_copy",
+    ];
     if ksm {
         figures.extend(["ksm-guest", "ksm-host", "copy_over_ksm_guest", "copy_host_over_ksm_host"]);
     }

@@ -499,7 +499,7 @@ fn ksm_u_rewritten_merged_pages_get_private_frames() {
         f.mem
             .iter()
             .map(|&vm| f.mgr().vm_merge_stats(vm).unwrap())
-            .fold((0, 0), |a, v| (a.0 + v.cow_copies, a.1 + v.cow_reuses))
+            .fold((0, 0), |a, v| (a.0 + v.cow_copies, a.1 + v.cow_reuses + v.cow_background_reuses))
     };
     let cow0 = cow(&f);
     // The guests rewrite a quarter of their pages (each VM its own set) while
@@ -527,8 +527,9 @@ fn ksm_u_rewritten_merged_pages_get_private_frames() {
     let cow1 = cow(&f);
     let (copies, reuses) = (cow1.0 - cow0.0, cow1.1 - cow0.1);
     eprintln!("{name}: {written} rewrites; pages rewritten in some VM {any}, in both {both}; cow copies {copies}, reuses {reuses}");
-    // The first write to a page of a 2-mapper frame copies, the second VM's
-    // write then takes the old frame over.
+    // The first write to a page of a 2-mapper frame copies; the old frame is
+    // then taken over by the other VM's page, in the background or at its
+    // write fault if that write comes first (reuses count both).
     assert!(copies >= any && reuses >= both, "{name}: copies {copies} reuses {reuses}");
     // One more scan: the counters reflect the unmerged pages.
     let s1 = f.scans(tun, 1);

@@ -105,6 +105,7 @@ fn handle(t: &mut Table, action: ApiAction) -> Result<ApiReply, ApiError> {
                 vma_count: 5,
                 cow_copies: 3,
                 cow_reuses: 2,
+                cow_background_reuses: 6,
             }))
         }
         ApiAction::GetMemory => Ok(ApiReply::Memory(Box::new(HostMemoryStats {

@@ -16,6 +16,10 @@ pub struct Counters {
     pub cow_copies: u64,
     /// Write faults resolved by taking a merged frame over in place.
     pub cow_reuses: u64,
+    /// Merged frames taken over in place by their only remaining mapper in
+    /// the background, before any write (the page made writable as soon as
+    /// its last other mapper left; not counted in `cow_reuses`).
+    pub cow_background_reuses: u64,
     /// Write faults on discarded (zero) pages.
     pub zero_page_faults: u64,
     /// Write faults on explicitly protected pages.

@@ -58,6 +58,8 @@ pub(crate) struct VmFigures {
     pub(crate) cow_copies: u64,
     /// Write faults resolved by taking a merged frame over.
     pub(crate) cow_reuses: u64,
+    /// Merged frames taken over in the background (no fault).
+    pub(crate) cow_background_reuses: u64,
     /// Merging is enabled for it.
     pub(crate) merge_enabled: bool,
     /// Its merge domain.
@@ -141,6 +143,7 @@ impl Figures {
                 vma_count: table.vma_count() as u64,
                 cow_copies,
                 cow_reuses,
+                cow_background_reuses: table.cow_background_reuses(),
                 merge_enabled: cfg.enabled,
                 domain: cfg.domain,
             };

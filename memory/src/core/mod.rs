@@ -12,6 +12,7 @@
 //! - [`error`]: [`Error`] and [`Result`] of every core operation;
 //! - [`commit`]: memory commitment (admission, VMs out of memory);
 //! - [`counters`]: the event [`Counters`] kept under the lock;
+//! - [`reuse_queue`]: sole-mapped merged pages waiting for background reuse;
 //! - [`merge_settings`]: per-VM merge settings and the [`DirtyLog`] trait;
 //! - [`state`]: [`State`], its fields private, changed through intent-named
 //!   methods that keep refcounts, page tables and the pool in step;
@@ -24,11 +25,13 @@
 //! - [`zero_region`]: pages whose content was dropped map the pool's zero
 //!   region (moving there in runs, leaving on a write);
 //! - this file: [`Core`], the lock and its fault-first discipline;
-//! - [`balloon`], [`fault`], [`guests`], [`page_ops`], [`registry`]: the
-//!   `impl Core` blocks (batched discard of page ranges; fault resolution;
+//! - [`background_reuse`], [`balloon`], [`fault`], [`guests`], [`page_ops`],
+//!   [`registry`]: the `impl Core` blocks (sole-mapped merged pages made
+//!   writable between faults; batched discard of page ranges; fault resolution;
 //!   guest creation and destruction; merge, share, unshare, migrate, discard,
 //!   protect and device I/O; per-VM registrations).
 
+pub(crate) mod background_reuse;
 pub(crate) mod balloon;
 pub(crate) mod commit;
 pub(crate) mod counters;
@@ -39,6 +42,7 @@ pub(crate) mod guests;
 pub(crate) mod merge_settings;
 pub(crate) mod page_ops;
 pub(crate) mod registry;
+pub(crate) mod reuse_queue;
 pub(crate) mod state;
 pub(crate) mod txn;
 pub(crate) mod unshare;
@@ -59,6 +63,7 @@ pub(crate) use state::State;
 pub(crate) use txn::Txn;
 
 use crate::pool::{FramePool, ThpStatus};
+use crate::protector::Doorbell;
 use crate::remap::RemapProtocol;
 use crate::uffd::Uffd;
 use crate::vcpu_gate::VcpuGate;
@@ -87,6 +92,9 @@ pub(crate) struct Core {
     /// A remap step failed and may have left a guest range read-only (see
     /// [`RemapProtocol::failed`]).
     remap_failed: AtomicBool,
+    /// Rung when pages were queued for background reuse (the Protector's
+    /// handler thread drains them: see [`background_reuse`]).
+    bell: Arc<Doorbell>,
 }
 
 /// The manager's lock, held: the [`State`], and on release the record of a
@@ -94,6 +102,7 @@ pub(crate) struct Core {
 pub(crate) struct StateGuard<'a> {
     guard: MutexGuard<'a, State>,
     board: &'a StatsBoard,
+    bell: &'a Doorbell,
     /// The state was borrowed mutably.
     changed: bool,
 }
@@ -117,6 +126,9 @@ impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         if self.changed {
             self.board.changed(&self.guard);
+            if self.guard.reuse_queue().take_ring() {
+                self.bell.ring();
+            }
         }
     }
 }
@@ -124,7 +136,8 @@ impl Drop for StateGuard<'_> {
 impl Core {
     /// A core over `pool` (frames handed out by the buddy allocator, VMA
     /// accounting by `budget`), protecting pages through `uffd`.
-    pub(crate) fn new(pool: FramePool, budget: VmaBudget, uffd: Arc<Uffd>) -> Self {
+    /// `bell` is rung when pages are queued for background reuse.
+    pub(crate) fn new(pool: FramePool, budget: VmaBudget, uffd: Arc<Uffd>, bell: Arc<Doorbell>) -> Self {
         let huge_pages = pool.thp().requested;
         let memfd = pool.fd();
         let thp = pool.thp().clone();
@@ -142,6 +155,7 @@ impl Core {
             board,
             thp,
             remap_failed: AtomicBool::new(false),
+            bell,
         }
     }
 
@@ -152,7 +166,7 @@ impl Core {
         if self.board.is_dirty() {
             self.board.publish(&guard);
         }
-        StateGuard { guard, board: &self.board, changed: false }
+        StateGuard { guard, board: &self.board, bell: &self.bell, changed: false }
     }
 
     /// Takes the lock on behalf of a faulting writer (others yield to it; it
@@ -161,7 +175,7 @@ impl Core {
         self.fault_waiters.fetch_add(1, Ordering::AcqRel);
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.fault_waiters.fetch_sub(1, Ordering::AcqRel);
-        StateGuard { guard, board: &self.board, changed: false }
+        StateGuard { guard, board: &self.board, bell: &self.bell, changed: false }
     }
 
     /// The statistics' figures without waiting for the manager's lock: the

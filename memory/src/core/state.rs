@@ -24,6 +24,7 @@ use std::time::Duration;
 use super::counters::{Counter, Counters};
 use super::error::{Error, Result};
 use super::merge_settings::VmMergeConfig;
+use super::reuse_queue::ReuseQueue;
 use crate::frame_table::{FrameTable, Mapper};
 use crate::page_table::{PageEntry, PageFlags, PageTable};
 use crate::pool::FramePool;
@@ -40,6 +41,8 @@ pub(crate) struct State {
     counters: Counters,
     /// Merge settings of VMs that have any (absent: disabled, own domain).
     merge_cfg: HashMap<VmId, VmMergeConfig>,
+    /// Sole-mapped merged pages waiting for background reuse.
+    reuse: ReuseQueue,
 }
 
 /// How a write fault on a merged page was resolved (per-VM statistics).
@@ -47,8 +50,11 @@ pub(crate) struct State {
 pub(crate) enum Cow {
     /// The page got a private copy of a shared frame.
     Copy,
-    /// The page took its merged frame over in place.
+    /// The page took its merged frame over in place (at its write fault).
     Reuse,
+    /// The page took its merged frame over in place before any write (its
+    /// last other mapper had left: background reuse).
+    BackgroundReuse,
 }
 
 impl State {
@@ -62,6 +68,7 @@ impl State {
             budget,
             counters: Counters::default(),
             merge_cfg: HashMap::new(),
+            reuse: ReuseQueue::default(),
         }
     }
 
@@ -134,6 +141,27 @@ impl State {
                 self.counters.cow_reuses += 1;
                 table.into_iter().for_each(PageTable::count_cow_reuse);
             }
+            Cow::BackgroundReuse => {
+                self.counters.cow_background_reuses += 1;
+                table.into_iter().for_each(PageTable::count_cow_background_reuse);
+            }
+        }
+    }
+
+    /// The queue of sole-mapped merged pages (see [`ReuseQueue`]).
+    pub(crate) fn reuse_queue(&mut self) -> &mut ReuseQueue {
+        &mut self.reuse
+    }
+
+    /// Queues for background reuse the page left as the only mapper of
+    /// `frame`, if it maps it as a merged page (`SHARED`).
+    fn note_sole_mapper(&mut self, frame: FrameNo) {
+        if !self.reuse.enabled() {
+            return;
+        }
+        let Some(last) = self.frames.first_mapper(frame) else { return };
+        if self.entry(last).is_ok_and(|e| e.frame == frame && e.flags.contains(PageFlags::SHARED)) {
+            self.reuse.push(last, frame);
         }
     }
 
@@ -266,15 +294,26 @@ impl State {
         let table = self.vms.get_mut(&m.vm).ok_or(Error::UnknownVm(m.vm))?;
         let entry = table.get(m.page).ok_or(Error::OutOfRange(m.vm, u64::from(m.page)))?;
         let old = entry.frame;
-        if !self.pool.is_zero_frame(new) {
-            self.frames.add(new, m);
-        }
+        let new_refs = if self.pool.is_zero_frame(new) { 0 } else { self.frames.add(new, m) };
+        let new_flags = flags(entry.flags);
         table.set_frame(m.page, new);
-        table.set_flags(m.page, flags(entry.flags));
+        table.set_flags(m.page, new_flags);
+        if new_refs == 1 && new_flags.contains(PageFlags::SHARED) && self.reuse.enabled() {
+            // A sole-mapped merged page moved (migration): queued again with its
+            // new frame (the entry of its old frame is stale now).
+            self.reuse.push(m, new);
+        }
         if self.pool.is_zero_frame(old) {
             return Ok(None);
         }
-        Ok((self.frames.remove(old, m)? == 0).then_some(old))
+        match self.frames.remove(old, m)? {
+            0 => Ok(Some(old)),
+            1 => {
+                self.note_sole_mapper(old);
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Registers a new VM's page table (its frames allocated, its range
@@ -311,8 +350,10 @@ impl State {
             if self.pool.is_zero_frame(entry.frame) {
                 continue;
             }
-            if self.frames.remove(entry.frame, Mapper { vm, page: page as u32 })? == 0 {
-                to_free.push(entry.frame);
+            match self.frames.remove(entry.frame, Mapper { vm, page: page as u32 })? {
+                0 => to_free.push(entry.frame),
+                1 => self.note_sole_mapper(entry.frame),
+                _ => {}
             }
         }
         self.free_unmapped_frames(&mut to_free)

@@ -211,6 +211,7 @@ impl MemoryStats {
             punch_calls: self.punch_calls,
             cow_copies: c.cow_copies,
             cow_reuses: c.cow_reuses,
+            cow_background_reuses: c.cow_background_reuses,
             vcpu_holds: c.vcpu_holds,
             vcpu_hold_ms: c.vcpu_hold_us as f64 / 1000.0,
             compaction: self.compaction,
@@ -256,6 +257,7 @@ mod tests {
             counters: Counters {
                 cow_copies: 5,
                 cow_reuses: 6,
+                cow_background_reuses: 7,
                 vcpu_holds: 2,
                 vcpu_hold_us: 1500,
                 cow_no_frame: 4,
@@ -306,6 +308,7 @@ mod tests {
                 punch_calls: 33,
                 cow_copies: 5,
                 cow_reuses: 6,
+                cow_background_reuses: 7,
                 vcpu_holds: 2,
                 vcpu_hold_ms: 1.5,
                 compaction: CompactionStats { passes: 2, pages_migrated: 900, ..CompactionStats::default() },
@@ -323,6 +326,7 @@ mod tests {
         obj.remove("process_vma_count");
         obj.remove("vmas_per_shared_page");
         obj.remove("punch_calls");
+        obj.remove("cow_background_reuses");
         for commitment in ["committed_bytes", "commit_limit_bytes", "cow_no_frame"] {
             obj.remove(commitment);
         }

@@ -69,8 +69,12 @@ pub struct HostMemoryStats {
     pub punch_calls: u64,
     /// Copy-on-write copies, all VMs.
     pub cow_copies: u64,
-    /// Copy-on-write reuses in place, all VMs.
+    /// Copy-on-write reuses in place at a write fault, all VMs.
     pub cow_reuses: u64,
+    /// Merged frames made writable in place in the background, before any
+    /// write, once their last other mapper left (all VMs; not in `cow_reuses`).
+    #[serde(default)]
+    pub cow_background_reuses: u64,
     /// Merge chunks that held the merging VMs' vCPUs out of guest mode (`hold_vcpus`).
     #[serde(default)]
     pub vcpu_holds: u64,
@@ -122,6 +126,10 @@ pub struct VmMemoryStats {
     pub cow_copies: u64,
     /// Writes to merged pages that took the frame over in place (single mapping left).
     pub cow_reuses: u64,
+    /// Merged frames this VM's pages took over in place in the background,
+    /// before any write (their other mappers had left; not in `cow_reuses`).
+    #[serde(default)]
+    pub cow_background_reuses: u64,
 }
 
 impl VmMemoryStats {
@@ -136,6 +144,7 @@ impl VmMemoryStats {
             vma_count: merge.vma_count,
             cow_copies: merge.cow_copies,
             cow_reuses: merge.cow_reuses,
+            cow_background_reuses: merge.cow_background_reuses,
         }
     }
 
@@ -177,6 +186,7 @@ mod tests {
             vma_count: 3,
             cow_copies: 3,
             cow_reuses: 4,
+            cow_background_reuses: 5,
             ..Default::default()
         };
         let len = 4 * PAGE_SIZE;
@@ -204,7 +214,8 @@ mod tests {
                 zero_pages: 1,
                 vma_count: 3,
                 cow_copies: 3,
-                cow_reuses: 4
+                cow_reuses: 4,
+                cow_background_reuses: 5
             }
         );
         let unmanaged = VmMemoryStats::unmanaged(addr as u64, len as u64);

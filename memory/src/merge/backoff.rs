@@ -108,6 +108,7 @@ pub(crate) fn fingerprint(st: &State) -> u64 {
     let mut h = mix(&[
         c.cow_copies,
         c.cow_reuses,
+        c.cow_background_reuses,
         c.zero_page_faults,
         c.protect_faults,
         c.fault_errors,

@@ -310,12 +310,22 @@ impl Scanner {
         }
     }
 
+    /// Background reuses counted so far for each of `targets` (VMs gone: absent).
+    fn background_reuses(&self, targets: &[Target]) -> HashMap<VmId, u64> {
+        let st = self.core.lock();
+        targets.iter().filter_map(|t| Some((t.vm, st.table(t.vm)?.cow_background_reuses()))).collect()
+    }
+
     /// Unmerges every VM with merging enabled (KSM's `run = 2`) and forgets the
-    /// indexes; returns the number of pages changed.
+    /// indexes; returns the number of pages changed. Pages left as the only
+    /// mapper of a merged frame by the copies of the pages before them are
+    /// taken over in place, by this unmerge or by the background reuse
+    /// meanwhile (drained before returning): both count as changed.
     pub fn unmerge_all(&mut self) -> Result<u64> {
         let targets = self.targets();
+        let reused_before = self.background_reuses(&targets);
         let mut total = 0;
-        for target in targets {
+        for &target in &targets {
             let mut start = 0;
             while start < target.pages {
                 let n = (target.pages - start).min(4 * CHUNK);
@@ -338,6 +348,10 @@ impl Scanner {
                 self.core.yield_to_faults();
                 start += n;
             }
+        }
+        self.core.drain_background_reuse_all();
+        for (vm, after) in self.background_reuses(&targets) {
+            total += after.saturating_sub(reused_before.get(&vm).copied().unwrap_or(after));
         }
         self.counters.unmerges += total;
         self.stable.clear();

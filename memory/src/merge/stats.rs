@@ -125,6 +125,9 @@ pub struct VmMergeStats {
     pub cow_copies: u64,
     /// Write faults resolved by taking a merged frame over in place.
     pub cow_reuses: u64,
+    /// Merged frames taken over in place in the background, before any write
+    /// (their other mappers had left; not counted in `cow_reuses`).
+    pub cow_background_reuses: u64,
     /// Pages found changed at their last visit.
     pub pages_volatile: u64,
     /// Pages found unique at their last visit.
@@ -149,6 +152,7 @@ impl VmMergeStats {
             vma_count: v.vma_count,
             cow_copies: v.cow_copies,
             cow_reuses: v.cow_reuses,
+            cow_background_reuses: v.cow_background_reuses,
             ..VmMergeStats::default()
         })
     }

@@ -397,8 +397,8 @@ impl Torture {
 /// that sharing was exercised.
 pub fn print_counters_and_assert(s: &MemoryStats, shared_frames: usize) {
     eprintln!(
-        "torture: merges {} (differs {}), cow copies {}, reuses {}, zero-page faults {}, protect faults {}, uffd faults {}, still shared frames {}, VMAs {}",
-        s.counters.merges, s.counters.merge_differs, s.counters.cow_copies, s.counters.cow_reuses,
+        "torture: merges {} (differs {}), cow copies {}, reuses {}, background reuses {}, zero-page faults {}, protect faults {}, uffd faults {}, still shared frames {}, VMAs {}",
+        s.counters.merges, s.counters.merge_differs, s.counters.cow_copies, s.counters.cow_reuses, s.counters.cow_background_reuses,
         s.counters.zero_page_faults, s.counters.protect_faults, s.uffd_faults, shared_frames, s.vma_count
     );
     assert_eq!(s.counters.fault_errors, 0, "fault resolutions failed");

@@ -70,6 +70,12 @@ pub(super) struct GuestCase {
     pub(super) tsc_khz: u64,
     pub(super) cow_copies: u64,
     pub(super) cow_reuses: u64,
+    /// Merged frames A's pages took over in the background while they were
+    /// prepared (before the measured writes).
+    pub(super) cow_background_reuses: u64,
+    /// userfaultfd faults during the measured pass (B is paused meanwhile:
+    /// all of them are A's writes that still faulted).
+    pub(super) faulted_writes: u64,
     pub(super) protect_faults: u64,
     pub(super) mismatches: u64,
     pub(super) exit_reasons: Vec<String>,
@@ -105,6 +111,7 @@ pub(super) fn guest_case(
         host.create_vm(spec(id.clone(), i as u64 + 1, ram, p))?;
     }
     let res = run_case(host, name, prep, p, [&ids[0], &ids[1]], ksm);
+    host.memory().set_background_reuse(true);
     for id in &ids {
         let _ = host.remove_vm(id, None);
     }
@@ -144,6 +151,7 @@ fn run_case(
     let cfg: WorkloadConfig = vm.ram().memory().read_obj(GuestAddress(WorkloadLayout::config_gpa(0))).map_err(rt)?;
     let (first, n) = ((layout.data_gpa / 4096) as u32, cfg.npages);
     let data_host = vm.ram().host_addr() + layout.data_gpa;
+    let bg0 = host.memory().stats().counters.cow_background_reuses;
     let prepared = match (prep, ksm) {
         (Prep::Ksm, Some(ksm)) => wait_ksm_merged(ksm, data_host, n)?,
         (Prep::Ksm, None) => return Err(rt("the KSM case needs KSM")),
@@ -156,13 +164,15 @@ fn run_case(
             ids[0], base.pages_written
         )));
     }
-    let c0 = host.memory().stats().counters;
+    let s0 = host.memory().stats_exact();
+    let c0 = s0.counters;
     memory::uffd::trace::enable(prep != Prep::Ksm);
     let pass = host.vm_mut(ids[0])?.resume().map_err(rt).and_then(|()| first_pass(host, ids[0], n, base));
     memory::uffd::trace::enable(false);
     let batches = memory::uffd::trace::take();
     let (last, mut intervals) = pass?;
-    let c1 = host.memory().stats().counters;
+    let s1 = host.memory().stats_exact();
+    let c1 = s1.counters;
     let measured = last.pages_written;
     if measured == 0 {
         return Err(rt(format!("{}: the guest wrote no page", ids[0])));
@@ -191,7 +201,8 @@ fn run_case(
             Prep::Private => "densevm: private page",
             Prep::Protect => "densevm: write-protected private page (fault round trip only)",
             Prep::Copy => "densevm: frame shared by 2 guest pages (copy)",
-            Prep::Reuse => "densevm: sole mapper of a merged frame (reuse)",
+            Prep::Reuse => "densevm: sole mapper of a merged frame, reused at its fault",
+            Prep::ReuseBackground => "densevm: sole mapper of a merged frame, after background reuse",
             Prep::Ksm => "kernel KSM: anonymous RAM, KSM-merged page (guest-observed)",
         },
         pages: n,
@@ -204,6 +215,8 @@ fn run_case(
         tsc_khz: cfg.tsc_khz,
         cow_copies: c1.cow_copies - c0.cow_copies,
         cow_reuses: c1.cow_reuses - c0.cow_reuses,
+        cow_background_reuses: c0.cow_background_reuses - bg0,
+        faulted_writes: s1.uffd_faults - s0.uffd_faults,
         protect_faults: c1.protect_faults - c0.protect_faults,
         mismatches,
         exit_reasons,

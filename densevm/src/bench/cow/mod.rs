@@ -1,6 +1,8 @@
 //! `densevm bench cow`: the latency of a guest write to a private page, to a page
 //! whose frame two guest pages share (copy path), and to the only remaining mapping
-//! of a merged frame (reuse path), as the workload guest itself measures it (TSC
+//! of a merged frame (reuse at the write fault with background reuse off, and
+//! after the background reuse made it writable: the default), as the workload
+//! guest itself measures it (TSC
 //! cycles of the first store into a page on its first rewrite), plus the kernel's
 //! KSM in the same run: a host thread writing to KSM-merged pages, and the workload
 //! guest on anonymous KSM-merged RAM.
@@ -108,12 +110,7 @@ fn spec(id: String, seed: u64, ram: RamPolicy, p: Params) -> VmSpec {
 /// The same page states written by a host thread instead of a vCPU (no VM exit in
 /// the path): VMs created but never started, identical content written into A's
 /// and B's pages, pages prepared, then one timed 8-byte store per page of A.
-fn host_thread_case(
-    host: &mut Host,
-    prep: Prep,
-    p: Params,
-    tsc_khz: u64,
-) -> Result<(MergedWriteTimes, Samples), CommandError> {
+fn host_thread_case(host: &mut Host, prep: Prep, p: Params, tsc_khz: u64) -> Result<(HostCase, Samples), CommandError> {
     let ids = [format!("cow-host-{prep:?}-a"), format!("cow-host-{prep:?}-b")];
     for (i, id) in ids.iter().enumerate() {
         host.create_vm(spec(id.clone(), i as u64 + 1, RamPolicy::Managed, p))?;
@@ -129,7 +126,10 @@ fn host_thread_case(
                 ram.memory().write_slice(&fill, GuestAddress(u64::from(page) * 4096)).map_err(rt)?;
             }
         }
+        let bg0 = host.memory().stats_exact().counters.cow_background_reuses;
         let prepared = prepare(host, prep, mem, first, n as u32)?;
+        let bg = host.memory().stats_exact().counters.cow_background_reuses - bg0;
+        let faults0 = host.memory().stats_exact().uffd_faults;
         let base = host.vm(&ids[0])?.ram().host_addr() as usize;
         let mut ns = Vec::with_capacity(n as usize);
         let mut stamps = HashMap::with_capacity(n as usize);
@@ -145,14 +145,28 @@ fn host_thread_case(
             stamps.insert(addr as u64, (tsc0, trace::tsc()));
         }
         trace::enable(false);
+        let faulted = host.memory().stats_exact().uffd_faults - faults0;
         let pages = base as u64 + u64::from(first) * 4096..base as u64 + (u64::from(first) + n) * 4096;
         let samples = Samples::from_batches(&trace::take(), pages, tsc_khz, Some(&stamps));
-        Ok((MergedWriteTimes::from_ns(prepared, ns), samples))
+        let times = MergedWriteTimes::from_ns(prepared, ns);
+        Ok((HostCase { times, faulted_writes: faulted, background_reuses: bg }, samples))
     })();
+    host.memory().set_background_reuse(true);
     for id in &ids {
         let _ = host.remove_vm(id, None);
     }
     res
+}
+
+/// One host-thread case of densevm.
+#[derive(Clone, Debug, serde::Serialize)]
+struct HostCase {
+    #[serde(flatten)]
+    times: MergedWriteTimes,
+    /// userfaultfd faults during the timed stores (writes that still faulted).
+    faulted_writes: u64,
+    /// Merged frames taken over in the background while the pages were prepared.
+    background_reuses: u64,
 }
 
 /// The kernel's side of one repetition.
@@ -173,18 +187,23 @@ struct Rep {
     /// densevm's guest-observed cases, in [`MANAGED`] order.
     cases: Vec<GuestCase>,
     /// densevm's host-thread cases.
-    host_rows: Vec<(&'static str, MergedWriteTimes)>,
+    host_rows: Vec<(&'static str, HostCase)>,
     /// Their fault stages, by case.
     host_samples: Vec<(&'static str, Samples)>,
     kernel: KernelSide,
 }
 
 /// densevm's guest-observed cases.
-const MANAGED: [(&str, Prep); 4] =
-    [("private", Prep::Private), ("wp-only", Prep::Protect), ("copy", Prep::Copy), ("reuse", Prep::Reuse)];
+const MANAGED: [(&str, Prep); 5] = [
+    ("private", Prep::Private),
+    ("wp-only", Prep::Protect),
+    ("copy", Prep::Copy),
+    ("reuse", Prep::Reuse),
+    ("reuse-bg", Prep::ReuseBackground),
+];
 
 /// densevm's cases of one repetition: the guest cases, then the host-thread ones.
-type DensevmSide = (Vec<GuestCase>, Vec<(&'static str, MergedWriteTimes)>, Vec<(&'static str, Samples)>);
+type DensevmSide = (Vec<GuestCase>, Vec<(&'static str, HostCase)>, Vec<(&'static str, Samples)>);
 
 fn densevm_side(host: &mut Host, p: Params) -> Result<DensevmSide, CommandError> {
     let mut cases = Vec::new();
@@ -194,7 +213,14 @@ fn densevm_side(host: &mut Host, p: Params) -> Result<DensevmSide, CommandError>
     }
     let tsc_khz = cases.first().map_or(0, |c| c.tsc_khz);
     let (mut host_rows, mut host_samples) = (Vec::new(), Vec::new());
-    for (name, prep) in [("wp-host", Prep::Protect), ("copy-host", Prep::Copy), ("reuse-host", Prep::Reuse)] {
+    let host_cases = [
+        ("private-host", Prep::Private),
+        ("wp-host", Prep::Protect),
+        ("copy-host", Prep::Copy),
+        ("reuse-host", Prep::Reuse),
+        ("reuse-bg-host", Prep::ReuseBackground),
+    ];
+    for (name, prep) in host_cases {
         check_interrupt()?;
         let (times, samples) = host_thread_case(host, prep, p, tsc_khz)?;
         host_rows.push((name, times));
@@ -241,13 +267,15 @@ impl Rep {
     fn figures(&self) -> Map<String, Value> {
         let mut m: Map<String, Value> =
             self.all_cases().iter().map(|c| (c.name.to_string(), json!(c.median_ns))).collect();
-        for (name, h) in
-            self.host_rows.iter().map(|(n, h)| (*n, h)).chain(self.kernel.host_write.as_ref().map(|h| ("ksm-host", h)))
-        {
+        let kernel = self.kernel.host_write.as_ref().map(|h| ("ksm-host", h));
+        for (name, h) in self.host_rows.iter().map(|(n, h)| (*n, &h.times)).chain(kernel) {
             m.insert(name.into(), json!(h.median_ns));
         }
         let r = summary::ratios(&m);
         m.extend(r);
+        if let Some(c) = self.cases.iter().find(|c| c.name == "reuse-bg") {
+            m.insert("reuse_bg_faulted".into(), json!(c.faulted_writes));
+        }
         m
     }
 
@@ -263,19 +291,26 @@ fn print_table(rep: &Rep, tsc_khz: u64) {
     };
     println!("{:<10} {:<60} {:>7} {:>10} {:>10} {:>10}", "case", "what", "pages", "median ns", "mean ns", "max ns");
     for c in rep.all_cases() {
-        row(c.name, c.what, c.pages_measured, c.median_ns, c.mean_ns, c.max_ns, String::new());
+        let extra = if c.name.starts_with("reuse") { format!("  faulted {}", c.faulted_writes) } else { String::new() };
+        row(c.name, c.what, c.pages_measured, c.median_ns, c.mean_ns, c.max_ns, extra);
     }
     println!("host thread (no VM exit), one 8-byte store per page:");
     let what = |n: &str| match n {
+        "private-host" => "densevm: private page",
         "wp-host" => "densevm: write-protected private page",
         "copy-host" => "densevm: frame shared by 2 guest pages (copy)",
-        "reuse-host" => "densevm: sole mapper of a merged frame (reuse)",
+        "reuse-host" => "densevm: sole mapper of a merged frame, reused at its fault",
+        "reuse-bg-host" => "densevm: sole mapper of a merged frame, after background reuse",
         _ => "kernel KSM: KSM-merged anonymous page",
     };
-    let kernel = rep.kernel.host_write.as_ref().map(|h| ("ksm-host", h));
-    for (name, h) in rep.host_rows.iter().map(|(n, h)| (*n, h)).chain(kernel) {
+    for (name, c) in &rep.host_rows {
+        let h = &c.times;
+        let extra = format!("  (p99 {:.0}) faulted {}", h.p99_ns, c.faulted_writes);
+        row(name, what(name), h.pages_measured, h.median_ns, h.mean_ns, h.max_ns, extra);
+    }
+    if let Some(h) = &rep.kernel.host_write {
         let p99 = format!("  (p99 {:.0})", h.p99_ns);
-        row(name, what(name), h.pages_measured, h.median_ns, h.mean_ns, h.max_ns, p99);
+        row("ksm-host", what("ksm-host"), h.pages_measured, h.median_ns, h.mean_ns, h.max_ns, p99);
     }
     if let Some(why) = &rep.kernel.skipped {
         println!("kernel KSM rows skipped: {why}");
@@ -283,8 +318,9 @@ fn print_table(rep: &Rep, tsc_khz: u64) {
     let f = rep.figures();
     let at = |k: &str| f.get(k).and_then(Value::as_f64);
     println!(
-        "reuse / copy: {}; copy / kernel KSM (guest): {}; host copy / kernel KSM (host thread): {}",
+        "reuse / copy: {} (background reuse / copy: {}); copy / kernel KSM (guest): {}; host copy / kernel KSM (host thread): {}",
         fmt(at("reuse_over_copy"), 2),
+        fmt(at("reuse_bg_over_copy"), 2),
         fmt(at("copy_over_ksm_guest"), 2),
         fmt(at("copy_host_over_ksm_host"), 2)
     );
