@@ -212,6 +212,25 @@ pub enum BenchKind {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Merging real Linux guests (the small microVM kernel held at its /init marker):
+    /// densevm's merger against the kernel's KSM, both at full speed, alternating.
+    LinuxMerge {
+        /// Directory with the small kernel's vmlinux (resources/linux/out-microvm).
+        #[arg(long)]
+        kernel_dir: PathBuf,
+        /// The test initramfs (resources/linux/out/initramfs.cpio.gz).
+        #[arg(long)]
+        initrd: PathBuf,
+        /// Guests per run.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=16))]
+        vms: u32,
+        /// Guest RAM, MiB.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(64..=2048))]
+        mem_mib: u32,
+        /// Repetitions (contenders alternate).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        repeat: u32,
+    },
     /// Latency of GET /memory on a real daemon while VMs run and merging scans.
     Api {
         /// Timed GET /memory requests per run.

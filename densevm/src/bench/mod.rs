@@ -6,6 +6,7 @@ pub mod api_latency;
 pub mod compact;
 pub mod cow;
 pub mod ksm;
+pub mod linux_merge;
 pub mod merge;
 pub mod report;
 
@@ -107,6 +108,9 @@ pub fn main(args: BenchArgs) -> Result<ExitCode, CommandError> {
         BenchKind::Cow { quick, json, repeat } => cow::main(quick, json.as_deref(), repeat),
         BenchKind::Merge { quick, json, policies, repeat, image_pair, image_clones, clones } => {
             merge::main(&merge::Options { quick, json, policies, repeat, image_pair, image_clones, clones })
+        }
+        BenchKind::LinuxMerge { kernel_dir, initrd, vms, mem_mib, repeat } => {
+            linux_merge::main(&linux_merge::Options { kernel_dir, initrd, vms, mem_mib, repeat })
         }
         BenchKind::Launch { launches, json } => {
             let exe = std::env::current_exe().map_err(|e| CommandError::Runtime(e.to_string()))?;
