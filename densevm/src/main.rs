@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // Plain stderr: there is no logger to report through.
-            eprintln!("densevm: error: {e}");
+            say_error(&e);
             return ExitCode::from(e.exit_code());
         }
     }
@@ -45,8 +45,15 @@ fn main() -> ExitCode {
         Err(e) => {
             // The command's failure is the CLI's answer to the user, not a log line: a
             // plain stderr line whatever the log level or format.
-            eprintln!("densevm: error: {e}");
+            say_error(&e);
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Writes `densevm: error: <e>` to stderr. A closed stderr (a parent that stopped
+/// reading) loses the line but must not turn the exit code into a panic's 101.
+fn say_error(e: &dyn std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "densevm: error: {e}");
 }

@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::{densevm, densevm_bin, kvm_available, last_json_line};
 
@@ -109,20 +109,27 @@ fn sigterm_stops_a_running_vm_cleanly() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut reported = false;
-    for line in BufReader::new(stderr).lines() {
-        if line.unwrap().contains("first guest report") {
-            reported = true;
-            break;
+    // Every stderr line is kept (and the pipe read to its end), so that a failure
+    // shows what densevm said.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("first guest report") {
+                let _ = tx.send(line.clone());
+            }
+            all.push_str(&line);
+            all.push('\n');
         }
-        assert!(Instant::now() < deadline);
-    }
+        all
+    });
+    let reported = rx.recv_timeout(Duration::from_secs(30)).is_ok();
     assert!(reported, "guest never reported");
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "exit status {}", out.status);
+    let errors = reader.join().unwrap_or_default();
+    assert!(out.status.success(), "exit status {}; stderr:\n{errors}", out.status);
     let v = last_json_line(&out.stdout).expect("final report");
     assert_eq!(v["state"], "Stopped");
     assert_eq!(v["report"]["mismatches"], 0);

@@ -120,7 +120,10 @@ pub fn main(args: RunArgs, process_start: Instant) -> Result<ExitCode, CommandEr
             // Deliberate user output, not a log line: `densevm bench launch` (bench/mod.rs)
             // and the e2e tests wait for this exact line on stderr and parse the time
             // from it, so it must appear whatever the log level, filter or format.
-            eprintln!(
+            // A closed stderr must not panic the run (eprintln! would).
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "densevm: first guest report {:.2} ms after process start",
                 at.duration_since(process_start).as_secs_f64() * 1e3
             );
