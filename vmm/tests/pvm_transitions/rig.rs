@@ -204,6 +204,15 @@ impl fmt::Display for Outcome {
 
 /// Assembles `guest.S` into the flat image loaded at 0x10000.
 pub fn assemble() -> Result<Vec<u8>, String> {
+    // Once per process: the tests run in parallel, and each building into (and then
+    // removing) the same directory let one read another's half-written image or
+    // lose its files (seen in a fresh-clone CI run: an emulation failure on garbage
+    // code, and "No such file or directory").
+    static IMAGE: std::sync::OnceLock<Result<Vec<u8>, String>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(assemble_now).clone()
+}
+
+fn assemble_now() -> Result<Vec<u8>, String> {
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pvm_transitions/guest.S");
     let dir = std::env::temp_dir().join(format!("pvm-transitions-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
