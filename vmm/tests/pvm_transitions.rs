@@ -49,18 +49,6 @@ fn kvm_pvm() -> bool {
 fn probe(guest: &[u8], p: &Probe) -> Outcome {
     let o = run(guest, p).unwrap_or_else(|e| panic!("{}: {e}", p.name()));
     println!("{}: {o}", p.name());
-    // kvm_pvm's instruction emulator once gave up (KVM_EXIT_INTERNAL_ERROR, suberror
-    // 1: emulation failure) while single-stepping this rig under a loaded
-    // fresh-clone CI run, where it had passed every time before. That is the host
-    // failing to emulate, not a transition going wrong: the probe runs once more
-    // on a fresh VM, and a second failure fails the test as before.
-    if o.exits.iter().any(|e| e.contains("InternalError { suberror: 1,")) {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "{}: host emulation failure, probing once more: {o}", p.name());
-        let again = run(guest, p).unwrap_or_else(|e| panic!("{}: {e}", p.name()));
-        println!("{} (again): {again}", p.name());
-        return again;
-    }
     o
 }
 
