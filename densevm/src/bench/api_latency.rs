@@ -13,7 +13,7 @@ use api_client::{Client, Response};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::report::{fmt, ratio, say, spread, Spread};
+use super::report::{cell, ratio, say, spread};
 use crate::commands::CommandError;
 
 const VMS: u32 = 4;
@@ -208,15 +208,6 @@ fn one_run(
         pages_sharing_at_end: memory["pages_sharing"].as_u64().unwrap_or(0),
         guest_mismatches: mismatches,
     })
-}
-
-fn cell(s: Option<Spread>, digits: usize) -> String {
-    match s {
-        Some(s) => {
-            format!("{} / {} / {}", fmt(Some(s.min), digits), fmt(Some(s.median), digits), fmt(Some(s.max), digits))
-        }
-        None => "-".into(),
-    }
 }
 
 /// Runs the benchmark.

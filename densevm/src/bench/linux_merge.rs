@@ -22,7 +22,7 @@ use vmm::vm::{BootSource, MergeSpec, SerialOut, VmSpec};
 use super::ksm::KsmControl;
 use super::merge::measure::{ksmd_pid, task_cpu_s};
 use super::merge::{interrupted, policy::tend, rt};
-use super::report::{fmt, ratio, spread};
+use super::report::{cell, ratio, spread};
 use crate::commands::CommandError;
 
 const MARKER: &str = "DENSEVM-GUEST-READY";
@@ -217,20 +217,18 @@ pub fn main(o: &Options) -> Result<ExitCode, CommandError> {
     );
     println!("| contender | boot s | to 95% s | to 99% s | CPU s to 99% | pages_sharing | zero pages |");
     println!("|---|---|---|---|---|---|---|");
-    let cell = |c: &str, f: fn(&Run) -> f64, d: usize| {
-        let s = spread(runs.iter().filter(|r| r.contender == c).map(|r| Some(f(r))));
-        s.map(|s| format!("{} / {} / {}", fmt(Some(s.min), d), fmt(Some(s.median), d), fmt(Some(s.max), d)))
-            .unwrap_or_else(|| "-".into())
+    let of = |c: &str, f: fn(&Run) -> f64, d: usize| {
+        cell(spread(runs.iter().filter(|r| r.contender == c).map(|r| Some(f(r)))), d)
     };
     for c in ["densevm-full", "ksm-full"] {
         println!(
             "| {c} | {} | {} | {} | {} | {} | {} |",
-            cell(c, |r| r.boot_s, 0),
-            cell(c, |r| r.to_95_s, 2),
-            cell(c, |r| r.to_final_s, 2),
-            cell(c, |r| r.cpu_s, 3),
-            cell(c, |r| r.pages_sharing as f64, 0),
-            cell(c, |r| r.zero_pages as f64, 0)
+            of(c, |r| r.boot_s, 0),
+            of(c, |r| r.to_95_s, 2),
+            of(c, |r| r.to_final_s, 2),
+            of(c, |r| r.cpu_s, 3),
+            of(c, |r| r.pages_sharing as f64, 0),
+            of(c, |r| r.zero_pages as f64, 0)
         );
     }
     let pairs = |f: fn(&Run) -> f64| {

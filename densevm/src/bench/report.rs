@@ -40,6 +40,16 @@ pub fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
+/// A table cell `min / median / max` with `digits` decimals, or `-` when not measured.
+pub fn cell(s: Option<Spread>, digits: usize) -> String {
+    match s {
+        Some(s) => {
+            format!("{} / {} / {}", fmt(Some(s.min), digits), fmt(Some(s.median), digits), fmt(Some(s.max), digits))
+        }
+        None => "-".into(),
+    }
+}
+
 /// The verdict on a target: met, NOT met, or not measured.
 pub fn say(met: Option<bool>) -> &'static str {
     match met {
