@@ -13,6 +13,8 @@ pub const MAX_SUBSCRIPTIONS: usize = 255;
 pub enum DeviceNotice {
     /// The guest asked for a reset: the VM exits with this reason.
     Reset(String),
+    /// The guest powered off: the VM exits with this reason.
+    PowerOff(String),
 }
 
 /// A device's handler of one event fd, run on the event-loop thread.
@@ -35,6 +37,19 @@ impl EventHandler for ResetRequest {
 
     fn handle(&mut self) -> Option<DeviceNotice> {
         self.0.event_fd().read().ok().map(|_| DeviceNotice::Reset("guest requested a reset (i8042)".into()))
+    }
+}
+
+/// The ACPI sleep control register's S5 request: the VM exits when the guest powers off.
+pub(crate) struct PowerOffRequest(pub(crate) EventFdTrigger);
+
+impl EventHandler for PowerOffRequest {
+    fn event_fd(&self) -> &EventFd {
+        self.0.event_fd()
+    }
+
+    fn handle(&mut self) -> Option<DeviceNotice> {
+        self.0.event_fd().read().ok().map(|_| DeviceNotice::PowerOff("guest powered off (ACPI S5)".into()))
     }
 }
 

@@ -378,7 +378,7 @@ impl Vm {
         }
         for notice in notices {
             match notice {
-                DeviceNotice::Reset(reason) => finished = Some(reason),
+                DeviceNotice::Reset(reason) | DeviceNotice::PowerOff(reason) => finished = Some(reason),
             }
         }
         if let Some(reason) = self.control.take_out_of_memory() {
