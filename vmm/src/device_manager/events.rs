@@ -8,6 +8,12 @@ use vmm_sys_util::eventfd::EventFd;
 /// block of 256 event-loop tokens, one of them for the vCPU events).
 pub const MAX_SUBSCRIPTIONS: usize = 255;
 
+/// The exit reason of a VM whose guest asked the i8042 for a reset (densevm does
+/// not reboot guests: the VM ends).
+pub const GUEST_RESET: &str = "guest requested a reset (i8042)";
+/// The exit reason of a VM whose guest powered off through ACPI (S5).
+pub const GUEST_POWER_OFF: &str = "guest powered off (ACPI S5)";
+
 /// What a device asks of its VM after handling an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceNotice {
@@ -36,7 +42,7 @@ impl EventHandler for ResetRequest {
     }
 
     fn handle(&mut self) -> Option<DeviceNotice> {
-        self.0.event_fd().read().ok().map(|_| DeviceNotice::Reset("guest requested a reset (i8042)".into()))
+        self.0.event_fd().read().ok().map(|_| DeviceNotice::Reset(GUEST_RESET.into()))
     }
 }
 
@@ -49,7 +55,7 @@ impl EventHandler for PowerOffRequest {
     }
 
     fn handle(&mut self) -> Option<DeviceNotice> {
-        self.0.event_fd().read().ok().map(|_| DeviceNotice::PowerOff("guest powered off (ACPI S5)".into()))
+        self.0.event_fd().read().ok().map(|_| DeviceNotice::PowerOff(GUEST_POWER_OFF.into()))
     }
 }
 

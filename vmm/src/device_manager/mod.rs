@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use doorbell::{ExitAction, WorkloadDoorbell, DOORBELL_LEN, MAX_GUEST_SLEEP};
 pub use eventfds::{DataMatch, IOAPIC_PINS};
-pub use events::{DeviceNotice, EventHandler, MAX_SUBSCRIPTIONS};
+pub use events::{DeviceNotice, EventHandler, GUEST_POWER_OFF, GUEST_RESET, MAX_SUBSCRIPTIONS};
 pub use io::IoRouter;
 pub use legacy::COM1_PORTS;
 pub use unclaimed::{UnclaimedIo, LOGGED_UNCLAIMED};
