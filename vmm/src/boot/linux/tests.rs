@@ -159,7 +159,7 @@ fn boot_params_layout_from_synthetic_bzimage() {
     // Where KVM emulates guest-kernel instructions, densevm adds `noxsave clearcpuid=... nowatchdog ...`.
     let emulated = if crate::arch::cpuid::kernel_instructions_emulated() {
         " noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog clocksource=kvm-clock \
-         initcall_blacklist=ftrace_check_for_weak_functions"
+         initcall_blacklist=ftrace_check_for_weak_functions cryptomgr.notests"
     } else {
         ""
     };
