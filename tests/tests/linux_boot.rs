@@ -49,7 +49,7 @@ fn ring0_native(bin: &Path) -> (bool, String) {
         return (
             false,
             "KVM here is kvm_pvm (software-assisted; ring-0 guest code is emulated, a stock \
-             Linux kernel does not boot) [from /sys/module; densevm host-info unavailable]"
+             Linux kernel boots in minutes) [from /sys/module; densevm host-info unavailable]"
                 .into(),
         );
     }
