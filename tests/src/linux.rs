@@ -179,8 +179,9 @@ pub fn boot_with_balloon(b: &BalloonBoot<'_>) -> BootRun {
 }
 
 /// Checks what every balloon boot must show: the marker, the virtio-balloon the
-/// guest's `/init` listed (virtio device ID 5), and the inflate the host counted in
-/// densevm's final report (at least `balloon_mib`, all returned, no bad PFN).
+/// guest's `/init` listed (virtio device ID 5), the inflate the host counted in
+/// densevm's final report (at least `balloon_mib`, all returned, no bad PFN) and
+/// the statistics the guest's driver sent.
 pub fn assert_marker_and_balloon(name: &str, run: &BootRun, balloon_mib: u64) {
     let tail = run.tail();
     let Some(marker_at) = run.marker_at else {
@@ -201,4 +202,6 @@ pub fn assert_marker_and_balloon(name: &str, run: &BootRun, balloon_mib: u64) {
     );
     assert!(c["bytes_returned"].as_u64().unwrap_or(0) >= balloon_mib << 20, "{name}: memory not returned: {c}");
     assert_eq!(c["bad_pfns"], 0, "{name}: {c}");
+    // The driver answers the statistics queue (polled every second during the hold).
+    assert!(c["stats_updates"].as_u64().unwrap_or(0) > 0, "{name}: no balloon statistics from the guest: {c}");
 }
