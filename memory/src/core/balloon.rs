@@ -28,6 +28,11 @@ use crate::{FrameNo, VmId, PAGE_SIZE};
 /// Most pages discarded under one hold of the manager's lock.
 pub const DISCARD_BATCH: u32 = 512;
 
+/// Shortest run of consecutive pages (of one discard batch) whose private
+/// pages go to the zero region; the private pages of a shorter run are
+/// discarded in place (see [`split_by_policy`]).
+pub const ZERO_REGION_MIN_RUN: u32 = 4;
+
 /// What a [`Core::discard_range`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DiscardReport {
@@ -38,6 +43,9 @@ pub struct DiscardReport {
     pub backed: u64,
     /// Of them, pages that left a shared frame for a fresh one.
     pub unshared: u64,
+    /// Of them, pages discarded in place (their own frame punched, not moved
+    /// to the zero region: a short run, or the zero region refused them).
+    pub in_place: u64,
 }
 
 impl DiscardReport {
@@ -45,6 +53,7 @@ impl DiscardReport {
         self.pages += other.pages;
         self.backed += other.backed;
         self.unshared += other.unshared;
+        self.in_place += other.in_place;
     }
 }
 
@@ -93,6 +102,7 @@ pub(crate) fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Re
     let mut pages = Vec::with_capacity(n as usize);
     let mut unshares = Vec::with_capacity(n as usize);
     let mut was_zero = Vec::with_capacity(n as usize);
+    let mut private = Vec::with_capacity(n as usize);
     let mut left: HashMap<FrameNo, u32> = HashMap::new();
     for page in first..first + n {
         let m = Mapper { vm, page };
@@ -111,24 +121,57 @@ pub(crate) fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Re
         };
         unshares.push(unshare);
         was_zero.push(e.flags.contains(PageFlags::ZERO));
+        private.push(refs == 1);
         pages.push(page);
     }
-    let moved = t.drop_to_zero_region(vm, &pages, PageFlags::empty())?;
-    let mut rest = Vec::new();
-    for (i, &page) in pages.iter().enumerate() {
-        if !moved[i] {
-            rest.push(page);
+    let (to_zero, in_place) = split_by_policy(&pages, &private);
+    let zero_pages: Vec<u32> = to_zero.iter().map(|&i| pages[i]).collect();
+    let moved = t.drop_to_zero_region(vm, &zero_pages, PageFlags::empty())?;
+    let mut rest: Vec<u32> = in_place.iter().map(|&i| pages[i]).collect();
+    for (k, &i) in to_zero.iter().enumerate() {
+        if !moved[k] {
+            rest.push(pages[i]);
         } else if unshares[i] {
             report.unshared += 1;
         } else if !was_zero[i] {
             report.backed += 1;
         }
     }
+    rest.sort_unstable();
     let in_place = discard_in_place(t, vm, &rest)?;
     report.unshared += in_place.unshared;
     report.backed += in_place.backed;
+    report.in_place += rest.len() as u64;
     t.st.count_n(Counter::Discard, u64::from(n));
+    t.st.count_n(Counter::DiscardInPlace, rest.len() as u64);
     Ok(report)
+}
+
+/// Which of `pages` (sorted; `private[i]`: page `i` is its frame's only
+/// mapper) go to the zero region and which are discarded in place, as indices
+/// into `pages`: a private page in a run of consecutive pages shorter than
+/// [`ZERO_REGION_MIN_RUN`] is discarded in place (its own frame punched: no
+/// new mapping, so no VMA change); every other page goes to the zero region (a
+/// page of a shared frame needs a new mapping either way).
+pub(crate) fn split_by_policy(pages: &[u32], private: &[bool]) -> (Vec<usize>, Vec<usize>) {
+    let (mut to_zero, mut in_place) = (Vec::with_capacity(pages.len()), Vec::new());
+    let mut s = 0;
+    while s < pages.len() {
+        let mut e = s + 1;
+        while e < pages.len() && pages[e] == pages[e - 1] + 1 {
+            e += 1;
+        }
+        let short = e - s < ZERO_REGION_MIN_RUN as usize;
+        for i in s..e {
+            if short && private[i] {
+                in_place.push(i);
+            } else {
+                to_zero.push(i);
+            }
+        }
+        s = e;
+    }
+    (to_zero, in_place)
 }
 
 /// Discards `pages` (sorted, of `vm`, none on the zero region) in place: a
@@ -150,8 +193,12 @@ fn discard_in_place(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<DiscardR
             private.push(m);
         }
     }
-    // One protect ioctl per run of consecutive pages.
-    t.protect_group(&private)?;
+    // No protection before the punch (it would be a second ioctl per run): the
+    // content is being dropped, so a write before the punch is dropped with it
+    // (as if it came before the discard), and one between the punch and the
+    // protection below lands in a fresh page of the hole, seen by the check
+    // after it (the page is then not marked `ZERO`). Pages protected already
+    // stay protected (their writers wait for the lock).
     let mut frames: Vec<FrameNo> = Vec::with_capacity(private.len());
     for &m in &private {
         frames.push(t.entry(m)?.frame);
@@ -161,7 +208,8 @@ fn discard_in_place(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<DiscardR
     for &(start, len) in &frame_runs {
         t.st.pool().punch(start, len)?;
     }
-    // Protection must still hold after the punch zapped the page tables.
+    // Protected from here on (and still after the punch zapped the page tables,
+    // for the pages that were protected before): writers wait for the lock.
     let pages: Vec<u32> = private.iter().map(|m| m.page).collect();
     for (start, len) in runs(&pages, |a, b| b == a + 1) {
         t.remap.protect(t.addr(Mapper { vm, page: start })?, len as usize * PAGE_SIZE)?;
