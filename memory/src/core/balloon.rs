@@ -270,12 +270,29 @@ fn runs<T: Copy + Into<u64>>(items: &[T], next: impl Fn(u64, u64) -> bool) -> Ve
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{runs, split_by_policy, ZERO_REGION_MIN_RUN};
 
     #[test]
     fn runs_of_consecutive_values() {
         let r = runs(&[1u32, 2, 3, 7, 9, 10], |a, b| b == a + 1);
         assert_eq!(r, vec![(1, 3), (7, 1), (9, 2)]);
         assert!(runs::<u32>(&[], |a, b| b == a + 1).is_empty());
+    }
+
+    #[test]
+    fn short_private_runs_stay_in_place() {
+        assert_eq!(ZERO_REGION_MIN_RUN, 4, "the cases below are written for 4");
+        // Runs: [1], [3, 4, 5], [7, 8, 9, 10], [20, 21] (21 shared), [30..35].
+        let pages = [1, 3, 4, 5, 7, 8, 9, 10, 20, 21, 30, 31, 32, 33, 34];
+        let mut private = [true; 15];
+        private[9] = false;
+        private[11] = false;
+        let (zero, in_place) = split_by_policy(&pages, &private);
+        assert_eq!(in_place, vec![0, 1, 2, 3, 8]);
+        assert_eq!(zero, vec![4, 5, 6, 7, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(split_by_policy(&[], &[]), (vec![], vec![]));
+        // Every page is in exactly one list.
+        let (z, i) = split_by_policy(&[5, 6, 7, 8, 100], &[false, true, true, true, true]);
+        assert_eq!((z, i), (vec![0, 1, 2, 3], vec![4]));
     }
 }
