@@ -33,6 +33,19 @@ pub const DISCARD_BATCH: u32 = 512;
 /// discarded in place (see [`split_by_policy`]).
 pub const ZERO_REGION_MIN_RUN: u32 = 4;
 
+/// Where [`discard_batch`] sends the private pages of runs shorter than
+/// [`ZERO_REGION_MIN_RUN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShortRuns {
+    /// Discarded in place (the balloon's [`Core::discard_range`]: scattered
+    /// free pages cost about one `fallocate` each, as the kernel's floor).
+    InPlace,
+    /// The zero region, as every other page ([`Core::discard`], the explicit
+    /// discard of one page: it reads back without allocating and leaves the
+    /// pool at once).
+    ZeroRegion,
+}
+
 /// What a [`Core::discard_range`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DiscardReport {
@@ -73,7 +86,7 @@ impl Core {
         let mut done = 0;
         while done < count {
             let n = (count - done).min(DISCARD_BATCH);
-            report.add(self.with_txn(|t| discard_batch(t, vm, first + done, n))?);
+            report.add(self.with_txn(|t| discard_batch(t, vm, first + done, n, ShortRuns::InPlace))?);
             done += n;
             if done < count {
                 self.yield_to_faults();
@@ -95,7 +108,13 @@ impl Core {
 /// table entry for nothing (about a sixth of the discard's time). A page of a
 /// shared frame is protected already; the pages the zero region refuses are
 /// protected by [`discard_in_place`].
-pub(crate) fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Result<DiscardReport> {
+pub(crate) fn discard_batch(
+    t: &mut Txn<'_>,
+    vm: VmId,
+    first: u32,
+    n: u32,
+    short_runs: ShortRuns,
+) -> Result<DiscardReport> {
     let mut report = DiscardReport { pages: u64::from(n), ..DiscardReport::default() };
     // Pages already on the zero region stay; the others are classified in page
     // order as they leave (a shared frame's last leaver counts as private).
@@ -124,7 +143,10 @@ pub(crate) fn discard_batch(t: &mut Txn<'_>, vm: VmId, first: u32, n: u32) -> Re
         private.push(refs == 1);
         pages.push(page);
     }
-    let (to_zero, in_place) = split_by_policy(&pages, &private);
+    let (to_zero, in_place) = match short_runs {
+        ShortRuns::InPlace => split_by_policy(&pages, &private),
+        ShortRuns::ZeroRegion => ((0..pages.len()).collect(), Vec::new()),
+    };
     let zero_pages: Vec<u32> = to_zero.iter().map(|&i| pages[i]).collect();
     let moved = t.drop_to_zero_region(vm, &zero_pages, PageFlags::empty())?;
     let mut rest: Vec<u32> = in_place.iter().map(|&i| pages[i]).collect();
