@@ -184,8 +184,8 @@ pub(crate) fn split_by_policy(pages: &[u32], private: &[bool]) -> (Vec<usize>, V
             e += 1;
         }
         let short = e - s < ZERO_REGION_MIN_RUN as usize;
-        for i in s..e {
-            if short && private[i] {
+        for (i, &own) in private.iter().enumerate().take(e).skip(s) {
+            if short && own {
                 in_place.push(i);
             } else {
                 to_zero.push(i);
