@@ -14,6 +14,15 @@
 //! read allocates nothing. If the VMA budget refuses the runs (or a run's `mmap` fails), the
 //! pages are discarded in place as before: a private page keeps its frame,
 //! punched, and a page of a shared frame gets a fresh (zero) frame of its own.
+//!
+//! The private pages of a run shorter than [`ZERO_REGION_MIN_RUN`] are
+//! discarded in place on purpose ([`split_by_policy`]; not by
+//! [`Core::discard`]): each zero-region run costs an `mmap`, a registration, a
+//! write protection and an `mprotect`, and its own VMA, which for scattered
+//! free pages was 6.5x the kernel's floor (one `fallocate` per page); in place
+//! it is one punch, one protection ioctl and one `lseek` per run. Until
+//! compaction moves such a page onto the zero region, its frame stays
+//! allocated and a read of it allocates a page.
 
 use std::collections::{HashMap, HashSet};
 
@@ -30,7 +39,7 @@ pub const DISCARD_BATCH: u32 = 512;
 
 /// Shortest run of consecutive pages (of one discard batch) whose private
 /// pages go to the zero region; the private pages of a shorter run are
-/// discarded in place (see [`split_by_policy`]).
+/// discarded in place (see `split_by_policy`).
 pub const ZERO_REGION_MIN_RUN: u32 = 4;
 
 /// Where [`discard_batch`] sends the private pages of runs shorter than
@@ -198,7 +207,8 @@ pub(crate) fn split_by_policy(pages: &[u32], private: &[bool]) -> (Vec<usize>, V
 
 /// Discards `pages` (sorted, of `vm`, none on the zero region) in place: a
 /// private page keeps its frame, punched; a page of a shared frame gets a
-/// fresh frame of its own (the fallback when the zero region cannot be used).
+/// fresh frame of its own (short runs, see [`split_by_policy`], and the
+/// fallback when the zero region cannot be used).
 fn discard_in_place(t: &mut Txn<'_>, vm: VmId, pages: &[u32]) -> Result<DiscardReport> {
     let mut report = DiscardReport::default();
     let mut private = Vec::with_capacity(pages.len());

@@ -48,7 +48,7 @@ pub struct Counters {
     /// Of them, pages discarded in place: their own frame punched and kept
     /// (read back as zero, but a read allocates a page again), not moved to
     /// the zero region; isolated pages (see
-    /// [`crate::core::balloon::ZERO_REGION_MIN_RUN`]) and pages the VMA
+    /// [`crate::manager::ZERO_REGION_MIN_RUN`]) and pages the VMA
     /// budget refused.
     pub discards_in_place: u64,
     /// Merge chunks that held the merging VMs' vCPUs out of guest mode.
