@@ -209,6 +209,12 @@ pub fn render(host: &HostMemoryStats, rows: &[VmRow]) -> String {
         ),
         ("vcpu_holds_total", "Merge chunks that held the merging VMs' vCPUs out of guest mode.", h.vcpu_holds),
         ("punch_calls_total", "Holes punched in the frame pool (fallocate calls).", h.punch_calls),
+        ("pages_discarded_total", "Guest pages discarded (balloon, free page reporting).", h.pages_discarded),
+        (
+            "pages_discarded_in_place_total",
+            "Discarded guest pages that kept their own (punched) frame instead of mapping the zero region.",
+            h.pages_discarded_in_place,
+        ),
     ];
     for (name, help, v) in host_counters {
         w.single(&format!("densevm_memory_{name}"), Counter, help, v);
@@ -349,6 +355,8 @@ mod tests {
             committed_bytes: 3 << 30,
             cow_no_frame: 2,
             cow_background_reuses: 11,
+            pages_discarded: 300,
+            pages_discarded_in_place: 200,
             ..Default::default()
         };
         let mem = VmMemoryStats {
@@ -405,6 +413,10 @@ mod tests {
             "# TYPE densevm_memory_cow_background_reuses_total counter",
             "densevm_memory_cow_background_reuses_total 11",
             "densevm_vm_cow_background_reuses_total{vm_id=\"a\"} 4",
+            "# TYPE densevm_memory_pages_discarded_total counter",
+            "densevm_memory_pages_discarded_total 300",
+            "# TYPE densevm_memory_pages_discarded_in_place_total counter",
+            "densevm_memory_pages_discarded_in_place_total 200",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
