@@ -23,6 +23,7 @@
 //! ```
 
 pub mod auth;
+mod balloon_routes;
 pub mod channel;
 mod domain_routes;
 mod error;

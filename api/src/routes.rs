@@ -17,17 +17,16 @@ use crate::metrics;
 use crate::openapi::ApiDoc;
 use crate::state::{unexpected, AppState};
 use crate::types::{
-    Balloon, BalloonPolicyPatch, BalloonPolicyStatus, BalloonSpec, BalloonStatistics, BalloonStatsUpdate,
-    BalloonUpdate, CompactionActionRequest, CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse,
-    HostMemoryStats, InfoReply, MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo,
-    VmList, VmMemoryStats,
+    CompactionActionRequest, CompactionConfig, CompactionConfigPatch, CompactionReport, FaultResponse, HostMemoryStats,
+    InfoReply, MergeActionRequest, MergeConfig, MergeConfigPatch, VmActionRequest, VmConfig, VmInfo, VmList,
+    VmMemoryStats,
 };
 
 /// Number of per-VM memory requests `GET /metrics` keeps in flight at once.
 const METRICS_BATCH: usize = 32;
 
 /// Asks the VMM for `action` and expects an empty answer: 204.
-async fn empty(state: &AppState, action: ApiAction) -> Result<StatusCode, Error> {
+pub(crate) async fn empty(state: &AppState, action: ApiAction) -> Result<StatusCode, Error> {
     let name = action.name();
     match state.call(action).await? {
         ApiReply::Empty => Ok(StatusCode::NO_CONTENT),
@@ -142,94 +141,6 @@ async fn get_vm_memory(State(s): State<AppState>, VmId(id): VmId) -> Result<Json
     }
 }
 
-/// Configures the balloon of a VM that is created but not started (as Firecracker
-/// does before boot); replaces the settings of one it has.
-#[utoipa::path(put, path = "/vms/{vm_id}/balloon", tag = "balloon",
-    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
-    request_body = BalloonSpec,
-    responses(
-        (status = 204, description = "Balloon configured"),
-        (status = 400, description = "Invalid id or body, or a balloon larger than the VM", body = FaultResponse),
-        (status = 404, description = "No such VM", body = FaultResponse),
-        (status = 409, description = "The VM has started: a balloon is configured before boot", body = FaultResponse),
-    ))]
-async fn put_balloon(
-    State(s): State<AppState>,
-    VmId(vm_id): VmId,
-    JsonBody(spec): JsonBody<BalloonSpec>,
-) -> Result<StatusCode, Error> {
-    empty(&s, ApiAction::PutBalloon { vm_id, spec }).await
-}
-
-/// Sets a new balloon target; the guest's driver inflates or deflates towards it.
-#[utoipa::path(patch, path = "/vms/{vm_id}/balloon", tag = "balloon",
-    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
-    request_body = BalloonUpdate,
-    responses(
-        (status = 204, description = "Target set"),
-        (status = 400, description = "Invalid id or body, a target larger than the VM, or no balloon",
-            body = FaultResponse),
-        (status = 404, description = "No such VM", body = FaultResponse),
-    ))]
-async fn patch_balloon(
-    State(s): State<AppState>,
-    VmId(vm_id): VmId,
-    JsonBody(u): JsonBody<BalloonUpdate>,
-) -> Result<StatusCode, Error> {
-    empty(&s, ApiAction::PatchBalloon { vm_id, amount_mib: u.amount_mib }).await
-}
-
-/// The balloon's settings, target and actual size (MiB and pages) and counters.
-#[utoipa::path(get, path = "/vms/{vm_id}/balloon", tag = "balloon",
-    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
-    responses(
-        (status = 200, description = "The balloon", body = Balloon),
-        (status = 400, description = "Invalid id, or the VM has no balloon", body = FaultResponse),
-        (status = 404, description = "No such VM", body = FaultResponse),
-    ))]
-async fn get_balloon(State(s): State<AppState>, VmId(id): VmId) -> Result<Json<Balloon>, Error> {
-    match s.call(ApiAction::GetBalloon(id)).await? {
-        ApiReply::Balloon(b) => Ok(Json(*b)),
-        other => Err(unexpected("GetBalloon", &other)),
-    }
-}
-
-/// The guest's latest memory statistics (the virtio spec's tags, absent until the
-/// driver sends them) with their timestamp, and the balloon's target and actual size.
-#[utoipa::path(get, path = "/vms/{vm_id}/balloon/statistics", tag = "balloon",
-    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
-    responses(
-        (status = 200, description = "The statistics", body = BalloonStatistics),
-        (status = 400, description = "Invalid id, the VM has no balloon, or its statistics are off",
-            body = FaultResponse),
-        (status = 404, description = "No such VM", body = FaultResponse),
-    ))]
-async fn get_balloon_statistics(State(s): State<AppState>, VmId(id): VmId) -> Result<Json<BalloonStatistics>, Error> {
-    match s.call(ApiAction::GetBalloonStatistics(id)).await? {
-        ApiReply::BalloonStatistics(b) => Ok(Json(*b)),
-        other => Err(unexpected("GetBalloonStatistics", &other)),
-    }
-}
-
-/// Changes the statistics polling interval (statistics must have been enabled).
-#[utoipa::path(patch, path = "/vms/{vm_id}/balloon/statistics", tag = "balloon",
-    params(("vm_id" = String, Path, description = "VM id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
-    request_body = BalloonStatsUpdate,
-    responses(
-        (status = 204, description = "Interval set"),
-        (status = 400, description = "Invalid id or body, the VM has no balloon, or its statistics are off",
-            body = FaultResponse),
-        (status = 404, description = "No such VM", body = FaultResponse),
-    ))]
-async fn patch_balloon_statistics(
-    State(s): State<AppState>,
-    VmId(vm_id): VmId,
-    JsonBody(u): JsonBody<BalloonStatsUpdate>,
-) -> Result<StatusCode, Error> {
-    let stats_polling_interval_s = u.stats_polling_interval_s;
-    empty(&s, ApiAction::PatchBalloonStatistics { vm_id, stats_polling_interval_s }).await
-}
-
 /// Host-wide memory and merging statistics.
 #[utoipa::path(get, path = "/memory", tag = "memory",
     responses(
@@ -337,38 +248,6 @@ async fn compaction_action(
     }
 }
 
-/// The host memory budget policy of the balloons: its settings, where the pool's
-/// use stands against the budget, the targets it set and its last action.
-#[utoipa::path(get, path = "/memory/balloon-policy", tag = "balloon",
-    responses(
-        (status = 200, description = "The policy", body = BalloonPolicyStatus),
-        (status = 503, description = "VMM unavailable", body = FaultResponse),
-    ))]
-async fn get_balloon_policy(State(s): State<AppState>) -> Result<Json<BalloonPolicyStatus>, Error> {
-    match s.call(ApiAction::GetBalloonPolicy).await? {
-        ApiReply::BalloonPolicy(p) => Ok(Json(*p)),
-        other => Err(unexpected("GetBalloonPolicy", &other)),
-    }
-}
-
-/// Changes the budget policy's settings (`host_budget_mib: null` turns it off;
-/// the targets it set stay); answers with the policy.
-#[utoipa::path(patch, path = "/memory/balloon-policy", tag = "balloon",
-    request_body = BalloonPolicyPatch,
-    responses(
-        (status = 200, description = "The policy after the change", body = BalloonPolicyStatus),
-        (status = 400, description = "Invalid body", body = FaultResponse),
-    ))]
-async fn patch_balloon_policy(
-    State(s): State<AppState>,
-    JsonBody(patch): JsonBody<BalloonPolicyPatch>,
-) -> Result<Json<BalloonPolicyStatus>, Error> {
-    match s.call(ApiAction::PatchBalloonPolicy(patch)).await? {
-        ApiReply::BalloonPolicy(p) => Ok(Json(*p)),
-        other => Err(unexpected("PatchBalloonPolicy", &other)),
-    }
-}
-
 /// Statistics in Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "host",
     responses(
@@ -441,17 +320,14 @@ pub fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_vm, put_vm, delete_vm))
         .routes(routes!(vm_action))
         .routes(routes!(get_vm_memory))
-        .routes(routes!(get_balloon, put_balloon, patch_balloon))
-        .routes(routes!(get_balloon_statistics, patch_balloon_statistics))
         .routes(routes!(get_memory))
         .routes(routes!(get_merge_config, patch_merge_config))
         .routes(routes!(merge_action))
         .routes(routes!(get_compaction_config, patch_compaction_config))
         .routes(routes!(compaction_action))
-        .routes(routes!(get_balloon_policy, patch_balloon_policy))
         .routes(routes!(get_metrics))
         .routes(routes!(get_openapi));
-    crate::domain_routes::add(router).split_for_parts()
+    crate::domain_routes::add(crate::balloon_routes::add(router)).split_for_parts()
 }
 
 /// The complete application: routes, JSON 404 fallback and JSON error middleware.

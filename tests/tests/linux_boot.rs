@@ -1,11 +1,14 @@
 //! End-to-end: boot real Linux guests with `densevm run` and wait for the marker line
 //! their busybox initramfs (`resources/linux/build-guest.sh`) prints on the serial
-//! console.
+//! console, with a virtio-balloon that the guest's driver inflates.
 //!
-//! - `linux_guest_boots_to_marker`: the Debian cloud kernel. A stock Linux kernel boots
-//!   under KVM only where ring-0 guest code runs natively (VMX/SVM). Where it does not
-//!   (a software-assisted KVM such as kvm_pvm), the test prints
-//!   `SKIPPED linux_guest_boots_to_marker: <reason>` on the real stderr and returns.
+//! - `linux_guest_boots_to_marker`: the Debian cloud kernel (its uncompressed
+//!   `vmlinux`). It finds the balloon through the DSDT (ACPI; the kernel has no
+//!   command-line virtio-mmio devices) and powers off through the FADT's sleep
+//!   control register. Where ring-0 guest code runs natively (VMX/SVM) it runs at
+//!   full speed; where KVM emulates it (kvm_pvm) it runs in the slow tier
+//!   (`DENSEVM_LINUX_SLOW=1`), otherwise it prints
+//!   `SKIPPED linux_guest_boots_to_marker: <what was measured>`.
 //! - `microvm_kernel_boots_with_balloon`: the small microVM kernel
 //!   (`resources/linux/build-microvm-kernel.sh`, an ELF vmlinux booted at its entry)
 //!   with a virtio-balloon announced on the command line. It boots on this kvm_pvm host
@@ -14,17 +17,14 @@
 //!   or built first by the slow tier (`DENSEVM_LINUX_SLOW=1`); otherwise it prints
 //!   `SKIPPED microvm_kernel_boots_with_balloon: <what was measured>`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-const MARKER: &str = "DENSEVM-GUEST-READY";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+use std::process::Command;
+use std::time::Duration;
 
 use e2e::densevm_bin as densevm_binary;
-use e2e::linux::{build_guest, microvm_kernel_dir};
+use e2e::linux::{
+    assert_marker_and_balloon, boot_with_balloon, build_guest, microvm_kernel_dir, BalloonBoot, SLOW_ENV,
+};
 
 /// Whether ring-0 guests run natively, and why: from `densevm host-info --json`, or,
 /// if the binary has no such subcommand, from the loaded KVM modules.
@@ -49,96 +49,68 @@ fn ring0_native(bin: &Path) -> (bool, String) {
         return (
             false,
             "KVM here is kvm_pvm (software-assisted; ring-0 guest code is emulated, a stock \
-             Linux kernel does not boot) [from /sys/module; densevm host-info unavailable]"
+             Linux kernel boots in minutes) [from /sys/module; densevm host-info unavailable]"
                 .into(),
         );
     }
     (true, "no kvm_pvm module; assuming VMX/SVM KVM".into())
 }
 
-#[test]
-fn linux_guest_boots_to_marker() {
-    let bin = densevm_binary();
-    let (native, reason) = ring0_native(&bin);
-    if !native {
-        e2e::skip("linux_guest_boots_to_marker", &reason);
-        return;
-    }
-    eprintln!("ring-0 guests run natively: {reason}");
-    let (kernel, initrd) = build_guest();
-
-    let mut child = Command::new(&bin)
-        .arg("run")
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--cmdline", "console=ttyS0", "--mem-mib", "256", "--serial", "stdout"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn densevm run");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel::<String>();
-    // Not joined: a process densevm left behind could hold the pipe open.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let start = Instant::now();
-    let mut console = Vec::new();
-    let mut found = false;
-    while let Some(left) = BOOT_TIMEOUT.checked_sub(start.elapsed()) {
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                found = line.contains(MARKER);
-                console.push(line);
-                if found {
-                    break;
-                }
-            }
-            Err(_) => break, // timeout, or densevm closed its stdout (exited)
-        }
-    }
-    let elapsed = start.elapsed();
-    // Let the guest power off by itself for a moment, then make sure densevm is gone.
-    let exit_deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < exit_deadline && found => std::thread::sleep(Duration::from_millis(100)),
-            _ => {
-                let _ = child.kill();
-                break child.wait().ok();
-            }
-        }
-    };
-    let tail = console[console.len().saturating_sub(40)..].join("\n");
-    assert!(
-        found,
-        "no {MARKER} on densevm's serial console after {elapsed:?} (densevm status \
-         {status:?}); last console lines:\n{tail}"
-    );
-    eprintln!("guest printed {MARKER} after {elapsed:?}");
-}
-
-/// Time allowed from `densevm run` to the guest's power-off (boot, hold, reset).
-const MICROVM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// Balloon target given to the small kernel's guest, MiB.
+/// Balloon target given to the guests, MiB.
 const BALLOON_MIB: u64 = 16;
 /// Seconds the guest's /init stays up after the marker (`densevm.hold=`), for its
 /// balloon driver to inflate to the target.
 const HOLD_S: u64 = 20;
-/// Lines of a `densevm run` stdout, or the end of it.
-enum Console {
-    Line(String),
-    Closed,
+/// Time allowed from `densevm run` to the Debian guest's power-off where ring 0 runs
+/// natively (it boots in seconds).
+const NATIVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The same where KVM emulates ring 0 (the slow tier): boot to marker took 12-13 min
+/// on the 2-core kvm_pvm development host.
+const EMULATED_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+/// What the Debian kernel's boot took on the kvm_pvm development host (for the skip).
+const DEBIAN_MEASURED: &str = "on the 2-core kvm_pvm development host (2026-12-02, one other \
+     boot beside it) densevm booted it to its /init marker in 12-13 min of wall time (guest time 636 s), \
+     over the 10 min allowed in `.ci/run`; set DENSEVM_LINUX_SLOW=1 to run it (the slow tier)";
+/// Time allowed from `densevm run` to the small kernel's reset (boot, hold, reset).
+const MICROVM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[test]
+fn linux_guest_boots_to_marker() {
+    const TEST: &str = "linux_guest_boots_to_marker";
+    if !e2e::kvm_available(TEST) {
+        return;
+    }
+    let bin = densevm_binary();
+    let (native, reason) = ring0_native(&bin);
+    let slow = std::env::var(SLOW_ENV).is_ok_and(|v| v == "1");
+    if !native && !slow {
+        e2e::skip(TEST, &format!("{reason}; {DEBIAN_MEASURED}"));
+        return;
+    }
+    eprintln!("{TEST}: {reason}");
+    let (bz_image, initrd) = build_guest();
+    let out = initrd.parent().expect("the guest build's directory");
+    // The uncompressed kernel skips the decompressor (minutes under emulation).
+    let vmlinux = out.join("vmlinux");
+    let kernel = if vmlinux.exists() { vmlinux } else { bz_image };
+    let map = out.join("System.map");
+    let cmdline = format!("console=ttyS0 lpj=4000000 densevm.hold={HOLD_S}");
+    let run = boot_with_balloon(&BalloonBoot {
+        kernel: &kernel,
+        initrd: &initrd,
+        system_map: map.exists().then_some(map.as_path()),
+        mem_mib: 256,
+        balloon_mib: BALLOON_MIB,
+        cmdline: &cmdline,
+        timeout: if native { NATIVE_TIMEOUT } else { EMULATED_TIMEOUT },
+    });
+    assert_marker_and_balloon(TEST, &run, BALLOON_MIB);
+    // The kernel has no command-line virtio-mmio devices: it found the balloon in the
+    // DSDT. Its `poweroff -f` went through the FADT's sleep control register, and
+    // densevm ended with success.
+    let report = run.report().unwrap_or_default();
+    assert_eq!(report["timeline"]["exit_reason"], "guest powered off (ACPI S5)", "{}", run.tail());
+    assert!(run.status.is_some_and(|s| s.success()), "densevm status {:?}; {}", run.status, run.tail());
 }
 
 #[test]
@@ -155,98 +127,35 @@ fn microvm_kernel_boots_with_balloon() {
         }
     };
     let (_, initrd) = build_guest();
-    let bin = densevm_binary();
     let cmdline = format!("console=ttyS0 lpj=4000000 tsc=reliable densevm.hold={HOLD_S}");
-    let mut cmd = Command::new(&bin);
-    cmd.arg("run")
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--cmdline", &cmdline, "--mem-mib", "128", "--serial", "stdout"])
-        .args(["--balloon", &format!("amount_mib={BALLOON_MIB}")]);
-    if dir.join("System.map").exists() {
-        cmd.arg("--system-map").arg(dir.join("System.map"));
-    }
-    let mut child =
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn densevm run");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel::<Console>();
-    // Not joined: a process densevm left behind could hold the pipe open.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(Console::Line(line)).is_err() {
-                return;
-            }
-        }
-        let _ = tx.send(Console::Closed);
+    let map = dir.join("System.map");
+    let run = boot_with_balloon(&BalloonBoot {
+        kernel: &dir.join("vmlinux"),
+        initrd: &initrd,
+        system_map: map.exists().then_some(map.as_path()),
+        mem_mib: 128,
+        balloon_mib: BALLOON_MIB,
+        cmdline: &cmdline,
+        timeout: MICROVM_TIMEOUT,
     });
-    let err_thread = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-
-    let start = Instant::now();
-    let (mut console, mut marker_at) = (Vec::new(), None);
-    while let Some(left) = MICROVM_TIMEOUT.checked_sub(start.elapsed()) {
-        match rx.recv_timeout(left) {
-            Ok(Console::Line(line)) => {
-                if marker_at.is_none() && line.contains(MARKER) {
-                    marker_at = Some(start.elapsed());
-                }
-                console.push(line);
-            }
-            Ok(Console::Closed) | Err(_) => break,
-        }
-    }
-    let elapsed = start.elapsed();
-    let _ = child.kill();
-    let status = child.wait().ok();
-    let errors = err_thread.join().unwrap_or_default();
-    let all = console.join("\n");
-    let tail = console[console.len().saturating_sub(60)..].join("\n");
-
-    // What the kernel does before userspace: the virtio-mmio device the command line
-    // announced is registered, and its balloon driver inflates to the target, which
-    // the host counts (the run's final JSON report).
+    // Before userspace: the virtio-mmio device the command line announced is registered.
     assert!(
-        all.contains("virtio-mmio: Registering device virtio-mmio.0 at 0xd0000000"),
-        "the kernel registered no virtio-mmio device from the command line:\n{tail}\nstderr:\n{errors}"
+        run.console.iter().any(|l| l.contains("virtio-mmio: Registering device virtio-mmio.0 at 0xd0000000")),
+        "the kernel registered no virtio-mmio device from the command line; {}",
+        run.tail()
     );
-    let v = e2e::last_json_line(all.as_bytes())
-        .unwrap_or_else(|| panic!("no final JSON report (densevm status {status:?}):\n{tail}\nstderr:\n{errors}"));
-    let c = &v["balloon"]["counters"];
-    let inflated = c["inflated_pages"].as_u64().unwrap_or(0);
-    assert!(inflated >= BALLOON_MIB * 256, "the host saw {inflated} pages inflated, not {}: {v}", BALLOON_MIB * 256);
-    assert!(c["bytes_returned"].as_u64().unwrap_or(0) >= BALLOON_MIB << 20, "memory not returned to the host: {c}");
-    assert_eq!(c["bad_pfns"], 0, "{c}");
-
-    // Userspace: /init prints the marker and the virtio devices it found: the
-    // balloon (virtio device ID 5).
-    let Some(marker_at) = marker_at else {
-        panic!(
-            "no {MARKER} on densevm's serial console after {elapsed:?} (densevm status {status:?}); \
-             last console lines:\n{tail}\nstderr:\n{errors}"
-        );
-    };
-    eprintln!("small kernel: {MARKER} after {marker_at:?}, densevm done after {elapsed:?}");
+    assert_marker_and_balloon(TEST, &run, BALLOON_MIB);
     // Where kvm_pvm emulates ring 0, userspace runs only because densevm completed its
     // system calls (vmm/src/arch/syscall_fixup.rs), which densevm's log says.
-    let completed = errors.lines().find(|l| l.contains("user syscalls that KVM left half done"));
+    let completed = run.errors.lines().find(|l| l.contains("user syscalls that KVM left half done"));
     if let Some(line) = completed {
         eprintln!("small kernel: {}", line.trim());
     }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        assert!(completed.is_some(), "kvm_pvm: densevm logged no completed user syscall:\n{errors}");
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(completed.is_some(), "kvm_pvm: densevm logged no completed user syscall:\n{}", run.errors);
     }
-    assert!(
-        console.iter().any(|l| l.trim_start().starts_with("virtio") && l.contains("device=0x0005")),
-        "the guest found no virtio-balloon (device=0x0005):\n{all}"
-    );
+    // Without ACPI the guest resets through the i8042, which ends the VM with success.
+    let report = run.report().unwrap_or_default();
+    assert_eq!(report["timeline"]["exit_reason"], "guest requested a reset (i8042)", "{}", run.tail());
+    assert!(run.status.is_some_and(|s| s.success()), "densevm status {:?}; {}", run.status, run.tail());
 }

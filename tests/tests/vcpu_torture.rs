@@ -204,13 +204,14 @@ fn guests_verify_every_page_while_pages_are_merged_migrated_and_discarded() {
     let c = &counts;
     eprintln!(
         "vcpu_torture: {secs} s, merges {}, unshares {}, migrations {}, discards {}, pages still shared {shared}, \
-         cow copies {}, reuses {}",
+         cow copies {}, fault-time reuses {}, background reuses {}",
         c.merges.load(Ordering::Relaxed),
         c.unshares.load(Ordering::Relaxed),
         c.migrations.load(Ordering::Relaxed),
         c.discards.load(Ordering::Relaxed),
         mgr.stats().counters.cow_copies,
         mgr.stats().counters.cow_reuses,
+        mgr.stats().counters.cow_background_reuses,
     );
     assert!(c.merges.load(Ordering::Relaxed) > 100, "the torture thread merged pages");
 }

@@ -10,11 +10,12 @@ use super::CommandError;
 use crate::cli::RunArgs;
 use crate::seccomp::Kind;
 use vmm::boot::linux::LinuxBootConfig;
+use vmm::device_manager::{GUEST_POWER_OFF, GUEST_RESET};
 use vmm::driver::{drive, lock};
 use vmm::guest_ram::RamPolicy;
 use vmm::host::{Host, HostConfig};
 use vmm::scenarios;
-use vmm::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState, VmTimeline};
+use vmm::vm::{BootSource, MergeSpec, SerialOut, Vm, VmSpec, VmState, VmTimeline, WORKLOAD_FINISHED};
 use vmm::workload::abi::WorkloadReport;
 
 /// The final report of one VM (printed as one JSON line).
@@ -41,10 +42,12 @@ impl VmSummary {
         }
     }
 
-    /// True when the guest ended without error and verified every page.
+    /// True when the guest ended without error and verified every page: the
+    /// workload finished, or a Linux guest powered off or asked for a reset
+    /// (densevm does not reboot guests).
     pub fn ok(&self) -> bool {
         let clean_exit = match &self.timeline.exit_reason {
-            Some(r) => r == "workload finished",
+            Some(r) => [WORKLOAD_FINISHED, GUEST_POWER_OFF, GUEST_RESET].contains(&r.as_str()),
             None => self.state == VmState::Stopped,
         };
         clean_exit && self.report.is_none_or(|r| r.mismatches == 0) && self.timeline.mismatch_events == 0

@@ -1,15 +1,17 @@
-//! The legacy devices every VM has: the COM1 serial console and the i8042 (for
-//! guest-initiated reset).
+//! The legacy devices every VM has: the COM1 serial console, the i8042 (for
+//! guest-initiated reset) and the ACPI sleep control register (for
+//! guest-initiated power-off).
 
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use devices::acpi_sleep::{AcpiSleepControl, SLEEP_CONTROL_PORT, SLEEP_CONTROL_PORTS};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use devices::serial::{SerialConsole, COM1_IRQ, COM1_PORT};
 use devices::trigger::EventFdTrigger;
 
-use super::events::ResetRequest;
+use super::events::{PowerOffRequest, ResetRequest};
 use super::{DeviceManager, Error};
 use crate::vm::SerialOut;
 
@@ -46,6 +48,16 @@ impl DeviceManager {
         self.register_pio(Arc::new(Mutex::new(I8042::new(reset.clone()))), I8042_PORT, I8042_PORTS)?;
         self.subscribe("i8042", Box::new(ResetRequest(reset.clone())))?;
         self.reset = Some(reset);
+        Ok(())
+    }
+
+    /// Adds the ACPI sleep control register (the FADT points the guest there);
+    /// the VM exits when the guest powers off (S5).
+    pub(crate) fn add_acpi_sleep_control(&mut self) -> Result<(), Error> {
+        let power_off = EventFdTrigger::new().map_err(|e| Error::EventFd("ACPI power-off".into(), e))?;
+        let dev = AcpiSleepControl::new(power_off.clone());
+        self.register_pio(Arc::new(Mutex::new(dev)), SLEEP_CONTROL_PORT, SLEEP_CONTROL_PORTS)?;
+        self.subscribe("acpi-sleep", Box::new(PowerOffRequest(power_off)))?;
         Ok(())
     }
 }

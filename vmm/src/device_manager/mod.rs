@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use doorbell::{ExitAction, WorkloadDoorbell, DOORBELL_LEN, MAX_GUEST_SLEEP};
 pub use eventfds::{DataMatch, IOAPIC_PINS};
-pub use events::{DeviceNotice, EventHandler, MAX_SUBSCRIPTIONS};
+pub use events::{DeviceNotice, EventHandler, GUEST_POWER_OFF, GUEST_RESET, MAX_SUBSCRIPTIONS};
 pub use io::IoRouter;
 pub use legacy::COM1_PORTS;
 pub use unclaimed::{UnclaimedIo, LOGGED_UNCLAIMED};
@@ -126,10 +126,12 @@ impl DeviceManager {
     }
 
     /// Builds the devices of a VM's boot source: the serial console (output to
-    /// `serial`), the i8042 and, for the workload guest, its `doorbell`.
+    /// `serial`), the i8042, the ACPI sleep control register and, for the
+    /// workload guest, its `doorbell`.
     pub fn add_boot_devices(&mut self, serial: &SerialOut, doorbell: Option<WorkloadDoorbell>) -> Result<(), Error> {
         self.add_serial(serial)?;
         self.add_i8042()?;
+        self.add_acpi_sleep_control()?;
         if let Some(d) = doorbell {
             self.register_mmio(Arc::new(Mutex::new(DoorbellReservation)), d.gpa(), DOORBELL_LEN)?;
             self.router_mut()?.doorbell = Some(d);

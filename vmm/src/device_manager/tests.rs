@@ -117,9 +117,9 @@ fn workload_devices(vm_fd: Arc<VmFd>) -> DeviceManager {
 fn boot_devices_route_exits_and_count_unclaimed_mmio() {
     let Ok(kvm) = Kvm::new() else { return skip("boot_devices_route_exits_and_count_unclaimed_mmio") };
     let dm = workload_devices(Arc::new(kvm.create_vm().unwrap()));
-    assert_eq!(dm.io().pio.ranges().collect::<Vec<_>>(), vec![(0x60, 5), (0x3f8, 8)]);
+    assert_eq!(dm.io().pio.ranges().collect::<Vec<_>>(), vec![(0x60, 5), (0x3f8, 8), (0x600, 1)]);
     assert_eq!(dm.io().mmio.ranges().collect::<Vec<_>>(), vec![(1 << 30, DOORBELL_LEN)]);
-    assert_eq!(dm.event_fds().count(), 1, "the i8042's reset request");
+    assert_eq!(dm.event_fds().count(), 2, "the i8042's reset request and the ACPI power-off");
 
     // An MMIO access nobody claims (e.g. a probe of the IOAPIC's address) is counted.
     let mut data = [0u8; 4];
@@ -144,6 +144,18 @@ fn i8042_reset_request_becomes_a_device_notice() {
     assert_eq!(dm.process_event(0), None, "the request was consumed");
     assert_eq!(dm.process_event(7), None, "unknown index");
     assert!(dm.reset_fd().is_some());
+}
+
+#[test]
+fn acpi_power_off_becomes_a_device_notice() {
+    let Ok(kvm) = Kvm::new() else { return skip("acpi_power_off_becomes_a_device_notice") };
+    let mut dm = workload_devices(Arc::new(kvm.create_vm().unwrap()));
+    // What Linux's acpi_hw_extended_sleep(S5) does: clear WAK_STS, then SLP_TYP 5 | SLP_EN.
+    dm.io().pio_write(0x600, &[0x80]);
+    assert_eq!(dm.process_all(), vec![]);
+    dm.io().pio_write(0x600, &[5 << 2 | 1 << 5]);
+    assert_eq!(dm.process_event(1), Some(DeviceNotice::PowerOff("guest powered off (ACPI S5)".into())));
+    assert_eq!(dm.process_event(1), None, "the request was consumed");
 }
 
 #[test]

@@ -20,6 +20,9 @@ use crate::vcpu::{ExitDiagnostics, VcpuContext, VcpuThread};
 use crate::workload::abi::WorkloadReport;
 use crate::workload::{self, WorkloadGuest};
 
+/// The exit reason of a workload VM whose every vCPU finished.
+pub const WORKLOAD_FINISHED: &str = "workload finished";
+
 mod balloon_setup;
 mod spec;
 use balloon_setup::{add_balloon, balloon_slot, workload_balloon};
@@ -368,7 +371,7 @@ impl Vm {
                 VcpuEvent::Done { vcpu } => {
                     self.done[*vcpu as usize] = true;
                     if self.done.iter().all(|d| *d) {
-                        finished = Some("workload finished".into());
+                        finished = Some(WORKLOAD_FINISHED.into());
                     }
                 }
                 VcpuEvent::Mismatch { .. } => self.timeline.mismatch_events += 1,
@@ -378,7 +381,7 @@ impl Vm {
         }
         for notice in notices {
             match notice {
-                DeviceNotice::Reset(reason) => finished = Some(reason),
+                DeviceNotice::Reset(reason) | DeviceNotice::PowerOff(reason) => finished = Some(reason),
             }
         }
         if let Some(reason) = self.control.take_out_of_memory() {

@@ -9,11 +9,16 @@
 //!   virtio-mmio platform driver matches this ID (the only way kernels without
 //!   `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, such as Debian's, find them).
 //!
+//! and, at the root, `\_S5_`: the sleep type of S5 (soft off) that the guest
+//! writes to the FADT's sleep control register to power off
+//! ([`devices::acpi_sleep`]); with it, Linux's `poweroff` ends the VM.
+//!
 //! Every interrupt is an extended interrupt descriptor: a GSI, i.e. an IOAPIC
 //! pin (the MADT puts the IOAPIC's GSI base at 0), edge-triggered and active
 //! high, as densevm's irqfds pulse the line; no interrupt is shared.
 
 use acpi_tables::{aml, Aml};
+use devices::acpi_sleep::S5_SLEEP_TYPE;
 
 use super::{Error, VirtioMmioSlot, IOAPIC_PINS};
 
@@ -127,5 +132,8 @@ pub fn dsdt_body(virtio: &[VirtioMmioSlot]) -> Result<Vec<u8>, Error> {
     let sb = aml::Scope::new("\\_SB_".into(), children);
     let mut body = Vec::new();
     sb.to_aml_bytes(&mut body);
+    // S5 (soft off) is the one sleep state: its SLP_TYP for the sleep control register.
+    let s5_type = S5_SLEEP_TYPE;
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type])).to_aml_bytes(&mut body);
     Ok(body)
 }

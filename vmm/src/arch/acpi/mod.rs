@@ -10,9 +10,9 @@
 //! | --- | --- |
 //! | RSDP (at [`RSDP_ADDR`] = 0xe0000) | revision 2, points to the XSDT; where the kernel's BIOS-area scan finds it, and given in `boot_params.acpi_rsdp_addr` too |
 //! | XSDT | the FADT and the MADT |
-//! | FADT (`FACP`) | HW-reduced ACPI (no PM1/GPE blocks, no SCI, no FACS, no PM timer): densevm has none of that hardware; power and sleep buttons are not fixed features; boot flags: i8042 present, no VGA, no MSI, no CMOS RTC; points to the DSDT (`X_DSDT`) |
+//! | FADT (`FACP`) | HW-reduced ACPI (no PM1/GPE blocks, no SCI, no FACS, no PM timer): densevm has none of that hardware; power and sleep buttons are not fixed features; boot flags: i8042 present, no VGA, no MSI, no CMOS RTC; the sleep control and status registers at I/O port [`SLEEP_CONTROL_PORT`] (a guest's ACPI power-off ends the VM, see [`devices::acpi_sleep`]); points to the DSDT (`X_DSDT`) |
 //! | MADT (`APIC`) | local APIC at 0xfee00000; one enabled local APIC per vCPU (UID = APIC ID = index); the IOAPIC (ID 0, 0xfec00000, GSI base 0, KVM's 24 pins); no interrupt source overrides: KVM's default routing sends GSI n to IOAPIC pin n |
-//! | DSDT | COM1, the i8042 and each virtio-mmio device ([`dsdt`]) |
+//! | DSDT | COM1, the i8042, each virtio-mmio device and the `\_S5_` sleep type ([`dsdt`]) |
 //!
 //! This matches the VM a Linux guest gets: KVM's in-kernel irqchip (8259 PICs,
 //! IOAPIC, local APICs; `KVM_CREATE_IRQCHIP`) and PIT. In HW-reduced mode
@@ -23,11 +23,13 @@ pub mod dsdt;
 mod tests;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+use devices::acpi_sleep::SLEEP_CONTROL_PORT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// First byte of the guest-physical area holding the tables (the BIOS area
@@ -183,6 +185,10 @@ impl AcpiTables {
         let boot_arch = iapc::I8042 | iapc::VGA_NOT_PRESENT | iapc::MSI_NOT_SUPPORTED | iapc::CMOS_RTC_NOT_PRESENT;
         fadt.iapc_boot_arch = boot_arch.into();
         fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR_ID).into();
+        // One byte-wide port for both registers (the sleep status reads 0).
+        let sleep = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, SLEEP_CONTROL_PORT);
+        fadt.sleep_control_reg = sleep;
+        fadt.sleep_status_reg = sleep;
         let fadt = bytes_of(&fadt.finalize());
         let fadt_addr = placer.place(fadt.len())?;
         tables.push(AcpiTable { name: "FACP", addr: fadt_addr, bytes: fadt });

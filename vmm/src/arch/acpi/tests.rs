@@ -109,6 +109,20 @@ fn fadt_is_hw_reduced_and_points_to_dsdt() {
     assert!(f[36..40].iter().chain(&f[48..88]).all(|&b| b == 0));
     assert_eq!(u64_at(f, 132), 0, "no X_FIRMWARE_CTRL");
     assert_eq!(&f[268..276], b"DENSEVM\0");
+    // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: system I/O, 8 bits, byte access, port 0x600.
+    for off in [244, 256] {
+        assert_eq!(&f[off..off + 4], &[1, 8, 0, 1], "sleep register GAS at {off}");
+        assert_eq!(u64_at(f, off + 4), 0x600);
+    }
+}
+
+#[test]
+fn dsdt_declares_s5_for_power_off() {
+    let t = AcpiTables::build(1, &[BALLOON]).unwrap();
+    let d = table(&t, "DSDT");
+    // Name (_S5_, Package (1) { 5 }) at the root, after the \_SB_ scope.
+    let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x01, 0x0a, 0x05];
+    assert!(d.ends_with(&s5), "DSDT ends with {:02x?}", &d[d.len() - s5.len()..]);
 }
 
 #[test]
@@ -293,6 +307,7 @@ fn iasl_disassembles_the_tables() {
         "Name (_HID, EisaId (\"PNP0303\")",
         "{ 0x00000001, }",
         "Scope (\\_SB)",
+        "Name (_S5, Package (0x01) // _S5_: S5 System State { 0x05 })",
     ] {
         assert!(squeezed.contains(want), "DSDT disassembly lacks {want:?}:\n{dsdt}");
     }
@@ -302,6 +317,12 @@ fn iasl_disassembles_the_tables() {
         text.lines().rfind(|l| l.contains(key)).map(|l| l.split(':').next_back().unwrap_or("").trim().to_string())
     };
     assert_eq!(line(&facp, "Hardware Reduced (V5)").as_deref(), Some("1"), "{facp}");
+    for reg in ["Sleep Control Register :", "Sleep Status Register :"] {
+        let block = facp.split(reg).nth(1).unwrap_or_else(|| panic!("no {reg} in {facp}"));
+        let block = block.split("\n\n").next().unwrap_or("");
+        assert_eq!(line(block, "Space ID").as_deref(), Some("01 [SystemIO]"), "{reg}: {facp}");
+        assert_eq!(line(block, "Address").as_deref(), Some("0000000000000600"), "{reg}: {facp}");
+    }
     assert_eq!(line(&facp, "8042 Present on ports 60/64 (V2)").as_deref(), Some("1"), "{facp}");
     let dsdt_addr = format!("{:016X}", t.table("DSDT").unwrap().addr);
     assert_eq!(line(&facp, "DSDT Address").as_deref(), Some(dsdt_addr.as_str()), "{facp}");

@@ -65,8 +65,34 @@ const DEFAULTS: &[(&str, &str)] = &[("console=", "console=ttyS0"), ("reboot=", "
 ///   `ftrace_check_work_func`, its check of 37609 ftrace sites, stuck for 26 s at
 ///   guest time 417 s, and again every 28 s), and each report's stack trace is
 ///   itself a few seconds of emulated kallsyms lookups and console output.
-pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] =
-    &[("noxsave", "noxsave"), ("clearcpuid=", "clearcpuid=smap,popcnt,ssse3,erms,fsrm"), ("nowatchdog", "nowatchdog")];
+/// - `clocksource=kvm-clock`: keeps the clocksource the kernel boots on. Without
+///   it the Debian kernel (with `tsc=reliable`) switched to the TSC in
+///   `clocksource_done_booting`, through `stop_machine`, and stalled there under
+///   emulation: soft lockups of `migration/0` every 28 s for 250 s of guest time
+///   until it was stopped. With it, the switch is skipped (the chosen source is
+///   already current) and that initcall passed at guest time 30 s.
+/// - `initcall_blacklist=ftrace_check_for_weak_functions`: that initcall queues a
+///   check of every ftrace call site (37609 in the Debian kernel, a kallsyms
+///   lookup each) which took 220 s of emulated guest time. It only marks the
+///   records of overridden weak functions as disabled, which matters to someone
+///   who turns on function tracing for those; a user's own
+///   `initcall_blacklist=` replaces it.
+/// - `cryptomgr.notests`: the kernel tests each crypto algorithm as it registers;
+///   the RSA and DH tests' multi-precision arithmetic (`mpihelp_submul_1`,
+///   `mpihelp_addmul_1`: 37% of the emulated instructions, sampled with the
+///   `kvm:kvm_emulate_insn` tracepoint) kept the Debian kernel busy from guest
+///   time 190 s to 625 s before `/init`, and made its X.509 certificate load
+///   wait 61 s (once time out: `Problem loading in-kernel X.509 certificate
+///   (-110)`). With it, `/init` ran 11 s after the last initcall line. A kernel
+///   booted with `fips=1` runs the tests anyway.
+pub const EMULATED_KERNEL_PARAMS: &[(&str, &str)] = &[
+    ("noxsave", "noxsave"),
+    ("clearcpuid=", "clearcpuid=smap,popcnt,ssse3,erms,fsrm"),
+    ("nowatchdog", "nowatchdog"),
+    ("clocksource=", "clocksource=kvm-clock"),
+    ("initcall_blacklist=", "initcall_blacklist=ftrace_check_for_weak_functions"),
+    ("cryptomgr.notests", "cryptomgr.notests"),
+];
 
 /// Formats a size like Linux's `memparse` reads it back (`4K`, `2M`, `1G`, or bytes).
 fn size_str(size: u64) -> String {
@@ -186,11 +212,18 @@ mod tests {
     #[test]
     fn extra_params_when_absent() {
         let c = build_cmdline_with("quiet", &[], EMULATED_KERNEL_PARAMS, 2047).unwrap();
-        assert_eq!(c, "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog");
-        let c = build_cmdline_with("noxsave -- a", &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
         assert_eq!(
             c,
-            "noxsave console=ttyS0 reboot=k panic=1 clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog virtio_mmio.device=4K@0x1000:9 -- a"
+            "quiet console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog \
+             clocksource=kvm-clock initcall_blacklist=ftrace_check_for_weak_functions cryptomgr.notests"
+        );
+        // A parameter the user gives (by its key) is not added again.
+        let user = "noxsave clocksource=tsc initcall_blacklist=foo -- a";
+        let c = build_cmdline_with(user, &[slot(0x1000, 9)], EMULATED_KERNEL_PARAMS, 2047).unwrap();
+        assert_eq!(
+            c,
+            "noxsave clocksource=tsc initcall_blacklist=foo console=ttyS0 reboot=k panic=1 \
+             clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog cryptomgr.notests virtio_mmio.device=4K@0x1000:9 -- a"
         );
     }
 

@@ -156,9 +156,10 @@ fn boot_params_layout_from_synthetic_bzimage() {
     assert_eq!({ hdr.cmdline_size } as usize, setup.cmdline.len() + 1);
     let cmdline = read_cstr(&mem, CMDLINE_ADDR, 4096);
     assert_eq!(cmdline, setup.cmdline);
-    // Where KVM emulates guest-kernel instructions, densevm adds `noxsave clearcpuid=... nowatchdog`.
+    // Where KVM emulates guest-kernel instructions, densevm adds `noxsave clearcpuid=... nowatchdog ...`.
     let emulated = if crate::arch::cpuid::kernel_instructions_emulated() {
-        " noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog"
+        " noxsave clearcpuid=smap,popcnt,ssse3,erms,fsrm nowatchdog clocksource=kvm-clock \
+         initcall_blacklist=ftrace_check_for_weak_functions cryptomgr.notests"
     } else {
         ""
     };
