@@ -57,9 +57,11 @@ fn every_endpoint_happy_path() {
     assert_eq!(m["pages_sharing"], 33);
     assert_eq!(m["fragmentation"], 0.5);
     // 22 fields (with `cow_background_reuses`), `compaction` (the compactor's
-    // statistics) and memory commitment's 3 (`committed_bytes`,
-    // `commit_limit_bytes`, `cow_no_frame`).
-    assert_eq!(m.as_object().unwrap().len(), 26);
+    // statistics), memory commitment's 3 (`committed_bytes`,
+    // `commit_limit_bytes`, `cow_no_frame`) and the discards' 2
+    // (`pages_discarded`, `pages_discarded_in_place`).
+    assert_eq!(m.as_object().unwrap().len(), 28);
+    assert_eq!((m["pages_discarded"].as_u64(), m["pages_discarded_in_place"].as_u64()), (Some(0), Some(0)));
     assert_eq!(m["cow_background_reuses"], 0);
     assert_eq!((m["committed_bytes"].as_u64(), m["cow_no_frame"].as_u64()), (Some(0), Some(0)));
     assert!(m["compaction"].is_object(), "{m}");

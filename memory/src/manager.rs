@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-pub use crate::core::balloon::{DiscardReport, DISCARD_BATCH};
+pub use crate::core::balloon::{DiscardReport, DISCARD_BATCH, ZERO_REGION_MIN_RUN};
 pub use crate::core::commit::{Error as CommitError, MAX_OVERCOMMIT_RATIO};
 pub use crate::core::page_ops::MergeOutcome;
 pub use crate::core::{CommitPolicy, Error, OutOfMemoryHandler, Result};

@@ -360,3 +360,63 @@ fn measure_writer_pace_under_proactive_compaction() {
         );
     }
 }
+
+/// Pages the balloon discarded in place (isolated pages: their own frame
+/// punched and kept, flagged `ZERO`) are not migrated by compaction but moved
+/// onto the zero region: no target frame taken, their frames freed (the
+/// pool's used frames fall by them), every page keeps its content, and the
+/// next write to a moved page faults and is seen.
+#[test]
+fn compaction_moves_pages_discarded_in_place_to_the_zero_region() {
+    let _serial = serial();
+    let Some(mgr) = manager_or_skip("compaction_moves_pages_discarded_in_place_to_the_zero_region", 256) else {
+        return;
+    };
+    mgr.update_compaction(&memory::CompactionTunablesPatch { enabled: Some(false), ..Default::default() }).unwrap();
+    let guests = scatter(&mgr, 5000, 2000, 32, 0x5eed_0013);
+    let mut model = model_of(&guests);
+    // One page in 3 of every survivor, each alone: discarded in place.
+    let mut discarded = Vec::new();
+    for g in &guests {
+        for p in (1..g.pages()).step_by(3) {
+            let r = mgr.discard_range(g.vm_id(), p, 1).unwrap();
+            assert_eq!(r.in_place, 1);
+            model.insert((g.vm_id(), p), 0);
+            discarded.push((g.vm_id(), p));
+        }
+    }
+    assert!(discarded.len() > 1000, "{} pages discarded", discarded.len());
+    let used_before = mgr.stats().frames_used;
+    let report = mgr.compact().unwrap();
+    let after = mgr.stats();
+    check_model(&guests, &model);
+    let mut on_zero_region = 0;
+    for &(vm, p) in &discarded {
+        assert!(mgr.page_flags(vm, p).unwrap().contains(memory::PageFlags::ZERO.with(memory::PageFlags::PROTECTED)));
+        if mgr.is_zero_region_frame(mgr.frame_of(vm, p).unwrap()) {
+            on_zero_region += 1;
+        }
+    }
+    print_line(&format!(
+        "compaction of {} discarded-in-place pages: {on_zero_region} moved to the zero region, {} pages migrated, \
+         frames used {used_before} -> {}",
+        discarded.len(),
+        report.pages_migrated,
+        after.frames_used
+    ));
+    assert!(on_zero_region > 0, "{report:?}");
+    assert_eq!(used_before - after.frames_used, on_zero_region, "{report:?}");
+    let total: u64 = guests.iter().map(|g| u64::from(g.pages())).sum();
+    assert_eq!(after.frames_used, total - on_zero_region);
+    // A write to a page moved to the zero region faults and is seen.
+    let (vm, p) = *discarded
+        .iter()
+        .find(|&&(vm, p)| mgr.is_zero_region_frame(mgr.frame_of(vm, p).unwrap()))
+        .expect("a page on the zero region");
+    let g = guests.iter().find(|g| g.vm_id() == vm).unwrap();
+    let faults = mgr.stats().counters.zero_page_faults;
+    fill_page_from_thread(g.page_addr(p).unwrap(), 0xabcd);
+    model.insert((vm, p), 0xabcd);
+    assert_eq!(mgr.stats().counters.zero_page_faults, faults + 1);
+    check_model(&guests, &model);
+}

@@ -102,8 +102,15 @@ fn torture(
             }
             _ => {
                 let q = spare.0 + rng.below(u64::from(spare.1 - spare.0)) as u32;
-                mgr.discard(vm, q).expect("discard a spare page");
-                counts.discards.fetch_add(1, Ordering::Relaxed);
+                if rng.below(2) == 0 {
+                    mgr.discard(vm, q).expect("discard a spare page");
+                    counts.discards.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // The balloon's batched discard of a short run (1..=3 pages: discarded in place).
+                    let n = (1 + rng.below(3) as u32).min(spare.1 - q);
+                    mgr.discard_range(vm, q, n).expect("discard spare pages");
+                    counts.discards.fetch_add(u64::from(n), Ordering::Relaxed);
+                }
             }
         }
     }

@@ -209,6 +209,12 @@ pub fn render(host: &HostMemoryStats, rows: &[VmRow]) -> String {
         ),
         ("vcpu_holds_total", "Merge chunks that held the merging VMs' vCPUs out of guest mode.", h.vcpu_holds),
         ("punch_calls_total", "Holes punched in the frame pool (fallocate calls).", h.punch_calls),
+        ("pages_discarded_total", "Guest pages discarded (balloon, free page reporting).", h.pages_discarded),
+        (
+            "pages_discarded_in_place_total",
+            "Discarded guest pages that kept their own (punched) frame instead of mapping the zero region.",
+            h.pages_discarded_in_place,
+        ),
     ];
     for (name, help, v) in host_counters {
         w.single(&format!("densevm_memory_{name}"), Counter, help, v);

@@ -35,6 +35,8 @@ fn renders_families_and_samples() {
         committed_bytes: 3 << 30,
         cow_no_frame: 2,
         cow_background_reuses: 11,
+        pages_discarded: 300,
+        pages_discarded_in_place: 200,
         ..Default::default()
     };
     let mem = VmMemoryStats {
@@ -87,6 +89,10 @@ fn renders_families_and_samples() {
         "# TYPE densevm_memory_cow_background_reuses_total counter",
         "densevm_memory_cow_background_reuses_total 11",
         "densevm_vm_cow_background_reuses_total{vm_id=\"a\"} 4",
+        "# TYPE densevm_memory_pages_discarded_total counter",
+        "densevm_memory_pages_discarded_total 300",
+        "# TYPE densevm_memory_pages_discarded_in_place_total counter",
+        "densevm_memory_pages_discarded_in_place_total 200",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }

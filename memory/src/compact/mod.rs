@@ -10,7 +10,9 @@
 //!   under the manager's lock), runs of private frames of consecutive guest
 //!   pages as one step with one system call per stretch, [`pass::BATCH`]
 //!   frames per lock hold; a 2 MiB frame whose last frame leaves is freed and
-//!   punched by the pool.
+//!   punched by the pool. A page the balloon discarded in place (private,
+//!   protected, `ZERO`) is moved onto the zero region instead (the same one
+//!   `mmap`, no target frame: its frame is simply freed).
 //! - Triggers: [`crate::MemoryManager::compact`] (on demand, full rate), and a
 //!   background thread (`densevm-compact`) that runs a rate-limited pass when
 //!   the fragmentation exceeds `proactiveness` ([`CompactionTunables`]).

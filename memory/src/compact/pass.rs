@@ -23,6 +23,7 @@ use crate::core::figures::Figures;
 use crate::core::page_ops::{migrate_frame, migrate_run};
 use crate::core::{Core, State, Txn};
 use crate::frame_table::Mapper;
+use crate::page_table::PageFlags;
 use crate::{FrameNo, VmId, HUGE_FRAME_PAGES};
 
 /// Most frames migrated in one hold of the manager's lock.
@@ -177,23 +178,30 @@ fn migrate_batch(
     let mut run: Option<Run> = None;
     for &(from, to) in moves {
         done += 1;
-        let to = target(&txn, to, spare);
-        match private_mapper(&txn, from, to) {
-            Some(m) if run.as_ref().is_some_and(|r| r.extends(m, from, to)) => {
-                if let Some(r) = run.as_mut() {
-                    r.n += 1;
-                }
+        if let Some(m) = zero_mapper(&txn, from) {
+            if let Some(r) = run.take() {
+                migrated += r.migrate(&mut txn, failures, &mut to_free);
             }
-            Some(m) => {
-                if let Some(r) = run.replace(Run { vm: m.vm, page: m.page, from, to, n: 1 }) {
-                    migrated += r.migrate(&mut txn, failures, &mut to_free);
+            migrated += u64::from(drop_zero_page(&mut txn, m, failures));
+        } else {
+            let to = target(&txn, to, spare);
+            match private_mapper(&txn, from, to) {
+                Some(m) if run.as_ref().is_some_and(|r| r.extends(m, from, to)) => {
+                    if let Some(r) = run.as_mut() {
+                        r.n += 1;
+                    }
                 }
-            }
-            None => {
-                if let Some(r) = run.take() {
-                    migrated += r.migrate(&mut txn, failures, &mut to_free);
+                Some(m) => {
+                    if let Some(r) = run.replace(Run { vm: m.vm, page: m.page, from, to, n: 1 }) {
+                        migrated += r.migrate(&mut txn, failures, &mut to_free);
+                    }
                 }
-                migrated += u64::from(move_one(&mut txn, from, to, failures));
+                None => {
+                    if let Some(r) = run.take() {
+                        migrated += r.migrate(&mut txn, failures, &mut to_free);
+                    }
+                    migrated += u64::from(move_one(&mut txn, from, to, failures));
+                }
             }
         }
         if core.faults_waiting() && held.elapsed() >= FAULT_HOLD {
@@ -275,6 +283,39 @@ fn private_mapper(t: &Txn<'_>, from: FrameNo, to: FrameNo) -> Option<Mapper> {
         return None;
     }
     t.st.frames().first_mapper(from)
+}
+
+/// The only mapper of `from` if it is a page discarded in place (a short
+/// run of the balloon's discard, or the zero region's fallback): its frame's
+/// only mapper, protected and flagged `ZERO` (its content is known zero: a
+/// hole of the memfd checked under protection).
+fn zero_mapper(t: &Txn<'_>, from: FrameNo) -> Option<Mapper> {
+    if t.st.frames().refs(from) != 1 {
+        return None;
+    }
+    let m = t.st.frames().first_mapper(from)?;
+    let e = t.entry(m).ok()?;
+    (e.frame == from && e.flags.contains(PageFlags::ZERO.with(PageFlags::PROTECTED))).then_some(m)
+}
+
+/// Moves page `m` (see [`zero_mapper`]) onto the zero region instead of
+/// migrating its frame: the same one `mmap` a migration costs, no target
+/// frame taken, its own frame freed (the pool's used frames fall) and a later
+/// read of it allocates nothing. Returns whether it moved (the VMA budget may
+/// refuse: the page then stays where it is, counted as `vma_budget`).
+fn drop_zero_page(t: &mut Txn<'_>, m: Mapper, failures: &mut CompactionFailures) -> bool {
+    match t.drop_to_zero_region(m.vm, &[m.page], PageFlags::empty()) {
+        Ok(moved) if moved.first() == Some(&true) => true,
+        Ok(_) => {
+            failures.vma_budget += 1;
+            false
+        }
+        Err(e) => {
+            count_failure(&e, 1, failures);
+            tracing::debug!("compaction: zero page {} of VM {} stays: {e}", m.page, m.vm);
+            false
+        }
+    }
 }
 
 /// Counts `n` frames that stayed because of `e` (a frame freed meanwhile is no failure).

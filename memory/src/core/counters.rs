@@ -45,6 +45,12 @@ pub struct Counters {
     pub migrations: u64,
     /// Pages discarded (balloon).
     pub discards: u64,
+    /// Of them, pages discarded in place: their own frame punched and kept
+    /// (read back as zero, but a read allocates a page again), not moved to
+    /// the zero region; isolated pages (see
+    /// [`crate::manager::ZERO_REGION_MIN_RUN`]) and pages the VMA
+    /// budget refused.
+    pub discards_in_place: u64,
     /// Merge chunks that held the merging VMs' vCPUs out of guest mode.
     pub vcpu_holds: u64,
     /// Total time vCPUs were held, in microseconds.
@@ -78,6 +84,8 @@ pub(crate) enum Counter {
     Migration,
     /// [`Counters::discards`].
     Discard,
+    /// [`Counters::discards_in_place`].
+    DiscardInPlace,
 }
 
 impl Counters {
@@ -95,6 +103,7 @@ impl Counters {
             Counter::Unshare => &mut self.unshares,
             Counter::Migration => &mut self.migrations,
             Counter::Discard => &mut self.discards,
+            Counter::DiscardInPlace => &mut self.discards_in_place,
         };
         *field += n;
     }

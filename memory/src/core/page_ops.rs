@@ -2,6 +2,7 @@
 //! migration, discard, protection and device reads and writes. Each holds the
 //! lock for its whole duration (one [`Txn`]) and goes through the remap protocol.
 
+use super::balloon::ShortRuns;
 use super::counters::Counter;
 use super::error::{Error, Result};
 use super::txn::Txn;
@@ -83,9 +84,10 @@ impl Core {
     }
 
     /// Drops page `m`'s content and host memory; it reads as zero, protected
-    /// (a batch of one page of [`Core::discard_range`]).
+    /// (a batch of one page of [`Core::discard_range`], always onto the zero
+    /// region: an isolated page is not discarded in place here).
     pub(crate) fn discard(&self, m: Mapper) -> Result<()> {
-        self.with_txn(|t| super::balloon::discard_batch(t, m.vm, m.page, 1).map(|_| ()))
+        self.with_txn(|t| super::balloon::discard_batch(t, m.vm, m.page, 1, ShortRuns::ZeroRegion).map(|_| ()))
     }
 
     /// Write-protects page `m` (its next write is resolved and recorded).

@@ -218,6 +218,8 @@ impl MemoryStats {
             committed_bytes: self.committed_bytes,
             commit_limit_bytes: self.commit_limit_bytes,
             cow_no_frame: c.cow_no_frame,
+            pages_discarded: c.discards,
+            pages_discarded_in_place: c.discards_in_place,
         }
     }
 }
@@ -261,6 +263,8 @@ mod tests {
                 vcpu_holds: 2,
                 vcpu_hold_us: 1500,
                 cow_no_frame: 4,
+                discards: 9,
+                discards_in_place: 8,
                 ..Counters::default()
             },
             uffd_faults: 11,
@@ -315,6 +319,8 @@ mod tests {
                 committed_bytes: 640 * PAGE_SIZE as u64,
                 commit_limit_bytes: 1024 * PAGE_SIZE as u64,
                 cow_no_frame: 4,
+                pages_discarded: 9,
+                pages_discarded_in_place: 8,
             }
         );
         // Older clients' documents without the vCPU-hold fields still parse.

@@ -96,6 +96,17 @@ pub struct HostMemoryStats {
     /// with overcommit; each stops its VM with an out-of-memory exit reason).
     #[serde(default)]
     pub cow_no_frame: u64,
+    /// Guest pages discarded (balloon inflate and free page reporting, and
+    /// explicit discards), all VMs.
+    #[serde(default)]
+    pub pages_discarded: u64,
+    /// Of them, pages discarded in place: isolated pages (runs shorter than
+    /// 4 pages) keep their own frame, punched, instead of mapping the zero
+    /// region (cheaper for scattered pages; until compaction moves such a
+    /// page onto the zero region its frame stays allocated and a read of it
+    /// allocates a page again).
+    #[serde(default)]
+    pub pages_discarded_in_place: u64,
 }
 
 /// One VM's memory in 4 KiB guest pages: its size, its residency (`mincore(2)`
