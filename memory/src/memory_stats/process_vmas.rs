@@ -129,11 +129,30 @@ mod tests {
     #[test]
     fn counts_once_then_refreshes_in_the_background() {
         let vmas = ProcessVmas::new(None);
-        let first = vmas.get();
-        assert!(first > 0, "this process has mappings");
-        // Fresh: the cached count, no recount asked.
-        assert_eq!(vmas.get(), first);
-        assert!(!vmas.counting.load(Ordering::Acquire));
+        assert!(vmas.count.load(Ordering::Acquire) > 0, "this process has mappings");
+        // Fresh: the cached count, no recount asked. Checked on a reading that came
+        // within the period of its stamp (a test thread preempted for longer on a
+        // loaded machine sees it stale, which asks for a recount: then wait for it
+        // to end and try again).
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while vmas.counting.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let cached = vmas.count.load(Ordering::Acquire);
+            let stamp = vmas.now_ns().max(1);
+            vmas.counted_at.store(stamp, Ordering::Release);
+            let got = vmas.get();
+            let asked = vmas.counting.load(Ordering::Acquire);
+            if vmas.now_ns() - stamp < REFRESH_PERIOD.as_nanos() as u64 {
+                assert_eq!(got, cached);
+                assert!(!asked, "a fresh count asked for a recount");
+                break;
+            }
+            assert!(tries < 100, "no reading within {REFRESH_PERIOD:?} of its stamp in 100 tries");
+        }
         // Stale: the reading returns the cached count and the thread recounts.
         vmas.counted_at.store(1, Ordering::Release);
         vmas.count.store(0, Ordering::Release);
