@@ -32,7 +32,8 @@ mkdir -p "$out" && out="$(cd "$out" && pwd)"
 marker="DENSEVM-GUEST-READY"
 # Revision of the initramfs's /init: an out/ built with another one is rebuilt.
 # 2: resets instead of powering off where the kernel has no ACPI.
-init_rev=2
+# 3: loads the modules in the order their `depends=` give.
+init_rev=3
 # The kernel flavour. "cloud" is the smallest Debian kernel built for VMs; it has
 # virtio-mmio, virtio-balloon and the 8250 serial console built in (checked below).
 flavour="${DENSEVM_KERNEL_FLAVOUR:-cloud-amd64}"
@@ -195,6 +196,25 @@ for m in "${modules[@]}"; do
         log "module $m.ko not found in $real_pkg"; exit 1
     fi
 done
+# Load order: each module after the ones its `depends=` (modinfo) names. The
+# direction changes between Debian kernel builds (6.1.0-48: virtio_ring needs
+# virtio; 6.1.0-57: virtio needs virtio_ring), so it is read from the modules.
+load_order=()
+add_module() {
+    local m="$1" dep ko
+    [[ " ${load_order[*]} " == *" $m "* ]] && return 0
+    ko="$root/lib/modules/$m.ko"
+    [ -e "$ko" ] || return 0
+    for dep in $(tr '\0' '\n' < "$ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+        add_module "$dep"
+    done
+    load_order+=("$m")
+}
+for m in "${modules[@]}"; do
+    add_module "$m"
+done
+printf '%s\n' "${load_order[@]}" > "$root/lib/modules/load-order"
+log "module load order: ${load_order[*]}"
 chmod 755 "$root/bin/busybox"
 for applet in sh mount umount ls cat echo poweroff reboot sleep uname mkdir dmesg free insmod head; do
     ln -s busybox "$root/bin/$applet"
@@ -207,9 +227,10 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 exec </dev/console >/dev/console 2>&1
-# Debian builds virtio as modules: load what the initramfs carries (order matters).
-for m in virtio virtio_ring virtio_mmio virtio_balloon; do
-    [ -e /lib/modules/\$m.ko ] && insmod /lib/modules/\$m.ko
+# Debian builds virtio as modules: load what the initramfs carries, each after
+# the modules it depends on (the order build-guest.sh read from the modules).
+for m in \$(cat /lib/modules/load-order 2>/dev/null); do
+    insmod /lib/modules/\$m.ko
 done
 echo "$marker kernel=\$(uname -r)"
 echo "virtio devices:"
