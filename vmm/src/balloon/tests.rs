@@ -253,8 +253,9 @@ fn inflate_and_deflate_through_the_vms_mmio_bus() {
     {
         let h = lock(&host);
         let vm = h.vm("b").unwrap();
-        // Queue 1's fd: the i8042 subscribed first, then queues 0, 1, 2.
-        let (_, fd) = vm.device_event_fds().nth(2).unwrap();
+        // Queue 1's fd: the i8042 and the ACPI power-off subscribed first, then
+        // queues 0, 1, 2.
+        let (_, fd) = vm.device_event_fds().nth(3).unwrap();
         fd.write(1).unwrap();
     }
     em.run_with_timeout(1000).unwrap();
