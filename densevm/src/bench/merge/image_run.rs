@@ -48,6 +48,19 @@ fn print_images(rows: &[images::ImageResult]) {
             if r.settled { "" } else { " (not settled)" }
         );
     }
+    for r in rows {
+        if let Some(m) = r.mapping {
+            println!(
+                "{}: {} merges in {} remaps ({:.2} pages per remap), {} choice flips, {} host mappings over guest RAM",
+                r.name,
+                m.merges,
+                m.merge_runs,
+                m.merges as f64 / m.merge_runs.max(1) as f64,
+                m.merge_choice_flips,
+                m.vma_count
+            );
+        }
+    }
 }
 
 /// Runs the image scenario `set` `repeat` times.

@@ -100,6 +100,22 @@ pub struct ImageResult {
     /// densevm: the merger thread's nice value for the run (ksmd's, so that on a
     /// shared machine both get the same share of a CPU).
     pub merger_nice: Option<i32>,
+    /// densevm: how the sharing was mapped (none for the kernel, which changes
+    /// page table entries, not mappings).
+    pub mapping: Option<MappingAccount>,
+}
+
+/// densevm: what the sharing cost in host mappings.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct MappingAccount {
+    /// Guest pages the merger mapped onto another frame.
+    pub merges: u64,
+    /// Remap calls (`mmap`s) those merges took.
+    pub merge_runs: u64,
+    /// Merges that kept the scanned page's frame instead of the indexed one.
+    pub merge_choice_flips: u64,
+    /// Host mappings (VMAs) over guest RAM at the end.
+    pub vma_count: u64,
 }
 
 /// Reads every distinct image once and computes the ideal.
@@ -263,6 +279,12 @@ pub fn densevm(set: &ImageSet, ideal: &Ideal, interrupted: &dyn Fn() -> bool) ->
     res?;
     let stats = mgr.stats();
     (r.host_bytes, r.zero_pages) = (stats.host_bytes, stats.merge.zero_pages);
+    r.mapping = Some(MappingAccount {
+        merges: stats.merge.merges,
+        merge_runs: stats.merge.merge_runs,
+        merge_choice_flips: stats.merge.merge_choice_flips,
+        vma_count: stats.vma_count,
+    });
     for (g, path) in guests.iter().zip(&set.vms) {
         r.mismatches += mismatches(&open(path)?, size, |off, buf| g.read_bytes(off, buf).map_err(rt))?;
     }
