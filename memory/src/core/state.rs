@@ -267,7 +267,8 @@ impl State {
         Ok(())
     }
 
-    fn check_unmapped(&self, frame: FrameNo) -> Result<()> {
+    /// Fails unless `frame` has no mapper left (it may then be freed).
+    pub(crate) fn check_unmapped(&self, frame: FrameNo) -> Result<()> {
         if self.frames.refs(frame) != 0 {
             return Err(crate::frame_table::Error::AlreadyLive(frame).into());
         }

@@ -30,6 +30,10 @@ pub(crate) struct Txn<'a> {
     /// vCPU gates to hold from the first change on ([`Txn::hold_vcpus`]).
     pub(crate) gates: Vec<Arc<dyn VcpuGate>>,
     held: Option<HeldVcpus>,
+    /// Frames without a mapper left, freed together by [`Txn::free_deferred`]
+    /// (at the latest when the `Txn` drops): one sorted batch punches a whole
+    /// chunk's merged-away frames in a few `fallocate`s instead of one per remap.
+    deferred_frees: Vec<FrameNo>,
 }
 
 impl Drop for Txn<'_> {
@@ -37,6 +41,9 @@ impl Drop for Txn<'_> {
         if let Err(e) = self.finish_remaps() {
             self.st.count(Counter::RemapError);
             tracing::error!("finishing batched remaps: {e}");
+        }
+        if let Err(e) = self.free_deferred() {
+            tracing::error!("freeing the frames a transaction left without mappers: {e}");
         }
         if let Some(held) = self.held.take() {
             let reached = held.reached;
@@ -48,7 +55,7 @@ impl Drop for Txn<'_> {
 impl<'a> Txn<'a> {
     /// A transaction on the locked state `st`.
     pub(crate) fn new(st: &'a mut State, remap: RemapProtocol<'a>) -> Self {
-        Txn { st, remap, pending: PendingRemaps::default(), gates: Vec::new(), held: None }
+        Txn { st, remap, pending: PendingRemaps::default(), gates: Vec::new(), held: None, deferred_frees: Vec::new() }
     }
 }
 
@@ -66,6 +73,28 @@ impl Txn<'_> {
             return Ok(());
         }
         Ok(self.remap.finish(&mut self.pending)?)
+    }
+
+    /// Takes `frames` (no mapper left: checked now) to free with the others
+    /// at [`Txn::free_deferred`]. Nothing can map them meanwhile: they are not
+    /// in the pool's free lists, and a frame without mappers is never a merge
+    /// target (the indexes check a frame's mappers before using it).
+    pub(crate) fn free_later(&mut self, frames: &mut Vec<FrameNo>) -> Result<()> {
+        for &f in frames.iter() {
+            self.st.check_unmapped(f)?;
+        }
+        self.deferred_frees.append(frames);
+        Ok(())
+    }
+
+    /// Frees the frames of [`Txn::free_later`] (one punch per run of
+    /// consecutive frames, see `FramePool::free_frames`).
+    pub(crate) fn free_deferred(&mut self) -> Result<()> {
+        if self.deferred_frees.is_empty() {
+            return Ok(());
+        }
+        let mut frames = std::mem::take(&mut self.deferred_frees);
+        self.st.free_unmapped_frames(&mut frames)
     }
 
     /// The entry of page `m`.

@@ -132,7 +132,8 @@ pub(crate) fn share_run(
             t.st.count(Counter::Merge);
         }
     }
-    t.st.free_unmapped_frames(&mut to_free)?;
+    // Freed with the rest of the chunk's at its end (see `Txn::free_later`).
+    t.free_later(&mut to_free)?;
     Ok(ok)
 }
 

@@ -66,7 +66,7 @@ impl Scanner {
             return Ok(0);
         };
         let result = self.chunk_locked(&mut t, &mut vs, target, start, n, tun);
-        let finished = t.finish_remaps();
+        let finished = t.finish_remaps().and_then(|()| t.free_deferred());
         drop(t);
         let held = Duration::from_micros(guard.counters().vcpu_hold_us - held_before);
         drop(guard);
@@ -90,9 +90,8 @@ impl Scanner {
         tun: &Tunables,
     ) -> Result<u32> {
         let vm = target.vm;
-        let addr = t.addr(Mapper { vm, page: start })?;
-        sys::mincore(addr, n as usize * PAGE_SIZE, &mut self.resident).map_err(Error::Mapping)?;
-        let resident = self.resident.iter().take(n as usize).filter(|&&r| r & 1 == 1).count() as u32;
+        let mut residency = Residency::new(t.addr(Mapper { vm, page: start })?, n);
+        let mut resident = 0;
         let use_log = tun.change_detection == ChangeDetection::DirtyLog && vs.dirty_log;
         let mut cands = Vec::with_capacity(n as usize);
         let mut zeros = Vec::new();
@@ -108,6 +107,7 @@ impl Scanner {
             let log_dirty = use_log && vs.take_dirty(p);
             let refs = t.st.frames().refs(e.frame);
             if refs > 1 || e.flags.contains(PageFlags::SHARED) {
+                resident += 1;
                 vs.set_class(p, Class::Merged);
                 if refs > 1 && self.stable.key_of(e.frame).is_none() && t.check_domain(vm, e.frame).is_ok() {
                     // A shared frame the index does not know (migrated, merged by hand).
@@ -117,12 +117,18 @@ impl Scanner {
                 }
                 continue;
             }
-            if e.flags.contains(PageFlags::ZERO) || self.resident.get(i as usize).is_none_or(|r| r & 1 == 0) {
+            let ps = vs.pages[p as usize];
+            // A private page hashed on its current frame had host memory then and
+            // still has: a frame loses its memory only to a punch, which gives
+            // the page another frame or the ZERO flag. Only the others are
+            // asked (`mincore`): reading a hole would allocate host memory.
+            let known = ps.hashed && ps.frame == e.frame;
+            if e.flags.contains(PageFlags::ZERO) || !(known || residency.resident(&mut self.resident, i)?) {
                 vs.pages[p as usize].hashed = false;
                 vs.set_class(p, Class::Other);
                 continue;
             }
-            let ps = vs.pages[p as usize];
+            resident += 1;
             let was_unshared = vs.class(p) == Class::Unshared;
             let (hash, volatile) = if use_log {
                 if log_dirty || device_dirty {
@@ -190,5 +196,37 @@ impl Scanner {
             j += self.merge_candidate(t, vs, target, &cands[j..], tun)?;
         }
         Ok(resident)
+    }
+}
+
+/// Pages asked of `mincore` at once when a page's residency is unknown.
+const RESIDENCY_WINDOW: u32 = 64;
+
+/// The residency of a chunk's pages, asked of the kernel lazily, a window at a
+/// time, only for the pages whose residency the scanner does not know.
+struct Residency {
+    /// Host address of the chunk's first page.
+    addr: usize,
+    /// Pages in the chunk.
+    n: u32,
+    /// Chunk-relative pages `lo..hi` are in the buffer.
+    lo: u32,
+    hi: u32,
+}
+
+impl Residency {
+    fn new(addr: usize, n: u32) -> Self {
+        Residency { addr, n, lo: 0, hi: 0 }
+    }
+
+    /// Whether chunk page `i` has host memory (`buf` holds the last window).
+    fn resident(&mut self, buf: &mut Vec<u8>, i: u32) -> Result<bool> {
+        if i < self.lo || i >= self.hi {
+            let len = RESIDENCY_WINDOW.min(self.n - i);
+            let addr = self.addr + i as usize * PAGE_SIZE;
+            sys::mincore(addr, len as usize * PAGE_SIZE, buf).map_err(Error::Mapping)?;
+            (self.lo, self.hi) = (i, i + len);
+        }
+        Ok(buf.get((i - self.lo) as usize).is_some_and(|r| r & 1 == 1))
     }
 }
