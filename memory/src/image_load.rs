@@ -6,7 +6,8 @@
 //! manager's lock); each chunk is then copied under the lock, one transaction
 //! per chunk, into the frames of its pages through the pool's alias, as
 //! [`crate::GuestMap::write_bytes`] would (sharing broken first, the page
-//! recorded as device-written). An all-zero 4 KiB page of the image is left
+//! recorded as device-written), and the guest's view of them is filled
+//! (`MADV_POPULATE_READ`, as if the guest had touched them). An all-zero 4 KiB page of the image is left
 //! untouched when its frame holds no host memory (a fresh VM's frames hold
 //! none): it reads as zero and costs nothing. Only a zero page over a frame
 //! that holds data (a VM that already ran) is written with zeros.
@@ -87,6 +88,7 @@ pub(crate) fn load(core: &Core, vm: VmId, file: &File) -> Result<ImageLoad> {
         let first = (offset / PAGE_SIZE as u64) as u32;
         core.with_txn(|t| {
             let mut zeros: Vec<(u32, FrameNo)> = Vec::new();
+            let mut data: Vec<u32> = Vec::new();
             for (i, bytes) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
                 let m = Mapper { vm, page: first + i as u32 };
                 if is_zero(bytes) {
@@ -98,7 +100,17 @@ pub(crate) fn load(core: &Core, vm: VmId, file: &File) -> Result<ImageLoad> {
                 t.st.pool().write(e.frame, 0, bytes)?;
                 let flags = e.flags.with(PageFlags::DEVICE_WRITTEN).with(PageFlags::MERGE_DIRTY);
                 t.set_flags(m, flags.without(PageFlags::ZERO))?;
+                data.push(m.page);
                 report.data_pages += 1;
+            }
+            // The guest's view maps the pages written, as it would had the guest
+            // written them itself: its first access, and the merger's first read,
+            // take no fault. A read fill (a write fill of a write-protected page
+            // would wait for the fault handler, which waits for this lock); only
+            // pages with content (filling a hole would allocate it).
+            for (start, len) in page_runs(&data) {
+                let addr = t.addr(Mapper { vm, page: start })?;
+                t.remap.populate(addr, len as usize * PAGE_SIZE, false);
             }
             report.zero_pages += zeros.len() as u64;
             // Runs of consecutive frames: one hole check each (a fresh VM's frames
@@ -132,6 +144,18 @@ pub(crate) fn load(core: &Core, vm: VmId, file: &File) -> Result<ImageLoad> {
         offset += len as u64;
     }
     Ok(report)
+}
+
+/// Runs of consecutive pages of `pages` (ascending) as (first, length).
+fn page_runs(pages: &[u32]) -> Vec<(u32, u32)> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == p => *len += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
 }
 
 fn is_hole(pool: &crate::pool::FramePool, frame: FrameNo, count: u64) -> std::result::Result<bool, CoreError> {
