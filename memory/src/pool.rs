@@ -350,6 +350,23 @@ impl FramePool {
         sys::is_hole(self.fd(), Self::offset_of(frame), count * PAGE_SIZE as u64)
     }
 
+    /// The runs of frames among `frame..frame + count` that hold host memory,
+    /// as `(first, count)` (the others are holes and read as zero).
+    pub fn data_runs(&self, frame: FrameNo, count: u32) -> io::Result<Vec<(FrameNo, u32)>> {
+        let page = PAGE_SIZE as u64;
+        let ranges = sys::data_ranges(self.fd(), Self::offset_of(frame), u64::from(count) * page)?;
+        let mut runs: Vec<(FrameNo, u32)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            let first = (start / page) as FrameNo;
+            let last = end.div_ceil(page) as FrameNo;
+            match runs.last_mut() {
+                Some((f, n)) if *f + *n >= first => *n = last - *f,
+                _ => runs.push((first, last - first)),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Copies frame `src` to frame `dst`: read through the alias, written with
     /// [`FramePool::write_frames`] (no alias mapping of `dst` is left behind).
     pub fn copy_frame(&self, src: FrameNo, dst: FrameNo) -> Result<()> {
@@ -521,6 +538,22 @@ mod tests {
 
     fn fill(pool: &FramePool, frame: FrameNo) {
         pool.write(frame, 0, &[0xA5; PAGE_SIZE]).expect("write");
+    }
+
+    #[test]
+    fn data_runs_list_the_frames_with_memory() {
+        let pool = pool();
+        assert_eq!(pool.data_runs(0, 1024).unwrap(), vec![]);
+        for f in [3, 4, 5, 9, 511, 512, 700] {
+            fill(&pool, f);
+        }
+        assert_eq!(pool.data_runs(0, 1024).unwrap(), vec![(3, 3), (9, 1), (511, 2), (700, 1)]);
+        // Clipped to the range asked.
+        assert_eq!(pool.data_runs(4, 6).unwrap(), vec![(4, 2), (9, 1)]);
+        assert_eq!(pool.data_runs(512, 100).unwrap(), vec![(512, 1)]);
+        assert_eq!(pool.data_runs(6, 3).unwrap(), vec![]);
+        pool.punch(4, 1).unwrap();
+        assert_eq!(pool.data_runs(0, 10).unwrap(), vec![(3, 1), (5, 1), (9, 1)]);
     }
 
     #[test]

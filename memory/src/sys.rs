@@ -146,6 +146,39 @@ pub(crate) fn is_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> {
     Ok(next as u64 >= offset + len)
 }
 
+/// The stretches of `fd` bytes `offset..offset+len` that hold data, as
+/// `(start, end)` byte offsets clipped to the range (`SEEK_DATA` / `SEEK_HOLE`
+/// in turn; holes are what is left).
+pub(crate) fn data_ranges(fd: RawFd, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        // SAFETY: as in `is_hole`: lseek only reads the file's extent map.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(err);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stop = (hole as u64).min(end);
+        out.push((data, stop));
+        at = stop;
+    }
+    Ok(out)
+}
+
 /// Bytes of host memory the file behind `fd` holds (st_blocks * 512).
 pub(crate) fn allocated_bytes(fd: RawFd) -> io::Result<u64> {
     // SAFETY: fstat writes only into the zeroed struct we pass.

@@ -279,7 +279,8 @@ fn migrate_mappers(t: &mut Txn<'_>, old: FrameNo, new: FrameNo, mappers: &[Mappe
         }
     }
     let all_zero = mappers.iter().all(|&m| t.entry(m).is_ok_and(|e| e.flags.contains(PageFlags::ZERO)));
-    if !all_zero {
+    // A hole (never written) is not copied: `new` is one too (see `migrate_run`).
+    if !all_zero && !t.st.pool().is_hole(old, 1).unwrap_or(false) {
         t.st.pool().copy_frame(old, new)?;
     }
     for (&m, &protected) in mappers.iter().zip(&was_protected) {
@@ -385,21 +386,38 @@ fn migrate_run_inner(
         return Err(e);
     }
     let zero: Vec<bool> = entries.iter().map(|e| e.flags.contains(PageFlags::ZERO)).collect();
+    // Pages whose content was copied (the others' new frames are holes).
+    let mut copied = vec![false; n as usize];
     for (s, e) in equal_stretches(&zero) {
         if zero[s] {
             continue;
         }
-        let copied = t.addr(mappers[s]).and_then(|addr| {
-            // SAFETY: pages `s..e` of the VM are consecutive in its host range, mapped
-            // for as long as the VM is registered, which the held lock guarantees;
-            // they are write-protected, so the bytes are stable while read.
-            let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, (e - s) * PAGE_SIZE) };
-            Ok(t.st.pool().write_frames(new + s as u32, bytes)?)
+        // Only the frames with host memory are copied: a hole (a page never
+        // written) reads as zero, and so does its new frame (every free frame
+        // is punched), so it stays a hole. Copying it would read it through
+        // the guest view, which allocates it, and write zeros into the new
+        // frame, which allocates that too. The pages are write-protected, so
+        // a hole cannot gain content before the remap.
+        let held = t.st.pool().data_runs(old + s as u32, (e - s) as u32).unwrap_or_else(|err| {
+            tracing::debug!("data runs of frames {}..{}: {err}; copying them all", old + s as u32, old + e as u32);
+            vec![(old + s as u32, (e - s) as u32)]
         });
-        if let Err(err) = copied {
-            undo_run_protection(t, &mappers, &was_protected, old);
-            free_new(t, new, n);
-            return Err(err);
+        for (first, count) in held {
+            let rel = (first - old) as usize;
+            copied[rel..rel + count as usize].iter_mut().for_each(|c| *c = true);
+            let written = t.addr(mappers[rel]).and_then(|addr| {
+                // SAFETY: pages `rel..rel+count` of the VM are consecutive in its host
+                // range (inside `s..e`), mapped for as long as the VM is registered,
+                // which the held lock guarantees; they are write-protected, so the
+                // bytes are stable while read.
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, count as usize * PAGE_SIZE) };
+                Ok(t.st.pool().write_frames(new + rel as u32, bytes)?)
+            });
+            if let Err(err) = written {
+                undo_run_protection(t, &mappers, &was_protected, old);
+                free_new(t, new, n);
+                return Err(err);
+            }
         }
     }
     for (s, e) in stretches {
@@ -423,8 +441,13 @@ fn migrate_run_inner(
             unsafe { t.remap.map_private(&mut t.pending, group, addr, len, frame) }
         };
         if remapped.is_ok() {
-            // Before the batch's finish registers and protects the range (see `populate`).
-            t.remap.populate(addr, len, !was_protected[s]);
+            // Before the batch's finish registers and protects the range (see
+            // `populate`); only the pages with content: filling a hole allocates it.
+            for (a, b) in equal_stretches(&copied[s..e]) {
+                if copied[s + a] {
+                    t.remap.populate(addr + a * PAGE_SIZE, (b - a) * PAGE_SIZE, !was_protected[s]);
+                }
+            }
         }
         if let Err(err) = remapped {
             if matches!(err, crate::remap::Error::Map(..)) {
