@@ -16,6 +16,14 @@
 //! - Triggers: [`crate::MemoryManager::compact`] (on demand, full rate), and a
 //!   background thread (`densevm-compact`) that runs a rate-limited pass when
 //!   the fragmentation exceeds `proactiveness` ([`CompactionTunables`]).
+//!   Merging and compaction do not fight: while the merger is merging (its
+//!   merge count moved since the last check), a proactive pass waits, and one
+//!   in progress stops at its next batch, for at most
+//!   [`MAX_MERGE_DEFERRAL`] in a row. Merging frees frames all over the pool
+//!   and turns private frames into shared ones; a pass meanwhile would move
+//!   frames that are about to be freed, and a shared frame costs one remap
+//!   per guest page mapping it (8 clones of a real image: the proactive
+//!   pass made more `mmap`s than the merger itself).
 //!
 //! [`Compactor`] is the handle (owned by the manager): tunables, on-demand
 //! passes, statistics. Its thread stops and is joined when the manager drops.
@@ -28,7 +36,7 @@ pub mod tunables;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use stats::{CompactionFailures, CompactionReport, CompactionStats, CompactionTiming};
 pub use tunables::{
@@ -42,6 +50,10 @@ use pass::{Occupancy, PassLimits};
 
 /// How often the background thread checks the fragmentation.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Longest time in a row proactive compaction waits for the merger to stop
+/// merging (a merger that never settles does not starve compaction).
+pub const MAX_MERGE_DEFERRAL: Duration = Duration::from_secs(30);
 
 /// Totals since start.
 #[derive(Debug, Default)]
@@ -195,6 +207,7 @@ fn due(occ: &Occupancy, proactiveness: u32) -> bool {
 fn run_loop(core: &Core, shared: &Shared) {
     // The occupancy after a pass that returned nothing: not retried until it changes.
     let mut fruitless: Option<Occupancy> = None;
+    let mut merging = MergeWatch::default();
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
@@ -202,10 +215,22 @@ fn run_loop(core: &Core, shared: &Shared) {
         let tun = *shared.tunables();
         let generation = shared.generation.load(Ordering::Acquire);
         if tun.enabled {
-            let occ = Occupancy::of(&core.lock());
-            if due(&occ, tun.proactiveness) && fruitless != Some(occ) {
-                let interrupted =
-                    || shared.stop.load(Ordering::Acquire) || shared.generation.load(Ordering::Acquire) != generation;
+            let (occ, merges) = {
+                let st = core.lock();
+                (Occupancy::of(&st), st.counters().merges)
+            };
+            let defer = merging.defer(merges, Instant::now());
+            if due(&occ, tun.proactiveness) && fruitless != Some(occ) && defer {
+                tracing::debug!("proactive compaction waits: the merger is merging");
+            } else if due(&occ, tun.proactiveness) && fruitless != Some(occ) {
+                let may_defer = merging.may_defer(Instant::now());
+                let merges_at_start = merges;
+                let merger_started = || may_defer && core.figures().counters.merges != merges_at_start;
+                let interrupted = || {
+                    shared.stop.load(Ordering::Acquire)
+                        || shared.generation.load(Ordering::Acquire) != generation
+                        || merger_started()
+                };
                 let on_batch = |pages, returned| shared.record_batch(pages, returned);
                 let limits = PassLimits {
                     max_pages_per_s: Some(tun.max_pages_per_s),
@@ -218,7 +243,8 @@ fn run_loop(core: &Core, shared: &Shared) {
                 };
                 shared.record(&report, true);
                 tracing::debug!("proactive compaction: {report:?}");
-                // An interrupted pass is not fruitless: it runs again with the new tunables.
+                // An interrupted pass is not fruitless: it runs again with the new
+                // tunables, or once the merger has settled.
                 let stopped_early = interrupted();
                 fruitless = (report.frames_2m_returned == 0 && !stopped_early).then(|| Occupancy::of(&core.lock()));
             }
@@ -227,5 +253,58 @@ fn run_loop(core: &Core, shared: &Shared) {
         let _unused = shared.wake.wait_timeout_while(guard, CHECK_INTERVAL, |_| {
             !shared.stop.load(Ordering::Acquire) && shared.generation.load(Ordering::Acquire) == generation
         });
+    }
+}
+
+/// Whether the merger is merging, from its merge count at each check, and how
+/// long proactive compaction has waited for it.
+#[derive(Debug, Default)]
+struct MergeWatch {
+    /// The merge count at the last check.
+    last: Option<u64>,
+    /// Since when compaction has been waiting (merging at every check since).
+    waiting_since: Option<Instant>,
+}
+
+impl MergeWatch {
+    /// Records the merge count `merges` seen at `now`; returns whether a
+    /// proactive pass should wait (the count moved since the last check and
+    /// the wait has not reached [`MAX_MERGE_DEFERRAL`]).
+    fn defer(&mut self, merges: u64, now: Instant) -> bool {
+        let moved = self.last.is_some_and(|last| last != merges);
+        self.last = Some(merges);
+        if !moved {
+            self.waiting_since = None;
+            return false;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        now.duration_since(since) < MAX_MERGE_DEFERRAL
+    }
+
+    /// Whether a pass starting at `now` may still stop for the merger.
+    fn may_defer(&self, now: Instant) -> bool {
+        self.waiting_since.is_none_or(|since| now.duration_since(since) < MAX_MERGE_DEFERRAL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_watch_waits_while_merges_move_and_at_most_the_maximum() {
+        let t0 = Instant::now();
+        let mut w = MergeWatch::default();
+        assert!(!w.defer(10, t0), "first check: nothing to compare with");
+        assert!(!w.defer(10, t0 + CHECK_INTERVAL), "no merge since");
+        assert!(w.defer(20, t0 + 2 * CHECK_INTERVAL), "merging");
+        assert!(w.defer(30, t0 + 3 * CHECK_INTERVAL));
+        assert!(w.may_defer(t0 + 3 * CHECK_INTERVAL));
+        let late = t0 + 2 * CHECK_INTERVAL + MAX_MERGE_DEFERRAL;
+        assert!(!w.defer(40, late), "waited long enough");
+        assert!(!w.may_defer(late), "a pass started now runs on");
+        assert!(!w.defer(40, late + CHECK_INTERVAL), "settled");
+        assert!(w.may_defer(late + CHECK_INTERVAL), "the wait starts over");
+        assert!(w.defer(50, late + 2 * CHECK_INTERVAL), "merging again");
     }
 }
