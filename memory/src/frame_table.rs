@@ -6,7 +6,7 @@
 //! while another holder exists. Metadata is allocated per 2 MiB host frame on
 //! first use and dropped when the host frame has no live frame.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::{FrameNo, VmId, HUGE_FRAME_PAGES};
 
@@ -54,12 +54,12 @@ pub struct FrameTable {
     chunks: Vec<Option<Box<[FrameMeta]>>>,
     live_in_chunk: Vec<u16>,
     /// All mappers of frames with `refs > 1`.
-    shared: HashMap<FrameNo, Vec<Mapper>>,
+    shared: FxHashMap<FrameNo, Vec<Mapper>>,
     live_frames: u64,
     mappings: u64,
     shared_mappings: u64,
     /// Per VM: its guest pages mapping a frame with `refs > 1` (absent: none).
-    shared_by_vm: HashMap<VmId, u64>,
+    shared_by_vm: FxHashMap<VmId, u64>,
 }
 
 impl FrameTable {

@@ -18,8 +18,10 @@
 //! [`State::table`]); the pool's content operations (copy, compare, punch)
 //! take `&self` and change no bookkeeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use rustc_hash::FxHashMap;
 
 use super::counters::{Counter, Counters};
 use super::error::{Error, Result};
@@ -35,12 +37,12 @@ use crate::{FrameNo, VmId};
 pub(crate) struct State {
     pool: FramePool,
     frames: FrameTable,
-    vms: HashMap<VmId, PageTable>,
+    vms: FxHashMap<VmId, PageTable>,
     ranges: BTreeMap<usize, VmId>,
     budget: VmaBudget,
     counters: Counters,
     /// Merge settings of VMs that have any (absent: disabled, own domain).
-    merge_cfg: HashMap<VmId, VmMergeConfig>,
+    merge_cfg: FxHashMap<VmId, VmMergeConfig>,
     /// Sole-mapped merged pages waiting for background reuse.
     reuse: ReuseQueue,
 }
@@ -63,11 +65,11 @@ impl State {
         State {
             frames: FrameTable::new(pool.buddy().huge_frames()),
             pool,
-            vms: HashMap::new(),
+            vms: FxHashMap::default(),
             ranges: BTreeMap::new(),
             budget,
             counters: Counters::default(),
-            merge_cfg: HashMap::new(),
+            merge_cfg: FxHashMap::default(),
             reuse: ReuseQueue::default(),
         }
     }
