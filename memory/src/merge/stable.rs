@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use crate::FrameNo;
 
 use super::domains::DomainId;
@@ -37,8 +39,12 @@ pub enum Verdict {
 /// Content hash -> chain of stable frames, per domain.
 #[derive(Debug, Default)]
 pub struct StableIndex {
+    /// Keyed by guest-controlled content hashes: std's keyed SipHash, so that
+    /// a guest cannot fill one bucket.
     chains: HashMap<Key, Vec<FrameNo>>,
-    by_frame: HashMap<FrameNo, Key>,
+    /// Keyed by frame number (not guest-controlled): Fx, looked up for every
+    /// merged page at every scan.
+    by_frame: FxHashMap<FrameNo, Key>,
 }
 
 impl StableIndex {
