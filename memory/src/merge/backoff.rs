@@ -6,8 +6,11 @@
 //! guest rewrites all the time, does not count: it never merges anyway), had
 //! no error, and nothing outside the scanner changed the guest maps meanwhile
 //! (the `fingerprint`: fault resolutions — copies, reuses, zero-page and
-//! protection faults —, unshares, migrations, discards, and the set of VMs
-//! and their merge settings).
+//! protection faults —, unshares, discards, and the set of VMs and their
+//! merge settings). Migrations (compaction) are not in it: they change frames,
+//! not content, and a proactive pass after merging moves thousands of pages
+//! at its paced rate, which kept the scanner rescanning at full speed for the
+//! whole pass. The pages they moved are found instead (see below).
 //!
 //! - **Dirty-log mode** (every scanned VM has a dirty log): after a quiet full
 //!   scan the scanner stops rescanning and goes **idle**: every [`IDLE_POLL`]
@@ -16,9 +19,11 @@
 //!   becomes *pending*; a pending page that stays clean for a poll interval is
 //!   visited like in a scan (hashed, looked up in the stable and unstable
 //!   indexes, merged). So the cost of idle memory follows its write rate, not
-//!   its size. Pages written by devices (`MERGE_DIRTY`) are found by a walk of
-//!   the page flags every [`DEVICE_WALK`]. Any fingerprint change (a write to
-//!   a merged page, a new or re-configured VM, a discard, a migration), a VM
+//!   its size. Pages written by devices (`MERGE_DIRTY`) and pages compaction
+//!   moved (a hashed page on another frame than when hashed, a shared frame
+//!   the stable index does not know) are found by a walk of the page table
+//!   every [`DEVICE_WALK`] and visited at once. Any fingerprint change (a write to
+//!   a merged page, a new or re-configured VM, a discard), a VM
 //!   without a working dirty log, or any change of the tunables or of
 //!   run/pause resumes full scanning at once. A poll that left nothing pending
 //!   behind counts as a full scan (`full_scans`), since every page is then as
@@ -40,7 +45,7 @@ use std::time::{Duration, Instant};
 use crate::core::{Error, Result, State};
 use crate::frame_table::Mapper;
 use crate::page_table::PageFlags;
-use crate::VmId;
+use crate::{FrameNo, VmId};
 
 use super::domains::DomainId;
 use super::pages::{Class, VmScan};
@@ -113,7 +118,6 @@ pub(crate) fn fingerprint(st: &State) -> u64 {
         c.protect_faults,
         c.fault_errors,
         c.unshares,
-        c.migrations,
         c.discards,
     ]);
     // Order-independent sums over the (hash) maps.
@@ -257,9 +261,22 @@ impl Scanner {
             if walk_due {
                 for t in &targets {
                     let Some(table) = st.table(t.vm) else { continue };
+                    let scan = self.vms.get(&t.vm);
+                    // Written by a device, or moved by compaction: a private page
+                    // on another frame than the one it was hashed on (a merged
+                    // page keeps the frame it was hashed on in its record), or a
+                    // shared frame the stable index does not know.
+                    let moved = |p: u32, frame: FrameNo| {
+                        let hashed_on = scan
+                            .filter(|vs| vs.class(p) != Class::Merged)
+                            .and_then(|vs| vs.pages.get(p as usize))
+                            .filter(|ps| ps.hashed);
+                        hashed_on.is_some_and(|ps| ps.frame != frame)
+                            || (st.frames().refs(frame) > 1 && self.stable.key_of(frame).is_none())
+                    };
                     let pages: Vec<u32> = (0u32..)
                         .zip(table.entries())
-                        .filter(|(_, e)| e.flags.contains(PageFlags::MERGE_DIRTY))
+                        .filter(|(p, e)| e.flags.contains(PageFlags::MERGE_DIRTY) || moved(*p, e.frame))
                         .map(|(p, _)| p)
                         .collect();
                     if !pages.is_empty() {
