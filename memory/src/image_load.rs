@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use crate::core::balloon::runs;
 use crate::core::{Core, Error as CoreError};
 use crate::frame_table::Mapper;
 use crate::page_table::PageFlags;
@@ -108,7 +109,7 @@ pub(crate) fn load(core: &Core, vm: VmId, file: &File) -> Result<ImageLoad> {
             // take no fault. A read fill (a write fill of a write-protected page
             // would wait for the fault handler, which waits for this lock); only
             // pages with content (filling a hole would allocate it).
-            for (start, len) in page_runs(&data) {
+            for (start, len) in runs(&data, |a, b| b == a + 1) {
                 let addr = t.addr(Mapper { vm, page: start })?;
                 t.remap.populate(addr, len as usize * PAGE_SIZE, false);
             }
@@ -144,18 +145,6 @@ pub(crate) fn load(core: &Core, vm: VmId, file: &File) -> Result<ImageLoad> {
         offset += len as u64;
     }
     Ok(report)
-}
-
-/// Runs of consecutive pages of `pages` (ascending) as (first, length).
-fn page_runs(pages: &[u32]) -> Vec<(u32, u32)> {
-    let mut runs: Vec<(u32, u32)> = Vec::new();
-    for &p in pages {
-        match runs.last_mut() {
-            Some((start, len)) if *start + *len == p => *len += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs
 }
 
 fn is_hole(pool: &crate::pool::FramePool, frame: FrameNo, count: u64) -> std::result::Result<bool, CoreError> {

@@ -286,7 +286,7 @@ fn leave_shared_frame(t: &mut Txn<'_>, m: Mapper) -> Result<()> {
 
 /// Runs `(start, length)` of the sorted `items` where `next(prev, cur)` holds
 /// between neighbours.
-fn runs<T: Copy + Into<u64>>(items: &[T], next: impl Fn(u64, u64) -> bool) -> Vec<(T, u64)> {
+pub(crate) fn runs<T: Copy + Into<u64>>(items: &[T], next: impl Fn(u64, u64) -> bool) -> Vec<(T, u64)> {
     let mut out: Vec<(T, u64)> = Vec::new();
     let mut prev = 0u64;
     for &it in items {
