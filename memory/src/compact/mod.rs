@@ -220,9 +220,10 @@ fn run_loop(core: &Core, shared: &Shared) {
                 (Occupancy::of(&st), st.counters().merges)
             };
             let defer = merging.defer(merges, Instant::now());
-            if due(&occ, tun.proactiveness) && fruitless != Some(occ) && defer {
+            let wanted = due(&occ, tun.proactiveness) && fruitless != Some(occ);
+            if wanted && defer {
                 tracing::debug!("proactive compaction waits: the merger is merging");
-            } else if due(&occ, tun.proactiveness) && fruitless != Some(occ) {
+            } else if wanted {
                 let may_defer = merging.may_defer(Instant::now());
                 let merges_at_start = merges;
                 let merger_started = || may_defer && core.figures().counters.merges != merges_at_start;

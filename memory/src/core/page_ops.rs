@@ -280,7 +280,13 @@ fn migrate_mappers(t: &mut Txn<'_>, old: FrameNo, new: FrameNo, mappers: &[Mappe
     }
     let all_zero = mappers.iter().all(|&m| t.entry(m).is_ok_and(|e| e.flags.contains(PageFlags::ZERO)));
     // A hole (never written) is not copied: `new` is one too (see `migrate_run`).
-    if !all_zero && !t.st.pool().is_hole(old, 1).unwrap_or(false) {
+    let hole = || {
+        t.st.pool().is_hole(old, 1).unwrap_or_else(|err| {
+            tracing::warn!("hole check of frame {old}: {err}; copying it");
+            false
+        })
+    };
+    if !all_zero && !hole() {
         t.st.pool().copy_frame(old, new)?;
     }
     for (&m, &protected) in mappers.iter().zip(&was_protected) {
@@ -399,7 +405,7 @@ fn migrate_run_inner(
         // frame, which allocates that too. The pages are write-protected, so
         // a hole cannot gain content before the remap.
         let held = t.st.pool().data_runs(old + s as u32, (e - s) as u32).unwrap_or_else(|err| {
-            tracing::debug!("data runs of frames {}..{}: {err}; copying them all", old + s as u32, old + e as u32);
+            tracing::warn!("data runs of frames {}..{}: {err}; copying them all", old + s as u32, old + e as u32);
             vec![(old + s as u32, (e - s) as u32)]
         });
         for (first, count) in held {
